@@ -1,0 +1,11 @@
+//! Sabot's kernel: everything that decides, and nothing that touches the world.
+//!
+//! The kernel is synchronous and deterministic. Drivers feed it through `handle_*(now, …)` calls and
+//! drain it through `poll_*` calls ([`node::Node`]); it reaches storage only through the traits of
+//! [`env`]. The same inputs give the same outputs, bit for bit. See `ARCHITECTURE.md`.
+
+pub mod element;
+pub mod env;
+pub mod key_group;
+pub mod state;
+pub mod time;

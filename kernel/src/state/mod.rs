@@ -1,0 +1,312 @@
+//! Keyed state: the synchronous [`StateBackend`] interface, its key layout and its portable snapshots.
+//!
+//! # Key layout
+//! Every entry belongs to one key group and is addressed by the bytes `key | namespace`, encoded by
+//! [`StateKey`]: `key length (u16, big-endian) | key bytes | namespace bytes`. Integer keys and
+//! namespaces are big-endian with the sign bit flipped for signed values, so byte order is numeric
+//! order. Backends that store all groups in one ordered space (RocksDB) prefix the key group as
+//! `u16` big-endian, so one key group is one contiguous range: `key group | key | namespace`.
+//!
+//! Scans visit a key group's entries in ascending byte order of the encoded key, in every backend.
+
+mod heap;
+pub mod snapshot;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use heap::HeapBackend;
+pub use snapshot::KeyGroupsSnapshot;
+
+use crate::key_group::{KeyGroup, KeyGroupRange};
+
+/// The longest encoded state key (key and namespace) a backend accepts, in bytes.
+pub const STATE_KEY_SIZE_MAX: usize = 64 * 1024;
+/// The longest state value a backend accepts, in bytes.
+pub const STATE_VALUE_SIZE_MAX: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state backend failed: {0}")]
+    Backend(String),
+    #[error("state snapshot is corrupt ({what}); restore from an older checkpoint")]
+    Corrupt { what: String },
+    #[error("state key of {size} bytes is larger than the limit of {STATE_KEY_SIZE_MAX} bytes")]
+    KeyTooLarge { size: usize },
+    #[error(
+        "state value of {size} bytes is larger than the limit of {STATE_VALUE_SIZE_MAX} bytes"
+    )]
+    ValueTooLarge { size: usize },
+}
+
+/// Keyed state storage for one operator subtask: the entries of a range of key groups.
+///
+/// Every call names a key group inside [`StateBackend::key_groups`]; naming another one is a bug
+/// in the caller and panics. Reads see every earlier write of the same backend.
+pub trait StateBackend: Send {
+    /// The key groups this backend holds.
+    fn key_groups(&self) -> KeyGroupRange;
+    /// Copies the value of `key` into `value` (cleared first); `false` if there is none.
+    fn get(
+        &mut self,
+        key_group: KeyGroup,
+        key: &[u8],
+        value: &mut Vec<u8>,
+    ) -> Result<bool, StateError>;
+    fn put(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) -> Result<(), StateError>;
+    /// Removes `key`; removing an absent key is not an error.
+    fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError>;
+    /// Applies every operation of `batch`, in order.
+    fn write_batch(&mut self, batch: &WriteBatch) -> Result<(), StateError>;
+    /// Visits the entries of `key_group` in ascending key order.
+    fn scan(
+        &mut self,
+        key_group: KeyGroup,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
+    ) -> Result<(), StateError>;
+    /// A self-contained copy of every entry, in the portable format of [`snapshot`].
+    fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError>;
+    /// Replaces all entries by those of `snapshot` that fall into this backend's key groups.
+    fn restore(&mut self, snapshot: &KeyGroupsSnapshot) -> Result<(), StateError>;
+    /// The size of the live entries, in bytes (an estimate where the backend cannot know exactly).
+    fn size_bytes(&self) -> u64;
+}
+
+/// Checks a key and value against the limits every backend enforces.
+pub fn check_entry_size(key: &[u8], value: &[u8]) -> Result<(), StateError> {
+    if key.len() > STATE_KEY_SIZE_MAX {
+        return Err(StateError::KeyTooLarge { size: key.len() });
+    }
+    if value.len() > STATE_VALUE_SIZE_MAX {
+        return Err(StateError::ValueTooLarge { size: value.len() });
+    }
+    Ok(())
+}
+
+/// One operation of a [`WriteBatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteOp<'a> {
+    Put {
+        key_group: KeyGroup,
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    Delete {
+        key_group: KeyGroup,
+        key: &'a [u8],
+    },
+}
+
+/// Writes collected to be applied together; one flat buffer, reused across batches.
+#[derive(Clone, Debug, Default)]
+pub struct WriteBatch {
+    bytes: Vec<u8>,
+    /// `(key group, key end, value end)`; a delete has `value end == key end` and `is_put == false`.
+    ops: Vec<(KeyGroup, u32, u32, bool)>,
+}
+
+impl WriteBatch {
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    pub fn put(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) {
+        self.bytes.extend_from_slice(key);
+        let key_end = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(value);
+        self.ops
+            .push((key_group, key_end, self.bytes.len() as u32, true));
+    }
+
+    pub fn delete(&mut self, key_group: KeyGroup, key: &[u8]) {
+        self.bytes.extend_from_slice(key);
+        let key_end = self.bytes.len() as u32;
+        self.ops.push((key_group, key_end, key_end, false));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ops.clear();
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = WriteOp<'_>> {
+        let mut start = 0_usize;
+        self.ops
+            .iter()
+            .map(move |&(key_group, key_end, value_end, is_put)| {
+                let key = &self.bytes[start..key_end as usize];
+                let value = &self.bytes[key_end as usize..value_end as usize];
+                start = value_end as usize;
+                if is_put {
+                    WriteOp::Put {
+                        key_group,
+                        key,
+                        value,
+                    }
+                } else {
+                    WriteOp::Delete { key_group, key }
+                }
+            })
+    }
+}
+
+/// Encodes state keys (`key length | key | namespace`) into a reused buffer.
+#[derive(Clone, Debug, Default)]
+pub struct StateKey {
+    bytes: Vec<u8>,
+}
+
+impl StateKey {
+    pub fn new() -> StateKey {
+        StateKey {
+            bytes: Vec::with_capacity(32),
+        }
+    }
+
+    /// Starts a key that is an unsigned integer.
+    #[inline]
+    pub fn set_u64(&mut self, key: u64) -> &mut StateKey {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(&8_u16.to_be_bytes());
+        self.bytes.extend_from_slice(&key.to_be_bytes());
+        self
+    }
+
+    /// Starts a key that is a signed integer (sign bit flipped, so byte order is numeric order).
+    #[inline]
+    pub fn set_i64(&mut self, key: i64) -> &mut StateKey {
+        self.set_u64(order_preserving_i64(key))
+    }
+
+    /// Starts a key that is a byte string.
+    pub fn set_bytes(&mut self, key: &[u8]) -> Result<&mut StateKey, StateError> {
+        let length =
+            u16::try_from(key.len()).map_err(|_| StateError::KeyTooLarge { size: key.len() })?;
+        self.bytes.clear();
+        self.bytes.extend_from_slice(&length.to_be_bytes());
+        self.bytes.extend_from_slice(key);
+        Ok(self)
+    }
+
+    /// Appends a signed integer to the namespace.
+    #[inline]
+    pub fn push_namespace_i64(&mut self, namespace: i64) -> &mut StateKey {
+        self.bytes
+            .extend_from_slice(&order_preserving_i64(namespace).to_be_bytes());
+        self
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+#[inline]
+pub fn order_preserving_i64(value: i64) -> u64 {
+    (value as u64) ^ (1 << 63)
+}
+
+#[inline]
+pub fn order_preserving_i64_inverse(value: u64) -> i64 {
+    (value ^ (1 << 63)) as i64
+}
+
+/// Splits an encoded state key into its key bytes and namespace bytes.
+pub fn split_state_key(encoded: &[u8]) -> Result<(&[u8], &[u8]), StateError> {
+    let corrupt = |what: &str| StateError::Corrupt {
+        what: format!("state key: {what}"),
+    };
+    let length = encoded
+        .get(..2)
+        .ok_or_else(|| corrupt("shorter than its length prefix"))?;
+    let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
+    let rest = &encoded[2..];
+    if rest.len() < length {
+        return Err(corrupt("key length beyond the end"));
+    }
+    Ok(rest.split_at(length))
+}
+
+/// Reads an 8-byte big-endian integer at the front of `bytes`.
+pub fn read_u64_be(bytes: &[u8]) -> Result<u64, StateError> {
+    let array: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|slice| slice.try_into().ok())
+        .ok_or_else(|| StateError::Corrupt {
+            what: format!("expected 8 bytes, found {}", bytes.len()),
+        })?;
+    Ok(u64::from_be_bytes(array))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: encoded keys sort as their values do, and split back into their parts.
+    // Method: encode ordered pairs of (key, namespace) and compare byte order with value order.
+    #[test]
+    fn state_key_encoding_preserves_order_and_splits() {
+        let values = [i64::MIN, -10_000, -1, 0, 1, 9_999, i64::MAX];
+        let mut previous: Option<Vec<u8>> = None;
+        for &key in &values {
+            for &namespace in &values {
+                let mut encoded = StateKey::new();
+                encoded.set_i64(key).push_namespace_i64(namespace);
+                let bytes = encoded.as_bytes().to_vec();
+                let (key_bytes, namespace_bytes) = split_state_key(&bytes).unwrap();
+                assert_eq!(
+                    order_preserving_i64_inverse(read_u64_be(key_bytes).unwrap()),
+                    key
+                );
+                assert_eq!(
+                    order_preserving_i64_inverse(read_u64_be(namespace_bytes).unwrap()),
+                    namespace
+                );
+                if let Some(previous) = previous {
+                    assert!(previous < bytes, "{key} {namespace}");
+                }
+                previous = Some(bytes);
+            }
+        }
+        assert!(split_state_key(&[0]).is_err());
+        assert!(split_state_key(&[0, 9, 1]).is_err());
+    }
+
+    // Goal: a write batch hands back exactly the operations put in, in order.
+    #[test]
+    fn write_batch_round_trips() {
+        let mut batch = WriteBatch::new();
+        batch.put(KeyGroup(3), b"k1", b"v1");
+        batch.delete(KeyGroup(4), b"k2");
+        batch.put(KeyGroup(5), b"", b"");
+        let ops: Vec<WriteOp<'_>> = batch.iter().collect();
+        assert_eq!(
+            ops,
+            vec![
+                WriteOp::Put {
+                    key_group: KeyGroup(3),
+                    key: b"k1",
+                    value: b"v1"
+                },
+                WriteOp::Delete {
+                    key_group: KeyGroup(4),
+                    key: b"k2"
+                },
+                WriteOp::Put {
+                    key_group: KeyGroup(5),
+                    key: b"",
+                    value: b""
+                },
+            ]
+        );
+        batch.clear();
+        assert!(batch.is_empty());
+    }
+}
