@@ -4,8 +4,13 @@
 //! drain it through `poll_*` calls ([`node::Node`]); it reaches storage only through the traits of
 //! [`env`]. The same inputs give the same outputs, bit for bit. See `ARCHITECTURE.md`.
 
+pub mod dataflow;
 pub mod element;
 pub mod env;
 pub mod key_group;
+pub mod node;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
+pub mod workload;

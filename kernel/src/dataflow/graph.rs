@@ -1,0 +1,672 @@
+//! The job graph: a builder that checks schemas as it goes, and the physical plan of subtasks and channels.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+
+use super::map::{Filter, Predicate, Project};
+use super::sink::FileSink;
+use super::source::GeneratorSource;
+use super::watermark::WatermarkAssigner;
+use super::window::{KeyType, TumblingWindowCountSum};
+use super::{Operator, Source};
+use crate::env::ChannelId;
+use crate::key_group::{KeyGroupRange, MaxParallelism};
+use crate::state::StateBackend;
+
+/// The largest parallelism of one vertex.
+pub const PARALLELISM_MAX: u16 = 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct VertexId(pub u16);
+
+/// One parallel instance of a vertex.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SubtaskId {
+    pub vertex: VertexId,
+    pub index: u16,
+}
+
+impl fmt::Debug for SubtaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "subtask {}.{}", self.vertex.0, self.index)
+    }
+}
+
+impl fmt::Display for SubtaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Why a job graph was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("{operator}: no column {column:?} in the stream (columns: {available})")]
+    ColumnNotFound {
+        operator: String,
+        column: String,
+        available: String,
+    },
+    #[error("{operator}: column {column:?} is {found}, expected {expected}")]
+    ColumnType {
+        operator: String,
+        column: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{operator}: the stream has no event-time column (did a projection drop it?)")]
+    NoEventTime { operator: String },
+    #[error("{operator}: the stream has no watermarks; call assign_watermarks before it")]
+    NoWatermarks { operator: String },
+    #[error("{operator}: the stream is not keyed; call key_by before it")]
+    NotKeyed { operator: String },
+    #[error("parallelism {parallelism} of {vertex:?} is outside 1..={max}")]
+    Parallelism {
+        vertex: String,
+        parallelism: u16,
+        max: u16,
+    },
+    #[error("max parallelism {0} is outside 1..=32768")]
+    MaxParallelism(u16),
+    #[error("{operator}: {reason}")]
+    Invalid { operator: String, reason: String },
+}
+
+/// How the records of an edge are spread over the receiving subtasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partitioning {
+    /// Subtask `i` sends to subtask `i` (equal parallelism on both sides).
+    Forward,
+    /// By the key group of the key column, to the subtask that owns that key group.
+    Hash { key_index: usize, key_type: KeyType },
+}
+
+/// A source, with what it needs to create one instance per subtask.
+#[derive(Clone, Debug)]
+pub enum SourceSpec {
+    /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches.
+    Generator {
+        record_count: u64,
+        batch_size: usize,
+    },
+}
+
+impl SourceSpec {
+    fn schema(&self) -> SchemaRef {
+        match self {
+            SourceSpec::Generator { .. } => GeneratorSource::schema(),
+        }
+    }
+
+    fn event_time_column(&self) -> &'static str {
+        match self {
+            SourceSpec::Generator { .. } => GeneratorSource::EVENT_TIME_COLUMN,
+        }
+    }
+
+    fn validate(&self, name: &str) -> Result<(), BuildError> {
+        match self {
+            SourceSpec::Generator { batch_size, .. }
+                if !(1..=GeneratorSource::BATCH_SIZE_MAX).contains(batch_size) =>
+            {
+                Err(BuildError::Invalid {
+                    operator: name.to_string(),
+                    reason: format!(
+                        "batch size {batch_size} is outside 1..={}",
+                        GeneratorSource::BATCH_SIZE_MAX
+                    ),
+                })
+            }
+            SourceSpec::Generator { .. } => Ok(()),
+        }
+    }
+
+    pub fn instantiate(&self, name: &str, subtask: SubtaskId, parallelism: u16) -> Box<dyn Source> {
+        match self {
+            SourceSpec::Generator {
+                record_count,
+                batch_size,
+            } => Box::new(GeneratorSource::new(
+                name,
+                *record_count,
+                *batch_size,
+                u64::from(subtask.index),
+                u64::from(parallelism),
+            )),
+        }
+    }
+}
+
+/// An operator of a chain, with what it needs to create one instance per subtask.
+#[derive(Clone)]
+pub enum OperatorSpec {
+    Watermarks {
+        event_time_index: usize,
+        bound_ms: i64,
+    },
+    Filter {
+        name: String,
+        predicate: Predicate,
+    },
+    Project {
+        indices: Vec<usize>,
+        schema: SchemaRef,
+    },
+    TumblingWindow {
+        key_index: usize,
+        key_type: KeyType,
+        event_time_index: usize,
+        value_index: usize,
+        size_ms: i64,
+    },
+    Sink {
+        name: String,
+    },
+}
+
+impl fmt::Debug for OperatorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl OperatorSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            OperatorSpec::Watermarks { .. } => "watermarks",
+            OperatorSpec::Filter { name, .. } => name,
+            OperatorSpec::Project { .. } => "project",
+            OperatorSpec::TumblingWindow { .. } => "tumbling-window",
+            OperatorSpec::Sink { name } => name,
+        }
+    }
+
+    /// Whether instances keep keyed state (and so need a [`StateBackend`]).
+    pub fn is_stateful(&self) -> bool {
+        matches!(self, OperatorSpec::TumblingWindow { .. })
+    }
+
+    /// Creates the instance for `subtask`; `state` is given exactly to stateful operators.
+    pub fn instantiate(
+        &self,
+        subtask: SubtaskId,
+        max_parallelism: MaxParallelism,
+        state: Option<Box<dyn StateBackend>>,
+    ) -> Box<dyn Operator> {
+        assert_eq!(
+            state.is_some(),
+            self.is_stateful(),
+            "{}: state given to the wrong operator",
+            self.name()
+        );
+        match self {
+            OperatorSpec::Watermarks {
+                event_time_index,
+                bound_ms,
+            } => Box::new(WatermarkAssigner::new(*event_time_index, *bound_ms)),
+            OperatorSpec::Filter { name, predicate } => {
+                Box::new(Filter::new(name, predicate.clone()))
+            }
+            OperatorSpec::Project { indices, schema } => {
+                Box::new(Project::new(indices.clone(), schema.clone()))
+            }
+            &OperatorSpec::TumblingWindow {
+                key_index,
+                key_type,
+                event_time_index,
+                value_index,
+                size_ms,
+            } => Box::new(TumblingWindowCountSum::new(
+                key_index,
+                key_type,
+                event_time_index,
+                value_index,
+                size_ms,
+                max_parallelism,
+                state.expect("checked above"),
+            )),
+            OperatorSpec::Sink { name } => Box::new(FileSink::new(name, subtask)),
+        }
+    }
+}
+
+/// A vertex: a source or an input, then a chain of operators, run as `parallelism` subtasks.
+#[derive(Clone, Debug)]
+pub struct Vertex {
+    pub id: VertexId,
+    pub name: String,
+    pub parallelism: u16,
+    pub source: Option<SourceSpec>,
+    pub input: Option<(VertexId, Partitioning)>,
+    pub chain: Vec<OperatorSpec>,
+}
+
+/// A checked job: vertices in topological order (every input comes before its consumer).
+#[derive(Clone, Debug)]
+pub struct JobGraph {
+    pub name: String,
+    pub max_parallelism: MaxParallelism,
+    pub vertices: Vec<Vertex>,
+}
+
+/// Starts a job.
+#[derive(Debug)]
+pub struct JobBuilder {
+    name: String,
+    max_parallelism: MaxParallelism,
+    vertices: Vec<Vertex>,
+}
+
+impl JobBuilder {
+    pub fn new(name: &str) -> JobBuilder {
+        JobBuilder {
+            name: name.to_string(),
+            max_parallelism: MaxParallelism::default(),
+            vertices: Vec::new(),
+        }
+    }
+
+    /// Sets the number of key groups (default 128); it bounds every keyed vertex's parallelism.
+    pub fn max_parallelism(mut self, count: u16) -> Result<JobBuilder, BuildError> {
+        self.max_parallelism =
+            MaxParallelism::new(count).ok_or(BuildError::MaxParallelism(count))?;
+        Ok(self)
+    }
+
+    pub fn source(
+        mut self,
+        name: &str,
+        spec: SourceSpec,
+        parallelism: u16,
+    ) -> Result<Stream, BuildError> {
+        spec.validate(name)?;
+        let schema = spec.schema();
+        let event_time = Some(
+            schema
+                .index_of(spec.event_time_column())
+                .expect("a source names its own column"),
+        );
+        let id = self.push_vertex(name, parallelism, Some(spec), None)?;
+        Ok(Stream {
+            job: self,
+            vertex: id,
+            schema,
+            event_time,
+            has_watermarks: false,
+            key: None,
+        })
+    }
+
+    fn push_vertex(
+        &mut self,
+        name: &str,
+        parallelism: u16,
+        source: Option<SourceSpec>,
+        input: Option<(VertexId, Partitioning)>,
+    ) -> Result<VertexId, BuildError> {
+        let max = PARALLELISM_MAX.min(self.max_parallelism.get());
+        if !(1..=max).contains(&parallelism) {
+            return Err(BuildError::Parallelism {
+                vertex: name.to_string(),
+                parallelism,
+                max,
+            });
+        }
+        let id = VertexId(self.vertices.len() as u16);
+        self.vertices.push(Vertex {
+            id,
+            name: name.to_string(),
+            parallelism,
+            source,
+            input,
+            chain: Vec::new(),
+        });
+        Ok(id)
+    }
+}
+
+/// A stream under construction: the job so far, and what is known of the stream's records.
+#[derive(Debug)]
+pub struct Stream {
+    job: JobBuilder,
+    vertex: VertexId,
+    schema: SchemaRef,
+    event_time: Option<usize>,
+    has_watermarks: bool,
+    key: Option<(usize, KeyType)>,
+}
+
+impl Stream {
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn push(&mut self, spec: OperatorSpec) {
+        self.job.vertices[usize::from(self.vertex.0)]
+            .chain
+            .push(spec);
+    }
+
+    fn column(&self, operator: &str, column: &str) -> Result<usize, BuildError> {
+        self.schema
+            .index_of(column)
+            .map_err(|_| BuildError::ColumnNotFound {
+                operator: operator.to_string(),
+                column: column.to_string(),
+                available: self
+                    .schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    fn column_of_type(
+        &self,
+        operator: &str,
+        column: &str,
+        expected: &[DataType],
+    ) -> Result<usize, BuildError> {
+        let index = self.column(operator, column)?;
+        let found = self.schema.field(index).data_type();
+        if !expected.contains(found) {
+            return Err(BuildError::ColumnType {
+                operator: operator.to_string(),
+                column: column.to_string(),
+                found: found.to_string(),
+                expected: expected
+                    .iter()
+                    .map(DataType::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+            });
+        }
+        Ok(index)
+    }
+
+    /// Generates watermarks from the event-time column, trailing the highest time seen by `bound_ms`.
+    pub fn assign_watermarks(mut self, bound_ms: i64) -> Result<Stream, BuildError> {
+        let operator = "watermarks";
+        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime {
+            operator: operator.into(),
+        })?;
+        if bound_ms < 0 {
+            return Err(BuildError::Invalid {
+                operator: operator.into(),
+                reason: format!("bound {bound_ms} ms < 0"),
+            });
+        }
+        self.push(OperatorSpec::Watermarks {
+            event_time_index,
+            bound_ms,
+        });
+        self.has_watermarks = true;
+        Ok(self)
+    }
+
+    /// Keeps the rows for which `predicate` is true (column-wise: it maps a batch to a mask).
+    pub fn filter(mut self, name: &str, predicate: Predicate) -> Result<Stream, BuildError> {
+        self.push(OperatorSpec::Filter {
+            name: name.to_string(),
+            predicate,
+        });
+        Ok(self)
+    }
+
+    /// Keeps the named columns, in the order given.
+    pub fn project(mut self, columns: &[&str]) -> Result<Stream, BuildError> {
+        let indices = columns
+            .iter()
+            .map(|c| self.column("project", c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let schema = Arc::new(self.schema.project(&indices).expect("indices checked"));
+        self.event_time = self
+            .event_time
+            .and_then(|old| indices.iter().position(|&i| i == old));
+        self.key = self
+            .key
+            .and_then(|(old, key_type)| Some((indices.iter().position(|&i| i == old)?, key_type)));
+        self.push(OperatorSpec::Project {
+            indices,
+            schema: schema.clone(),
+        });
+        self.schema = schema;
+        Ok(self)
+    }
+
+    /// Repartitions by the key group of `column`; the new vertex runs with `parallelism` subtasks.
+    pub fn key_by(mut self, column: &str, parallelism: u16) -> Result<Stream, BuildError> {
+        let operator = "key-by";
+        let key_index =
+            self.column_of_type(operator, column, &[DataType::UInt64, DataType::Int64])?;
+        let key_type = KeyType::of(self.schema.field(key_index).data_type()).expect("type checked");
+        let partitioning = Partitioning::Hash {
+            key_index,
+            key_type,
+        };
+        let name = format!("key-by {column}");
+        self.vertex =
+            self.job
+                .push_vertex(&name, parallelism, None, Some((self.vertex, partitioning)))?;
+        self.key = Some((key_index, key_type));
+        Ok(self)
+    }
+
+    /// Per key and tumbling event-time window of `size_ms`: the count of records and the sum of `value`.
+    /// Output columns: key, window_start, window_end, count (UInt64), sum (Int64).
+    pub fn tumbling_window_count_sum(
+        mut self,
+        size_ms: i64,
+        value: &str,
+    ) -> Result<Stream, BuildError> {
+        let operator = "tumbling-window";
+        let (key_index, key_type) = self.key.ok_or(BuildError::NotKeyed {
+            operator: operator.into(),
+        })?;
+        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime {
+            operator: operator.into(),
+        })?;
+        if !self.has_watermarks {
+            return Err(BuildError::NoWatermarks {
+                operator: operator.into(),
+            });
+        }
+        if size_ms <= 0 {
+            return Err(BuildError::Invalid {
+                operator: operator.into(),
+                reason: format!("size {size_ms} ms <= 0"),
+            });
+        }
+        let value_index = self.column_of_type(operator, value, &[DataType::Int64])?;
+        self.push(OperatorSpec::TumblingWindow {
+            key_index,
+            key_type,
+            event_time_index,
+            value_index,
+            size_ms,
+        });
+        self.schema = TumblingWindowCountSum::schema(self.schema.field(key_index).clone());
+        self.event_time = TumblingWindowCountSum::EVENT_TIME_INDEX;
+        self.key = Some((0, key_type));
+        Ok(self)
+    }
+
+    /// Ends the job in a sink that commits its output as Arrow IPC files under `output/<name>/`.
+    pub fn sink_files(mut self, name: &str) -> Result<JobGraph, BuildError> {
+        FileSink::validate_name(name).map_err(|reason| BuildError::Invalid {
+            operator: name.into(),
+            reason,
+        })?;
+        self.push(OperatorSpec::Sink {
+            name: name.to_string(),
+        });
+        let job = self.job;
+        let graph = JobGraph {
+            name: job.name,
+            max_parallelism: job.max_parallelism,
+            vertices: job.vertices,
+        };
+        graph.validate()?;
+        Ok(graph)
+    }
+}
+
+impl JobGraph {
+    fn validate(&self) -> Result<(), BuildError> {
+        for vertex in &self.vertices {
+            if let Some((input, Partitioning::Forward)) = vertex.input {
+                let upstream = &self.vertices[usize::from(input.0)];
+                if upstream.parallelism != vertex.parallelism {
+                    return Err(BuildError::Invalid {
+                        operator: vertex.name.clone(),
+                        reason: format!(
+                            "a forward edge needs equal parallelism, not {}",
+                            upstream.parallelism
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The key groups of a subtask of a keyed vertex.
+    pub fn key_groups_of(&self, subtask: SubtaskId) -> KeyGroupRange {
+        let parallelism = self.vertices[usize::from(subtask.vertex.0)].parallelism;
+        self.max_parallelism.range_of(subtask.index, parallelism)
+    }
+
+    pub fn vertex(&self, id: VertexId) -> &Vertex {
+        &self.vertices[usize::from(id.0)]
+    }
+
+    /// Every subtask, by vertex then index.
+    pub fn subtasks(&self) -> impl Iterator<Item = SubtaskId> + '_ {
+        self.vertices.iter().flat_map(|v| {
+            (0..v.parallelism).map(move |index| SubtaskId {
+                vertex: v.id,
+                index,
+            })
+        })
+    }
+
+    /// The largest parallelism of any vertex: the number of nodes the default placement uses.
+    pub fn parallelism_max(&self) -> u16 {
+        self.vertices
+            .iter()
+            .map(|v| v.parallelism)
+            .max()
+            .unwrap_or(1)
+    }
+}
+
+/// A logical channel of the physical plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelSpec {
+    pub from: SubtaskId,
+    pub to: SubtaskId,
+    /// The position of this channel among the receiving subtask's inputs.
+    pub input_index: u16,
+}
+
+/// One output edge of a subtask: how to partition, and the channel to each receiving subtask.
+#[derive(Clone, Debug)]
+pub struct OutputSpec {
+    pub partitioning: Partitioning,
+    /// Indexed by the receiving subtask's index (for `Forward`, exactly one channel).
+    pub channels: Vec<ChannelId>,
+}
+
+/// The job expanded into subtasks and channels, and placed onto `node_count` nodes.
+#[derive(Clone, Debug)]
+pub struct PhysicalPlan {
+    pub graph: JobGraph,
+    pub node_count: u16,
+    pub channels: Vec<ChannelSpec>,
+    pub inputs: BTreeMap<SubtaskId, Vec<ChannelId>>,
+    pub outputs: BTreeMap<SubtaskId, Vec<OutputSpec>>,
+}
+
+impl PhysicalPlan {
+    /// Expands `graph`; subtask `i` of every vertex runs on node `i % node_count`.
+    pub fn new(graph: JobGraph, node_count: u16) -> PhysicalPlan {
+        assert!(node_count >= 1, "a plan needs a node");
+        let mut plan = PhysicalPlan {
+            inputs: graph.subtasks().map(|s| (s, Vec::new())).collect(),
+            outputs: graph.subtasks().map(|s| (s, Vec::new())).collect(),
+            graph,
+            node_count,
+            channels: Vec::new(),
+        };
+        for vertex in plan.graph.vertices.clone() {
+            let Some((upstream, partitioning)) = vertex.input else {
+                continue;
+            };
+            let upstream_parallelism = plan.graph.vertex(upstream).parallelism;
+            for from_index in 0..upstream_parallelism {
+                let from = SubtaskId {
+                    vertex: upstream,
+                    index: from_index,
+                };
+                let targets: Vec<u16> = match partitioning {
+                    Partitioning::Forward => vec![from_index],
+                    Partitioning::Hash { .. } => (0..vertex.parallelism).collect(),
+                };
+                let channels = targets
+                    .iter()
+                    .map(|&to_index| {
+                        plan.add_channel(
+                            from,
+                            SubtaskId {
+                                vertex: vertex.id,
+                                index: to_index,
+                            },
+                        )
+                    })
+                    .collect();
+                plan.outputs
+                    .get_mut(&from)
+                    .expect("every subtask")
+                    .push(OutputSpec {
+                        partitioning,
+                        channels,
+                    });
+            }
+        }
+        plan
+    }
+
+    fn add_channel(&mut self, from: SubtaskId, to: SubtaskId) -> ChannelId {
+        let id = ChannelId(self.channels.len() as u32);
+        let inputs = self.inputs.get_mut(&to).expect("every subtask");
+        self.channels.push(ChannelSpec {
+            from,
+            to,
+            input_index: inputs.len() as u16,
+        });
+        inputs.push(id);
+        id
+    }
+
+    pub fn node_of(&self, subtask: SubtaskId) -> u16 {
+        subtask.index % self.node_count
+    }
+
+    pub fn channel(&self, id: ChannelId) -> &ChannelSpec {
+        &self.channels[id.0 as usize]
+    }
+}
+
+/// The schema of a stream's field, for building output schemas.
+pub(crate) fn field(name: &str, data_type: DataType) -> Field {
+    Field::new(name, data_type, false)
+}
+
+pub(crate) fn schema_of(fields: Vec<Field>) -> SchemaRef {
+    Arc::new(Schema::new(fields))
+}

@@ -1,0 +1,135 @@
+//! Dataflow: the job graph, its operators, and how they process elements column-wise.
+//!
+//! A job is a chain of vertices ([`graph`]); each vertex runs as `parallelism` subtasks, each a source
+//! or an input gate followed by a chain of [`Operator`]s. Operators see one merged stream: the gate
+//! of their subtask has already combined watermarks, idleness and end-of-input over all inputs.
+
+pub mod exchange;
+pub mod graph;
+pub mod map;
+pub mod sink;
+pub mod source;
+pub mod watermark;
+pub mod window;
+
+use arrow_array::RecordBatch;
+use arrow_schema::ArrowError;
+
+use crate::element::Element;
+use crate::env::{Storage, StorageError};
+use crate::state::StateError;
+use crate::time::{EventTime, Instant};
+
+pub use graph::{JobBuilder, JobGraph, PhysicalPlan, Stream, SubtaskId, VertexId};
+
+/// Why an operator failed. Each is the world failing or bad input, never a bug in Sabot.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("arrow: {0}")]
+    Arrow(#[from] ArrowError),
+    /// A record that the operator cannot process (a null key, an overflowing sum, …).
+    #[error("malformed record: {0}")]
+    Malformed(String),
+    /// Elements that break the stream protocol (a watermark going back, data after end, …).
+    #[error("stream protocol violated: {0}")]
+    Protocol(String),
+}
+
+/// Per-operator counters, summed over subtasks for progress and summaries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OperatorMetrics {
+    pub records_in: u64,
+    pub records_out: u64,
+    /// Records that arrived behind the watermark for a window that had already fired.
+    pub records_late_dropped: u64,
+    pub windows_fired: u64,
+    pub state_size_bytes: u64,
+}
+
+impl OperatorMetrics {
+    pub fn add(&mut self, other: &OperatorMetrics) {
+        self.records_in += other.records_in;
+        self.records_out += other.records_out;
+        self.records_late_dropped += other.records_late_dropped;
+        self.windows_fired += other.windows_fired;
+        self.state_size_bytes += other.state_size_bytes;
+    }
+}
+
+/// What an operator may touch while it handles an element.
+pub struct Context<'a> {
+    pub now: Instant,
+    pub storage: &'a mut dyn Storage,
+    pub subtask: SubtaskId,
+    output: &'a mut Vec<Element>,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(
+        now: Instant,
+        storage: &'a mut dyn Storage,
+        subtask: SubtaskId,
+        output: &'a mut Vec<Element>,
+    ) -> Self {
+        Context {
+            now,
+            storage,
+            subtask,
+            output,
+        }
+    }
+
+    /// Hands an element to the next operator of the chain (or the subtask's outputs).
+    #[inline]
+    pub fn emit(&mut self, element: Element) {
+        self.output.push(element);
+    }
+}
+
+/// One step of a chain. Processes a merged, FIFO stream of elements.
+pub trait Operator: Send {
+    fn name(&self) -> &str;
+
+    fn on_batch(
+        &mut self,
+        context: &mut Context<'_>,
+        batch: RecordBatch,
+    ) -> Result<(), OperatorError>;
+
+    /// The merged input watermark advanced. The default forwards it.
+    fn on_watermark(
+        &mut self,
+        context: &mut Context<'_>,
+        watermark: EventTime,
+    ) -> Result<(), OperatorError> {
+        context.emit(Element::Watermark(watermark));
+        Ok(())
+    }
+
+    /// Every input ended: emit what is left. `End` itself is forwarded after this returns.
+    fn on_end(&mut self, _context: &mut Context<'_>) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    fn metrics(&self) -> OperatorMetrics;
+}
+
+/// The position of a source in its input, for replay: the next record it will read.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Offset(pub u64);
+
+/// A replayable source of batches for one subtask.
+pub trait Source: Send {
+    fn name(&self) -> &str;
+    /// The next batch, or `None` at the end of the input.
+    fn poll_batch(&mut self, now: Instant) -> Result<Option<RecordBatch>, OperatorError>;
+    /// Where the next `poll_batch` reads from.
+    fn offset(&self) -> Offset;
+    /// Moves to `offset`, as recorded by an earlier `offset()` of the same subtask.
+    fn seek(&mut self, offset: Offset) -> Result<(), OperatorError>;
+    fn metrics(&self) -> OperatorMetrics;
+}

@@ -1,0 +1,394 @@
+//! The keyed tumbling event-time window: count and sum per key and window, fired by the watermark.
+//!
+//! State: one entry per (key, window) in the subtask's [`StateBackend`], under the state key
+//! `key | window start`, with the value `count (u64 LE) | sum (i64 LE)`. A window `[start, end)`
+//! fires when the input watermark reaches `end`; its rows are emitted before the watermark is
+//! forwarded, so downstream sees each result ahead of the watermark that completed it. A record
+//! whose window already fired is late: it is dropped and counted in `records_late_dropped`.
+//! At end of input every open window fires.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, UInt64Array};
+use arrow_schema::{DataType, Field, SchemaRef};
+
+use super::graph::{field, schema_of};
+use super::watermark::event_times;
+use super::{Context, Operator, OperatorError, OperatorMetrics};
+use crate::element::Element;
+use crate::key_group::MaxParallelism;
+use crate::state::{
+    order_preserving_i64_inverse, read_u64_be, split_state_key, StateBackend, StateError, StateKey,
+    WriteBatch,
+};
+use crate::time::EventTime;
+
+/// The key column types a keyed stream may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    UInt64,
+    Int64,
+}
+
+impl KeyType {
+    pub fn of(data_type: &DataType) -> Option<KeyType> {
+        match data_type {
+            DataType::UInt64 => Some(KeyType::UInt64),
+            DataType::Int64 => Some(KeyType::Int64),
+            _ => None,
+        }
+    }
+}
+
+/// The key column of a batch as the `u64`s that the key-group hash takes.
+pub(crate) fn key_column<'a>(
+    batch: &'a RecordBatch,
+    index: usize,
+    key_type: KeyType,
+) -> Result<KeyColumn<'a>, OperatorError> {
+    let column = batch.column(index);
+    if column.null_count() > 0 {
+        return Err(OperatorError::Malformed(format!(
+            "{} records with a null key",
+            column.null_count()
+        )));
+    }
+    let wrong = || {
+        OperatorError::Malformed(format!(
+            "key column is {}, expected {key_type:?}",
+            column.data_type()
+        ))
+    };
+    Ok(match key_type {
+        KeyType::UInt64 => KeyColumn::UInt64(
+            column
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .ok_or_else(wrong)?
+                .values(),
+        ),
+        KeyType::Int64 => KeyColumn::Int64(
+            column
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or_else(wrong)?
+                .values(),
+        ),
+    })
+}
+
+pub(crate) enum KeyColumn<'a> {
+    UInt64(&'a [u64]),
+    Int64(&'a [i64]),
+}
+
+/// Encodes a window's aggregate as state bytes.
+#[inline]
+fn encode_aggregate(count: u64, sum: i64) -> [u8; 16] {
+    let mut bytes = [0_u8; 16];
+    bytes[..8].copy_from_slice(&count.to_le_bytes());
+    bytes[8..].copy_from_slice(&sum.to_le_bytes());
+    bytes
+}
+
+#[inline]
+fn decode_aggregate(bytes: &[u8]) -> Result<(u64, i64), StateError> {
+    let array: &[u8; 16] = bytes.try_into().map_err(|_| StateError::Corrupt {
+        what: format!("window aggregate of {} bytes, expected 16", bytes.len()),
+    })?;
+    let count = u64::from_le_bytes(array[..8].try_into().expect("eight bytes"));
+    let sum = i64::from_le_bytes(array[8..].try_into().expect("eight bytes"));
+    Ok((count, sum))
+}
+
+pub struct TumblingWindowCountSum {
+    key_index: usize,
+    key_type: KeyType,
+    event_time_index: usize,
+    value_index: usize,
+    size_ms: i64,
+    max_parallelism: MaxParallelism,
+    state: Box<dyn StateBackend>,
+    /// The input watermark: windows ending at or before it have fired.
+    watermark: EventTime,
+    /// Open windows by start, with the number of keys each holds in state.
+    windows_open: BTreeMap<i64, u64>,
+    schema: SchemaRef,
+    state_key: StateKey,
+    state_value: Vec<u8>,
+    deletes: WriteBatch,
+    metrics: OperatorMetrics,
+}
+
+impl TumblingWindowCountSum {
+    /// The output has no event-time column of its own.
+    pub const EVENT_TIME_INDEX: Option<usize> = None;
+
+    pub fn schema(key: Field) -> SchemaRef {
+        schema_of(vec![
+            key.with_nullable(false),
+            field("window_start", DataType::Int64),
+            field("window_end", DataType::Int64),
+            field("count", DataType::UInt64),
+            field("sum", DataType::Int64),
+        ])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key_index: usize,
+        key_type: KeyType,
+        event_time_index: usize,
+        value_index: usize,
+        size_ms: i64,
+        max_parallelism: MaxParallelism,
+        state: Box<dyn StateBackend>,
+    ) -> TumblingWindowCountSum {
+        assert!(size_ms > 0, "window size {size_ms} ms");
+        let key_field = match key_type {
+            KeyType::UInt64 => field("key", DataType::UInt64),
+            KeyType::Int64 => field("key", DataType::Int64),
+        };
+        TumblingWindowCountSum {
+            key_index,
+            key_type,
+            event_time_index,
+            value_index,
+            size_ms,
+            max_parallelism,
+            state,
+            watermark: EventTime::MIN,
+            windows_open: BTreeMap::new(),
+            schema: Self::schema(key_field),
+            state_key: StateKey::new(),
+            state_value: Vec::with_capacity(16),
+            deletes: WriteBatch::new(),
+            metrics: OperatorMetrics::default(),
+        }
+    }
+
+    /// Adds one record to its window. `key_hash` is the key as `u64` for the key-group hash.
+    #[inline]
+    fn add(
+        &mut self,
+        key_hash: u64,
+        ts: i64,
+        value: i64,
+        window_new: &mut Option<(i64, u64)>,
+    ) -> Result<(), OperatorError> {
+        let start = ts - ts.rem_euclid(self.size_ms);
+        let end = start.checked_add(self.size_ms).ok_or_else(|| {
+            OperatorError::Malformed(format!(
+                "tumbling-window: event time {ts} has no window end below i64::MAX"
+            ))
+        })?;
+        if end <= self.watermark.0 {
+            self.metrics.records_late_dropped += 1;
+            return Ok(());
+        }
+        let key_group = self.max_parallelism.key_group_of_u64(key_hash);
+        match self.key_type {
+            KeyType::UInt64 => self.state_key.set_u64(key_hash),
+            KeyType::Int64 => self.state_key.set_i64(key_hash as i64),
+        }
+        .push_namespace_i64(start);
+        let found = self
+            .state
+            .get(key_group, self.state_key.as_bytes(), &mut self.state_value)?;
+        let (count, sum) = if found {
+            decode_aggregate(&self.state_value)?
+        } else {
+            (0, 0)
+        };
+        if !found {
+            // Most new entries of a batch fall into the same window: count them before touching the map.
+            match window_new {
+                Some((open, count)) if *open == start => *count += 1,
+                _ => {
+                    if let Some((open, count)) = window_new.replace((start, 1)) {
+                        *self.windows_open.entry(open).or_insert(0) += count;
+                    }
+                }
+            }
+        }
+        let sum = sum.checked_add(value).ok_or_else(|| {
+            OperatorError::Malformed(format!(
+                "tumbling-window: sum overflows i64 for key {key_hash} in window {start}"
+            ))
+        })?;
+        self.state.put(
+            key_group,
+            self.state_key.as_bytes(),
+            &encode_aggregate(count + 1, sum),
+        )?;
+        Ok(())
+    }
+
+    /// Emits and clears every window that ends at or before `watermark`.
+    fn fire(
+        &mut self,
+        context: &mut Context<'_>,
+        watermark: EventTime,
+    ) -> Result<(), OperatorError> {
+        let size = self.size_ms;
+        let firing: Vec<(i64, u64)> = self
+            .windows_open
+            .iter()
+            .take_while(|(&start, _)| start + size <= watermark.0)
+            .map(|(&s, &c)| (s, c))
+            .collect();
+        let Some(&(start_last, _)) = firing.last() else {
+            return Ok(());
+        };
+        let entries_expected: u64 = firing.iter().map(|(_, count)| count).sum();
+        let mut keys = Vec::with_capacity(entries_expected as usize);
+        let mut starts = Vec::with_capacity(entries_expected as usize);
+        let mut counts = Vec::with_capacity(entries_expected as usize);
+        let mut sums = Vec::with_capacity(entries_expected as usize);
+        self.deletes.clear();
+        let deletes = &mut self.deletes;
+        for key_group in self.state.key_groups().iter() {
+            self.state.scan(key_group, &mut |state_key, value| {
+                let (key, namespace) = split_state_key(state_key)?;
+                let start = order_preserving_i64_inverse(read_u64_be(namespace)?);
+                if start <= start_last {
+                    keys.push(read_u64_be(key)?);
+                    starts.push(start);
+                    let (count, sum) = decode_aggregate(value)?;
+                    counts.push(count);
+                    sums.push(sum);
+                    deletes.delete(key_group, state_key);
+                }
+                Ok(())
+            })?;
+        }
+        assert_eq!(
+            keys.len() as u64,
+            entries_expected,
+            "window entries in state vs. counted at insert"
+        );
+        self.state.write_batch(&self.deletes)?;
+        for (start, _) in &firing {
+            self.windows_open.remove(start);
+        }
+        self.metrics.windows_fired += firing.len() as u64;
+        self.emit_rows(context, keys, starts, counts, sums)
+    }
+
+    fn emit_rows(
+        &mut self,
+        context: &mut Context<'_>,
+        keys: Vec<u64>,
+        starts: Vec<i64>,
+        counts: Vec<u64>,
+        sums: Vec<i64>,
+    ) -> Result<(), OperatorError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let ends: Vec<i64> = starts.iter().map(|start| start + self.size_ms).collect();
+        let key_column: ArrayRef = match self.key_type {
+            KeyType::UInt64 => Arc::new(UInt64Array::from(keys)),
+            KeyType::Int64 => Arc::new(Int64Array::from(
+                keys.into_iter()
+                    .map(|k| order_preserving_i64_inverse(k))
+                    .collect::<Vec<_>>(),
+            )),
+        };
+        let rows = key_column.len() as u64;
+        let columns: Vec<ArrayRef> = vec![
+            key_column,
+            Arc::new(Int64Array::from(starts)),
+            Arc::new(Int64Array::from(ends)),
+            Arc::new(UInt64Array::from(counts)),
+            Arc::new(Int64Array::from(sums)),
+        ];
+        context.emit(Element::Batch(RecordBatch::try_new(
+            self.schema.clone(),
+            columns,
+        )?));
+        self.metrics.records_out += rows;
+        Ok(())
+    }
+
+    fn values<'a>(&self, batch: &'a RecordBatch) -> Result<&'a [i64], OperatorError> {
+        let column = batch.column(self.value_index);
+        if column.null_count() > 0 {
+            return Err(OperatorError::Malformed(format!(
+                "tumbling-window: {} null values",
+                column.null_count()
+            )));
+        }
+        let array = column
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| {
+                OperatorError::Malformed(format!(
+                    "tumbling-window: value column is {}, not Int64",
+                    column.data_type()
+                ))
+            })?;
+        Ok(array.values())
+    }
+}
+
+impl Operator for TumblingWindowCountSum {
+    fn name(&self) -> &str {
+        "tumbling-window"
+    }
+
+    fn on_batch(
+        &mut self,
+        _context: &mut Context<'_>,
+        batch: RecordBatch,
+    ) -> Result<(), OperatorError> {
+        let times = event_times(&batch, self.event_time_index, "tumbling-window")?;
+        let values = self.values(&batch)?;
+        let mut window_new = None;
+        match key_column(&batch, self.key_index, self.key_type)? {
+            KeyColumn::UInt64(keys) => {
+                for row in 0..keys.len() {
+                    self.add(keys[row], times[row], values[row], &mut window_new)?;
+                }
+            }
+            KeyColumn::Int64(keys) => {
+                for row in 0..keys.len() {
+                    self.add(keys[row] as u64, times[row], values[row], &mut window_new)?;
+                }
+            }
+        }
+        if let Some((start, count)) = window_new {
+            *self.windows_open.entry(start).or_insert(0) += count;
+        }
+        self.metrics.records_in += batch.num_rows() as u64;
+        Ok(())
+    }
+
+    fn on_watermark(
+        &mut self,
+        context: &mut Context<'_>,
+        watermark: EventTime,
+    ) -> Result<(), OperatorError> {
+        assert!(
+            watermark > self.watermark,
+            "watermark {watermark:?} after {:?}",
+            self.watermark
+        );
+        self.fire(context, watermark)?;
+        self.watermark = watermark;
+        context.emit(Element::Watermark(watermark));
+        Ok(())
+    }
+
+    fn on_end(&mut self, context: &mut Context<'_>) -> Result<(), OperatorError> {
+        self.fire(context, EventTime::MAX)
+    }
+
+    fn metrics(&self) -> OperatorMetrics {
+        OperatorMetrics {
+            state_size_bytes: self.state.size_bytes(),
+            ..self.metrics
+        }
+    }
+}

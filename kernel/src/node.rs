@@ -1,0 +1,599 @@
+//! A node: the subtasks placed on one worker, stepped by a driver.
+//!
+//! The driver feeds the node with `handle_element(now, channel, element)` for elements from other
+//! nodes and `handle_step(now)` to let it work; it drains `poll_transmit` (elements for other
+//! nodes), `poll_event` (what happened) and `poll_timeout` (when to call again without input).
+//! Elements between subtasks of the same node never leave it. Every call is synchronous and
+//! deterministic: the same calls give the same outputs.
+//!
+//! Bounds: the node stops running sources while `OUTBOX_MAX` elements wait to be sent (so a slow
+//! receiver backpressures the sources), and a driver offers input only while `inbox_room() > 0`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+
+use crate::dataflow::exchange::KeyPartitioner;
+use crate::dataflow::graph::{OutputSpec, Partitioning, PhysicalPlan, SubtaskId};
+use crate::dataflow::{Context, Operator, OperatorError, OperatorMetrics, Source};
+use crate::element::Element;
+use crate::env::{ChannelId, Storage};
+use crate::key_group::KeyGroupRange;
+use crate::state::{StateBackend, StateError};
+use crate::time::{EventTime, Instant};
+
+/// Elements waiting to be sent before sources pause.
+pub const OUTBOX_MAX: usize = 64;
+/// Elements from other nodes a driver may queue into a node before it must wait.
+pub const INBOX_REMOTE_MAX: usize = 64;
+/// The most elements one node can hold in its inbox: remote ones plus what one step fans out locally.
+pub const INBOX_MAX: usize = 64 * 1024;
+/// Elements a node handles in one `handle_step` before it yields to its driver.
+pub const STEP_ELEMENTS_MAX: usize = 32;
+
+/// Creates the state backend for a stateful operator's subtask.
+pub type BackendFactory<'a> =
+    dyn FnMut(SubtaskId, KeyGroupRange) -> Result<Box<dyn StateBackend>, StateError> + 'a;
+
+/// What a node tells its driver, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A subtask processed its end of input and committed its output.
+    TaskFinished { subtask: SubtaskId },
+}
+
+/// A failure of one subtask; the job cannot go on without a restart.
+#[derive(Debug, thiserror::Error)]
+#[error("{subtask} ({operator}): {error}")]
+pub struct NodeError {
+    pub subtask: SubtaskId,
+    pub operator: String,
+    pub error: OperatorError,
+}
+
+/// Whether a node has work it can do without new input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Call `handle_step` again soon.
+    Busy,
+    /// Nothing to do until input arrives, the outbox drains, or `poll_timeout` passes.
+    Idle,
+    /// Every subtask of this node finished.
+    Finished,
+}
+
+/// Per-input bookkeeping of a consuming subtask.
+#[derive(Clone, Copy, Debug)]
+struct InputState {
+    watermark: EventTime,
+    idle: bool,
+    ended: bool,
+}
+
+/// Merges the inputs of a subtask into one stream: the minimum watermark over active inputs,
+/// idleness when all remaining inputs are idle, end when all inputs ended.
+#[derive(Debug)]
+struct InputGate {
+    inputs: Vec<InputState>,
+    watermark: EventTime,
+    idle: bool,
+}
+
+impl InputGate {
+    fn new(input_count: usize) -> InputGate {
+        assert!(input_count > 0, "a consuming subtask has inputs");
+        let input = InputState {
+            watermark: EventTime::MIN,
+            idle: false,
+            ended: false,
+        };
+        InputGate {
+            inputs: vec![input; input_count],
+            watermark: EventTime::MIN,
+            idle: false,
+        }
+    }
+
+    fn all_ended(&self) -> bool {
+        self.inputs.iter().all(|input| input.ended)
+    }
+
+    /// Takes one element of input `index`; pushes what the chain should see into `out`.
+    fn on_element(
+        &mut self,
+        index: usize,
+        element: Element,
+        out: &mut Vec<Element>,
+    ) -> Result<(), OperatorError> {
+        let input = &mut self.inputs[index];
+        if input.ended {
+            return Err(OperatorError::Protocol(format!(
+                "{} on input {index} after its end",
+                element.kind_name()
+            )));
+        }
+        match element {
+            Element::Batch(batch) => {
+                input.idle = false;
+                out.push(Element::Batch(batch));
+            }
+            Element::Watermark(watermark) => {
+                if watermark < input.watermark {
+                    return Err(OperatorError::Protocol(format!(
+                        "watermark on input {index} went back from {:?} to {watermark:?}",
+                        input.watermark
+                    )));
+                }
+                input.watermark = watermark;
+            }
+            Element::Idle => input.idle = true,
+            Element::Active => input.idle = false,
+            Element::End => input.ended = true,
+            Element::Barrier(barrier) => {
+                return Err(OperatorError::Protocol(format!(
+                    "barrier for {:?} on input {index}, but this job takes no checkpoints",
+                    barrier.checkpoint
+                )));
+            }
+        }
+        self.merge(out);
+        Ok(())
+    }
+
+    fn merge(&mut self, out: &mut Vec<Element>) {
+        let open = || self.inputs.iter().filter(|input| !input.ended);
+        let idle = open().count() > 0 && open().all(|input| input.idle);
+        if idle != self.idle {
+            self.idle = idle;
+            out.push(if idle { Element::Idle } else { Element::Active });
+        }
+        // Ended inputs no longer hold the watermark back; idle ones neither.
+        if let Some(minimum) = open()
+            .filter(|input| !input.idle)
+            .map(|input| input.watermark)
+            .min()
+        {
+            if minimum > self.watermark {
+                self.watermark = minimum;
+                out.push(Element::Watermark(minimum));
+            }
+        }
+        if self.all_ended() {
+            out.push(Element::End);
+        }
+    }
+}
+
+enum Head {
+    Source {
+        source: Box<dyn Source>,
+        ended: bool,
+    },
+    Gate(InputGate),
+}
+
+/// One output edge of a subtask, ready to route.
+struct Output {
+    spec: OutputSpec,
+    partitioner: Option<KeyPartitioner>,
+}
+
+struct Task {
+    id: SubtaskId,
+    head: Head,
+    chain: Vec<Box<dyn Operator>>,
+    outputs: Vec<Output>,
+    finished: bool,
+}
+
+/// Where an element of a channel goes.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    Local {
+        task: usize,
+        input: usize,
+    },
+    Remote,
+    /// Not an input or output of this node.
+    Foreign,
+}
+
+/// Counters over a node's subtasks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeMetrics {
+    /// Records produced by sources.
+    pub records_in: u64,
+    /// Records taken by sinks.
+    pub records_out: u64,
+    pub records_late_dropped: u64,
+    pub windows_fired: u64,
+    pub state_size_bytes: u64,
+}
+
+pub struct Node {
+    plan: Arc<PhysicalPlan>,
+    index: u16,
+    tasks: Vec<Task>,
+    routes: Vec<Route>,
+    storage: Box<dyn Storage + Send>,
+    inbox: VecDeque<(ChannelId, Element)>,
+    inbox_remote_count: usize,
+    outbox: VecDeque<(ChannelId, Element)>,
+    events: VecDeque<Event>,
+    /// Round-robin position over source tasks.
+    source_next: usize,
+    /// Reused buffers for running a chain.
+    scratch: (Vec<Element>, Vec<Element>),
+    failed: bool,
+}
+
+impl Node {
+    /// Creates node `index` of `plan` with the subtasks placed on it.
+    pub fn new(
+        plan: Arc<PhysicalPlan>,
+        index: u16,
+        storage: Box<dyn Storage + Send>,
+        backends: &mut BackendFactory<'_>,
+    ) -> Result<Node, StateError> {
+        assert!(
+            index < plan.node_count,
+            "node {index} of {}",
+            plan.node_count
+        );
+        let mut tasks = Vec::new();
+        let mut routes = vec![Route::Foreign; plan.channels.len()];
+        for subtask in plan.graph.subtasks().filter(|&s| plan.node_of(s) == index) {
+            let task = Self::task(&plan, subtask, backends)?;
+            for (input, channel) in plan.inputs[&subtask].iter().enumerate() {
+                routes[channel.0 as usize] = Route::Local {
+                    task: tasks.len(),
+                    input,
+                };
+            }
+            tasks.push(task);
+        }
+        for (id, channel) in plan.channels.iter().enumerate() {
+            if plan.node_of(channel.from) == index && plan.node_of(channel.to) != index {
+                routes[id] = Route::Remote;
+            }
+        }
+        Ok(Node {
+            plan,
+            index,
+            tasks,
+            routes,
+            storage,
+            inbox: VecDeque::new(),
+            inbox_remote_count: 0,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            source_next: 0,
+            scratch: (Vec::new(), Vec::new()),
+            failed: false,
+        })
+    }
+
+    fn task(
+        plan: &PhysicalPlan,
+        id: SubtaskId,
+        backends: &mut BackendFactory<'_>,
+    ) -> Result<Task, StateError> {
+        let vertex = plan.graph.vertex(id.vertex);
+        let max = plan.graph.max_parallelism;
+        let head = match &vertex.source {
+            Some(spec) => Head::Source {
+                source: spec.instantiate(&vertex.name, id, vertex.parallelism),
+                ended: false,
+            },
+            None => Head::Gate(InputGate::new(plan.inputs[&id].len())),
+        };
+        let mut chain = Vec::new();
+        for spec in &vertex.chain {
+            let state = if spec.is_stateful() {
+                Some(backends(id, plan.graph.key_groups_of(id))?)
+            } else {
+                None
+            };
+            chain.push(spec.instantiate(id, max, state));
+        }
+        let outputs = plan.outputs[&id]
+            .iter()
+            .map(|spec| Output {
+                partitioner: match spec.partitioning {
+                    Partitioning::Forward => None,
+                    Partitioning::Hash {
+                        key_index,
+                        key_type,
+                    } => Some(KeyPartitioner::new(
+                        key_index,
+                        key_type,
+                        max,
+                        spec.channels.len() as u16,
+                    )),
+                },
+                spec: spec.clone(),
+            })
+            .collect();
+        Ok(Task {
+            id,
+            head,
+            chain,
+            outputs,
+            finished: false,
+        })
+    }
+
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    pub fn plan(&self) -> &Arc<PhysicalPlan> {
+        &self.plan
+    }
+
+    /// How many more elements from other nodes this node takes now.
+    pub fn inbox_room(&self) -> usize {
+        INBOX_REMOTE_MAX.saturating_sub(self.inbox_remote_count)
+    }
+
+    /// Takes an element that arrived from another node.
+    pub fn handle_element(&mut self, _now: Instant, channel: ChannelId, element: Element) {
+        assert!(
+            matches!(
+                self.routes.get(channel.0 as usize),
+                Some(Route::Local { .. })
+            ),
+            "node {}: {channel} does not end here",
+            self.index
+        );
+        assert!(
+            self.inbox_room() > 0,
+            "node {}: remote input beyond INBOX_REMOTE_MAX",
+            self.index
+        );
+        self.inbox_remote_count += 1;
+        self.inbox.push_back((channel, element));
+    }
+
+    /// Does a bounded amount of work: delivers queued elements first, then lets a source read.
+    pub fn handle_step(&mut self, now: Instant) -> Result<Step, NodeError> {
+        assert!(!self.failed, "node {}: stepped after a failure", self.index);
+        let result = self.step(now);
+        self.failed = result.is_err();
+        result
+    }
+
+    fn step(&mut self, now: Instant) -> Result<Step, NodeError> {
+        for _ in 0..STEP_ELEMENTS_MAX {
+            if let Some((channel, element)) = self.inbox.pop_front() {
+                if self.plan.node_of(self.plan.channel(channel).from) != self.index {
+                    self.inbox_remote_count -= 1;
+                }
+                let Route::Local { task, input } = self.routes[channel.0 as usize] else {
+                    unreachable!(
+                        "{channel} queued on node {} that does not consume it",
+                        self.index
+                    )
+                };
+                self.deliver(now, task, input, element)?;
+                continue;
+            }
+            if self.outbox.len() >= OUTBOX_MAX || !self.run_source(now)? {
+                break;
+            }
+        }
+        Ok(self.state())
+    }
+
+    fn state(&self) -> Step {
+        if self.tasks.iter().all(|task| task.finished) {
+            return Step::Finished;
+        }
+        let source_ready = self
+            .tasks
+            .iter()
+            .any(|task| matches!(task.head, Head::Source { ended: false, .. }));
+        if !self.inbox.is_empty() || (source_ready && self.outbox.len() < OUTBOX_MAX) {
+            Step::Busy
+        } else {
+            Step::Idle
+        }
+    }
+
+    /// Lets the next source that has input read one batch; `false` if no source has any left.
+    fn run_source(&mut self, now: Instant) -> Result<bool, NodeError> {
+        for _ in 0..self.tasks.len() {
+            let index = self.source_next % self.tasks.len().max(1);
+            self.source_next = self.source_next.wrapping_add(1);
+            let task = &mut self.tasks[index];
+            let Head::Source {
+                source,
+                ended: ended @ false,
+            } = &mut task.head
+            else {
+                continue;
+            };
+            let element = match source.poll_batch(now) {
+                Ok(Some(batch)) => Element::Batch(batch),
+                Ok(None) => {
+                    *ended = true;
+                    Element::End
+                }
+                Err(error) => {
+                    return Err(NodeError {
+                        subtask: task.id,
+                        operator: source.name().to_string(),
+                        error,
+                    })
+                }
+            };
+            self.run_chain(now, index, element)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn deliver(
+        &mut self,
+        now: Instant,
+        task: usize,
+        input: usize,
+        element: Element,
+    ) -> Result<(), NodeError> {
+        let mut merged = std::mem::take(&mut self.scratch.0);
+        let Head::Gate(gate) = &mut self.tasks[task].head else {
+            unreachable!("input delivered to source {}", self.tasks[task].id)
+        };
+        let result = gate.on_element(input, element, &mut merged);
+        if let Err(error) = result {
+            return Err(NodeError {
+                subtask: self.tasks[task].id,
+                operator: "input".into(),
+                error,
+            });
+        }
+        for element in merged.drain(..) {
+            self.run_chain(now, task, element)?;
+        }
+        self.scratch.0 = merged;
+        Ok(())
+    }
+
+    /// Runs one element through a task's chain and routes what comes out.
+    fn run_chain(
+        &mut self,
+        now: Instant,
+        task_index: usize,
+        element: Element,
+    ) -> Result<(), NodeError> {
+        let mut current = vec![element];
+        let mut next = std::mem::take(&mut self.scratch.1);
+        let task = &mut self.tasks[task_index];
+        assert!(
+            !task.finished,
+            "{} got {} after it finished",
+            task.id,
+            current[0].kind_name()
+        );
+        let ending = matches!(current[0], Element::End);
+        for operator in task.chain.iter_mut() {
+            let mut context = Context::new(now, self.storage.as_mut(), task.id, &mut next);
+            for element in current.drain(..) {
+                let result = match element {
+                    Element::Batch(batch) => operator.on_batch(&mut context, batch),
+                    Element::Watermark(watermark) => operator.on_watermark(&mut context, watermark),
+                    Element::End => operator
+                        .on_end(&mut context)
+                        .map(|()| context.emit(Element::End)),
+                    other @ (Element::Idle | Element::Active | Element::Barrier(_)) => {
+                        context.emit(other);
+                        Ok(())
+                    }
+                };
+                result.map_err(|error| NodeError {
+                    subtask: task.id,
+                    operator: operator.name().to_string(),
+                    error,
+                })?;
+            }
+            std::mem::swap(&mut current, &mut next);
+        }
+        if ending {
+            task.finished = true;
+            self.events
+                .push_back(Event::TaskFinished { subtask: task.id });
+        }
+        let task_id = task.id;
+        for element in current.drain(..) {
+            self.route_output(task_index, element)
+                .map_err(|error| NodeError {
+                    subtask: task_id,
+                    operator: "output".into(),
+                    error,
+                })?;
+        }
+        self.scratch.1 = next;
+        Ok(())
+    }
+
+    fn route_output(&mut self, task_index: usize, element: Element) -> Result<(), OperatorError> {
+        let outputs = &mut self.tasks[task_index].outputs;
+        let (routes, inbox, outbox) = (&self.routes, &mut self.inbox, &mut self.outbox);
+        let mut send = |channel: ChannelId, element: Element| match routes[channel.0 as usize] {
+            Route::Local { .. } => {
+                inbox.push_back((channel, element));
+                assert!(
+                    inbox.len() <= INBOX_MAX,
+                    "inbox holds {} elements",
+                    inbox.len()
+                );
+            }
+            Route::Remote => outbox.push_back((channel, element)),
+            Route::Foreign => unreachable!("{channel} is not an output of this node"),
+        };
+        for output in outputs.iter_mut() {
+            match (&element, &mut output.partitioner) {
+                (Element::Batch(batch), Some(partitioner)) => {
+                    let channels = &output.spec.channels;
+                    partitioner.partition(batch, |receiver, part: RecordBatch| {
+                        send(channels[receiver], Element::Batch(part))
+                    })?;
+                }
+                _ => output
+                    .spec
+                    .channels
+                    .iter()
+                    .for_each(|&channel| send(channel, element.clone())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The next element for another node.
+    pub fn poll_transmit(&mut self) -> Option<(ChannelId, Element)> {
+        self.outbox.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When the node wants `handle_step` without new input. Nothing here waits on processing
+    /// time yet (timers and idleness detection arrive with the event-time work), so: never.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.tasks.iter().all(|task| task.finished)
+    }
+
+    pub fn metrics(&self) -> NodeMetrics {
+        let mut metrics = NodeMetrics::default();
+        for task in &self.tasks {
+            if let Head::Source { source, .. } = &task.head {
+                metrics.records_in += source.metrics().records_out;
+            }
+            let mut chain = OperatorMetrics::default();
+            task.chain
+                .iter()
+                .for_each(|operator| chain.add(&operator.metrics()));
+            metrics.records_late_dropped += chain.records_late_dropped;
+            metrics.windows_fired += chain.windows_fired;
+            metrics.state_size_bytes += chain.state_size_bytes;
+            if task.outputs.is_empty() {
+                metrics.records_out += task
+                    .chain
+                    .last()
+                    .map_or(0, |sink| sink.metrics().records_in);
+            }
+        }
+        metrics
+    }
+
+    /// Gives the storage back, for reading committed output after the node is done.
+    pub fn into_storage(self) -> Box<dyn Storage + Send> {
+        self.storage
+    }
+}
