@@ -148,7 +148,13 @@ impl Operator for FileSink {
 
 /// Encodes batches as one Arrow IPC file.
 pub fn encode_ipc_file(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let mut writer = arrow_ipc::writer::FileWriter::try_new(Vec::new(), schema)?;
+    // Sized up front: growing a multi-megabyte buffer by doubling copies it again and again.
+    let capacity = 4096
+        + batches
+            .iter()
+            .map(RecordBatch::get_array_memory_size)
+            .sum::<usize>();
+    let mut writer = arrow_ipc::writer::FileWriter::try_new(Vec::with_capacity(capacity), schema)?;
     for batch in batches {
         writer.write(batch)?;
     }

@@ -20,7 +20,6 @@ use crate::element::Element;
 use crate::key_group::MaxParallelism;
 use crate::state::{
     order_preserving_i64_inverse, read_u64_be, split_state_key, StateBackend, StateError, StateKey,
-    WriteBatch,
 };
 use crate::time::EventTime;
 
@@ -116,8 +115,8 @@ pub struct TumblingWindowCountSum {
     windows_open: BTreeMap<i64, u64>,
     schema: SchemaRef,
     state_key: StateKey,
-    state_value: Vec<u8>,
-    deletes: WriteBatch,
+    /// Rows of the windows being fired, reused across firings.
+    fired: Vec<(u64, i64, u64, i64)>,
     metrics: OperatorMetrics,
 }
 
@@ -162,8 +161,7 @@ impl TumblingWindowCountSum {
             windows_open: BTreeMap::new(),
             schema: Self::schema(key_field),
             state_key: StateKey::new(),
-            state_value: Vec::with_capacity(16),
-            deletes: WriteBatch::new(),
+            fired: Vec::new(),
             metrics: OperatorMetrics::default(),
         }
     }
@@ -193,15 +191,30 @@ impl TumblingWindowCountSum {
             KeyType::Int64 => self.state_key.set_i64(key_hash as i64),
         }
         .push_namespace_i64(start);
-        let found = self
-            .state
-            .get(key_group, self.state_key.as_bytes(), &mut self.state_value)?;
-        let (count, sum) = if found {
-            decode_aggregate(&self.state_value)?
-        } else {
-            (0, 0)
-        };
-        if !found {
+        let mut created = false;
+        let mut overflow = false;
+        self.state
+            .merge(key_group, self.state_key.as_bytes(), &mut |old, new| {
+                let (count, sum) = match old {
+                    Some(bytes) => decode_aggregate(bytes)?,
+                    None => {
+                        created = true;
+                        (0, 0)
+                    }
+                };
+                let sum = sum.checked_add(value).unwrap_or_else(|| {
+                    overflow = true;
+                    sum
+                });
+                new.extend_from_slice(&encode_aggregate(count + 1, sum));
+                Ok(())
+            })?;
+        if overflow {
+            return Err(OperatorError::Malformed(format!(
+                "tumbling-window: sum overflows i64 for key {key_hash} in window {start}"
+            )));
+        }
+        if created {
             // Most new entries of a batch fall into the same window: count them before touching the map.
             match window_new {
                 Some((open, count)) if *open == start => *count += 1,
@@ -212,16 +225,6 @@ impl TumblingWindowCountSum {
                 }
             }
         }
-        let sum = sum.checked_add(value).ok_or_else(|| {
-            OperatorError::Malformed(format!(
-                "tumbling-window: sum overflows i64 for key {key_hash} in window {start}"
-            ))
-        })?;
-        self.state.put(
-            key_group,
-            self.state_key.as_bytes(),
-            &encode_aggregate(count + 1, sum),
-        )?;
         Ok(())
     }
 
@@ -242,73 +245,73 @@ impl TumblingWindowCountSum {
             return Ok(());
         };
         let entries_expected: u64 = firing.iter().map(|(_, count)| count).sum();
-        let mut keys = Vec::with_capacity(entries_expected as usize);
-        let mut starts = Vec::with_capacity(entries_expected as usize);
-        let mut counts = Vec::with_capacity(entries_expected as usize);
-        let mut sums = Vec::with_capacity(entries_expected as usize);
-        self.deletes.clear();
-        let deletes = &mut self.deletes;
+        let mut fired = std::mem::take(&mut self.fired);
+        fired.clear();
+        fired.reserve(entries_expected as usize);
         for key_group in self.state.key_groups().iter() {
-            self.state.scan(key_group, &mut |state_key, value| {
+            let group_start = fired.len();
+            self.state.retain(key_group, &mut |state_key, value| {
                 let (key, namespace) = split_state_key(state_key)?;
                 let start = order_preserving_i64_inverse(read_u64_be(namespace)?);
-                if start <= start_last {
-                    keys.push(read_u64_be(key)?);
-                    starts.push(start);
-                    let (count, sum) = decode_aggregate(value)?;
-                    counts.push(count);
-                    sums.push(sum);
-                    deletes.delete(key_group, state_key);
+                if start > start_last {
+                    return Ok(true);
                 }
-                Ok(())
+                let (count, sum) = decode_aggregate(value)?;
+                fired.push((read_u64_be(key)?, start, count, sum));
+                Ok(false)
             })?;
+            // `retain` visits in no particular order: order the group's rows by key, then window.
+            fired[group_start..].sort_unstable_by_key(|&(key, start, _, _)| (key, start));
         }
         assert_eq!(
-            keys.len() as u64,
+            fired.len() as u64,
             entries_expected,
             "window entries in state vs. counted at insert"
         );
-        self.state.write_batch(&self.deletes)?;
         for (start, _) in &firing {
             self.windows_open.remove(start);
         }
         self.metrics.windows_fired += firing.len() as u64;
-        self.emit_rows(context, keys, starts, counts, sums)
+        let result = self.emit_rows(context, &fired);
+        self.fired = fired;
+        result
     }
 
+    /// Emits fired rows `(key, window start, count, sum)` as one batch.
     fn emit_rows(
         &mut self,
         context: &mut Context<'_>,
-        keys: Vec<u64>,
-        starts: Vec<i64>,
-        counts: Vec<u64>,
-        sums: Vec<i64>,
+        fired: &[(u64, i64, u64, i64)],
     ) -> Result<(), OperatorError> {
-        if keys.is_empty() {
+        if fired.is_empty() {
             return Ok(());
         }
-        let ends: Vec<i64> = starts.iter().map(|start| start + self.size_ms).collect();
         let key_column: ArrayRef = match self.key_type {
-            KeyType::UInt64 => Arc::new(UInt64Array::from(keys)),
-            KeyType::Int64 => Arc::new(Int64Array::from(
-                keys.into_iter()
-                    .map(|k| order_preserving_i64_inverse(k))
-                    .collect::<Vec<_>>(),
-            )),
+            KeyType::UInt64 => Arc::new(fired.iter().map(|row| row.0).collect::<UInt64Array>()),
+            KeyType::Int64 => Arc::new(
+                fired
+                    .iter()
+                    .map(|row| order_preserving_i64_inverse(row.0))
+                    .collect::<Int64Array>(),
+            ),
         };
-        let rows = key_column.len() as u64;
         let columns: Vec<ArrayRef> = vec![
             key_column,
-            Arc::new(Int64Array::from(starts)),
-            Arc::new(Int64Array::from(ends)),
-            Arc::new(UInt64Array::from(counts)),
-            Arc::new(Int64Array::from(sums)),
+            Arc::new(fired.iter().map(|row| row.1).collect::<Int64Array>()),
+            Arc::new(
+                fired
+                    .iter()
+                    .map(|row| row.1 + self.size_ms)
+                    .collect::<Int64Array>(),
+            ),
+            Arc::new(fired.iter().map(|row| row.2).collect::<UInt64Array>()),
+            Arc::new(fired.iter().map(|row| row.3).collect::<Int64Array>()),
         ];
         context.emit(Element::Batch(RecordBatch::try_new(
             self.schema.clone(),
             columns,
         )?));
-        self.metrics.records_out += rows;
+        self.metrics.records_out += fired.len() as u64;
         Ok(())
     }
 

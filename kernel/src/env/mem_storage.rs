@@ -4,17 +4,21 @@
 //! forgets what was not synced. It injects no other fault; the simulator's faulty disk does that.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::{parent_dir, validate_path, Storage, StorageError};
+
+/// File contents are shared between the views, so that syncing copies no bytes.
+type Data = Arc<[u8]>;
 
 #[derive(Clone, Debug, Default)]
 pub struct MemStorage {
     /// What a reader sees now.
-    current: BTreeMap<String, Vec<u8>>,
+    current: BTreeMap<String, Data>,
     /// What survives a crash: file contents synced, under the names whose directory was synced.
-    durable: BTreeMap<String, Vec<u8>>,
+    durable: BTreeMap<String, Data>,
     /// Synced contents, by the name they were synced under (the inode, in effect).
-    synced_data: BTreeMap<String, Vec<u8>>,
+    synced_data: BTreeMap<String, Data>,
 }
 
 impl MemStorage {
@@ -30,7 +34,7 @@ impl MemStorage {
 
     /// The total size of all files, in bytes.
     pub fn size(&self) -> usize {
-        self.current.values().map(Vec::len).sum()
+        self.current.values().map(|data| data.len()).sum()
     }
 
     fn not_found(path: &str) -> StorageError {
@@ -43,7 +47,7 @@ impl MemStorage {
 impl Storage for MemStorage {
     fn write(&mut self, path: &str, data: &[u8]) -> Result<(), StorageError> {
         validate_path(path)?;
-        self.current.insert(path.to_string(), data.to_vec());
+        self.current.insert(path.to_string(), Arc::from(data));
         self.synced_data.remove(path);
         Ok(())
     }
@@ -82,7 +86,7 @@ impl Storage for MemStorage {
         // The directory's names become durable: each with the contents last synced under it.
         self.durable.retain(|path, _| parent_dir(path) != dir);
         for path in self.current.keys().filter(|path| parent_dir(path) == dir) {
-            let synced = self.synced_data.get(path).cloned().unwrap_or_default();
+            let synced = self.synced_data.get(path).cloned().unwrap_or_else(|| Arc::from(&[][..]));
             self.durable.insert(path.clone(), synced);
         }
         Ok(())
@@ -90,10 +94,7 @@ impl Storage for MemStorage {
 
     fn read(&mut self, path: &str) -> Result<Vec<u8>, StorageError> {
         validate_path(path)?;
-        self.current
-            .get(path)
-            .cloned()
-            .ok_or_else(|| Self::not_found(path))
+        self.current.get(path).map(|data| data.to_vec()).ok_or_else(|| Self::not_found(path))
     }
 
     fn list(&mut self, dir: &str) -> Result<Vec<String>, StorageError> {

@@ -53,6 +53,21 @@ pub trait StateBackend: Send {
         value: &mut Vec<u8>,
     ) -> Result<bool, StateError>;
     fn put(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) -> Result<(), StateError>;
+    /// Read-modify-write in one call: `merge(old, new)` gets the stored value (`None` if absent) and
+    /// writes the value to store into `new` (empty when called). Backends that can find the entry
+    /// once for both (the heap) do so; the default is a `get` and a `put`.
+    fn merge(
+        &mut self,
+        key_group: KeyGroup,
+        key: &[u8],
+        merge: &mut dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let mut old = Vec::new();
+        let found = self.get(key_group, key, &mut old)?;
+        let mut new = Vec::new();
+        merge(found.then_some(old.as_slice()), &mut new)?;
+        self.put(key_group, key, &new)
+    }
     /// Removes `key`; removing an absent key is not an error.
     fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError>;
     /// Applies every operation of `batch`, in order.
@@ -63,6 +78,23 @@ pub trait StateBackend: Send {
         key_group: KeyGroup,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
     ) -> Result<(), StateError>;
+    /// Visits every entry of `key_group` in an unspecified order and removes those for which `keep`
+    /// returns `false`. The order may differ between backends and runs of different history: a
+    /// caller that emits what it visits orders it first. The default scans, then deletes.
+    fn retain(
+        &mut self,
+        key_group: KeyGroup,
+        keep: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StateError>,
+    ) -> Result<(), StateError> {
+        let mut deletes = WriteBatch::new();
+        self.scan(key_group, &mut |key, value| {
+            if !keep(key, value)? {
+                deletes.delete(key_group, key);
+            }
+            Ok(())
+        })?;
+        self.write_batch(&deletes)
+    }
     /// A self-contained copy of every entry, in the portable format of [`snapshot`].
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError>;
     /// Replaces all entries by those of `snapshot` that fall into this backend's key groups.

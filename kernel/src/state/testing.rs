@@ -71,7 +71,7 @@ pub fn check_backend_against_model(
                 backend.delete(group, &key).unwrap();
                 model.remove(&(group, key));
             }
-            55..=79 => {
+            55..=71 => {
                 let found = backend.get(group, &key, &mut value).unwrap();
                 let expected = model.get(&(group, key.clone()));
                 assert_eq!(
@@ -79,6 +79,27 @@ pub fn check_backend_against_model(
                     expected,
                     "step {step}: get {group:?} {key:?}"
                 );
+            }
+            72..=79 => {
+                // Appends the step to the old value: a read-modify-write that sees absence as empty.
+                let mut seen_old = None;
+                backend
+                    .merge(group, &key, &mut |old, new| {
+                        seen_old = Some(old.map(<[u8]>::to_vec));
+                        new.extend_from_slice(old.unwrap_or_default());
+                        new.push(step as u8);
+                        Ok(())
+                    })
+                    .unwrap();
+                let expected_old = model.get(&(group, key.clone())).cloned();
+                assert_eq!(
+                    seen_old,
+                    Some(expected_old.clone()),
+                    "step {step}: merge saw {group:?} {key:?}"
+                );
+                let mut new_value = expected_old.unwrap_or_default();
+                new_value.push(step as u8);
+                model.insert((group, key), new_value);
             }
             80..=89 => {
                 let mut batch = WriteBatch::new();
@@ -95,7 +116,25 @@ pub fn check_backend_against_model(
                 }
                 backend.write_batch(&batch).unwrap();
             }
-            90..=97 => {
+            90..=93 => {
+                // Removes the entries of a group whose value has an odd length, in any order.
+                let mut visited = Vec::new();
+                backend
+                    .retain(group, &mut |key, value| {
+                        visited.push((key.to_vec(), value.to_vec()));
+                        Ok(value.len() % 2 == 0)
+                    })
+                    .unwrap();
+                visited.sort();
+                let expected: Vec<(Vec<u8>, Vec<u8>)> = model
+                    .range((group, Vec::new())..)
+                    .take_while(|((g, _), _)| *g == group)
+                    .map(|((_, k), v)| (k.clone(), v.clone()))
+                    .collect();
+                assert_eq!(visited, expected, "step {step}: retain visits {group:?}");
+                model.retain(|(g, _), value| *g != group || value.len() % 2 == 0);
+            }
+            94..=97 => {
                 let mut seen = Vec::new();
                 backend
                     .scan(group, &mut |key, value| {
