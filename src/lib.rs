@@ -1,1 +1,11 @@
-//! placeholder
+//! Sabot in the real world: the tokio driver, RocksDB keyed state, local-disk storage, and the
+//! `sabot` command's job runner. All decisions are the kernel's (`sabot-kernel`); this crate
+//! only moves elements, reads clocks and touches disks. See `ARCHITECTURE.md`.
+
+pub mod clock;
+pub mod driver;
+pub mod fs_storage;
+#[cfg(not(madsim))]
+pub mod rocks;
+
+pub use sabot_kernel as kernel;

@@ -1,1 +1,317 @@
-fn main() {}
+//! The `sabot` command: `sabot run` runs the W2 keyed-window job on an embedded default.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use sabot::driver::{self, DriverConfig, Progress, StateKind};
+use sabot::fs_storage::LocalFsStorage;
+use sabot_kernel::dataflow::sink::read_committed;
+use sabot_kernel::dataflow::PhysicalPlan;
+use sabot_kernel::workload;
+
+const USAGE: &str = "\
+sabot: a deterministic stream-processing kernel
+
+usage:
+  sabot run [flags]     run the W2 keyed tumbling-window job (WORKLOADS.md) embedded in this process
+  sabot help            show this message
+
+flags of `sabot run`:
+  --records N           records to generate (default 20000000, the published W2 size)
+  --parallelism P       parallel subtasks, one node per worker thread (default: the number of cores, at most 8)
+  --data-dir DIR        storage root: state under DIR/state, output under DIR/output (default ./sabot-data)
+  --state KIND          keyed state: rocksdb (default) or heap
+  --batch-size N        records per Arrow batch (default 4096)
+";
+
+#[derive(Debug)]
+struct RunArgs {
+    records: u64,
+    parallelism: u16,
+    data_dir: PathBuf,
+    state: StateKind,
+    batch_size: usize,
+}
+
+/// A command-line mistake: printed with a pointer to the usage, exit code 2.
+#[derive(Debug)]
+struct UsageError(String);
+
+fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, UsageError> {
+    value
+        .replace('_', "")
+        .parse()
+        .map_err(|_| UsageError(format!("{flag} takes a whole number, not {value:?}")))
+}
+
+fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8) as u16;
+    let mut run = RunArgs {
+        records: workload::RECORD_COUNT_DEFAULT,
+        parallelism: cores,
+        data_dir: PathBuf::from("sabot-data"),
+        state: StateKind::RocksDb,
+        batch_size: 4096,
+    };
+    let mut iter = args.iter();
+    while let Some(flag) = iter.next() {
+        let (flag, inline) = match flag.split_once('=') {
+            Some((flag, value)) => (flag, Some(value.to_string())),
+            None => (flag.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| iter.next().cloned())
+                .ok_or_else(|| UsageError(format!("{flag} needs a value")))
+        };
+        match flag {
+            "--records" => run.records = parse_number(flag, &value()?)?,
+            "--parallelism" => run.parallelism = parse_number(flag, &value()?)?,
+            "--batch-size" => run.batch_size = parse_number(flag, &value()?)?,
+            "--data-dir" => run.data_dir = PathBuf::from(value()?),
+            "--state" => {
+                run.state = match value()?.as_str() {
+                    "rocksdb" => StateKind::RocksDb,
+                    "heap" => StateKind::Heap,
+                    other => {
+                        return Err(UsageError(format!(
+                            "--state is rocksdb or heap, not {other:?}"
+                        )))
+                    }
+                }
+            }
+            other => {
+                return Err(UsageError(format!(
+                    "unknown flag {other:?} for `sabot run`"
+                )))
+            }
+        }
+    }
+    if run.parallelism == 0 {
+        return Err(UsageError("--parallelism must be at least 1".into()));
+    }
+    if run.batch_size == 0 {
+        return Err(UsageError("--batch-size must be at least 1".into()));
+    }
+    Ok(run)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => match parse_run(&args[1..]) {
+            Ok(run_args) => run(run_args),
+            Err(UsageError(message)) => return usage_error(&message),
+        },
+        Some("help" | "--help" | "-h") | None => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => return usage_error(&format!("unknown command {other:?}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sabot: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("sabot: {message}\n\n{USAGE}");
+    ExitCode::from(2)
+}
+
+/// Removes what an earlier run of the job left, so that output and state are this run's only.
+fn clear_previous(data_dir: &std::path::Path, job: &str) -> anyhow::Result<()> {
+    for dir in [
+        data_dir.join("output").join(job),
+        data_dir.join("state").join(job),
+    ] {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => eprintln!("removed the previous run's {}", dir.display()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let graph = workload::w2_job(args.records, args.parallelism, args.batch_size)
+        .context("building the W2 job")?;
+    let plan = Arc::new(PhysicalPlan::new(graph, args.parallelism));
+    clear_previous(&args.data_dir, &plan.graph.name)?;
+    let state_name = match args.state {
+        StateKind::RocksDb => format!("rocksdb under {}", args.data_dir.join("state").display()),
+        StateKind::Heap => "heap (in memory)".to_string(),
+    };
+    println!(
+        "sabot run: W2 keyed tumbling window (10 s windows, 5 s out-of-orderness), {} records, parallelism {}, state {}",
+        group_digits(args.records),
+        args.parallelism,
+        state_name
+    );
+    let config = DriverConfig {
+        data_dir: args.data_dir.clone(),
+        state: args.state.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.parallelism))
+        .enable_time()
+        .build()
+        .context("starting the tokio runtime")?;
+    let progress = Progress::default();
+    let started = Instant::now();
+    let mut state_peak = 0_u64;
+    let result = runtime.block_on(async {
+        let job = tokio::spawn(driver::run(plan.clone(), config, progress.clone()));
+        tokio::pin!(job);
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut job => return result,
+                _ = ticker.tick() => {
+                    let m = progress.total();
+                    state_peak = state_peak.max(m.state_size_bytes);
+                    let seconds = started.elapsed().as_secs_f64();
+                    eprintln!(
+                        "  {:>5.1} s  records {:>12} / {} ({:>3.0}%)  {:>6.2} M/s  windows out {:>12}  state {}",
+                        seconds,
+                        group_digits(m.records_in),
+                        group_digits(args.records),
+                        100.0 * m.records_in as f64 / args.records.max(1) as f64,
+                        m.records_in as f64 / seconds / 1e6,
+                        group_digits(m.records_out),
+                        bytes(m.state_size_bytes),
+                    );
+                }
+            }
+        }
+    });
+    let elapsed = started.elapsed();
+    result
+        .context("the job's driver task")?
+        .context("running the job")?;
+    let metrics = progress.total();
+    state_peak = state_peak.max(metrics.state_size_bytes);
+    summarize(&args, metrics, elapsed, state_peak)
+}
+
+fn summarize(
+    args: &RunArgs,
+    metrics: sabot_kernel::node::NodeMetrics,
+    elapsed: Duration,
+    state_peak: u64,
+) -> anyhow::Result<()> {
+    let mut storage = LocalFsStorage::open(&args.data_dir).context("opening the data directory")?;
+    let batches = read_committed(&mut storage, "w2").context("reading the committed output")?;
+    let (mut rows, mut count_sum, mut value_sum) = (0_u64, 0_u64, 0_i128);
+    for batch in &batches {
+        let counts = batch
+            .column(3)
+            .as_any()
+            .downcast_ref::<arrow_array::UInt64Array>()
+            .context("count column")?;
+        let sums = batch
+            .column(4)
+            .as_any()
+            .downcast_ref::<arrow_array::Int64Array>()
+            .context("sum column")?;
+        rows += batch.num_rows() as u64;
+        count_sum += counts.values().iter().sum::<u64>();
+        value_sum += sums.values().iter().map(|&s| i128::from(s)).sum::<i128>();
+    }
+    let seconds = elapsed.as_secs_f64();
+    let output_dir = args.data_dir.join("output").join("w2");
+    println!("summary");
+    println!("  records in      {}", group_digits(metrics.records_in));
+    println!(
+        "  windows out     {} rows (one per key and window)",
+        group_digits(metrics.records_out)
+    );
+    println!(
+        "  late records    {} dropped",
+        group_digits(metrics.records_late_dropped)
+    );
+    println!("  elapsed         {seconds:.2} s");
+    println!(
+        "  throughput      {:.2} M records/s",
+        metrics.records_in as f64 / seconds / 1e6
+    );
+    println!(
+        "  state size      peak {} (sampled each second), {} at end",
+        bytes(state_peak),
+        bytes(metrics.state_size_bytes)
+    );
+    println!(
+        "  output          {} committed rows in {}",
+        group_digits(rows),
+        output_dir.display()
+    );
+    println!(
+        "  checksums       count sum {}, value sum {}",
+        group_digits(count_sum),
+        group_digits_i128(value_sum)
+    );
+    anyhow::ensure!(
+        rows == metrics.records_out,
+        "committed {rows} rows, but the sinks took {}",
+        metrics.records_out
+    );
+    anyhow::ensure!(
+        count_sum == metrics.records_in,
+        "the window counts add up to {count_sum}, not {}",
+        metrics.records_in
+    );
+    if args.records == workload::RECORD_COUNT_DEFAULT {
+        let matches = rows == workload::W2_EXPECTED_ROWS
+            && count_sum == workload::W2_EXPECTED_COUNT_SUM
+            && value_sum == workload::W2_EXPECTED_SUM_SUM;
+        anyhow::ensure!(
+            matches,
+            "the output does not match the published W2 checksums (WORKLOADS.md)"
+        );
+        println!("  W2 reference    matches the published checksums (rows, count sum, value sum)");
+    } else {
+        println!("  W2 reference    published for 20,000,000 records only; counts checked against the input");
+    }
+    Ok(())
+}
+
+fn group_digits(value: u64) -> String {
+    group_digits_i128(i128::from(value))
+}
+
+fn group_digits_i128(value: i128) -> String {
+    let digits = value.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if value < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+fn bytes(value: u64) -> String {
+    match value {
+        v if v >= 1 << 30 => format!("{:.1} GiB", v as f64 / (1u64 << 30) as f64),
+        v if v >= 1 << 20 => format!("{:.1} MiB", v as f64 / (1u64 << 20) as f64),
+        v if v >= 1 << 10 => format!("{:.1} KiB", v as f64 / 1024.0),
+        v => format!("{v} B"),
+    }
+}

@@ -5,7 +5,8 @@
 //! fires when the input watermark reaches `end`; its rows are emitted before the watermark is
 //! forwarded, so downstream sees each result ahead of the watermark that completed it. A record
 //! whose window already fired is late: it is dropped and counted in `records_late_dropped`.
-//! At end of input every open window fires.
+//! At end of input every open window fires. Within a window, rows come by key group, then in the
+//! order their keys first arrived: a function of the input sequence, so a replay emits the same bytes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,10 +18,8 @@ use super::graph::{field, schema_of};
 use super::watermark::event_times;
 use super::{Context, Operator, OperatorError, OperatorMetrics};
 use crate::element::Element;
-use crate::key_group::MaxParallelism;
-use crate::state::{
-    order_preserving_i64_inverse, read_u64_be, split_state_key, StateBackend, StateError, StateKey,
-};
+use crate::key_group::{KeyGroup, MaxParallelism};
+use crate::state::{order_preserving_i64_inverse, StateBackend, StateError, StateKey};
 use crate::time::EventTime;
 
 /// The key column types a keyed stream may have.
@@ -111,10 +110,14 @@ pub struct TumblingWindowCountSum {
     state: Box<dyn StateBackend>,
     /// The input watermark: windows ending at or before it have fired.
     watermark: EventTime,
-    /// Open windows by start, with the number of keys each holds in state.
-    windows_open: BTreeMap<i64, u64>,
+    /// Open windows by start, with the keys of each of their entries in state, by key group
+    /// (indexed from the first group of the backend): the windows' timers, in effect. They move
+    /// into the state backend with the event-time timers.
+    windows_open: BTreeMap<i64, Vec<Vec<u64>>>,
     schema: SchemaRef,
     state_key: StateKey,
+    /// The value read by `take`, reused.
+    value: Vec<u8>,
     /// Rows of the windows being fired, reused across firings.
     fired: Vec<(u64, i64, u64, i64)>,
     metrics: OperatorMetrics,
@@ -161,6 +164,7 @@ impl TumblingWindowCountSum {
             windows_open: BTreeMap::new(),
             schema: Self::schema(key_field),
             state_key: StateKey::new(),
+            value: Vec::with_capacity(16),
             fired: Vec::new(),
             metrics: OperatorMetrics::default(),
         }
@@ -168,13 +172,7 @@ impl TumblingWindowCountSum {
 
     /// Adds one record to its window. `key_hash` is the key as `u64` for the key-group hash.
     #[inline]
-    fn add(
-        &mut self,
-        key_hash: u64,
-        ts: i64,
-        value: i64,
-        window_new: &mut Option<(i64, u64)>,
-    ) -> Result<(), OperatorError> {
+    fn add(&mut self, key_hash: u64, ts: i64, value: i64) -> Result<(), OperatorError> {
         let start = ts - ts.rem_euclid(self.size_ms);
         let end = start.checked_add(self.size_ms).ok_or_else(|| {
             OperatorError::Malformed(format!(
@@ -215,63 +213,61 @@ impl TumblingWindowCountSum {
             )));
         }
         if created {
-            // Most new entries of a batch fall into the same window: count them before touching the map.
-            match window_new {
-                Some((open, count)) if *open == start => *count += 1,
+            let offset = usize::from(key_group.0 - self.state.key_groups().start());
+            // Nearly every new entry belongs to the newest window: look there before the map.
+            let groups = match self.windows_open.last_entry() {
+                Some(newest) if *newest.key() == start => newest.into_mut(),
                 _ => {
-                    if let Some((open, count)) = window_new.replace((start, 1)) {
-                        *self.windows_open.entry(open).or_insert(0) += count;
-                    }
+                    let group_count = self.state.key_groups().count();
+                    self.windows_open
+                        .entry(start)
+                        .or_insert_with(|| vec![Vec::new(); group_count])
                 }
-            }
+            };
+            groups[offset].push(key_hash);
         }
         Ok(())
     }
 
-    /// Emits and clears every window that ends at or before `watermark`.
+    /// Emits and clears every window that ends at or before `watermark`, window by window.
     fn fire(
         &mut self,
         context: &mut Context<'_>,
         watermark: EventTime,
     ) -> Result<(), OperatorError> {
-        let size = self.size_ms;
-        let firing: Vec<(i64, u64)> = self
-            .windows_open
-            .iter()
-            .take_while(|(&start, _)| start + size <= watermark.0)
-            .map(|(&s, &c)| (s, c))
-            .collect();
-        let Some(&(start_last, _)) = firing.last() else {
-            return Ok(());
-        };
-        let entries_expected: u64 = firing.iter().map(|(_, count)| count).sum();
         let mut fired = std::mem::take(&mut self.fired);
         fired.clear();
-        fired.reserve(entries_expected as usize);
-        for key_group in self.state.key_groups().iter() {
-            let group_start = fired.len();
-            self.state.retain(key_group, &mut |state_key, value| {
-                let (key, namespace) = split_state_key(state_key)?;
-                let start = order_preserving_i64_inverse(read_u64_be(namespace)?);
-                if start > start_last {
-                    return Ok(true);
+        while let Some(window) = self.windows_open.first_entry() {
+            let start = *window.key();
+            // `start + size` cannot overflow: `add` checked it before opening the window.
+            if start + self.size_ms > watermark.0 {
+                break;
+            }
+            // Key group by key group (each group's table is small enough to stay in cache),
+            // and within a group in the order the keys first arrived: a function of the input
+            // sequence, so deterministic, and cheaper than sorting by key.
+            let groups_first = self.state.key_groups().start();
+            for (offset, keys) in window.remove().into_iter().enumerate() {
+                let key_group = KeyGroup(groups_first + offset as u16);
+                for key in keys {
+                    match self.key_type {
+                        KeyType::UInt64 => self.state_key.set_u64(key),
+                        KeyType::Int64 => self.state_key.set_i64(key as i64),
+                    }
+                    .push_namespace_i64(start);
+                    let found =
+                        self.state
+                            .take(key_group, self.state_key.as_bytes(), &mut self.value)?;
+                    assert!(
+                        found,
+                        "window {start} of key {key} is open but has no state"
+                    );
+                    let (count, sum) = decode_aggregate(&self.value)?;
+                    fired.push((key, start, count, sum));
                 }
-                let (count, sum) = decode_aggregate(value)?;
-                fired.push((read_u64_be(key)?, start, count, sum));
-                Ok(false)
-            })?;
-            // `retain` visits in no particular order: order the group's rows by key, then window.
-            fired[group_start..].sort_unstable_by_key(|&(key, start, _, _)| (key, start));
+            }
+            self.metrics.windows_fired += 1;
         }
-        assert_eq!(
-            fired.len() as u64,
-            entries_expected,
-            "window entries in state vs. counted at insert"
-        );
-        for (start, _) in &firing {
-            self.windows_open.remove(start);
-        }
-        self.metrics.windows_fired += firing.len() as u64;
         let result = self.emit_rows(context, &fired);
         self.fired = fired;
         result
@@ -348,21 +344,17 @@ impl Operator for TumblingWindowCountSum {
     ) -> Result<(), OperatorError> {
         let times = event_times(&batch, self.event_time_index, "tumbling-window")?;
         let values = self.values(&batch)?;
-        let mut window_new = None;
         match key_column(&batch, self.key_index, self.key_type)? {
             KeyColumn::UInt64(keys) => {
                 for row in 0..keys.len() {
-                    self.add(keys[row], times[row], values[row], &mut window_new)?;
+                    self.add(keys[row], times[row], values[row])?;
                 }
             }
             KeyColumn::Int64(keys) => {
                 for row in 0..keys.len() {
-                    self.add(keys[row] as u64, times[row], values[row], &mut window_new)?;
+                    self.add(keys[row] as u64, times[row], values[row])?;
                 }
             }
-        }
-        if let Some((start, count)) = window_new {
-            *self.windows_open.entry(start).or_insert(0) += count;
         }
         self.metrics.records_in += batch.num_rows() as u64;
         Ok(())

@@ -86,7 +86,11 @@ impl Storage for MemStorage {
         // The directory's names become durable: each with the contents last synced under it.
         self.durable.retain(|path, _| parent_dir(path) != dir);
         for path in self.current.keys().filter(|path| parent_dir(path) == dir) {
-            let synced = self.synced_data.get(path).cloned().unwrap_or_else(|| Arc::from(&[][..]));
+            let synced = self
+                .synced_data
+                .get(path)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(&[][..]));
             self.durable.insert(path.clone(), synced);
         }
         Ok(())
@@ -94,7 +98,10 @@ impl Storage for MemStorage {
 
     fn read(&mut self, path: &str) -> Result<Vec<u8>, StorageError> {
         validate_path(path)?;
-        self.current.get(path).map(|data| data.to_vec()).ok_or_else(|| Self::not_found(path))
+        self.current
+            .get(path)
+            .map(|data| data.to_vec())
+            .ok_or_else(|| Self::not_found(path))
     }
 
     fn list(&mut self, dir: &str) -> Result<Vec<String>, StorageError> {

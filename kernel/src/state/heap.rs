@@ -38,6 +38,7 @@ impl FxHasher {
 
 impl Hasher for FxHasher {
     #[inline]
+    /// Whole words, then the tail zero-padded into one more word (callers hash the length too).
     fn write(&mut self, mut bytes: &[u8]) {
         while bytes.len() >= 8 {
             self.add(u64::from_le_bytes(
@@ -45,14 +46,10 @@ impl Hasher for FxHasher {
             ));
             bytes = &bytes[8..];
         }
-        if bytes.len() >= 4 {
-            self.add(u64::from(u32::from_le_bytes(
-                bytes[..4].try_into().expect("four bytes"),
-            )));
-            bytes = &bytes[4..];
-        }
-        for &byte in bytes {
-            self.add(u64::from(byte));
+        if !bytes.is_empty() {
+            let mut tail = [0_u8; 8];
+            tail[..bytes.len()].copy_from_slice(bytes);
+            self.add(u64::from_le_bytes(tail));
         }
     }
 
@@ -284,27 +281,25 @@ impl StateBackend for HeapBackend {
         Ok(())
     }
 
-    fn retain(
+    #[inline]
+    fn take(
         &mut self,
         key_group: KeyGroup,
-        keep: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StateError>,
-    ) -> Result<(), StateError> {
-        let mut result = Ok(());
-        let mut removed_size = 0_i64;
-        self.group_mut(key_group).retain(|entry| {
-            // After a failure, keep everything that is left: the caller sees the error.
-            let kept = result.is_err()
-                || keep(&entry.key, &entry.value).unwrap_or_else(|error| {
-                    result = Err(error);
-                    true
-                });
-            if !kept {
-                removed_size += (entry.key.len() + entry.value.len()) as i64;
-            }
-            kept
-        });
-        self.account(-removed_size);
-        result
+        key: &[u8],
+        value: &mut Vec<u8>,
+    ) -> Result<bool, StateError> {
+        value.clear();
+        let hash = hash_key(key);
+        let Ok(occupied) = self
+            .group_mut(key_group)
+            .find_entry(hash, |entry| bytes_eq(&entry.key, key))
+        else {
+            return Ok(false);
+        };
+        let (removed, _) = occupied.remove();
+        value.extend_from_slice(&removed.value);
+        self.account(-((removed.key.len() + removed.value.len()) as i64));
+        Ok(true)
     }
 
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError> {

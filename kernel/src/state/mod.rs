@@ -78,22 +78,19 @@ pub trait StateBackend: Send {
         key_group: KeyGroup,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
     ) -> Result<(), StateError>;
-    /// Visits every entry of `key_group` in an unspecified order and removes those for which `keep`
-    /// returns `false`. The order may differ between backends and runs of different history: a
-    /// caller that emits what it visits orders it first. The default scans, then deletes.
-    fn retain(
+    /// Removes `key` and copies its value into `value` (cleared first); `false` if there was none.
+    /// The default is a `get` and a `delete`.
+    fn take(
         &mut self,
         key_group: KeyGroup,
-        keep: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StateError>,
-    ) -> Result<(), StateError> {
-        let mut deletes = WriteBatch::new();
-        self.scan(key_group, &mut |key, value| {
-            if !keep(key, value)? {
-                deletes.delete(key_group, key);
-            }
-            Ok(())
-        })?;
-        self.write_batch(&deletes)
+        key: &[u8],
+        value: &mut Vec<u8>,
+    ) -> Result<bool, StateError> {
+        let found = self.get(key_group, key, value)?;
+        if found {
+            self.delete(key_group, key)?;
+        }
+        Ok(found)
     }
     /// A self-contained copy of every entry, in the portable format of [`snapshot`].
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError>;

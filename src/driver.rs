@@ -1,0 +1,300 @@
+//! The tokio driver: one kernel node per worker thread, elements moved between nodes by bounded
+//! channels.
+//!
+//! The driver decides nothing: it reads the clock, offers elements to the kernel node
+//! (`handle_element`), lets it work (`handle_step`) and moves what it hands out (`poll_transmit`)
+//! to the receiving node. A full channel stops that node's sends, which stops its sources
+//! (the kernel pauses sources while its outbox is full): backpressure without unbounded buffers.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sabot_kernel::dataflow::{PhysicalPlan, SubtaskId};
+use sabot_kernel::element::Element;
+use sabot_kernel::env::{ChannelId, Clock};
+use sabot_kernel::key_group::KeyGroupRange;
+use sabot_kernel::node::{Node, NodeError, NodeMetrics, Step};
+use sabot_kernel::state::{HeapBackend, StateBackend, StateError};
+use tokio::sync::mpsc;
+
+use crate::clock::TokioClock;
+use crate::fs_storage::LocalFsStorage;
+
+/// Elements a channel between two nodes holds before the sender waits.
+pub const NODE_CHANNEL_CAPACITY: usize = 64;
+
+type Envelope = (ChannelId, Element);
+
+/// Where keyed state lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateKind {
+    /// In memory (`HeapBackend`).
+    Heap,
+    /// RocksDB, one database per stateful subtask under `<data dir>/state/<job>/`.
+    #[cfg(not(madsim))]
+    RocksDb,
+}
+
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Root of storage: sink output under `output/`, RocksDB state under `state/`.
+    pub data_dir: PathBuf,
+    pub state: StateKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("state backend for {subtask}: {error}")]
+    State {
+        subtask: SubtaskId,
+        error: StateError,
+    },
+    #[error("data directory {path}: {error}")]
+    DataDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("node {node} stopped: {reason}")]
+    NodeLost { node: u16, reason: String },
+}
+
+/// Counters of every node, refreshed as nodes run, for progress reports.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    nodes: Arc<Mutex<Vec<NodeMetrics>>>,
+}
+
+impl Progress {
+    fn publish(&self, node: u16, metrics: NodeMetrics) {
+        let mut nodes = self.nodes.lock().expect("progress lock");
+        if nodes.len() <= usize::from(node) {
+            nodes.resize(usize::from(node) + 1, NodeMetrics::default());
+        }
+        nodes[usize::from(node)] = metrics;
+    }
+
+    /// The sum over nodes.
+    pub fn total(&self) -> NodeMetrics {
+        let nodes = self.nodes.lock().expect("progress lock");
+        let mut total = NodeMetrics::default();
+        for m in nodes.iter() {
+            total.records_in += m.records_in;
+            total.records_out += m.records_out;
+            total.records_late_dropped += m.records_late_dropped;
+            total.windows_fired += m.windows_fired;
+            total.state_size_bytes += m.state_size_bytes;
+        }
+        total
+    }
+}
+
+/// Creates the state backend of one subtask.
+fn open_backend(
+    config: &DriverConfig,
+    job: &str,
+    subtask: SubtaskId,
+    range: KeyGroupRange,
+) -> Result<Box<dyn StateBackend>, StateError> {
+    match config.state {
+        StateKind::Heap => Ok(Box::new(HeapBackend::new(range))),
+        #[cfg(not(madsim))]
+        StateKind::RocksDb => {
+            let path = config
+                .data_dir
+                .join("state")
+                .join(job)
+                .join(format!("{}-{}", subtask.vertex.0, subtask.index));
+            Ok(Box::new(crate::rocks::RocksDbBackend::open(path, range)?))
+        }
+    }
+}
+
+/// Builds every node of `plan` with its storage and state.
+pub fn build_nodes(
+    plan: &Arc<PhysicalPlan>,
+    config: &DriverConfig,
+) -> Result<Vec<Node>, DriverError> {
+    let job = plan.graph.name.clone();
+    (0..plan.node_count)
+        .map(|index| {
+            let storage =
+                LocalFsStorage::open(&config.data_dir).map_err(|error| DriverError::DataDir {
+                    path: config.data_dir.clone(),
+                    error,
+                })?;
+            let mut failed = None;
+            let node = Node::new(
+                plan.clone(),
+                index,
+                Box::new(storage),
+                &mut |subtask, range| {
+                    open_backend(config, &job, subtask, range)
+                        .inspect_err(|_| failed = Some(subtask))
+                },
+            );
+            node.map_err(|error| DriverError::State {
+                subtask: failed.expect("the failing subtask"),
+                error,
+            })
+        })
+        .collect()
+}
+
+/// Runs `plan` to the end: one tokio task per node on a runtime with one worker per node.
+/// `progress` is refreshed while it runs.
+pub async fn run(
+    plan: Arc<PhysicalPlan>,
+    config: DriverConfig,
+    progress: Progress,
+) -> Result<(), DriverError> {
+    let nodes = build_nodes(&plan, &config)?;
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..plan.node_count)
+        .map(|_| mpsc::channel::<Envelope>(NODE_CHANNEL_CAPACITY))
+        .unzip();
+    let clock = TokioClock::new();
+    let mut handles = Vec::new();
+    for (node, receiver) in nodes.into_iter().zip(receivers) {
+        let driver = NodeDriver {
+            plan: plan.clone(),
+            node,
+            receiver,
+            senders: senders.clone(),
+            clock: clock.clone(),
+            progress: progress.clone(),
+        };
+        handles.push(tokio::spawn(driver.run()));
+    }
+    drop(senders);
+    let mut first_error = None;
+    for (index, handle) in handles.into_iter().enumerate() {
+        let result = handle
+            .await
+            .map_err(|error| DriverError::NodeLost {
+                node: index as u16,
+                reason: error.to_string(),
+            })
+            .and_then(|result| result);
+        if let Err(error) = result {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// The driver of one node: the loop that feeds it, steps it and moves its output.
+struct NodeDriver {
+    plan: Arc<PhysicalPlan>,
+    node: Node,
+    receiver: mpsc::Receiver<Envelope>,
+    senders: Vec<mpsc::Sender<Envelope>>,
+    clock: TokioClock,
+    progress: Progress,
+}
+
+/// How often a busy node reports its counters, in steps.
+const PROGRESS_EVERY_STEPS: u64 = 256;
+
+impl NodeDriver {
+    fn receiver_of(&self, channel: ChannelId) -> usize {
+        usize::from(self.plan.node_of(self.plan.channel(channel).to))
+    }
+
+    async fn run(mut self) -> Result<(), DriverError> {
+        let index = self.node.index();
+        // An element the node handed out that its receiver had no room for yet.
+        let mut held: Option<Envelope> = None;
+        let mut step_count = 0_u64;
+        loop {
+            self.take_input();
+            let step = self.node.handle_step(self.clock.now())?;
+            while self.node.poll_event().is_some() {}
+            self.send_output(&mut held)?;
+            step_count += 1;
+            if step_count % PROGRESS_EVERY_STEPS == 0 || step == Step::Finished {
+                self.progress.publish(index, self.node.metrics());
+            }
+            match (step, held.is_some()) {
+                (Step::Finished, false) => return Ok(()),
+                // Work left: step again (and retry the held element then) after letting others run.
+                (Step::Busy, _) => tokio::task::yield_now().await,
+                (Step::Idle | Step::Finished, true) => self.wait_for_room(&mut held).await?,
+                (Step::Idle, false) => self.wait_for_input().await,
+            }
+        }
+    }
+
+    /// Offers the node whatever has arrived, while it has room.
+    fn take_input(&mut self) {
+        let now = self.clock.now();
+        while self.node.inbox_room() > 0 {
+            match self.receiver.try_recv() {
+                Ok((channel, element)) => self.node.handle_element(now, channel, element),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Moves the node's output to the receivers' channels until one is full.
+    fn send_output(&mut self, held: &mut Option<Envelope>) -> Result<(), DriverError> {
+        while let Some((channel, element)) = held.take().or_else(|| self.node.poll_transmit()) {
+            let receiver = self.receiver_of(channel);
+            match self.senders[receiver].try_send((channel, element)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(envelope)) => {
+                    *held = Some(envelope);
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(DriverError::NodeLost {
+                        node: receiver as u16,
+                        reason: "its input channel closed".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the held element's receiver has room (taking input meanwhile, so two nodes that
+    /// send to each other never wait on each other).
+    async fn wait_for_room(&mut self, held: &mut Option<Envelope>) -> Result<(), DriverError> {
+        let (channel, _) = held.as_ref().expect("an element is held");
+        let receiver = self.receiver_of(*channel);
+        let sender = self.senders[receiver].clone();
+        let can_take_input = self.node.inbox_room() > 0;
+        tokio::select! {
+            biased;
+            received = self.receiver.recv(), if can_take_input => {
+                if let Some((channel, element)) = received {
+                    self.node.handle_element(self.clock.now(), channel, element);
+                }
+            }
+            permit = sender.reserve() => {
+                let permit = permit.map_err(|_| DriverError::NodeLost { node: receiver as u16, reason: "its input channel closed".into() })?;
+                permit.send(held.take().expect("an element is held"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for input, or for the node's next timeout.
+    async fn wait_for_input(&mut self) {
+        let timeout = self
+            .node
+            .poll_timeout()
+            .map(|at| at.saturating_sub(self.clock.now()));
+        let sleep = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(u64::MAX / 4)));
+        tokio::select! {
+            biased;
+            received = self.receiver.recv() => {
+                if let Some((channel, element)) = received {
+                    self.node.handle_element(self.clock.now(), channel, element);
+                }
+            }
+            _ = sleep, if timeout.is_some() => {}
+        }
+    }
+}
