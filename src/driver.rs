@@ -194,8 +194,8 @@ struct NodeDriver {
     progress: Progress,
 }
 
-/// How often a busy node reports its counters, in steps.
-const PROGRESS_EVERY_STEPS: u64 = 256;
+/// How often a node reports its counters, in milliseconds.
+const PROGRESS_EVERY_MS: u64 = 200;
 
 impl NodeDriver {
     fn receiver_of(&self, channel: ChannelId) -> usize {
@@ -206,15 +206,16 @@ impl NodeDriver {
         let index = self.node.index();
         // An element the node handed out that its receiver had no room for yet.
         let mut held: Option<Envelope> = None;
-        let mut step_count = 0_u64;
+        let mut published = self.clock.now();
         loop {
             self.take_input();
             let step = self.node.handle_step(self.clock.now())?;
             while self.node.poll_event().is_some() {}
             self.send_output(&mut held)?;
-            step_count += 1;
-            if step_count % PROGRESS_EVERY_STEPS == 0 || step == Step::Finished {
+            let now = self.clock.now();
+            if now.saturating_sub(published) >= PROGRESS_EVERY_MS || step == Step::Finished {
                 self.progress.publish(index, self.node.metrics());
+                published = now;
             }
             match (step, held.is_some()) {
                 (Step::Finished, false) => return Ok(()),

@@ -4,18 +4,46 @@
 //! `key length | key | namespace` (`sabot_kernel::state`). A key group is therefore one contiguous
 //! range, scanned with an upper bound at the next group's prefix. Writes skip RocksDB's write-ahead
 //! log: state is made durable by checkpoints, not by the log (as in Flink).
+//!
+//! A bounded write-back cache sits in front of RocksDB: reads fill it, writes go to it, and it is
+//! written to RocksDB as one write batch when it holds `CACHE_ENTRIES_MAX` entries, and before every
+//! scan, snapshot or restore. State that lives briefly (a window's entries, created and deleted
+//! within one cache generation) never costs a RocksDB write at all: a delete of an entry RocksDB
+//! never held writes no tombstone.
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 
-use rocksdb::{DBCompressionType, Options, ReadOptions, WriteOptions, DB};
+use rocksdb::{BlockBasedOptions, DBCompressionType, Options, ReadOptions, WriteOptions, DB};
 use sabot_kernel::key_group::{KeyGroup, KeyGroupRange};
 use sabot_kernel::state::snapshot::SnapshotWriter;
 use sabot_kernel::state::{
-    check_entry_size, KeyGroupsSnapshot, StateBackend, StateError, WriteBatch, WriteOp,
+    check_entry_size, FxHasher, KeyGroupsSnapshot, StateBackend, StateError, WriteBatch, WriteOp,
 };
+use smallvec::SmallVec;
+
+/// The size of one memtable, in bytes.
+const WRITE_BUFFER_SIZE: usize = 8 << 20;
+
+/// Entries the write-back cache holds before it is written to RocksDB and emptied.
+pub const CACHE_ENTRIES_MAX: usize = 256 * 1024;
+
+/// A cached entry: the current value (`None`: absent), and what RocksDB must be told.
+#[derive(Debug)]
+struct Cached {
+    value: Option<SmallVec<[u8; 16]>>,
+    /// The value differs from what RocksDB holds.
+    dirty: bool,
+    /// RocksDB may hold a value for the key (so removing it needs a tombstone).
+    in_db: bool,
+}
+
+type CacheKey = SmallVec<[u8; 32]>;
 
 pub struct RocksDbBackend {
     db: DB,
+    cache: HashMap<CacheKey, Cached, BuildHasherDefault<FxHasher>>,
     path: PathBuf,
     range: KeyGroupRange,
     write_options: WriteOptions,
@@ -41,12 +69,23 @@ impl RocksDbBackend {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.set_compression_type(DBCompressionType::None);
-        options.set_write_buffer_size(64 << 20);
+        // Small memtables keep the skip list shallow and in cache; most state is short-lived
+        // (a window's entries die when it fires), so most of it never leaves the memtable.
+        options.set_write_buffer_size(WRITE_BUFFER_SIZE);
+        options.set_max_write_buffer_number(4);
+        // Most reads look for an entry that is not there yet (a key's first record in a window):
+        // bloom filters in memtables and files answer those without a search.
+        options.set_memtable_whole_key_filtering(true);
+        options.set_memtable_prefix_bloom_ratio(0.1);
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        options.set_block_based_table_factory(&table);
         let db = DB::open(&options, &path).map_err(|e| backend_error(&path, e))?;
         let mut write_options = WriteOptions::default();
         write_options.disable_wal(true);
         Ok(RocksDbBackend {
             db,
+            cache: HashMap::default(),
             path,
             range,
             write_options,
@@ -108,6 +147,81 @@ impl RocksDbBackend {
     }
 }
 
+impl RocksDbBackend {
+    /// The cached entry of the key in `self.key`, read from RocksDB on a miss.
+    fn cached(&mut self) -> Result<&mut Cached, StateError> {
+        if !self.cache.contains_key(self.key.as_slice()) {
+            self.make_room()?;
+            let stored = self
+                .db
+                .get_pinned(&self.key)
+                .map_err(|e| backend_error(&self.path, e))?;
+            let value = stored.map(|stored| SmallVec::from_slice(&stored));
+            let in_db = value.is_some();
+            self.cache.insert(
+                CacheKey::from_slice(&self.key),
+                Cached {
+                    value,
+                    dirty: false,
+                    in_db,
+                },
+            );
+        }
+        Ok(self
+            .cache
+            .get_mut(self.key.as_slice())
+            .expect("inserted above"))
+    }
+
+    /// Sets the value of the key in `self.key` in the cache (`None`: delete).
+    fn write_cached(&mut self, value: Option<&[u8]>) -> Result<(), StateError> {
+        if !self.cache.contains_key(self.key.as_slice()) {
+            self.make_room()?;
+        }
+        let entry = self
+            .cache
+            .entry(CacheKey::from_slice(&self.key))
+            .or_insert(Cached {
+                value: None,
+                dirty: false,
+                // Not read: RocksDB may hold it.
+                in_db: true,
+            });
+        entry.value = value.map(SmallVec::from_slice);
+        entry.dirty = entry.value.is_some() || entry.in_db;
+        Ok(())
+    }
+
+    /// Keeps the cache under its bound: first drops what RocksDB already agrees with and holds no
+    /// value (absent keys), then, if the cache is still half full, writes it out.
+    fn make_room(&mut self) -> Result<(), StateError> {
+        if self.cache.len() < CACHE_ENTRIES_MAX {
+            return Ok(());
+        }
+        self.cache
+            .retain(|_, cached| cached.dirty || cached.value.is_some());
+        if self.cache.len() >= CACHE_ENTRIES_MAX / 2 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty cached entry to RocksDB in one batch and empties the cache.
+    fn flush(&mut self) -> Result<(), StateError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (key, cached) in self.cache.iter().filter(|(_, cached)| cached.dirty) {
+            match &cached.value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        self.cache.clear();
+        self.db
+            .write_opt(batch, &self.write_options)
+            .map_err(|e| self.error(e))
+    }
+}
+
 impl StateBackend for RocksDbBackend {
     fn key_groups(&self) -> KeyGroupRange {
         self.range
@@ -121,13 +235,9 @@ impl StateBackend for RocksDbBackend {
     ) -> Result<bool, StateError> {
         value.clear();
         self.full_key(key_group, key);
-        match self
-            .db
-            .get_pinned(&self.key)
-            .map_err(|e| backend_error(&self.path, e))?
-        {
+        match &self.cached()?.value {
             Some(stored) => {
-                value.extend_from_slice(&stored);
+                value.extend_from_slice(stored);
                 Ok(true)
             }
             None => Ok(false),
@@ -137,38 +247,59 @@ impl StateBackend for RocksDbBackend {
     fn put(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) -> Result<(), StateError> {
         check_entry_size(key, value)?;
         self.full_key(key_group, key);
-        self.db
-            .put_opt(&self.key, value, &self.write_options)
-            .map_err(|e| backend_error(&self.path, e))
+        self.write_cached(Some(value))
+    }
+
+    fn merge(
+        &mut self,
+        key_group: KeyGroup,
+        key: &[u8],
+        merge: &mut dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        self.full_key(key_group, key);
+        let mut merged = Vec::with_capacity(16);
+        let cached = self.cached()?;
+        merge(cached.value.as_deref(), &mut merged)?;
+        check_entry_size(key, &merged)?;
+        cached.value = Some(SmallVec::from_slice(&merged));
+        cached.dirty = true;
+        Ok(())
     }
 
     fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError> {
         self.full_key(key_group, key);
-        self.db
-            .delete_opt(&self.key, &self.write_options)
-            .map_err(|e| backend_error(&self.path, e))
+        self.write_cached(None)
+    }
+
+    fn take(
+        &mut self,
+        key_group: KeyGroup,
+        key: &[u8],
+        value: &mut Vec<u8>,
+    ) -> Result<bool, StateError> {
+        value.clear();
+        self.full_key(key_group, key);
+        let cached = self.cached()?;
+        let Some(stored) = cached.value.take() else {
+            return Ok(false);
+        };
+        value.extend_from_slice(&stored);
+        cached.dirty = cached.in_db;
+        Ok(true)
     }
 
     fn write_batch(&mut self, batch: &WriteBatch) -> Result<(), StateError> {
-        let mut rocks_batch = rocksdb::WriteBatch::default();
         for op in batch.iter() {
             match op {
                 WriteOp::Put {
                     key_group,
                     key,
                     value,
-                } => {
-                    check_entry_size(key, value)?;
-                    rocks_batch.put(self.full_key(key_group, key), value);
-                }
-                WriteOp::Delete { key_group, key } => {
-                    rocks_batch.delete(self.full_key(key_group, key))
-                }
+                } => self.put(key_group, key, value)?,
+                WriteOp::Delete { key_group, key } => self.delete(key_group, key)?,
             }
         }
-        self.db
-            .write_opt(rocks_batch, &self.write_options)
-            .map_err(|e| self.error(e))
+        Ok(())
     }
 
     fn scan(
@@ -182,10 +313,12 @@ impl StateBackend for RocksDbBackend {
             key_group.0,
             self.range
         );
+        self.flush()?;
         self.visit_group(key_group, visit)
     }
 
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError> {
+        self.flush()?;
         let mut writer = SnapshotWriter::new();
         for key_group in self.range.iter() {
             self.visit_group(key_group, &mut |key, value| {
@@ -197,6 +330,7 @@ impl StateBackend for RocksDbBackend {
     }
 
     fn restore(&mut self, snapshot: &KeyGroupsSnapshot) -> Result<(), StateError> {
+        self.cache.clear();
         let mut batch = rocksdb::WriteBatch::default();
         // Everything of this backend's groups goes: [start, end) as two-byte prefixes.
         let end = u32::from(self.range.end());
@@ -215,8 +349,16 @@ impl StateBackend for RocksDbBackend {
             .map_err(|e| self.error(e))
     }
 
+    /// RocksDB's estimate of its live data and memtables, plus the cache's dirty values.
     fn size_bytes(&self) -> u64 {
         let property = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
-        property("rocksdb.estimate-live-data-size") + property("rocksdb.cur-size-all-mem-tables")
+        let cached: usize = self
+            .cache
+            .iter()
+            .filter_map(|(key, c)| c.value.as_ref().map(|v| key.len() + v.len()))
+            .sum();
+        property("rocksdb.estimate-live-data-size")
+            + property("rocksdb.cur-size-all-mem-tables")
+            + cached as u64
     }
 }

@@ -14,7 +14,7 @@ pub mod snapshot;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use heap::HeapBackend;
+pub use heap::{FxHasher, HeapBackend};
 pub use snapshot::KeyGroupsSnapshot;
 
 use crate::key_group::{KeyGroup, KeyGroupRange};
