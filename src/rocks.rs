@@ -6,8 +6,8 @@
 //! log: state is made durable by checkpoints, not by the log (as in Flink).
 //!
 //! A bounded write-back cache sits in front of RocksDB: reads fill it, writes go to it, and it is
-//! written to RocksDB as one write batch when it holds `CACHE_ENTRIES_MAX` entries, and before every
-//! scan, snapshot or restore. State that lives briefly (a window's entries, created and deleted
+//! written to RocksDB as one write batch when it is full (`CACHE_ENTRIES_MAX` entries by
+//! default), and before every scan, snapshot or restore. State that lives briefly (a window's entries, created and deleted
 //! within one cache generation) never costs a RocksDB write at all: a delete of an entry RocksDB
 //! never held writes no tombstone.
 
@@ -44,6 +44,7 @@ type CacheKey = SmallVec<[u8; 32]>;
 pub struct RocksDbBackend {
     db: DB,
     cache: HashMap<CacheKey, Cached, BuildHasherDefault<FxHasher>>,
+    cache_entries_max: usize,
     path: PathBuf,
     range: KeyGroupRange,
     write_options: WriteOptions,
@@ -65,6 +66,19 @@ impl RocksDbBackend {
         path: impl Into<PathBuf>,
         range: KeyGroupRange,
     ) -> Result<RocksDbBackend, StateError> {
+        Self::open_with_cache(path, range, CACHE_ENTRIES_MAX)
+    }
+
+    /// As [`RocksDbBackend::open`], with a write-back cache of `cache_entries_max` entries (at least 2).
+    pub fn open_with_cache(
+        path: impl Into<PathBuf>,
+        range: KeyGroupRange,
+        cache_entries_max: usize,
+    ) -> Result<RocksDbBackend, StateError> {
+        assert!(
+            cache_entries_max >= 2,
+            "cache of {cache_entries_max} entries"
+        );
         let path = path.into();
         let mut options = Options::default();
         options.create_if_missing(true);
@@ -86,6 +100,7 @@ impl RocksDbBackend {
         Ok(RocksDbBackend {
             db,
             cache: HashMap::default(),
+            cache_entries_max,
             path,
             range,
             write_options,
@@ -195,12 +210,12 @@ impl RocksDbBackend {
     /// Keeps the cache under its bound: first drops what RocksDB already agrees with and holds no
     /// value (absent keys), then, if the cache is still half full, writes it out.
     fn make_room(&mut self) -> Result<(), StateError> {
-        if self.cache.len() < CACHE_ENTRIES_MAX {
+        if self.cache.len() < self.cache_entries_max {
             return Ok(());
         }
         self.cache
             .retain(|_, cached| cached.dirty || cached.value.is_some());
-        if self.cache.len() >= CACHE_ENTRIES_MAX / 2 {
+        if self.cache.len() >= self.cache_entries_max / 2 {
             self.flush()?;
         }
         Ok(())

@@ -597,3 +597,96 @@ impl Node {
         self.storage
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::element::{Barrier, BarrierKind, CheckpointId};
+
+    fn watermarks(out: &[Element]) -> Vec<i64> {
+        out.iter()
+            .filter_map(|e| match e {
+                Element::Watermark(w) => Some(w.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    // Goal: the gate forwards the minimum watermark over active inputs, never going back; idle
+    // inputs stop holding it back; ended inputs drop out; End comes once all inputs ended.
+    // Method: a script over three inputs with the expected merged elements after each step.
+    #[test]
+    fn gate_merges_watermarks_idleness_and_end() {
+        let mut gate = InputGate::new(3);
+        let mut out = Vec::new();
+        gate.on_element(0, Element::Watermark(EventTime(10)), &mut out)
+            .unwrap();
+        gate.on_element(1, Element::Watermark(EventTime(5)), &mut out)
+            .unwrap();
+        assert!(watermarks(&out).is_empty(), "input 2 has not spoken");
+        gate.on_element(2, Element::Watermark(EventTime(7)), &mut out)
+            .unwrap();
+        assert_eq!(watermarks(&out), vec![5]);
+        out.clear();
+        gate.on_element(1, Element::Idle, &mut out).unwrap();
+        assert_eq!(
+            watermarks(&out),
+            vec![7],
+            "idle input 1 no longer holds the watermark"
+        );
+        out.clear();
+        gate.on_element(1, Element::Active, &mut out).unwrap();
+        gate.on_element(1, Element::Watermark(EventTime(6)), &mut out)
+            .unwrap();
+        assert!(
+            watermarks(&out).is_empty(),
+            "the merged watermark never goes back"
+        );
+        gate.on_element(0, Element::Idle, &mut out).unwrap();
+        gate.on_element(1, Element::Idle, &mut out).unwrap();
+        gate.on_element(2, Element::Idle, &mut out).unwrap();
+        assert!(
+            matches!(out.last(), Some(Element::Idle)),
+            "all idle: idleness is forwarded"
+        );
+        out.clear();
+        gate.on_element(2, Element::Watermark(EventTime(20)), &mut out)
+            .unwrap();
+        gate.on_element(2, Element::Active, &mut out).unwrap();
+        assert!(matches!(out.first(), Some(Element::Active)));
+        assert_eq!(watermarks(&out), vec![20]);
+        out.clear();
+        for input in 0..3 {
+            assert!(!out.iter().any(|e| matches!(e, Element::End)));
+            gate.on_element(input, Element::End, &mut out).unwrap();
+        }
+        assert_eq!(out.iter().filter(|e| matches!(e, Element::End)).count(), 1);
+    }
+
+    // Goal: input that breaks the stream protocol is an error naming it, not a panic.
+    #[test]
+    fn gate_rejects_protocol_violations() {
+        let mut out = Vec::new();
+        let mut gate = InputGate::new(2);
+        gate.on_element(0, Element::Watermark(EventTime(10)), &mut out)
+            .unwrap();
+        let error = gate
+            .on_element(0, Element::Watermark(EventTime(9)), &mut out)
+            .unwrap_err();
+        assert!(error.to_string().contains("went back"), "{error}");
+        gate.on_element(1, Element::End, &mut out).unwrap();
+        let error = gate.on_element(1, Element::Idle, &mut out).unwrap_err();
+        assert!(error.to_string().contains("after its end"), "{error}");
+        let barrier = Barrier {
+            checkpoint: CheckpointId(1),
+            kind: BarrierKind::Aligned,
+        };
+        let error = gate
+            .on_element(0, Element::Barrier(barrier), &mut out)
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("takes no checkpoints"),
+            "{error}"
+        );
+    }
+}

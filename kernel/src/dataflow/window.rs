@@ -387,3 +387,123 @@ impl Operator for TumblingWindowCountSum {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{Int64Array, RecordBatch, UInt64Array};
+
+    use super::*;
+    use crate::dataflow::graph::{SubtaskId, VertexId};
+    use crate::env::MemStorage;
+    use crate::key_group::KeyGroupRange;
+    use crate::state::HeapBackend;
+    use crate::testing::window_rows;
+    use crate::time::Instant;
+
+    fn window() -> TumblingWindowCountSum {
+        let max = MaxParallelism::default();
+        let state = Box::new(HeapBackend::new(KeyGroupRange::all(max)));
+        TumblingWindowCountSum::new(0, KeyType::UInt64, 2, 1, 10, max, state)
+    }
+
+    fn batch(rows: &[(Option<u64>, i64, i64)]) -> RecordBatch {
+        // A nullable key field, so that a batch can carry the null key a source should not send.
+        let generator = crate::dataflow::source::GeneratorSource::schema();
+        let mut fields: Vec<arrow_schema::Field> = generator
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields[0] = fields[0].clone().with_nullable(true);
+        let schema = Arc::new(arrow_schema::Schema::new(fields));
+        let keys: UInt64Array = rows.iter().map(|r| r.0).collect();
+        let values: Int64Array = rows.iter().map(|r| Some(r.1)).collect();
+        let times: Int64Array = rows.iter().map(|r| Some(r.2)).collect();
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(keys), Arc::new(values), Arc::new(times)],
+        )
+        .unwrap()
+    }
+
+    /// Runs `f` with a context and returns what the operator emitted.
+    fn emitted(
+        f: impl FnOnce(&mut Context<'_>) -> Result<(), OperatorError>,
+    ) -> Result<Vec<Element>, OperatorError> {
+        let mut storage = MemStorage::new();
+        let mut out = Vec::new();
+        let subtask = SubtaskId {
+            vertex: VertexId(0),
+            index: 0,
+        };
+        f(&mut Context::new(
+            Instant(0),
+            &mut storage,
+            subtask,
+            &mut out,
+        ))?;
+        Ok(out)
+    }
+
+    fn rows(elements: &[Element]) -> Vec<(u64, i64, u64, i64)> {
+        let batches: Vec<RecordBatch> = elements
+            .iter()
+            .filter_map(|e| match e {
+                Element::Batch(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect();
+        window_rows(&batches)
+            .into_iter()
+            .map(|((k, s), (c, v))| (k, s, c, v))
+            .collect()
+    }
+
+    // Goal: a window fires exactly when the watermark reaches its end, results before the watermark;
+    // a record for a fired window is late: dropped, counted, and it changes no result.
+    // Method: a script of batches and watermarks with the expected output after each step.
+    #[test]
+    fn fires_at_window_end_and_drops_late_records() {
+        let mut op = window();
+        let out = emitted(|c| {
+            op.on_batch(
+                c,
+                batch(&[(Some(1), 5, 3), (Some(2), 7, 9), (Some(1), 1, 12)]),
+            )
+        })
+        .unwrap();
+        assert!(out.is_empty());
+        // Watermark 9: window [0, 10) has not ended.
+        let out = emitted(|c| op.on_watermark(c, EventTime(9))).unwrap();
+        assert!(matches!(out.as_slice(), [Element::Watermark(EventTime(9))]));
+        // Watermark 10: it fires, rows first, then the watermark.
+        let out = emitted(|c| op.on_watermark(c, EventTime(10))).unwrap();
+        assert_eq!(rows(&out), vec![(1, 0, 1, 5), (2, 0, 1, 7)]);
+        assert!(matches!(
+            out.last(),
+            Some(Element::Watermark(EventTime(10)))
+        ));
+        // A record at 4 is late now; one at 10 is on time.
+        emitted(|c| op.on_batch(c, batch(&[(Some(1), 100, 4), (Some(1), 2, 10)]))).unwrap();
+        assert_eq!(op.metrics().records_late_dropped, 1);
+        let out = emitted(|c| op.on_end(c)).unwrap();
+        assert_eq!(rows(&out), vec![(1, 10, 2, 3)]);
+        assert_eq!(op.metrics().windows_fired, 2);
+        assert_eq!(op.metrics().state_size_bytes, 0);
+    }
+
+    // Goal: records the operator cannot take are errors that name the problem, never a panic or a
+    // silently wrong sum: a null key, and a sum beyond i64.
+    #[test]
+    fn malformed_records_are_errors() {
+        let mut op = window();
+        let error = emitted(|c| op.on_batch(c, batch(&[(None, 1, 1)]))).unwrap_err();
+        assert!(error.to_string().contains("null key"), "{error}");
+        let mut op = window();
+        let error = emitted(|c| op.on_batch(c, batch(&[(Some(1), i64::MAX, 1), (Some(1), 1, 2)])))
+            .unwrap_err();
+        assert!(error.to_string().contains("overflows"), "{error}");
+    }
+}
