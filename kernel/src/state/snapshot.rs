@@ -6,7 +6,7 @@
 //! # Format, version 1 (all integers little-endian)
 //! ```text
 //! magic "SBKG" | version u16 = 1 | group count u32
-//! per group, key groups strictly ascending:
+//! per group, key groups strictly ascending, none empty:
 //!     key group u16 | entry count u32
 //!     per entry, keys strictly ascending (byte order): key size u32 | value size u32 | key | value
 //! crc32 (IEEE) of every byte before it, u32
@@ -268,6 +268,9 @@ fn validate(bytes: &[u8]) -> Result<(), StateError> {
             return corrupt(format!("snapshot key group {} is not ascending", group.0));
         }
         group_previous = Some(group);
+        if count == 0 {
+            return corrupt(format!("snapshot key group {} has no entries (writers omit empty groups)", group.0));
+        }
         let mut key_previous: Option<&[u8]> = None;
         for _ in 0..count {
             let (key, _) = reader.entry()?;
