@@ -105,6 +105,10 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("run") if args[1..].iter().any(|a| a == "--help" || a == "-h") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Some("run") => match parse_run(&args[1..]) {
             Ok(run_args) => run(run_args),
             Err(UsageError(message)) => return usage_error(&message),

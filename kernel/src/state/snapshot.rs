@@ -269,7 +269,10 @@ fn validate(bytes: &[u8]) -> Result<(), StateError> {
         }
         group_previous = Some(group);
         if count == 0 {
-            return corrupt(format!("snapshot key group {} has no entries (writers omit empty groups)", group.0));
+            return corrupt(format!(
+                "snapshot key group {} has no entries (writers omit empty groups)",
+                group.0
+            ));
         }
         let mut key_previous: Option<&[u8]> = None;
         for _ in 0..count {
