@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sabot_kernel::dataflow::{PhysicalPlan, SubtaskId};
 use sabot_kernel::element::Element;
-use sabot_kernel::env::{ChannelId, Clock};
+use sabot_kernel::env::{ChannelId, Clock, SendRefused, Transport, TransportError};
 use sabot_kernel::key_group::KeyGroupRange;
 use sabot_kernel::node::{Node, NodeError, NodeMetrics, Step};
 use sabot_kernel::state::{HeapBackend, StateBackend, StateError};
@@ -151,23 +151,17 @@ pub async fn run(
     progress: Progress,
 ) -> Result<(), DriverError> {
     let nodes = build_nodes(&plan, &config)?;
-    let (senders, receivers): (Vec<_>, Vec<_>) = (0..plan.node_count)
-        .map(|_| mpsc::channel::<Envelope>(NODE_CHANNEL_CAPACITY))
-        .unzip();
     let clock = TokioClock::new();
     let mut handles = Vec::new();
-    for (node, receiver) in nodes.into_iter().zip(receivers) {
+    for (node, transport) in nodes.into_iter().zip(InProcTransport::connect(&plan)) {
         let driver = NodeDriver {
-            plan: plan.clone(),
             node,
-            receiver,
-            senders: senders.clone(),
+            transport,
             clock: clock.clone(),
             progress: progress.clone(),
         };
         handles.push(tokio::spawn(driver.run()));
     }
-    drop(senders);
     let mut first_error = None;
     for (index, handle) in handles.into_iter().enumerate() {
         let result = handle
@@ -184,12 +178,82 @@ pub async fn run(
     first_error.map_or(Ok(()), Err)
 }
 
-/// The driver of one node: the loop that feeds it, steps it and moves its output.
-struct NodeDriver {
+/// The [`Transport`] between nodes of one process: one bounded channel into each node, which
+/// carries the elements of every logical channel that ends there (FIFO per sender, so per channel).
+pub struct InProcTransport {
     plan: Arc<PhysicalPlan>,
-    node: Node,
     receiver: mpsc::Receiver<Envelope>,
     senders: Vec<mpsc::Sender<Envelope>>,
+}
+
+impl InProcTransport {
+    /// One transport per node of `plan`, connected to each other.
+    pub fn connect(plan: &Arc<PhysicalPlan>) -> Vec<InProcTransport> {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..plan.node_count)
+            .map(|_| mpsc::channel::<Envelope>(NODE_CHANNEL_CAPACITY))
+            .unzip();
+        receivers
+            .into_iter()
+            .map(|receiver| InProcTransport {
+                plan: plan.clone(),
+                receiver,
+                senders: senders.clone(),
+            })
+            .collect()
+    }
+
+    fn sender(&self, channel: ChannelId) -> &mpsc::Sender<Envelope> {
+        &self.senders[usize::from(self.plan.node_of(self.plan.channel(channel).to))]
+    }
+
+    /// Waits for the next element for this node. Never ends on its own: this transport holds a
+    /// sender to its own node.
+    async fn recv(&mut self) -> Option<Envelope> {
+        self.receiver.recv().await
+    }
+
+    /// Waits until `channel` has room for an element (another sender may take it first: callers
+    /// retry `try_send`).
+    fn writable(
+        &self,
+        channel: ChannelId,
+    ) -> impl std::future::Future<Output = Result<(), TransportError>> + 'static {
+        let sender = self.sender(channel).clone();
+        async move {
+            sender
+                .reserve()
+                .await
+                .map(drop)
+                .map_err(|_| TransportError::Broken(channel))
+        }
+    }
+}
+
+impl Transport for InProcTransport {
+    fn try_send(&mut self, channel: ChannelId, element: Element) -> Result<(), SendRefused> {
+        match self.sender(channel).try_send((channel, element)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(SendRefused::Failed(TransportError::Broken(channel)))
+            }
+        }
+    }
+
+    fn try_recv(&mut self) -> Result<Option<Envelope>, TransportError> {
+        match self.receiver.try_recv() {
+            Ok(envelope) => Ok(Some(envelope)),
+            Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => {
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The driver of one node: the loop that feeds it, steps it and moves its output.
+struct NodeDriver {
+    node: Node,
+    transport: InProcTransport,
     clock: TokioClock,
     progress: Progress,
 }
@@ -198,17 +262,13 @@ struct NodeDriver {
 const PROGRESS_EVERY_MS: u64 = 200;
 
 impl NodeDriver {
-    fn receiver_of(&self, channel: ChannelId) -> usize {
-        usize::from(self.plan.node_of(self.plan.channel(channel).to))
-    }
-
     async fn run(mut self) -> Result<(), DriverError> {
         let index = self.node.index();
         // An element the node handed out that its receiver had no room for yet.
         let mut held: Option<Envelope> = None;
         let mut published = self.clock.now();
         loop {
-            self.take_input();
+            self.take_input()?;
             let step = self.node.handle_step(self.clock.now())?;
             while self.node.poll_event().is_some() {}
             self.send_output(&mut held)?;
@@ -227,58 +287,56 @@ impl NodeDriver {
         }
     }
 
+    fn broken(&self, error: TransportError) -> DriverError {
+        DriverError::NodeLost {
+            node: self.node.index(),
+            reason: error.to_string(),
+        }
+    }
+
     /// Offers the node whatever has arrived, while it has room.
-    fn take_input(&mut self) {
+    fn take_input(&mut self) -> Result<(), DriverError> {
         let now = self.clock.now();
         while self.node.inbox_room() > 0 {
-            match self.receiver.try_recv() {
-                Ok((channel, element)) => self.node.handle_element(now, channel, element),
-                Err(_) => break,
+            match self.transport.try_recv().map_err(|e| self.broken(e))? {
+                Some((channel, element)) => self.node.handle_element(now, channel, element),
+                None => break,
             }
         }
+        Ok(())
     }
 
-    /// Moves the node's output to the receivers' channels until one is full.
+    /// Moves the node's output into the transport until a channel is full.
     fn send_output(&mut self, held: &mut Option<Envelope>) -> Result<(), DriverError> {
         while let Some((channel, element)) = held.take().or_else(|| self.node.poll_transmit()) {
-            let receiver = self.receiver_of(channel);
-            match self.senders[receiver].try_send((channel, element)) {
+            match self.transport.try_send(channel, element) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(envelope)) => {
-                    *held = Some(envelope);
+                Err(SendRefused::Full(element)) => {
+                    *held = Some((channel, element));
                     return Ok(());
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    return Err(DriverError::NodeLost {
-                        node: receiver as u16,
-                        reason: "its input channel closed".into(),
-                    })
-                }
+                Err(SendRefused::Failed(error)) => return Err(self.broken(error)),
             }
         }
         Ok(())
     }
 
-    /// Waits until the held element's receiver has room (taking input meanwhile, so two nodes that
-    /// send to each other never wait on each other).
+    /// Waits until the held element's channel has room, taking input meanwhile (so that two
+    /// nodes that send to each other never wait on each other).
     async fn wait_for_room(&mut self, held: &mut Option<Envelope>) -> Result<(), DriverError> {
-        let (channel, _) = held.as_ref().expect("an element is held");
-        let receiver = self.receiver_of(*channel);
-        let sender = self.senders[receiver].clone();
+        let channel = held.as_ref().expect("an element is held").0;
         let can_take_input = self.node.inbox_room() > 0;
-        tokio::select! {
+        let writable = self.transport.writable(channel);
+        let (writable, received) = tokio::select! {
             biased;
-            received = self.receiver.recv(), if can_take_input => {
-                if let Some((channel, element)) = received {
-                    self.node.handle_element(self.clock.now(), channel, element);
-                }
-            }
-            permit = sender.reserve() => {
-                let permit = permit.map_err(|_| DriverError::NodeLost { node: receiver as u16, reason: "its input channel closed".into() })?;
-                permit.send(held.take().expect("an element is held"));
-            }
+            received = self.transport.recv(), if can_take_input => (None, received),
+            writable = writable => (Some(writable), None),
+        };
+        if let Some((channel, element)) = received {
+            self.node.handle_element(self.clock.now(), channel, element);
         }
-        Ok(())
+        writable.transpose().map_err(|e| self.broken(e))?;
+        self.send_output(held)
     }
 
     /// Waits for input, or for the node's next timeout.
@@ -290,7 +348,7 @@ impl NodeDriver {
         let sleep = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(u64::MAX / 4)));
         tokio::select! {
             biased;
-            received = self.receiver.recv() => {
+            received = self.transport.recv() => {
                 if let Some((channel, element)) = received {
                     self.node.handle_element(self.clock.now(), channel, element);
                 }
