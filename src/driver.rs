@@ -22,7 +22,7 @@ use crate::clock::TokioClock;
 use crate::fs_storage::LocalFsStorage;
 
 /// Elements a channel between two nodes holds before the sender waits.
-pub const NODE_CHANNEL_CAPACITY: usize = 64;
+pub const NODE_CHANNEL_CAPACITY: usize = 4;
 
 type Envelope = (ChannelId, Element);
 

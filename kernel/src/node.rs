@@ -24,9 +24,9 @@ use crate::state::{StateBackend, StateError};
 use crate::time::{EventTime, Instant};
 
 /// Elements waiting to be sent before sources pause.
-pub const OUTBOX_MAX: usize = 64;
+pub const OUTBOX_MAX: usize = 8;
 /// Elements from other nodes a driver may queue into a node before it must wait.
-pub const INBOX_REMOTE_MAX: usize = 64;
+pub const INBOX_REMOTE_MAX: usize = 8;
 /// The most elements one node can hold in its inbox: remote ones plus what one step fans out locally.
 pub const INBOX_MAX: usize = 64 * 1024;
 /// Elements a node handles in one `handle_step` before it yields to its driver.
