@@ -19,7 +19,7 @@ use rocksdb::{BlockBasedOptions, DBCompressionType, Options, ReadOptions, WriteO
 use sabot_kernel::key_group::{KeyGroup, KeyGroupRange};
 use sabot_kernel::state::snapshot::SnapshotWriter;
 use sabot_kernel::state::{
-    check_entry_size, FxHasher, KeyGroupsSnapshot, StateBackend, StateError, WriteBatch, WriteOp,
+    check_entry_size, FxHasher, KeyGroupsSnapshot, Merge, StateBackend, StateError, Visit,
 };
 use smallvec::SmallVec;
 
@@ -50,6 +50,8 @@ pub struct RocksDbBackend {
     write_options: WriteOptions,
     /// Reused buffer for `key group | state key`.
     key: Vec<u8>,
+    /// Reused buffer for the value `merge` computes.
+    merged: Vec<u8>,
 }
 
 fn backend_error(path: &Path, error: rocksdb::Error) -> StateError {
@@ -105,6 +107,7 @@ impl RocksDbBackend {
             range,
             write_options,
             key: Vec::with_capacity(64),
+            merged: Vec::with_capacity(64),
         })
     }
 
@@ -130,11 +133,7 @@ impl RocksDbBackend {
     }
 
     /// Visits `key_group`'s entries in key order, with the group prefix stripped.
-    fn visit_group(
-        &self,
-        key_group: KeyGroup,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
-    ) -> Result<(), StateError> {
+    fn visit_group(&self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
         let mut read_options = ReadOptions::default();
         read_options
             .set_iterate_upper_bound((u32::from(key_group.0) + 1).to_be_bytes()[2..].to_vec());
@@ -269,16 +268,20 @@ impl StateBackend for RocksDbBackend {
         &mut self,
         key_group: KeyGroup,
         key: &[u8],
-        merge: &mut dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> Result<(), StateError>,
+        merge: &mut Merge<'_>,
     ) -> Result<(), StateError> {
         self.full_key(key_group, key);
-        let mut merged = Vec::with_capacity(16);
+        let mut merged = std::mem::take(&mut self.merged);
+        merged.clear();
         let cached = self.cached()?;
-        merge(cached.value.as_deref(), &mut merged)?;
-        check_entry_size(key, &merged)?;
-        cached.value = Some(SmallVec::from_slice(&merged));
-        cached.dirty = true;
-        Ok(())
+        let result = merge(cached.value.as_deref(), &mut merged)
+            .and_then(|()| check_entry_size(key, &merged));
+        if result.is_ok() {
+            cached.value = Some(SmallVec::from_slice(&merged));
+            cached.dirty = true;
+        }
+        self.merged = merged;
+        result
     }
 
     fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError> {
@@ -303,25 +306,7 @@ impl StateBackend for RocksDbBackend {
         Ok(true)
     }
 
-    fn write_batch(&mut self, batch: &WriteBatch) -> Result<(), StateError> {
-        for op in batch.iter() {
-            match op {
-                WriteOp::Put {
-                    key_group,
-                    key,
-                    value,
-                } => self.put(key_group, key, value)?,
-                WriteOp::Delete { key_group, key } => self.delete(key_group, key)?,
-            }
-        }
-        Ok(())
-    }
-
-    fn scan(
-        &mut self,
-        key_group: KeyGroup,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
-    ) -> Result<(), StateError> {
+    fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
         assert!(
             self.range.contains(key_group),
             "key group {} outside {:?}",

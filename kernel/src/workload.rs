@@ -45,39 +45,6 @@ pub fn record(i: u64) -> Record {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Goal: the generator is the published one. Method: the first records, computed by hand from the
-    // formulas of WORKLOADS.md (in Python), and the bound on disorder that W2 relies on.
-    #[test]
-    fn generator_matches_definition() {
-        assert_eq!(
-            record(0),
-            Record {
-                key: 5_794,
-                value: 1_914_732_982,
-                ts_ms: 271
-            }
-        );
-        assert_eq!(
-            record(1),
-            Record {
-                key: 23_176,
-                value: 570_771_479,
-                ts_ms: 543
-            }
-        );
-        for i in 0..100_000 {
-            let r = record(i);
-            assert!(r.key < KEY_COUNT);
-            assert!((0..2_000).contains(&(r.ts_ms - i as i64)));
-            assert!(r.value >= 0 && (r.value as u64) < MODULUS);
-        }
-    }
-}
-
 /// W2 as a job: generator → watermarks (5 s) → key by `key` → 10 s tumbling count/sum → file sink `w2`.
 pub fn w2_job(
     record_count: u64,
@@ -136,4 +103,37 @@ pub fn w1_job(
         .filter("even-value", even)?
         .project(&["key", "ts_ms"])?
         .sink_files("w1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: the generator is the published one. Method: the first records, computed by hand from the
+    // formulas of WORKLOADS.md (in Python), and the bound on disorder that W2 relies on.
+    #[test]
+    fn generator_matches_definition() {
+        assert_eq!(
+            record(0),
+            Record {
+                key: 5_794,
+                value: 1_914_732_982,
+                ts_ms: 271
+            }
+        );
+        assert_eq!(
+            record(1),
+            Record {
+                key: 23_176,
+                value: 570_771_479,
+                ts_ms: 543
+            }
+        );
+        for i in 0..100_000 {
+            let r = record(i);
+            assert!(r.key < KEY_COUNT);
+            assert!((0..2_000).contains(&(r.ts_ms - i as i64)));
+            assert!(r.value >= 0 && (r.value as u64) < MODULUS);
+        }
+    }
 }

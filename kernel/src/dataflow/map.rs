@@ -9,9 +9,11 @@ use arrow_schema::{ArrowError, SchemaRef};
 use super::{Context, Operator, OperatorError, OperatorMetrics};
 use crate::element::Element;
 
+type PredicateFn = dyn Fn(&RecordBatch) -> Result<BooleanArray, ArrowError> + Send + Sync;
+
 /// Maps a batch to a mask of the rows to keep (column-wise: one call per batch, not per record).
 #[derive(Clone)]
-pub struct Predicate(Arc<dyn Fn(&RecordBatch) -> Result<BooleanArray, ArrowError> + Send + Sync>);
+pub struct Predicate(Arc<PredicateFn>);
 
 impl Predicate {
     pub fn new(

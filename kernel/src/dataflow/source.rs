@@ -167,7 +167,7 @@ mod tests {
             seen.extend(rows);
         }
         let mut expected: Vec<(u64, i64, i64)> = (0..total)
-            .map(|i| workload::record(i))
+            .map(workload::record)
             .map(|r| (r.key, r.value, r.ts_ms))
             .collect();
         seen.sort_unstable();

@@ -6,7 +6,7 @@ use hashbrown::hash_table::{Entry as TableEntry, HashTable};
 use smallvec::SmallVec;
 
 use super::snapshot::{KeyGroupsSnapshot, SnapshotWriter};
-use super::{check_entry_size, StateBackend, StateError, WriteBatch, WriteOp};
+use super::{check_entry_size, Merge, StateBackend, StateError, Visit};
 use crate::key_group::{KeyGroup, KeyGroupRange};
 
 /// Keys up to this size live inline in the table, without a heap allocation of their own.
@@ -206,7 +206,7 @@ impl StateBackend for HeapBackend {
         &mut self,
         key_group: KeyGroup,
         key: &[u8],
-        merge: &mut dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> Result<(), StateError>,
+        merge: &mut Merge<'_>,
     ) -> Result<(), StateError> {
         let hash = hash_key(key);
         let mut merged = std::mem::take(&mut self.merged);
@@ -252,25 +252,7 @@ impl StateBackend for HeapBackend {
         Ok(())
     }
 
-    fn write_batch(&mut self, batch: &WriteBatch) -> Result<(), StateError> {
-        for op in batch.iter() {
-            match op {
-                WriteOp::Put {
-                    key_group,
-                    key,
-                    value,
-                } => self.put(key_group, key, value)?,
-                WriteOp::Delete { key_group, key } => self.delete(key_group, key)?,
-            }
-        }
-        Ok(())
-    }
-
-    fn scan(
-        &mut self,
-        key_group: KeyGroup,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
-    ) -> Result<(), StateError> {
+    fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
         let table = self.group_mut(key_group);
         if table.is_empty() {
             return Ok(());

@@ -38,6 +38,11 @@ pub enum StateError {
     ValueTooLarge { size: usize },
 }
 
+/// Visits one entry `(key, value)` of a scan.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StateError> + 'a;
+/// Computes a new value from the stored one (`None`: absent) into the buffer given.
+pub type Merge<'a> = dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> Result<(), StateError> + 'a;
+
 /// Keyed state storage for one operator subtask: the entries of a range of key groups.
 ///
 /// Every call names a key group inside [`StateBackend::key_groups`]; naming another one is a bug
@@ -60,7 +65,7 @@ pub trait StateBackend: Send {
         &mut self,
         key_group: KeyGroup,
         key: &[u8],
-        merge: &mut dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> Result<(), StateError>,
+        merge: &mut Merge<'_>,
     ) -> Result<(), StateError> {
         let mut old = Vec::new();
         let found = self.get(key_group, key, &mut old)?;
@@ -70,14 +75,22 @@ pub trait StateBackend: Send {
     }
     /// Removes `key`; removing an absent key is not an error.
     fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError>;
-    /// Applies every operation of `batch`, in order.
-    fn write_batch(&mut self, batch: &WriteBatch) -> Result<(), StateError>;
+    /// Applies every operation of `batch`, in order. The default puts and deletes one by one.
+    fn write_batch(&mut self, batch: &WriteBatch) -> Result<(), StateError> {
+        for op in batch.iter() {
+            match op {
+                WriteOp::Put {
+                    key_group,
+                    key,
+                    value,
+                } => self.put(key_group, key, value)?,
+                WriteOp::Delete { key_group, key } => self.delete(key_group, key)?,
+            }
+        }
+        Ok(())
+    }
     /// Visits the entries of `key_group` in ascending key order.
-    fn scan(
-        &mut self,
-        key_group: KeyGroup,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
-    ) -> Result<(), StateError>;
+    fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError>;
     /// Removes `key` and copies its value into `value` (cleared first); `false` if there was none.
     /// The default is a `get` and a `delete`.
     fn take(
