@@ -60,16 +60,23 @@ impl InMemoryRun {
 
 /// Runs `plan` to the end on heap state and shared in-memory storage, all nodes in this thread.
 pub fn run_in_memory(plan: PhysicalPlan) -> Result<InMemoryRun, NodeError> {
-    let plan = Arc::new(plan);
     let storage = SharedMemStorage::default();
+    run_in_memory_with(plan, storage.clone(), |_| Box::new(storage.clone()))
+}
+
+/// As [`run_in_memory`], with each node's storage made by `storage_of(node index)`; `storage` is
+/// where the run's committed output is read from afterwards.
+pub fn run_in_memory_with(
+    plan: PhysicalPlan,
+    storage: SharedMemStorage,
+    mut storage_of: impl FnMut(u16) -> Box<dyn Storage + Send>,
+) -> Result<InMemoryRun, NodeError> {
+    let plan = Arc::new(plan);
     let mut nodes: Vec<Node> = (0..plan.node_count)
         .map(|index| {
-            Node::new(
-                plan.clone(),
-                index,
-                Box::new(storage.clone()),
-                &mut |_, range| Ok(Box::new(HeapBackend::new(range))),
-            )
+            Node::new(plan.clone(), index, storage_of(index), &mut |_, range| {
+                Ok(Box::new(HeapBackend::new(range)))
+            })
             .expect("heap backends do not fail")
         })
         .collect();
@@ -268,6 +275,56 @@ mod tests {
                 w1_reference(record_count)
             );
         }
+    }
+
+    /// Storage whose disk is full: every write fails, as `ENOSPC` does.
+    struct FullDisk(SharedMemStorage);
+
+    impl Storage for FullDisk {
+        fn write(&mut self, path: &str, _data: &[u8]) -> Result<(), StorageError> {
+            Err(StorageError::Full {
+                path: path.to_string(),
+            })
+        }
+        fn sync_file(&mut self, path: &str) -> Result<(), StorageError> {
+            self.0.sync_file(path)
+        }
+        fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
+            self.0.rename(from, to)
+        }
+        fn sync_dir(&mut self, dir: &str) -> Result<(), StorageError> {
+            self.0.sync_dir(dir)
+        }
+        fn read(&mut self, path: &str) -> Result<Vec<u8>, StorageError> {
+            self.0.read(path)
+        }
+        fn list(&mut self, dir: &str) -> Result<Vec<String>, StorageError> {
+            self.0.list(dir)
+        }
+        fn delete(&mut self, path: &str) -> Result<(), StorageError> {
+            self.0.delete(path)
+        }
+    }
+
+    // Goal: a full disk fails the job with an error that names the file and says the disk is
+    // full, and nothing becomes visible as committed output. Method: W2 on storage refusing writes.
+    #[test]
+    fn full_disk_fails_the_job_and_commits_nothing() {
+        let storage = SharedMemStorage::default();
+        let plan = PhysicalPlan::new(w2_job(5_000, 2, 500).unwrap(), 2);
+        let shared = storage.clone();
+        let error = run_in_memory_with(plan, storage.clone(), move |_| {
+            Box::new(FullDisk(shared.clone()))
+        })
+        .err()
+        .expect("the job fails");
+        let message = error.to_string();
+        assert!(
+            message.contains("(w2): storage is full while writing \"output/w2/.pending/part-"),
+            "{message}"
+        );
+        let mut storage = storage;
+        assert!(read_committed(&mut storage, "w2").unwrap().is_empty());
     }
 
     // Goal: the same plan gives the same committed bytes every time (determinism of the kernel).
