@@ -47,9 +47,9 @@ impl Hasher for FxHasher {
             bytes = &bytes[8..];
         }
         if !bytes.is_empty() {
-            let mut tail = [0_u8; 8];
-            tail[..bytes.len()].copy_from_slice(bytes);
-            self.add(u64::from_le_bytes(tail));
+            // Assembled byte by byte: a variable-length copy would be a `memcpy` call per hash.
+            let tail = bytes.iter().enumerate().fold(0_u64, |word, (i, &byte)| word | u64::from(byte) << (8 * i));
+            self.add(tail);
         }
     }
 
