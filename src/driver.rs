@@ -78,16 +78,12 @@ impl Progress {
 
     /// The sum over nodes.
     pub fn total(&self) -> NodeMetrics {
-        let nodes = self.nodes.lock().expect("progress lock");
-        let mut total = NodeMetrics::default();
-        for m in nodes.iter() {
-            total.records_in += m.records_in;
-            total.records_out += m.records_out;
-            total.records_late_dropped += m.records_late_dropped;
-            total.windows_fired += m.windows_fired;
-            total.state_size_bytes += m.state_size_bytes;
-        }
-        total
+        self.nodes
+            .lock()
+            .expect("progress lock")
+            .iter()
+            .copied()
+            .sum()
     }
 }
 

@@ -91,6 +91,7 @@ fn snapshots_rescale_across_backends() {
     let dir = tempfile::tempdir().unwrap();
     let max = MaxParallelism::default();
     let mut source = HeapBackend::new(KeyGroupRange::all(max));
+    println!("seed 7");
     apply_random_ops(&mut [&mut source], 7, 4_000);
     let original = source.snapshot().unwrap();
     let mut through = original.clone();

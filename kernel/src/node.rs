@@ -211,6 +211,18 @@ pub struct NodeMetrics {
     pub state_size_bytes: u64,
 }
 
+impl std::iter::Sum for NodeMetrics {
+    fn sum<I: Iterator<Item = NodeMetrics>>(iter: I) -> NodeMetrics {
+        iter.fold(NodeMetrics::default(), |total, m| NodeMetrics {
+            records_in: total.records_in + m.records_in,
+            records_out: total.records_out + m.records_out,
+            records_late_dropped: total.records_late_dropped + m.records_late_dropped,
+            windows_fired: total.windows_fired + m.windows_fired,
+            state_size_bytes: total.state_size_bytes + m.state_size_bytes,
+        })
+    }
+}
+
 pub struct Node {
     plan: Arc<PhysicalPlan>,
     index: u16,

@@ -117,15 +117,7 @@ pub fn run_in_memory_with(
         }
         assert!(busy, "in-memory run stalled: no node can make progress");
     }
-    let mut metrics = NodeMetrics::default();
-    for node in &nodes {
-        let m = node.metrics();
-        metrics.records_in += m.records_in;
-        metrics.records_out += m.records_out;
-        metrics.records_late_dropped += m.records_late_dropped;
-        metrics.windows_fired += m.windows_fired;
-        metrics.state_size_bytes += m.state_size_bytes;
-    }
+    let metrics: NodeMetrics = nodes.iter().map(Node::metrics).sum();
     Ok(InMemoryRun {
         storage,
         metrics,

@@ -187,3 +187,28 @@ pub fn read_committed(
     }
     Ok(batches)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::MemStorage;
+
+    // Goal: a committed file that is not Arrow IPC (torn, overwritten) is an error naming the
+    // file, never a panic and never silently skipped.
+    #[test]
+    fn unreadable_committed_file_is_named() {
+        let mut storage = MemStorage::new();
+        storage
+            .write(
+                "output/s/part-00000-00000-00000000.arrow",
+                b"ARROW1 but not really",
+            )
+            .unwrap();
+        let error = read_committed(&mut storage, "s").unwrap_err().to_string();
+        assert!(
+            error.contains("output/s/part-00000-00000-00000000.arrow"),
+            "{error}"
+        );
+        assert!(error.contains("not a readable Arrow IPC file"), "{error}");
+    }
+}

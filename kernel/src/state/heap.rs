@@ -48,7 +48,10 @@ impl Hasher for FxHasher {
         }
         if !bytes.is_empty() {
             // Assembled byte by byte: a variable-length copy would be a `memcpy` call per hash.
-            let tail = bytes.iter().enumerate().fold(0_u64, |word, (i, &byte)| word | u64::from(byte) << (8 * i));
+            let tail = bytes
+                .iter()
+                .enumerate()
+                .fold(0_u64, |word, (i, &byte)| word | u64::from(byte) << (8 * i));
             self.add(tail);
         }
     }
