@@ -4,6 +4,7 @@
 //! drain it through `poll_*` calls ([`node::Node`]); it reaches storage only through the traits of
 //! [`env`]. The same inputs give the same outputs, bit for bit. See `ARCHITECTURE.md`.
 
+pub mod checkpoint;
 pub mod dataflow;
 pub mod element;
 pub mod env;

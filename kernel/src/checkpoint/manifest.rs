@@ -1,0 +1,602 @@
+//! The manifest of a completed checkpoint, its byte format, making it durable, and finding the
+//! latest usable one after a crash.
+//!
+//! # Storage layout
+//! ```text
+//! checkpoints/_manifest-<id, 20 digits>   the manifest of checkpoint <id>
+//! checkpoints/chk-<id, 20 digits>/…       files the checkpoint owns (state, in-flight elements)
+//! checkpoints/_latest                     pointer: the id of the latest completed checkpoint
+//! ```
+//! A checkpoint is complete exactly when `_latest` names it: [`persist`] writes and syncs the
+//! manifest first, then replaces the pointer atomically and syncs its directory.
+//!
+//! # Manifest format, version 1 (integers little-endian)
+//! ```text
+//! magic "SBCM" | version u16 = 1 | body size u32 | body | crc32 (IEEE) of everything before it
+//! body: checkpoint u64 | savepoint u8 (0 or 1) | max parallelism u16 | job str | task count u32
+//!       per task: vertex u16 | index u16 | has offset u8 (0 or 1) | offset u64 (if 1)
+//!                 | file count u32 | files: str… | output count u32 | output: str…
+//! str: size u16 | UTF-8 bytes (a valid storage path, except the job name)
+//! ```
+//! The pointer is `magic "SBCP" | checkpoint u64 | crc32`. Decoding checks everything and never
+//! panics; a manifest that fails is skipped for an older one by [`find_latest`].
+
+use crate::dataflow::{SubtaskId, VertexId};
+use crate::element::CheckpointId;
+use crate::env::{validate_path, write_atomic, Storage, StorageError};
+
+pub const MANIFEST_VERSION: u16 = 1;
+const MANIFEST_MAGIC: &[u8; 4] = b"SBCM";
+const POINTER_MAGIC: &[u8; 4] = b"SBCP";
+/// Where checkpoints live in storage.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+const POINTER_PATH: &str = "checkpoints/_latest";
+const MANIFEST_PREFIX: &str = "_manifest-";
+
+/// Bounds on what a manifest may hold, checked when decoding bytes from outside.
+const TASK_COUNT_MAX: u32 = 1 << 16;
+const FILE_COUNT_MAX: u32 = 1 << 20;
+
+/// What one task contributed to a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskSnapshot {
+    pub subtask: SubtaskId,
+    /// For a source: the offset its barrier was emitted at.
+    pub source_offset: Option<u64>,
+    /// Files this checkpoint owns (state snapshots, in-flight data); deleted when it is discarded
+    /// and no retained checkpoint shares them.
+    pub files: Vec<String>,
+    /// For a sink: the pre-committed output of the epoch, committed when the checkpoint completes
+    /// (or on recovery). Never deleted by discarding.
+    pub pending_output: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub version: u16,
+    pub job: String,
+    pub checkpoint: CheckpointId,
+    pub savepoint: bool,
+    pub max_parallelism: u16,
+    /// By subtask, ascending.
+    pub tasks: Vec<TaskSnapshot>,
+}
+
+/// Why bytes are not a manifest (or pointer). Names what is wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("corrupt checkpoint metadata: {0}")]
+pub struct CorruptManifest(pub String);
+
+/// The directory of checkpoint `id`.
+pub fn checkpoint_dir(id: CheckpointId) -> String {
+    format!("{CHECKPOINTS_DIR}/chk-{:020}", id.0)
+}
+
+fn manifest_path(id: CheckpointId) -> String {
+    format!("{CHECKPOINTS_DIR}/{MANIFEST_PREFIX}{:020}", id.0)
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        let size = u16::try_from(s.len()).expect("manifest strings are checked to fit u16");
+        self.u16(size);
+        self.0.extend_from_slice(s.as_bytes());
+    }
+    fn strs(&mut self, strings: &[String]) {
+        self.u32(strings.len() as u32);
+        strings.iter().for_each(|s| self.str(s));
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, count: usize, what: &str) -> Result<&'a [u8], CorruptManifest> {
+        let end = self
+            .at
+            .checked_add(count)
+            .filter(|&end| end <= self.bytes.len());
+        let end =
+            end.ok_or_else(|| CorruptManifest(format!("truncated in {what} at byte {}", self.at)))?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, CorruptManifest> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, CorruptManifest> {
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("two bytes"),
+        ))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, CorruptManifest> {
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("four bytes"),
+        ))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, CorruptManifest> {
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("eight bytes"),
+        ))
+    }
+    fn flag(&mut self, what: &str) -> Result<bool, CorruptManifest> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(CorruptManifest(format!("{what} is {other}, not 0 or 1"))),
+        }
+    }
+    fn str(&mut self, what: &str) -> Result<String, CorruptManifest> {
+        let size = usize::from(self.u16(what)?);
+        let bytes = self.take(size, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| CorruptManifest(format!("{what} is not UTF-8")))
+    }
+    fn paths(&mut self, what: &str) -> Result<Vec<String>, CorruptManifest> {
+        let count = self.u32(what)?;
+        if count > FILE_COUNT_MAX {
+            return Err(CorruptManifest(format!(
+                "{count} {what}, more than {FILE_COUNT_MAX}"
+            )));
+        }
+        (0..count)
+            .map(|_| {
+                let path = self.str(what)?;
+                validate_path(&path).map_err(|e| CorruptManifest(format!("{what}: {e}")))?;
+                Ok(path)
+            })
+            .collect()
+    }
+}
+
+impl Manifest {
+    /// The manifest's bytes. Panics on strings too long for the format (they are built by Sabot).
+    pub fn encode(&self) -> Vec<u8> {
+        assert_eq!(
+            self.version, MANIFEST_VERSION,
+            "encoding a manifest of another version"
+        );
+        let mut body = Writer(Vec::new());
+        body.u64(self.checkpoint.0);
+        body.u8(u8::from(self.savepoint));
+        body.u16(self.max_parallelism);
+        body.str(&self.job);
+        body.u32(self.tasks.len() as u32);
+        for task in &self.tasks {
+            body.u16(task.subtask.vertex.0);
+            body.u16(task.subtask.index);
+            body.u8(u8::from(task.source_offset.is_some()));
+            if let Some(offset) = task.source_offset {
+                body.u64(offset);
+            }
+            body.strs(&task.files);
+            body.strs(&task.pending_output);
+        }
+        let mut out = Writer(Vec::with_capacity(body.0.len() + 14));
+        out.0.extend_from_slice(MANIFEST_MAGIC);
+        out.u16(MANIFEST_VERSION);
+        out.u32(u32::try_from(body.0.len()).expect("manifest under 4 GiB"));
+        out.0.extend_from_slice(&body.0);
+        let crc = crc32fast::hash(&out.0);
+        out.u32(crc);
+        out.0
+    }
+
+    /// Decodes bytes read from storage; never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, CorruptManifest> {
+        if bytes.len() < 14 {
+            return Err(CorruptManifest(format!(
+                "{} bytes, shorter than a manifest's frame",
+                bytes.len()
+            )));
+        }
+        let (framed, crc_bytes) = bytes.split_at(bytes.len() - 4);
+        let crc = u32::from_le_bytes(crc_bytes.try_into().expect("four bytes"));
+        if crc32fast::hash(framed) != crc {
+            return Err(CorruptManifest(
+                "checksum does not match the contents".into(),
+            ));
+        }
+        let mut reader = Reader {
+            bytes: framed,
+            at: 0,
+        };
+        if reader.take(4, "magic")? != MANIFEST_MAGIC {
+            return Err(CorruptManifest("no manifest magic \"SBCM\"".into()));
+        }
+        let version = reader.u16("version")?;
+        if version != MANIFEST_VERSION {
+            return Err(CorruptManifest(format!(
+                "format version {version}; this build reads {MANIFEST_VERSION}"
+            )));
+        }
+        let body_size = reader.u32("body size")? as usize;
+        if body_size != framed.len() - reader.at {
+            return Err(CorruptManifest(format!(
+                "body size {body_size} does not match the file"
+            )));
+        }
+        let checkpoint = CheckpointId(reader.u64("checkpoint")?);
+        let savepoint = reader.flag("savepoint flag")?;
+        let max_parallelism = reader.u16("max parallelism")?;
+        let job = reader.str("job name")?;
+        let task_count = reader.u32("task count")?;
+        if task_count > TASK_COUNT_MAX {
+            return Err(CorruptManifest(format!(
+                "{task_count} tasks, more than {TASK_COUNT_MAX}"
+            )));
+        }
+        let mut tasks = Vec::new();
+        for _ in 0..task_count {
+            let subtask = SubtaskId {
+                vertex: VertexId(reader.u16("vertex")?),
+                index: reader.u16("index")?,
+            };
+            let source_offset = if reader.flag("offset flag")? {
+                Some(reader.u64("offset")?)
+            } else {
+                None
+            };
+            let files = reader.paths("files")?;
+            let pending_output = reader.paths("pending output")?;
+            if tasks
+                .last()
+                .is_some_and(|last: &TaskSnapshot| last.subtask >= subtask)
+            {
+                return Err(CorruptManifest(format!("tasks out of order at {subtask}")));
+            }
+            tasks.push(TaskSnapshot {
+                subtask,
+                source_offset,
+                files,
+                pending_output,
+            });
+        }
+        if reader.at != framed.len() {
+            return Err(CorruptManifest(format!(
+                "{} bytes after the last task",
+                framed.len() - reader.at
+            )));
+        }
+        Ok(Manifest {
+            version,
+            job,
+            checkpoint,
+            savepoint,
+            max_parallelism,
+            tasks,
+        })
+    }
+}
+
+fn encode_pointer(id: CheckpointId) -> Vec<u8> {
+    let mut bytes = POINTER_MAGIC.to_vec();
+    bytes.extend_from_slice(&id.0.to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+fn decode_pointer(bytes: &[u8]) -> Result<CheckpointId, CorruptManifest> {
+    if bytes.len() != 16 || &bytes[..4] != POINTER_MAGIC {
+        return Err(CorruptManifest(format!(
+            "latest-checkpoint pointer of {} bytes is malformed",
+            bytes.len()
+        )));
+    }
+    let crc = u32::from_le_bytes(bytes[12..].try_into().expect("four bytes"));
+    if crc32fast::hash(&bytes[..12]) != crc {
+        return Err(CorruptManifest(
+            "latest-checkpoint pointer checksum does not match".into(),
+        ));
+    }
+    Ok(CheckpointId(u64::from_le_bytes(
+        bytes[4..12].try_into().expect("eight bytes"),
+    )))
+}
+
+/// Makes `manifest` durable and its checkpoint the latest: manifest written and synced, its
+/// directory synced, then the pointer replaced atomically and the checkpoints directory synced.
+/// When this returns `Ok`, the checkpoint is complete; on `Err` it is not (the pointer still names
+/// the previous one, or, if the crash hit the final directory sync, possibly this one: both are
+/// complete checkpoints).
+pub fn persist(storage: &mut dyn Storage, manifest: &Manifest) -> Result<(), StorageError> {
+    let path = manifest_path(manifest.checkpoint);
+    storage.write(&path, &manifest.encode())?;
+    storage.sync_file(&path)?;
+    storage.sync_dir(CHECKPOINTS_DIR)?;
+    write_atomic(storage, POINTER_PATH, &encode_pointer(manifest.checkpoint))
+}
+
+/// The outcome of looking for the checkpoint to restore from.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// The latest usable completed checkpoint; `None` when there has never been one.
+    pub manifest: Option<Manifest>,
+    /// Checkpoints passed over, newest first, each with the reason (for the log).
+    pub skipped: Vec<(CheckpointId, String)>,
+    /// Why the latest-checkpoint pointer could not be used, if it could not.
+    pub pointer_problem: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecoveryError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("no usable checkpoint of job {job:?}: {}; refusing to start rather than lose or repeat output", describe(.skipped, .pointer_problem))]
+    NoUsableCheckpoint {
+        job: String,
+        skipped: Vec<(CheckpointId, String)>,
+        pointer_problem: Option<String>,
+    },
+}
+
+fn describe(skipped: &[(CheckpointId, String)], pointer_problem: &Option<String>) -> String {
+    let checkpoints = skipped
+        .iter()
+        .map(|(id, reason)| format!("checkpoint {} {reason}", id.0));
+    pointer_problem
+        .iter()
+        .map(|p| format!("the pointer is unusable ({p})"))
+        .chain(checkpoints)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Checks one candidate: its manifest decodes, belongs to `job`, and every file it names exists.
+fn check_candidate(
+    storage: &mut dyn Storage,
+    job: &str,
+    id: CheckpointId,
+) -> Result<Manifest, String> {
+    let bytes = storage
+        .read(&manifest_path(id))
+        .map_err(|e| format!("has no readable manifest ({e})"))?;
+    let manifest = Manifest::decode(&bytes).map_err(|e| format!("has a {e}"))?;
+    if manifest.checkpoint != id {
+        return Err(format!(
+            "holds the manifest of checkpoint {}",
+            manifest.checkpoint.0
+        ));
+    }
+    if manifest.job != job {
+        return Err(format!("belongs to job {:?}", manifest.job));
+    }
+    for file in manifest.tasks.iter().flat_map(|t| t.files.iter()) {
+        let (dir, name) = file.rsplit_once('/').unwrap_or(("", file));
+        let names = storage
+            .list(dir)
+            .map_err(|e| format!("cannot list {dir:?} ({e})"))?;
+        if !names.iter().any(|n| n == name) {
+            return Err(format!("misses its file {file:?}"));
+        }
+    }
+    Ok(manifest)
+}
+
+/// Finds the latest completed checkpoint of `job` that is intact, passing over corrupt or partial
+/// ones. Checkpoints newer than the pointer never completed and are passed over; if the pointer
+/// itself is unreadable, every checkpoint with a valid manifest is a candidate. With no
+/// checkpoint at all the job starts fresh; with checkpoints but none usable it must not start.
+pub fn find_latest(storage: &mut dyn Storage, job: &str) -> Result<Recovery, RecoveryError> {
+    let mut ids: Vec<CheckpointId> = storage
+        .list(CHECKPOINTS_DIR)?
+        .iter()
+        .filter_map(|name| {
+            name.strip_prefix(MANIFEST_PREFIX)?
+                .parse()
+                .ok()
+                .map(CheckpointId)
+        })
+        .collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    let (latest, pointer_problem) = match storage.read(POINTER_PATH) {
+        Ok(bytes) => match decode_pointer(&bytes) {
+            Ok(id) => (Some(id), None),
+            Err(error) => (None, Some(error.to_string())),
+        },
+        Err(StorageError::NotFound { .. }) => (None, None),
+        Err(error) => return Err(error.into()),
+    };
+    let mut skipped = Vec::new();
+    if let Some(latest) = latest.filter(|latest| !ids.contains(latest)) {
+        skipped.push((
+            latest,
+            "is named by the latest-checkpoint pointer but has no manifest".into(),
+        ));
+    }
+    for id in ids {
+        if latest.is_some_and(|latest| id > latest) {
+            skipped.push((
+                id,
+                "is newer than the latest-checkpoint pointer: it never completed".into(),
+            ));
+            continue;
+        }
+        match check_candidate(storage, job, id) {
+            Ok(manifest) => {
+                return Ok(Recovery {
+                    manifest: Some(manifest),
+                    skipped,
+                    pointer_problem,
+                })
+            }
+            Err(reason) => skipped.push((id, reason)),
+        }
+    }
+    let never_checkpointed = latest.is_none() && pointer_problem.is_none() && skipped.is_empty();
+    if never_checkpointed {
+        return Ok(Recovery {
+            manifest: None,
+            skipped,
+            pointer_problem,
+        });
+    }
+    Err(RecoveryError::NoUsableCheckpoint {
+        job: job.to_string(),
+        skipped,
+        pointer_problem,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::MemStorage;
+
+    fn manifest(id: u64, files: &[&str]) -> Manifest {
+        let subtask = |vertex, index| SubtaskId {
+            vertex: VertexId(vertex),
+            index,
+        };
+        Manifest {
+            version: MANIFEST_VERSION,
+            job: "w2".into(),
+            checkpoint: CheckpointId(id),
+            savepoint: id % 2 == 0,
+            max_parallelism: 128,
+            tasks: vec![
+                TaskSnapshot {
+                    subtask: subtask(0, 0),
+                    source_offset: Some(id * 100),
+                    files: vec![],
+                    pending_output: vec![],
+                },
+                TaskSnapshot {
+                    subtask: subtask(1, 0),
+                    source_offset: None,
+                    files: files.iter().map(|f| f.to_string()).collect(),
+                    pending_output: vec!["output/w2/.pending/part-1".into()],
+                },
+            ],
+        }
+    }
+
+    /// Writes a checkpoint with its files as a completed one.
+    fn complete(storage: &mut MemStorage, id: u64) -> Manifest {
+        let file = format!("{}/state-1-0", checkpoint_dir(CheckpointId(id)));
+        // As a task does before it acknowledges: its files are durable.
+        storage.write(&file, b"state").unwrap();
+        storage.sync_file(&file).unwrap();
+        storage.sync_dir(&checkpoint_dir(CheckpointId(id))).unwrap();
+        let manifest = manifest(id, &[&file]);
+        persist(storage, &manifest).unwrap();
+        manifest
+    }
+
+    // Goal: a manifest reads back as written; every bit flip and truncation is caught, never a panic.
+    #[test]
+    fn manifest_round_trip_and_corruption() {
+        let original = manifest(
+            7,
+            &["checkpoints/chk-00000000000000000007/a", "shared/sst-1"],
+        );
+        let bytes = original.encode();
+        assert_eq!(Manifest::decode(&bytes), Ok(original));
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(Manifest::decode(&flipped).is_err(), "bit {bit}");
+        }
+        for length in 0..bytes.len() {
+            assert!(
+                Manifest::decode(&bytes[..length]).is_err(),
+                "length {length}"
+            );
+        }
+    }
+
+    // Goal: recovery takes the latest complete checkpoint; passes over a corrupt manifest, a
+    // missing state file and a checkpoint newer than the pointer, saying why; starts fresh with
+    // no checkpoint; refuses to start when checkpoints exist but none is usable.
+    #[test]
+    fn find_latest_skips_what_is_unusable() {
+        let mut storage = MemStorage::new();
+        assert_eq!(
+            find_latest(&mut storage, "w2"),
+            Ok(Recovery {
+                manifest: None,
+                skipped: vec![],
+                pointer_problem: None
+            })
+        );
+        let first = complete(&mut storage, 1);
+        let second = complete(&mut storage, 2);
+        assert_eq!(
+            find_latest(&mut storage, "w2").unwrap().manifest,
+            Some(second.clone())
+        );
+        // Checkpoint 3: manifest durable, pointer not yet moved (crash in between): not complete.
+        storage
+            .write(&manifest_path(CheckpointId(3)), &manifest(3, &[]).encode())
+            .unwrap();
+        let recovery = find_latest(&mut storage, "w2").unwrap();
+        assert_eq!(recovery.manifest, Some(second));
+        assert!(
+            recovery.skipped[0].1.contains("never completed"),
+            "{:?}",
+            recovery.skipped
+        );
+        // Checkpoint 2's state file lost: fall back to 1.
+        storage
+            .delete(&format!("{}/state-1-0", checkpoint_dir(CheckpointId(2))))
+            .unwrap();
+        let recovery = find_latest(&mut storage, "w2").unwrap();
+        assert_eq!(recovery.manifest, Some(first));
+        assert!(recovery
+            .skipped
+            .iter()
+            .any(|(id, why)| id.0 == 2 && why.contains("misses its file")));
+        // Checkpoint 1's manifest corrupted too: nothing usable, and the error says why for each.
+        let path = manifest_path(CheckpointId(1));
+        let mut bytes = storage.read(&path).unwrap();
+        bytes[20] ^= 0x10;
+        storage.write(&path, &bytes).unwrap();
+        let error = find_latest(&mut storage, "w2").unwrap_err().to_string();
+        assert!(error.contains("refusing to start"), "{error}");
+        assert!(error.contains("checkpoint 2 misses its file"), "{error}");
+        assert!(
+            error.contains("checkpoint 1 has a corrupt checkpoint metadata: checksum"),
+            "{error}"
+        );
+    }
+
+    // Goal: a damaged pointer does not hide intact checkpoints; persisting survives a crash.
+    #[test]
+    fn damaged_pointer_falls_back_to_scanning() {
+        let mut storage = MemStorage::new();
+        complete(&mut storage, 4);
+        let latest = complete(&mut storage, 5);
+        storage.crash();
+        assert_eq!(
+            find_latest(&mut storage, "w2").unwrap().manifest,
+            Some(latest.clone())
+        );
+        storage.write(POINTER_PATH, b"garbage").unwrap();
+        let recovery = find_latest(&mut storage, "w2").unwrap();
+        assert_eq!(recovery.manifest, Some(latest));
+        assert!(recovery.pointer_problem.is_some());
+        let error = find_latest(&mut storage, "other-job")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("belongs to job \"w2\""), "{error}");
+    }
+}
