@@ -16,5 +16,6 @@
 //!
 //! Everything here is pure: inputs are calls with `now`, outputs are actions the caller performs.
 
+pub mod align;
 pub mod coordinator;
 pub mod manifest;
