@@ -189,7 +189,7 @@ impl Aligner {
     /// Every input delivered the barrier or ended: finish the current checkpoint.
     fn check_complete(&mut self, actions: &mut Vec<AlignAction>) {
         let Some(current) = self.current else { return };
-        if self.inputs.iter().any(|state| *state == InputState::Open) {
+        if self.inputs.contains(&InputState::Open) {
             return;
         }
         if current.snapshot_taken {
