@@ -15,7 +15,8 @@ pub mod window;
 use arrow_array::RecordBatch;
 use arrow_schema::ArrowError;
 
-use crate::element::Element;
+use crate::checkpoint::manifest::TaskSnapshot;
+use crate::element::{CheckpointId, Element};
 use crate::env::{Storage, StorageError};
 use crate::state::StateError;
 use crate::time::{EventTime, Instant};
@@ -115,7 +116,77 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// Barrier `checkpoint` reached this operator, after every element before it: write what the
+    /// operator must keep for the checkpoint (synced) and say what was written. The default keeps
+    /// nothing.
+    fn on_barrier(
+        &mut self,
+        _context: &mut Context<'_>,
+        _checkpoint: CheckpointId,
+    ) -> Result<OperatorSnapshot, OperatorError> {
+        Ok(OperatorSnapshot::default())
+    }
+
+    /// Checkpoint `checkpoint` is complete and durable (sinks commit what it covers).
+    fn on_checkpoint_complete(
+        &mut self,
+        _context: &mut Context<'_>,
+        _checkpoint: CheckpointId,
+    ) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    /// Restores from the snapshots that every subtask of this operator's vertex took for a
+    /// completed checkpoint (all of them: after rescaling, a subtask's key groups may come from
+    /// any). Called once, before the first element.
+    fn restore(
+        &mut self,
+        _context: &mut Context<'_>,
+        _snapshots: &[TaskSnapshot],
+    ) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
     fn metrics(&self) -> OperatorMetrics;
+}
+
+/// What an operator wrote for a checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OperatorSnapshot {
+    /// Files the checkpoint owns (deleted when it is discarded).
+    pub files: Vec<String>,
+    /// Pre-committed output, committed when the checkpoint completes.
+    pub pending_output: Vec<String>,
+}
+
+/// Writes a small integer durably, with a checksum: operator metadata of a checkpoint.
+pub fn write_u64_file(
+    storage: &mut dyn Storage,
+    path: &str,
+    value: u64,
+) -> Result<(), StorageError> {
+    let mut bytes = value.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&crc32fast::hash(&value.to_le_bytes()).to_le_bytes());
+    storage.write(path, &bytes)?;
+    storage.sync_file(path)
+}
+
+/// Reads what [`write_u64_file`] wrote; a damaged file is an error naming it.
+pub fn read_u64_file(storage: &mut dyn Storage, path: &str) -> Result<u64, OperatorError> {
+    let bytes = storage.read(path)?;
+    let corrupt = || {
+        OperatorError::State(StateError::Corrupt {
+            what: format!("checkpoint metadata file {path}"),
+        })
+    };
+    let (value, crc) = bytes
+        .split_at_checked(8)
+        .filter(|(_, crc)| crc.len() == 4)
+        .ok_or_else(corrupt)?;
+    if crc32fast::hash(value).to_le_bytes() != crc {
+        return Err(corrupt());
+    }
+    Ok(u64::from_le_bytes(value.try_into().expect("eight bytes")))
 }
 
 /// The position of a source in its input, for replay: the next record it will read.
