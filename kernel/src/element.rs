@@ -8,6 +8,12 @@ use crate::time::EventTime;
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct CheckpointId(pub u64);
 
+impl CheckpointId {
+    /// The snapshot a task takes when it has processed all of its input: its final state and
+    /// output, made durable and committed by the job's final checkpoint.
+    pub const END_OF_INPUT: CheckpointId = CheckpointId(u64::MAX);
+}
+
 /// How operators with several inputs treat a barrier (DESIGN.md §4, step 3).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum BarrierKind {

@@ -66,10 +66,19 @@ pub struct Context<'a> {
     pub now: Instant,
     pub storage: &'a mut dyn Storage,
     pub subtask: SubtaskId,
+    /// The job takes checkpoints: sinks commit only what completed checkpoints cover, also at
+    /// the end of input (the final snapshot, `CheckpointId::END_OF_INPUT`).
+    pub checkpointing: bool,
     output: &'a mut Vec<Element>,
 }
 
 impl<'a> Context<'a> {
+    /// Sets whether the job takes checkpoints (off by default).
+    pub fn with_checkpointing(mut self, checkpointing: bool) -> Self {
+        self.checkpointing = checkpointing;
+        self
+    }
+
     pub fn new(
         now: Instant,
         storage: &'a mut dyn Storage,
@@ -80,6 +89,7 @@ impl<'a> Context<'a> {
             now,
             storage,
             subtask,
+            checkpointing: false,
             output,
         }
     }

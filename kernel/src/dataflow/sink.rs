@@ -1,17 +1,30 @@
-//! The file sink: output as Arrow IPC files, made visible only when committed.
+//! The file sink: output as Arrow IPC files, exactly once through two-phase commit.
 //!
-//! Output of the current transaction is written, in chunks, to `output/<sink>/.pending/`; commit
-//! syncs each pending file, renames it into `output/<sink>/` and syncs that directory. Readers of
-//! the committed output read only `output/<sink>/part-*.arrow`, so nothing is visible before its
-//! commit. This job commits once, at end of input; with checkpoints (DESIGN.md §4) each completed
-//! checkpoint commits the transaction its barrier closed.
+//! Output is written in chunks to `output/<sink>/.pending/part-<vertex>-<subtask>-<sequence>.arrow`.
+//! On `Barrier(n)` the sink pre-commits: it writes what it buffered, syncs the epoch's pending files
+//! and reports them as the checkpoint's pending output. When checkpoint n completes it commits every
+//! epoch up to n by renaming their files into `output/<sink>/` and syncing the directories. Readers
+//! read only `output/<sink>/part-*.arrow`, so nothing is visible before its commit.
+//!
+//! On recovery from checkpoint n the sink commits n's pending output (a rename is idempotent: a
+//! file already moved is left as it is), deletes its later pending files (their epochs never
+//! completed), and refuses to go on if it finds committed files of its own beyond n (a newer
+//! checkpoint committed them and was lost: replaying would repeat them).
+//!
+//! A job without checkpoints commits once, at end of input. With checkpoints, the end of input is
+//! pre-committed as `CheckpointId::END_OF_INPUT` and committed by the job's final checkpoint.
 
 use arrow_array::RecordBatch;
 use arrow_schema::{ArrowError, SchemaRef};
 
 use super::graph::SubtaskId;
-use super::{Context, Operator, OperatorError, OperatorMetrics};
-use crate::env::{Storage, StorageError};
+use super::{
+    read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics,
+    OperatorSnapshot,
+};
+use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
+use crate::element::CheckpointId;
+use crate::env::{parent_dir, Storage, StorageError};
 
 /// Rows per pending file: bounds the memory a sink holds before it writes.
 pub const SINK_CHUNK_ROWS_MAX: usize = 64 * 1024;
@@ -21,8 +34,10 @@ pub struct FileSink {
     subtask: SubtaskId,
     buffered: Vec<RecordBatch>,
     buffered_rows: usize,
-    /// Pending file names (in `.pending/`) of the open transaction.
+    /// Pending file names (in `.pending/`) of the open epoch.
     pending: Vec<String>,
+    /// Pre-committed epochs waiting for their checkpoint, oldest first.
+    prepared: Vec<(CheckpointId, Vec<String>)>,
     file_sequence: u64,
     metrics: OperatorMetrics,
 }
@@ -35,6 +50,7 @@ impl FileSink {
             buffered: Vec::new(),
             buffered_rows: 0,
             pending: Vec::new(),
+            prepared: Vec::new(),
             file_sequence: 0,
             metrics: OperatorMetrics::default(),
         }
@@ -65,14 +81,26 @@ impl FileSink {
         format!("output/{}/.pending", self.name)
     }
 
+    /// The prefix of this subtask's file names.
+    fn file_prefix(&self) -> String {
+        format!(
+            "part-{:05}-{:05}-",
+            self.subtask.vertex.0, self.subtask.index
+        )
+    }
+
+    fn file_sequence_of(&self, file: &str) -> Option<u64> {
+        file.strip_prefix(&self.file_prefix())?
+            .strip_suffix(".arrow")?
+            .parse()
+            .ok()
+    }
+
     fn write_pending(&mut self, storage: &mut dyn Storage) -> Result<(), OperatorError> {
         if self.buffered.is_empty() {
             return Ok(());
         }
-        let file = format!(
-            "part-{:05}-{:05}-{:08}.arrow",
-            self.subtask.vertex.0, self.subtask.index, self.file_sequence
-        );
+        let file = format!("{}{:08}.arrow", self.file_prefix(), self.file_sequence);
         self.file_sequence += 1;
         let bytes = encode_ipc_file(&self.buffered[0].schema(), &self.buffered)?;
         storage.write(&format!("{}/{file}", self.pending_dir()), &bytes)?;
@@ -82,24 +110,76 @@ impl FileSink {
         Ok(())
     }
 
-    /// Makes every pending file of the open transaction durable and visible.
-    fn commit(&mut self, storage: &mut dyn Storage) -> Result<(), StorageError> {
-        let committed = Self::committed_dir(&self.name);
+    /// Writes and syncs the open epoch's files and closes the epoch as `checkpoint`'s transaction.
+    fn prepare(
+        &mut self,
+        storage: &mut dyn Storage,
+        checkpoint: CheckpointId,
+    ) -> Result<Vec<String>, OperatorError> {
+        self.write_pending(storage)?;
         let pending_dir = self.pending_dir();
-        for file in &self.pending {
+        let files: Vec<String> = std::mem::take(&mut self.pending);
+        for file in &files {
             storage.sync_file(&format!("{pending_dir}/{file}"))?;
         }
-        for file in &self.pending {
-            storage.rename(
-                &format!("{pending_dir}/{file}"),
-                &format!("{committed}/{file}"),
-            )?;
+        if !files.is_empty() {
+            storage.sync_dir(&pending_dir)?;
         }
-        storage.sync_dir(&committed)?;
-        storage.sync_dir(&pending_dir)?;
-        self.pending.clear();
-        Ok(())
+        let paths = files
+            .iter()
+            .map(|file| format!("{pending_dir}/{file}"))
+            .collect();
+        self.prepared.push((checkpoint, files));
+        Ok(paths)
     }
+
+    /// Commits every prepared epoch up to `checkpoint`, oldest first.
+    fn commit_up_to(
+        &mut self,
+        storage: &mut dyn Storage,
+        checkpoint: CheckpointId,
+    ) -> Result<(), StorageError> {
+        let ready = self
+            .prepared
+            .iter()
+            .take_while(|(id, _)| *id <= checkpoint)
+            .count();
+        let pending_dir = self.pending_dir();
+        let paths: Vec<String> = self
+            .prepared
+            .drain(..ready)
+            .flat_map(|(_, files)| files)
+            .map(|f| format!("{pending_dir}/{f}"))
+            .collect();
+        commit_files(storage, &Self::committed_dir(&self.name), &paths)
+    }
+}
+
+/// Moves pre-committed files (paths in a `.pending` directory) into `committed_dir`, durably.
+/// A file already moved (its pending path gone, its committed name present) is not an error, so
+/// that committing after a crash may repeat a commit that had partly happened.
+fn commit_files(
+    storage: &mut dyn Storage,
+    committed_dir: &str,
+    paths: &[String],
+) -> Result<(), StorageError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    for path in paths {
+        let name = path.rsplit('/').next().expect("a file name");
+        match storage.rename(path, &format!("{committed_dir}/{name}")) {
+            Ok(()) => {}
+            Err(error @ StorageError::NotFound { .. }) => {
+                if !storage.list(committed_dir)?.iter().any(|n| n == name) {
+                    return Err(error);
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    storage.sync_dir(committed_dir)?;
+    storage.sync_dir(parent_dir(&paths[0]))
 }
 
 impl Operator for FileSink {
@@ -134,10 +214,97 @@ impl Operator for FileSink {
         Ok(())
     }
 
+    /// Without checkpoints, commits everything; with them, the final snapshot pre-commits it.
     fn on_end(&mut self, context: &mut Context<'_>) -> Result<(), OperatorError> {
-        self.write_pending(context.storage)?;
-        self.commit(context.storage)?;
-        self.metrics.records_out = self.metrics.records_in;
+        if !context.checkpointing {
+            self.prepare(context.storage, CheckpointId::END_OF_INPUT)?;
+            self.commit_up_to(context.storage, CheckpointId::END_OF_INPUT)?;
+            self.metrics.records_out = self.metrics.records_in;
+        }
+        Ok(())
+    }
+
+    /// Pre-commits the epoch the barrier closes, and records the next file sequence number.
+    fn on_barrier(
+        &mut self,
+        context: &mut Context<'_>,
+        checkpoint: CheckpointId,
+    ) -> Result<OperatorSnapshot, OperatorError> {
+        let pending_output = self.prepare(context.storage, checkpoint)?;
+        let mut files = Vec::new();
+        if checkpoint != CheckpointId::END_OF_INPUT {
+            let path = format!(
+                "{}/sink-{:05}-{:05}.sequence",
+                checkpoint_dir(checkpoint),
+                self.subtask.vertex.0,
+                self.subtask.index
+            );
+            write_u64_file(context.storage, &path, self.file_sequence)?;
+            context.storage.sync_dir(parent_dir(&path))?;
+            files.push(path);
+        }
+        Ok(OperatorSnapshot {
+            files,
+            pending_output,
+        })
+    }
+
+    fn on_checkpoint_complete(
+        &mut self,
+        context: &mut Context<'_>,
+        checkpoint: CheckpointId,
+    ) -> Result<(), OperatorError> {
+        self.commit_up_to(context.storage, checkpoint)?;
+        if checkpoint == CheckpointId::END_OF_INPUT {
+            self.metrics.records_out = self.metrics.records_in;
+        }
+        Ok(())
+    }
+
+    /// Commits the restored checkpoint's pending output, drops
+    /// its own later pending files, and checks that nothing beyond the checkpoint was committed.
+    fn restore(
+        &mut self,
+        context: &mut Context<'_>,
+        snapshots: &[TaskSnapshot],
+    ) -> Result<(), OperatorError> {
+        let own = snapshots.iter().find(|s| s.subtask == self.subtask);
+        let sequence_file = own.and_then(|s| s.files.iter().find(|f| f.ends_with(".sequence")));
+        self.file_sequence = match sequence_file {
+            Some(path) => read_u64_file(context.storage, path)?,
+            None => 0,
+        };
+        let committed_dir = Self::committed_dir(&self.name);
+        // Every subtask commits all of the vertex's restored output: whatever the parallelism was,
+        // each file is committed, and committing one twice does nothing.
+        let to_commit: Vec<String> = snapshots
+            .iter()
+            .flat_map(|s| s.pending_output.iter().cloned())
+            .collect();
+        commit_files(context.storage, &committed_dir, &to_commit)?;
+        for file in context.storage.list(&self.pending_dir())? {
+            if self.file_sequence_of(&file).is_some() {
+                context
+                    .storage
+                    .delete(&format!("{}/{file}", self.pending_dir()))?;
+            }
+        }
+        let beyond: Vec<String> = context
+            .storage
+            .list(&committed_dir)?
+            .into_iter()
+            .filter(|file| {
+                self.file_sequence_of(file)
+                    .is_some_and(|sequence| sequence >= self.file_sequence)
+            })
+            .collect();
+        if !beyond.is_empty() {
+            return Err(OperatorError::Protocol(format!(
+                "{}: committed files {beyond:?} come after the checkpoint being restored (a newer checkpoint \
+                 committed them and is lost); restoring would repeat their rows, so the job stops",
+                self.name
+            )));
+        }
         Ok(())
     }
 
@@ -192,6 +359,109 @@ pub fn read_committed(
 mod tests {
     use super::*;
     use crate::env::MemStorage;
+    use crate::time::Instant;
+
+    use crate::dataflow::graph::VertexId;
+    use crate::testing::w1_rows;
+
+    fn rows_batch(rows: &[(u64, i64)]) -> RecordBatch {
+        let schema = std::sync::Arc::new(arrow_schema::Schema::new(vec![
+            arrow_schema::Field::new("key", arrow_schema::DataType::UInt64, false),
+            arrow_schema::Field::new("ts_ms", arrow_schema::DataType::Int64, false),
+        ]));
+        let keys = arrow_array::UInt64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
+        let times = arrow_array::Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+        RecordBatch::try_new(
+            schema,
+            vec![std::sync::Arc::new(keys), std::sync::Arc::new(times)],
+        )
+        .unwrap()
+    }
+
+    fn committed(storage: &mut MemStorage) -> Vec<(u64, i64)> {
+        w1_rows(&read_committed(storage, "s").unwrap())
+    }
+
+    // Goal: two-phase commit: a barrier pre-commits its epoch (synced, invisible), completion of
+    // a checkpoint commits every epoch up to it, and after a crash the restore commits the restored
+    // checkpoint's output once, drops later epochs, and refuses to repeat output committed beyond it.
+    #[test]
+    fn two_phase_commit_and_recovery() {
+        let subtask = SubtaskId {
+            vertex: VertexId(2),
+            index: 0,
+        };
+        let mut storage = MemStorage::new();
+        let mut out = Vec::new();
+        let mut sink = FileSink::new("s", subtask);
+        let mut context =
+            Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        sink.on_batch(&mut context, rows_batch(&[(1, 1), (2, 2)]))
+            .unwrap();
+        let first = sink.on_barrier(&mut context, CheckpointId(1)).unwrap();
+        assert_eq!(first.pending_output.len(), 1);
+        sink.on_batch(&mut context, rows_batch(&[(3, 3)])).unwrap();
+        let second = sink.on_barrier(&mut context, CheckpointId(2)).unwrap();
+        sink.on_batch(&mut context, rows_batch(&[(4, 4)])).unwrap();
+        sink.on_end(&mut context).unwrap();
+        drop(context);
+        assert_eq!(
+            committed(&mut storage),
+            vec![],
+            "nothing visible before a checkpoint completes"
+        );
+        let mut context =
+            Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        sink.on_checkpoint_complete(&mut context, CheckpointId(1))
+            .unwrap();
+        drop(context);
+        assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
+
+        // Crash: checkpoint 2 never completed. Restore from 1, twice (a crash during recovery).
+        storage.crash();
+        let snapshot = TaskSnapshot {
+            subtask,
+            source_offset: None,
+            files: first.files.clone(),
+            pending_output: first.pending_output.clone(),
+        };
+        for _ in 0..2 {
+            let mut restored = FileSink::new("s", subtask);
+            let mut context =
+                Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+            restored
+                .restore(&mut context, std::slice::from_ref(&snapshot))
+                .unwrap();
+            drop(context);
+            assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
+            assert_eq!(
+                storage.list("output/s/.pending").unwrap(),
+                Vec::<String>::new(),
+                "later epochs dropped"
+            );
+        }
+
+        // Had checkpoint 2 committed and been lost, restoring from 1 would repeat (3, 3): refused.
+        let mut context =
+            Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        let mut sink = FileSink::new("s", subtask);
+        sink.restore(&mut context, std::slice::from_ref(&snapshot))
+            .unwrap();
+        sink.on_batch(&mut context, rows_batch(&[(3, 3)])).unwrap();
+        sink.on_barrier(&mut context, CheckpointId(2)).unwrap();
+        sink.on_checkpoint_complete(&mut context, CheckpointId(2))
+            .unwrap();
+        let mut again = FileSink::new("s", subtask);
+        let error = again
+            .restore(&mut context, &[snapshot])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("come after the checkpoint being restored"),
+            "{error}"
+        );
+        assert!(second.files[0].ends_with(".sequence"));
+    }
 
     // Goal: a committed file that is not Arrow IPC (torn, overwritten) is an error naming the
     // file, never a panic and never silently skipped.

@@ -390,6 +390,14 @@ impl Operator for TumblingWindowCountSum {
         context: &mut Context<'_>,
         checkpoint: CheckpointId,
     ) -> Result<OperatorSnapshot, OperatorError> {
+        if checkpoint == CheckpointId::END_OF_INPUT {
+            // At the end of input every window fired: there is no state to keep.
+            assert!(
+                self.windows_open.is_empty(),
+                "windows open after the end of input"
+            );
+            return Ok(OperatorSnapshot::default());
+        }
         let dir = checkpoint_dir(checkpoint);
         let subtask = context.subtask;
         let state_path = format!(
