@@ -404,7 +404,6 @@ mod tests {
         let second = sink.on_barrier(&mut context, CheckpointId(2)).unwrap();
         sink.on_batch(&mut context, rows_batch(&[(4, 4)])).unwrap();
         sink.on_end(&mut context).unwrap();
-        drop(context);
         assert_eq!(
             committed(&mut storage),
             vec![],
@@ -414,7 +413,6 @@ mod tests {
             Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
         sink.on_checkpoint_complete(&mut context, CheckpointId(1))
             .unwrap();
-        drop(context);
         assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
 
         // Crash: checkpoint 2 never completed. Restore from 1, twice (a crash during recovery).
@@ -432,7 +430,6 @@ mod tests {
             restored
                 .restore(&mut context, std::slice::from_ref(&snapshot))
                 .unwrap();
-            drop(context);
             assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
             assert_eq!(
                 storage.list("output/s/.pending").unwrap(),
