@@ -14,7 +14,7 @@ use sabot_kernel::dataflow::{PhysicalPlan, SubtaskId};
 use sabot_kernel::element::Element;
 use sabot_kernel::env::{ChannelId, Clock, SendRefused, Transport, TransportError};
 use sabot_kernel::key_group::KeyGroupRange;
-use sabot_kernel::node::{Node, NodeError, NodeMetrics, Step};
+use sabot_kernel::node::{Node, NodeError, NodeMetrics, NodeOptions, Step};
 use sabot_kernel::state::{HeapBackend, StateBackend, StateError};
 use tokio::sync::mpsc;
 
@@ -47,11 +47,6 @@ pub struct DriverConfig {
 pub enum DriverError {
     #[error(transparent)]
     Node(#[from] NodeError),
-    #[error("state backend for {subtask}: {error}")]
-    State {
-        subtask: SubtaskId,
-        error: StateError,
-    },
     #[error("data directory {path}: {error}")]
     DataDir {
         path: PathBuf,
@@ -121,20 +116,14 @@ pub fn build_nodes(
                     path: config.data_dir.clone(),
                     error,
                 })?;
-            let mut failed = None;
-            let node = Node::new(
+            let mut backends = |subtask, range| open_backend(config, &job, subtask, range);
+            Ok(Node::new(
                 plan.clone(),
                 index,
                 Box::new(storage),
-                &mut |subtask, range| {
-                    open_backend(config, &job, subtask, range)
-                        .inspect_err(|_| failed = Some(subtask))
-                },
-            );
-            node.map_err(|error| DriverError::State {
-                subtask: failed.expect("the failing subtask"),
-                error,
-            })
+                &mut backends,
+                NodeOptions::default(),
+            )?)
         })
         .collect()
 }

@@ -14,10 +14,14 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 
+use crate::checkpoint::align::{AlignAction, Aligner, AlignmentMode};
+use crate::checkpoint::manifest::{Manifest, TaskSnapshot};
 use crate::dataflow::exchange::KeyPartitioner;
 use crate::dataflow::graph::{OutputSpec, Partitioning, PhysicalPlan, SubtaskId};
-use crate::dataflow::{Context, Operator, OperatorError, OperatorMetrics, Source};
-use crate::element::Element;
+use crate::dataflow::{
+    Context, Offset, Operator, OperatorError, OperatorMetrics, OperatorSnapshot, Source,
+};
+use crate::element::{Barrier, BarrierKind, CheckpointId, Element};
 use crate::env::{ChannelId, Storage};
 use crate::key_group::KeyGroupRange;
 use crate::state::{StateBackend, StateError};
@@ -39,9 +43,27 @@ pub type BackendFactory<'a> =
 /// What a node tells its driver, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A subtask processed its end of input and committed its output.
+    /// A subtask processed its end of input (and, without checkpoints, committed its output).
     TaskFinished { subtask: SubtaskId },
+    /// A subtask took its part of `checkpoint`: the coordinator's acknowledgement.
+    CheckpointAck {
+        checkpoint: CheckpointId,
+        snapshot: TaskSnapshot,
+    },
 }
+
+/// How a node runs its subtasks.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    /// Take checkpoints: align barriers (aligned mode), snapshot operators, commit sink output
+    /// only for completed checkpoints.
+    pub checkpointing: bool,
+    /// Start from this completed checkpoint: sources seek, operators restore.
+    pub restore: Option<Arc<Manifest>>,
+}
+
+/// Elements a consuming subtask holds back while it aligns barriers.
+pub const HELD_MAX: usize = 64 * 1024;
 
 /// A failure of one subtask; the job cannot go on without a restart.
 #[derive(Debug, thiserror::Error)]
@@ -78,11 +100,17 @@ struct InputGate {
     inputs: Vec<InputState>,
     watermark: EventTime,
     idle: bool,
+    /// Aligns barriers when the job takes checkpoints.
+    aligner: Option<Aligner>,
+    /// Elements of inputs blocked by alignment, in arrival order.
+    held: VecDeque<(usize, Element)>,
 }
 
 impl InputGate {
-    fn new(input_count: usize) -> InputGate {
+    fn new(input_count: usize, checkpointing: bool) -> InputGate {
         assert!(input_count > 0, "a consuming subtask has inputs");
+        let aligner = checkpointing
+            .then(|| Aligner::new(AlignmentMode::Aligned { timeout_ms: None }, input_count));
         let input = InputState {
             watermark: EventTime::MIN,
             idle: false,
@@ -92,6 +120,8 @@ impl InputGate {
             inputs: vec![input; input_count],
             watermark: EventTime::MIN,
             idle: false,
+            aligner,
+            held: VecDeque::new(),
         }
     }
 
@@ -185,6 +215,14 @@ struct Task {
     chain: Vec<Box<dyn Operator>>,
     outputs: Vec<Output>,
     finished: bool,
+    /// With checkpoints: what the task kept at its end of input, acknowledged by every later checkpoint.
+    snapshot_final: Option<TaskSnapshot>,
+    /// The first checkpoint whose acknowledgement carried `snapshot_final`.
+    snapshot_final_acked: Option<CheckpointId>,
+    /// A completed checkpoint covered `snapshot_final`: its output is committed.
+    final_committed: bool,
+    /// The newest checkpoint this task acknowledged.
+    acked_last: Option<CheckpointId>,
 }
 
 /// Where an element of a channel goes.
@@ -238,6 +276,10 @@ pub struct Node {
     /// Reused buffers for running a chain.
     scratch: (Vec<Element>, Vec<Element>),
     failed: bool,
+    checkpointing: bool,
+    /// Checkpoints triggered here and not known complete, ascending: a task that finishes without
+    /// having seen their barriers (its inputs ended first) acknowledges them with its final snapshot.
+    checkpoints_triggered: Vec<CheckpointId>,
 }
 
 impl Node {
@@ -247,7 +289,8 @@ impl Node {
         index: u16,
         storage: Box<dyn Storage + Send>,
         backends: &mut BackendFactory<'_>,
-    ) -> Result<Node, StateError> {
+        options: NodeOptions,
+    ) -> Result<Node, NodeError> {
         assert!(
             index < plan.node_count,
             "node {index} of {}",
@@ -256,7 +299,14 @@ impl Node {
         let mut tasks = Vec::new();
         let mut routes = vec![Route::Foreign; plan.channels.len()];
         for subtask in plan.graph.subtasks().filter(|&s| plan.node_of(s) == index) {
-            let task = Self::task(&plan, subtask, backends)?;
+            let task =
+                Self::task(&plan, subtask, backends, options.checkpointing).map_err(|error| {
+                    NodeError {
+                        subtask,
+                        operator: "state backend".into(),
+                        error: error.into(),
+                    }
+                })?;
             for (input, channel) in plan.inputs[&subtask].iter().enumerate() {
                 routes[channel.0 as usize] = Route::Local {
                     task: tasks.len(),
@@ -270,7 +320,7 @@ impl Node {
                 routes[id] = Route::Remote;
             }
         }
-        Ok(Node {
+        let mut node = Node {
             plan,
             index,
             tasks,
@@ -283,13 +333,58 @@ impl Node {
             source_next: 0,
             scratch: (Vec::new(), Vec::new()),
             failed: false,
-        })
+            checkpointing: options.checkpointing,
+            checkpoints_triggered: Vec::new(),
+        };
+        if let Some(manifest) = &options.restore {
+            node.restore(manifest)?;
+        }
+        Ok(node)
+    }
+
+    /// Seeks sources to their offsets and restores operators, from `manifest`.
+    fn restore(&mut self, manifest: &Manifest) -> Result<(), NodeError> {
+        for task in self.tasks.iter_mut() {
+            let id = task.id;
+            let fail = |operator: &str, error: OperatorError| NodeError {
+                subtask: id,
+                operator: operator.into(),
+                error,
+            };
+            let of_vertex: Vec<TaskSnapshot> = manifest
+                .tasks
+                .iter()
+                .filter(|s| s.subtask.vertex == id.vertex)
+                .cloned()
+                .collect();
+            if let Head::Source { source, .. } = &mut task.head {
+                let own = of_vertex.iter().find(|s| s.subtask == id);
+                let offset = own.and_then(|s| s.source_offset).ok_or_else(|| {
+                    let reason = format!("checkpoint {} has no offset for this source (was its parallelism changed? sources keep theirs)", manifest.checkpoint.0);
+                    fail("restore", OperatorError::Protocol(reason))
+                })?;
+                source
+                    .seek(Offset(offset))
+                    .map_err(|e| fail("restore", e))?;
+            }
+            let mut out = Vec::new();
+            for operator in task.chain.iter_mut() {
+                let mut context = Context::new(Instant(0), self.storage.as_mut(), id, &mut out)
+                    .with_checkpointing(self.checkpointing);
+                operator
+                    .restore(&mut context, &of_vertex)
+                    .map_err(|e| fail(operator.name(), e))?;
+            }
+            assert!(out.is_empty(), "{id}: restoring emitted elements");
+        }
+        Ok(())
     }
 
     fn task(
         plan: &PhysicalPlan,
         id: SubtaskId,
         backends: &mut BackendFactory<'_>,
+        checkpointing: bool,
     ) -> Result<Task, StateError> {
         let vertex = plan.graph.vertex(id.vertex);
         let max = plan.graph.max_parallelism;
@@ -298,7 +393,7 @@ impl Node {
                 source: spec.instantiate(&vertex.name, id, vertex.parallelism),
                 ended: false,
             },
-            None => Head::Gate(InputGate::new(plan.inputs[&id].len())),
+            None => Head::Gate(InputGate::new(plan.inputs[&id].len(), checkpointing)),
         };
         let mut chain = Vec::new();
         for spec in &vertex.chain {
@@ -333,6 +428,10 @@ impl Node {
             chain,
             outputs,
             finished: false,
+            snapshot_final: None,
+            snapshot_final_acked: None,
+            final_committed: false,
+            acked_last: None,
         })
     }
 
@@ -453,22 +552,96 @@ impl Node {
         input: usize,
         element: Element,
     ) -> Result<(), NodeError> {
+        let id = self.tasks[task].id;
+        let Head::Gate(gate) = &mut self.tasks[task].head else {
+            unreachable!("input delivered to source {id}")
+        };
+        let protocol = |error: String| NodeError {
+            subtask: id,
+            operator: "input".into(),
+            error: OperatorError::Protocol(error),
+        };
+        let mut actions = Vec::new();
+        if let Some(aligner) = &mut gate.aligner {
+            if aligner.is_held(input) {
+                assert!(
+                    gate.held.len() < HELD_MAX,
+                    "{id}: {} elements held for alignment",
+                    gate.held.len()
+                );
+                gate.held.push_back((input, element));
+                return Ok(());
+            }
+            match &element {
+                Element::Barrier(barrier) => {
+                    actions = aligner
+                        .on_barrier(now, input, *barrier)
+                        .map_err(|e| protocol(e.to_string()))?
+                }
+                Element::End => actions = aligner.on_end(input),
+                _ => {}
+            }
+        }
+        // With an aligner, barriers end here: the aligner decided what they cause.
+        let is_barrier = matches!(element, Element::Barrier(_)) && gate.aligner.is_some();
+        self.apply_alignment(now, task, actions)?;
+        if is_barrier {
+            return Ok(());
+        }
         let mut merged = std::mem::take(&mut self.scratch.0);
         let Head::Gate(gate) = &mut self.tasks[task].head else {
-            unreachable!("input delivered to source {}", self.tasks[task].id)
+            unreachable!("checked above")
         };
-        let result = gate.on_element(input, element, &mut merged);
-        if let Err(error) = result {
-            return Err(NodeError {
-                subtask: self.tasks[task].id,
+        gate.on_element(input, element, &mut merged)
+            .map_err(|error| NodeError {
+                subtask: id,
                 operator: "input".into(),
                 error,
-            });
-        }
+            })?;
         for element in merged.drain(..) {
             self.run_chain(now, task, element)?;
         }
         self.scratch.0 = merged;
+        Ok(())
+    }
+
+    /// Carries out what the aligner decided: snapshot through the chain, release held elements.
+    fn apply_alignment(
+        &mut self,
+        now: Instant,
+        task: usize,
+        actions: Vec<AlignAction>,
+    ) -> Result<(), NodeError> {
+        for action in actions {
+            match action {
+                AlignAction::Snapshot {
+                    checkpoint,
+                    unaligned: false,
+                } => {
+                    let barrier = Barrier {
+                        checkpoint,
+                        kind: BarrierKind::Aligned,
+                    };
+                    self.run_chain(now, task, Element::Barrier(barrier))?;
+                }
+                AlignAction::Release => {
+                    let Head::Gate(gate) = &mut self.tasks[task].head else {
+                        unreachable!("aligning a source")
+                    };
+                    for (input, element) in std::mem::take(&mut gate.held) {
+                        self.deliver(now, task, input, element)?;
+                    }
+                }
+                // A newer barrier took over; the coordinator aborts the old checkpoint.
+                AlignAction::Abort { .. } => {}
+                AlignAction::Snapshot {
+                    unaligned: true, ..
+                }
+                | AlignAction::InFlightComplete { .. } => {
+                    unreachable!("nodes align in aligned mode only")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -481,6 +654,7 @@ impl Node {
     ) -> Result<(), NodeError> {
         let mut current = vec![element];
         let mut next = std::mem::take(&mut self.scratch.1);
+        let checkpointing = self.checkpointing;
         let task = &mut self.tasks[task_index];
         assert!(
             !task.finished,
@@ -489,8 +663,14 @@ impl Node {
             current[0].kind_name()
         );
         let ending = matches!(current[0], Element::End);
+        let barrier = match &current[0] {
+            Element::Barrier(barrier) => Some(barrier.checkpoint),
+            _ => None,
+        };
+        let mut written = OperatorSnapshot::default();
         for operator in task.chain.iter_mut() {
-            let mut context = Context::new(now, self.storage.as_mut(), task.id, &mut next);
+            let mut context = Context::new(now, self.storage.as_mut(), task.id, &mut next)
+                .with_checkpointing(checkpointing);
             for element in current.drain(..) {
                 let result = match element {
                     Element::Batch(batch) => operator.on_batch(&mut context, batch),
@@ -498,7 +678,14 @@ impl Node {
                     Element::End => operator
                         .on_end(&mut context)
                         .map(|()| context.emit(Element::End)),
-                    other @ (Element::Idle | Element::Active | Element::Barrier(_)) => {
+                    Element::Barrier(barrier) => operator
+                        .on_barrier(&mut context, barrier.checkpoint)
+                        .map(|snapshot| {
+                            written.files.extend(snapshot.files);
+                            written.pending_output.extend(snapshot.pending_output);
+                            context.emit(Element::Barrier(barrier));
+                        }),
+                    other @ (Element::Idle | Element::Active) => {
                         context.emit(other);
                         Ok(())
                     }
@@ -511,8 +698,45 @@ impl Node {
             }
             std::mem::swap(&mut current, &mut next);
         }
+        let source_offset = match &task.head {
+            Head::Source { source, .. } => Some(source.offset().0),
+            Head::Gate(_) => None,
+        };
+        if let Some(checkpoint) = barrier {
+            let snapshot = TaskSnapshot {
+                subtask: task.id,
+                source_offset,
+                files: written.files,
+                pending_output: written.pending_output,
+            };
+            task.acked_last = Some(checkpoint);
+            self.events.push_back(Event::CheckpointAck {
+                checkpoint,
+                snapshot,
+            });
+        }
         if ending {
             task.finished = true;
+            if checkpointing {
+                let snapshot =
+                    Self::snapshot_final(task, self.storage.as_mut(), now, source_offset)?;
+                // Checkpoints whose barriers never reached this task (its inputs ended first)
+                // are acknowledged with the final snapshot: it covers all of its input.
+                let acked_last = task.acked_last;
+                for &checkpoint in self
+                    .checkpoints_triggered
+                    .iter()
+                    .filter(|&&c| acked_last.is_none_or(|last| c > last))
+                {
+                    task.snapshot_final_acked.get_or_insert(checkpoint);
+                    task.acked_last = Some(checkpoint);
+                    self.events.push_back(Event::CheckpointAck {
+                        checkpoint,
+                        snapshot: snapshot.clone(),
+                    });
+                }
+                task.snapshot_final = Some(snapshot);
+            }
             self.events
                 .push_back(Event::TaskFinished { subtask: task.id });
         }
@@ -527,6 +751,127 @@ impl Node {
         }
         self.scratch.1 = next;
         Ok(())
+    }
+
+    /// What a task keeps at its end of input: its operators' `END_OF_INPUT` snapshots.
+    fn snapshot_final(
+        task: &mut Task,
+        storage: &mut dyn Storage,
+        now: Instant,
+        source_offset: Option<u64>,
+    ) -> Result<TaskSnapshot, NodeError> {
+        let mut out = Vec::new();
+        let mut snapshot = TaskSnapshot {
+            subtask: task.id,
+            source_offset,
+            files: Vec::new(),
+            pending_output: Vec::new(),
+        };
+        for operator in task.chain.iter_mut() {
+            let mut context =
+                Context::new(now, storage, task.id, &mut out).with_checkpointing(true);
+            let written = operator
+                .on_barrier(&mut context, CheckpointId::END_OF_INPUT)
+                .map_err(|error| NodeError {
+                    subtask: task.id,
+                    operator: operator.name().to_string(),
+                    error,
+                })?;
+            snapshot.files.extend(written.files);
+            snapshot.pending_output.extend(written.pending_output);
+        }
+        assert!(
+            out.is_empty(),
+            "{}: the final snapshot emitted elements",
+            task.id
+        );
+        Ok(snapshot)
+    }
+
+    /// The coordinator triggered `checkpoint`: sources record their offsets and emit its barrier;
+    /// tasks that already finished acknowledge with what they kept at their end.
+    pub fn handle_checkpoint_trigger(
+        &mut self,
+        now: Instant,
+        checkpoint: CheckpointId,
+    ) -> Result<(), NodeError> {
+        assert!(
+            self.checkpointing,
+            "node {}: checkpoint triggered, but checkpointing is off",
+            self.index
+        );
+        assert!(
+            self.checkpoints_triggered
+                .last()
+                .is_none_or(|&last| last < checkpoint),
+            "checkpoint {checkpoint:?} triggered out of order"
+        );
+        self.checkpoints_triggered.push(checkpoint);
+        for index in 0..self.tasks.len() {
+            let task = &mut self.tasks[index];
+            if task.finished {
+                let snapshot = task
+                    .snapshot_final
+                    .clone()
+                    .expect("a finished task kept its final snapshot");
+                task.snapshot_final_acked.get_or_insert(checkpoint);
+                task.acked_last = Some(checkpoint);
+                self.events.push_back(Event::CheckpointAck {
+                    checkpoint,
+                    snapshot,
+                });
+            } else if matches!(task.head, Head::Source { .. }) {
+                let barrier = Barrier {
+                    checkpoint,
+                    kind: BarrierKind::Aligned,
+                };
+                self.run_chain(now, index, Element::Barrier(barrier))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `checkpoint` is complete and durable: operators commit what it covers.
+    pub fn handle_checkpoint_complete(
+        &mut self,
+        now: Instant,
+        checkpoint: CheckpointId,
+    ) -> Result<(), NodeError> {
+        self.checkpoints_triggered.retain(|&c| c > checkpoint);
+        let mut out = Vec::new();
+        for task in self.tasks.iter_mut() {
+            let covers_final = task
+                .snapshot_final_acked
+                .is_some_and(|acked| acked <= checkpoint);
+            for operator in task.chain.iter_mut() {
+                let mut context = Context::new(now, self.storage.as_mut(), task.id, &mut out)
+                    .with_checkpointing(true);
+                let mut result = operator.on_checkpoint_complete(&mut context, checkpoint);
+                if result.is_ok() && covers_final && !task.final_committed {
+                    result =
+                        operator.on_checkpoint_complete(&mut context, CheckpointId::END_OF_INPUT);
+                }
+                result.map_err(|error| NodeError {
+                    subtask: task.id,
+                    operator: operator.name().to_string(),
+                    error,
+                })?;
+            }
+            task.final_committed |= covers_final;
+        }
+        assert!(
+            out.is_empty(),
+            "node {}: committing emitted elements",
+            self.index
+        );
+        Ok(())
+    }
+
+    /// Every subtask finished and, with checkpoints, a completed checkpoint covered its end.
+    pub fn is_done(&self) -> bool {
+        self.tasks
+            .iter()
+            .all(|task| task.finished && (!self.checkpointing || task.final_committed))
     }
 
     fn route_output(&mut self, task_index: usize, element: Element) -> Result<(), OperatorError> {
@@ -629,7 +974,7 @@ mod tests {
     // Method: a script over three inputs with the expected merged elements after each step.
     #[test]
     fn gate_merges_watermarks_idleness_and_end() {
-        let mut gate = InputGate::new(3);
+        let mut gate = InputGate::new(3, false);
         let mut out = Vec::new();
         gate.on_element(0, Element::Watermark(EventTime(10)), &mut out)
             .unwrap();
@@ -679,7 +1024,7 @@ mod tests {
     #[test]
     fn gate_rejects_protocol_violations() {
         let mut out = Vec::new();
-        let mut gate = InputGate::new(2);
+        let mut gate = InputGate::new(2, false);
         gate.on_element(0, Element::Watermark(EventTime(10)), &mut out)
             .unwrap();
         let error = gate
