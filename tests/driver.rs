@@ -106,7 +106,9 @@ fn unusable_state_directory_is_an_error() {
     };
     let error = driver::build_nodes(&plan, &config).err().expect("an error");
     assert!(
-        error.to_string().contains("state backend for subtask 1.0"),
+        error
+            .to_string()
+            .contains("subtask 1.0 (state backend): state backend failed: rocksdb at"),
         "{error}"
     );
 }
