@@ -10,11 +10,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sabot_kernel::checkpoint::coordinator::{Action, Coordinator, CoordinatorConfig};
+use sabot_kernel::checkpoint::manifest::{manifest_path, persist, Manifest, TaskSnapshot};
 use sabot_kernel::dataflow::{PhysicalPlan, SubtaskId};
+use sabot_kernel::element::CheckpointId;
 use sabot_kernel::element::Element;
+use sabot_kernel::env::Storage;
 use sabot_kernel::env::{ChannelId, Clock, SendRefused, Transport, TransportError};
 use sabot_kernel::key_group::KeyGroupRange;
-use sabot_kernel::node::{Node, NodeError, NodeMetrics, NodeOptions, Step};
+use sabot_kernel::node::{Event, Node, NodeError, NodeMetrics, NodeOptions, Step};
 use sabot_kernel::state::{HeapBackend, StateBackend, StateError};
 use tokio::sync::mpsc;
 
@@ -38,9 +42,34 @@ pub enum StateKind {
 
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
-    /// Root of storage: sink output under `output/`, RocksDB state under `state/`.
+    /// Root of storage: sink output under `output/`, RocksDB state under `state/`, checkpoints
+    /// under `checkpoints/`.
     pub data_dir: PathBuf,
     pub state: StateKind,
+    /// Take checkpoints, and commit output only for completed ones.
+    pub checkpoints: Option<CheckpointSettings>,
+    /// Start from this completed checkpoint (found with `manifest::find_latest`).
+    pub restore: Option<Manifest>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointSettings {
+    pub interval_ms: u64,
+    /// Completed checkpoints kept on disk.
+    pub retained_count: usize,
+}
+
+/// Counters of the checkpoint coordinator, for progress reports and summaries.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointStats {
+    inner: Arc<Mutex<(u64, u64)>>,
+}
+
+impl CheckpointStats {
+    /// Checkpoints completed and aborted in this run.
+    pub fn completed_aborted(&self) -> (u64, u64) {
+        *self.inner.lock().expect("stats lock")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +83,8 @@ pub enum DriverError {
     },
     #[error("node {node} stopped: {reason}")]
     NodeLost { node: u16, reason: String },
+    #[error("checkpoint coordinator: {0}")]
+    Coordinator(String),
 }
 
 /// Counters of every node, refreshed as nodes run, for progress reports.
@@ -122,31 +153,80 @@ pub fn build_nodes(
                 index,
                 Box::new(storage),
                 &mut backends,
-                NodeOptions::default(),
+                NodeOptions {
+                    checkpointing: config.checkpoints.is_some(),
+                    restore: config.restore.clone().map(Arc::new),
+                },
             )?)
         })
         .collect()
 }
 
-/// Runs `plan` to the end: one tokio task per node on a runtime with one worker per node.
-/// `progress` is refreshed while it runs.
+/// Runs `plan` to the end: one tokio task per node on a runtime with one worker per node, and,
+/// with checkpoints, a coordinator task. `progress` and `stats` are refreshed while it runs.
 pub async fn run(
     plan: Arc<PhysicalPlan>,
     config: DriverConfig,
     progress: Progress,
+    stats: CheckpointStats,
 ) -> Result<(), DriverError> {
     let nodes = build_nodes(&plan, &config)?;
     let clock = TokioClock::new();
+    let (report_sender, reports) = mpsc::unbounded_channel();
+    let mut command_senders = Vec::new();
     let mut handles = Vec::new();
     for (node, transport) in nodes.into_iter().zip(InProcTransport::connect(&plan)) {
+        let control = config.checkpoints.as_ref().map(|_| {
+            let (sender, commands) = mpsc::unbounded_channel();
+            command_senders.push(sender);
+            NodeControl {
+                commands,
+                reports: report_sender.clone(),
+                done_reported: false,
+            }
+        });
         let driver = NodeDriver {
             node,
             transport,
             clock: clock.clone(),
             progress: progress.clone(),
+            control,
         };
         handles.push(tokio::spawn(driver.run()));
     }
+    drop(report_sender);
+    let coordinator = match &config.checkpoints {
+        Some(settings) => {
+            let coordinator = Coordinator::new(
+                CoordinatorConfig {
+                    interval_ms: settings.interval_ms,
+                    timeout_ms: CHECKPOINT_TIMEOUT_MS,
+                    concurrent_max: 1,
+                    retained_count: settings.retained_count,
+                },
+                &plan.graph.name,
+                plan.graph.max_parallelism.get(),
+                plan.graph.subtasks(),
+                config.restore.clone(),
+            );
+            let storage =
+                LocalFsStorage::open(&config.data_dir).map_err(|error| DriverError::DataDir {
+                    path: config.data_dir.clone(),
+                    error,
+                })?;
+            let task = coordinate(
+                coordinator,
+                reports,
+                command_senders.clone(),
+                storage,
+                clock,
+                plan.node_count,
+                stats,
+            );
+            Some(tokio::spawn(task))
+        }
+        None => None,
+    };
     let mut first_error = None;
     for (index, handle) in handles.into_iter().enumerate() {
         let result = handle
@@ -157,10 +237,115 @@ pub async fn run(
             })
             .and_then(|result| result);
         if let Err(error) = result {
+            // One node failed: the others cannot finish; stop them and the coordinator.
+            for sender in &command_senders {
+                let _ = sender.send(Command::Stop);
+            }
             first_error.get_or_insert(error);
         }
     }
+    if let Some(coordinator) = coordinator {
+        if first_error.is_some() {
+            coordinator.abort();
+        } else {
+            coordinator
+                .await
+                .map_err(|error| DriverError::Coordinator(error.to_string()))??;
+        }
+    }
     first_error.map_or(Ok(()), Err)
+}
+
+/// A checkpoint not complete this long after its trigger is aborted.
+const CHECKPOINT_TIMEOUT_MS: u64 = 60_000;
+
+/// What the coordinator tells a node.
+#[derive(Clone, Copy, Debug)]
+enum Command {
+    Trigger(CheckpointId),
+    Complete(CheckpointId),
+    /// Every node is done (or one failed): stop.
+    Stop,
+}
+
+/// What a node tells the coordinator.
+#[derive(Debug)]
+enum Report {
+    Ack(CheckpointId, TaskSnapshot),
+    /// Every subtask of the node finished and its final output is committed.
+    Done(u16),
+}
+
+/// The checkpoint coordinator's task: runs the pure `Coordinator` against real time and disk.
+async fn coordinate(
+    mut coordinator: Coordinator,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    commands: Vec<mpsc::UnboundedSender<Command>>,
+    mut storage: LocalFsStorage,
+    clock: TokioClock,
+    node_count: u16,
+    stats: CheckpointStats,
+) -> Result<(), DriverError> {
+    // A node that stopped early (failure) no longer listens; its failure is reported elsewhere.
+    let broadcast = |command: Command| {
+        for sender in &commands {
+            let _ = sender.send(command);
+        }
+    };
+    let mut done = std::collections::BTreeSet::new();
+    loop {
+        coordinator.handle_timeout(clock.now());
+        while let Some(action) = coordinator.poll_action() {
+            match action {
+                Action::Trigger { checkpoint, .. } => broadcast(Command::Trigger(checkpoint)),
+                Action::Persist { manifest } => match persist(&mut storage, &manifest) {
+                    Ok(()) => coordinator.handle_persisted(manifest.checkpoint),
+                    Err(error) => {
+                        eprintln!(
+                            "checkpoint {} could not be made durable: {error}",
+                            manifest.checkpoint.0
+                        );
+                        coordinator.handle_persist_failed(manifest.checkpoint, &error.to_string())
+                    }
+                }
+                .map_err(|e| DriverError::Coordinator(e.to_string()))?,
+                Action::NotifyComplete { checkpoint } => {
+                    stats.inner.lock().expect("stats lock").0 += 1;
+                    broadcast(Command::Complete(checkpoint));
+                }
+                Action::Abort { .. } => stats.inner.lock().expect("stats lock").1 += 1,
+                Action::Discard { checkpoint, files } => {
+                    // Best effort: a file left behind is garbage, not a correctness problem.
+                    for file in files
+                        .iter()
+                        .chain(std::iter::once(&manifest_path(checkpoint)))
+                    {
+                        let _ = storage.delete(file);
+                    }
+                }
+            }
+        }
+        if done.len() == usize::from(node_count) {
+            broadcast(Command::Stop);
+            return Ok(());
+        }
+        let wake = coordinator
+            .poll_timeout()
+            .map_or(u64::MAX / 4, |at| at.saturating_sub(clock.now()));
+        tokio::select! {
+            biased;
+            report = reports.recv() => match report {
+                Some(Report::Ack(checkpoint, snapshot)) => {
+                    coordinator.handle_ack(checkpoint, snapshot).map_err(|e| DriverError::Coordinator(e.to_string()))?
+                }
+                Some(Report::Done(node)) => {
+                    done.insert(node);
+                }
+                None => return Ok(()),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(wake)) => {}
+        }
+    }
 }
 
 /// The [`Transport`] between nodes of one process: one bounded channel into each node, which
@@ -241,6 +426,14 @@ struct NodeDriver {
     transport: InProcTransport,
     clock: TokioClock,
     progress: Progress,
+    /// With checkpoints: commands from the coordinator and reports to it.
+    control: Option<NodeControl>,
+}
+
+struct NodeControl {
+    commands: mpsc::UnboundedReceiver<Command>,
+    reports: mpsc::UnboundedSender<Report>,
+    done_reported: bool,
 }
 
 /// How often a node reports its counters, in milliseconds.
@@ -253,9 +446,18 @@ impl NodeDriver {
         let mut held: Option<Envelope> = None;
         let mut published = self.clock.now();
         loop {
+            while let Some(command) = self
+                .control
+                .as_mut()
+                .and_then(|c| c.commands.try_recv().ok())
+            {
+                if !self.obey(command)? {
+                    return Ok(());
+                }
+            }
             self.take_input()?;
             let step = self.node.handle_step(self.clock.now())?;
-            while self.node.poll_event().is_some() {}
+            self.forward_events();
             self.send_output(&mut held)?;
             let now = self.clock.now();
             if now.saturating_sub(published) >= PROGRESS_EVERY_MS || step == Step::Finished {
@@ -263,12 +465,69 @@ impl NodeDriver {
                 published = now;
             }
             match (step, held.is_some()) {
-                (Step::Finished, false) => return Ok(()),
+                (Step::Finished, false) if self.control.is_none() => return Ok(()),
+                (Step::Finished, false) => {
+                    // Finished: wait for the checkpoint that commits the final output, then for Stop.
+                    self.report_done_once();
+                    match self.next_command().await {
+                        Some(command) if self.obey(command)? => {}
+                        _ => return Ok(()),
+                    }
+                }
                 // Work left: step again (and retry the held element then) after letting others run.
                 (Step::Busy, _) => tokio::task::yield_now().await,
                 (Step::Idle | Step::Finished, true) => self.wait_for_room(&mut held).await?,
-                (Step::Idle, false) => self.wait_for_input().await,
+                (Step::Idle, false) => self.wait_for_input().await?,
             }
+        }
+    }
+
+    /// Carries out a coordinator command; `false` for Stop.
+    fn obey(&mut self, command: Command) -> Result<bool, DriverError> {
+        let now = self.clock.now();
+        match command {
+            Command::Trigger(checkpoint) => self.node.handle_checkpoint_trigger(now, checkpoint)?,
+            Command::Complete(checkpoint) => {
+                self.node.handle_checkpoint_complete(now, checkpoint)?
+            }
+            Command::Stop => return Ok(false),
+        }
+        self.forward_events();
+        Ok(true)
+    }
+
+    /// Sends acknowledgements to the coordinator; other events need no one.
+    fn forward_events(&mut self) {
+        while let Some(event) = self.node.poll_event() {
+            if let (
+                Event::CheckpointAck {
+                    checkpoint,
+                    snapshot,
+                },
+                Some(control),
+            ) = (event, &self.control)
+            {
+                // A coordinator that is gone stopped the job; the node learns it from Stop.
+                let _ = control.reports.send(Report::Ack(checkpoint, snapshot));
+            }
+        }
+    }
+
+    fn report_done_once(&mut self) {
+        let index = self.node.index();
+        if let Some(control) = self.control.as_mut().filter(|_| self.node.is_done()) {
+            if !control.done_reported {
+                control.done_reported = true;
+                let _ = control.reports.send(Report::Done(index));
+            }
+        }
+    }
+
+    /// The next coordinator command; never, without checkpoints.
+    async fn next_command(&mut self) -> Option<Command> {
+        match &mut self.control {
+            Some(control) => control.commands.recv().await,
+            None => std::future::pending().await,
         }
     }
 
@@ -312,11 +571,24 @@ impl NodeDriver {
         let channel = held.as_ref().expect("an element is held").0;
         let can_take_input = self.node.inbox_room() > 0;
         let writable = self.transport.writable(channel);
-        let (writable, received) = tokio::select! {
-            biased;
-            received = self.transport.recv(), if can_take_input => (None, received),
-            writable = writable => (Some(writable), None),
+        let commands = match &mut self.control {
+            Some(control) => Some(&mut control.commands),
+            None => None,
         };
+        let (writable, received, command) = tokio::select! {
+            biased;
+            command = next(commands) => (None, None, command),
+            received = self.transport.recv(), if can_take_input => (None, received, None),
+            writable = writable => (Some(writable), None, None),
+        };
+        if let Some(command) = command {
+            if !self.obey(command)? {
+                return Err(DriverError::NodeLost {
+                    node: self.node.index(),
+                    reason: "stopped by the coordinator".into(),
+                });
+            }
+        }
         if let Some((channel, element)) = received {
             self.node.handle_element(self.clock.now(), channel, element);
         }
@@ -324,21 +596,45 @@ impl NodeDriver {
         self.send_output(held)
     }
 
-    /// Waits for input, or for the node's next timeout.
-    async fn wait_for_input(&mut self) {
+    /// Waits for input, a coordinator command, or the node's next timeout.
+    async fn wait_for_input(&mut self) -> Result<(), DriverError> {
         let timeout = self
             .node
             .poll_timeout()
             .map(|at| at.saturating_sub(self.clock.now()));
         let sleep = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(u64::MAX / 4)));
-        tokio::select! {
+        let commands = match &mut self.control {
+            Some(control) => Some(&mut control.commands),
+            None => None,
+        };
+        let (received, command) = tokio::select! {
             biased;
-            received = self.transport.recv() => {
-                if let Some((channel, element)) = received {
-                    self.node.handle_element(self.clock.now(), channel, element);
-                }
+            command = next(commands) => (None, command),
+            received = self.transport.recv() => (received, None),
+            _ = sleep, if timeout.is_some() => (None, None),
+        };
+        if let Some(command) = command {
+            if !self.obey(command)? {
+                return Err(DriverError::NodeLost {
+                    node: self.node.index(),
+                    reason: "stopped by the coordinator".into(),
+                });
             }
-            _ = sleep, if timeout.is_some() => {}
         }
+        if let Some((channel, element)) = received {
+            self.node.handle_element(self.clock.now(), channel, element);
+        }
+        Ok(())
+    }
+}
+
+/// The next command from an optional channel; pending forever without one (or once it closed).
+async fn next(commands: Option<&mut mpsc::UnboundedReceiver<Command>>) -> Option<Command> {
+    match commands {
+        Some(commands) => match commands.recv().await {
+            Some(command) => Some(command),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use sabot::driver::{self, DriverConfig, Progress, StateKind};
+use sabot::driver::{self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, StateKind};
 use sabot::fs_storage::LocalFsStorage;
+use sabot_kernel::checkpoint::manifest::{find_latest, Manifest};
 use sabot_kernel::dataflow::sink::read_committed;
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::workload;
@@ -25,6 +26,10 @@ flags of `sabot run`:
   --data-dir DIR        storage root: state under DIR/state, output under DIR/output (default ./sabot-data)
   --state KIND          keyed state: rocksdb (default) or heap
   --batch-size N        records per Arrow batch (default 4096)
+  --checkpoint-interval-ms N
+                        take a checkpoint every N ms and commit output exactly once (default 0: no
+                        checkpoints; output is committed at the end). With checkpoints, a run in a
+                        data directory that holds a completed checkpoint of the job resumes from it
 ";
 
 #[derive(Debug)]
@@ -34,6 +39,7 @@ struct RunArgs {
     data_dir: PathBuf,
     state: StateKind,
     batch_size: usize,
+    checkpoint_interval_ms: u64,
 }
 
 /// A command-line mistake: printed with a pointer to the usage, exit code 2.
@@ -57,6 +63,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
         data_dir: PathBuf::from("sabot-data"),
         state: StateKind::RocksDb,
         batch_size: 4096,
+        checkpoint_interval_ms: 0,
     };
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
@@ -74,6 +81,9 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
             "--records" => run.records = parse_number(flag, &value()?)?,
             "--parallelism" => run.parallelism = parse_number(flag, &value()?)?,
             "--batch-size" => run.batch_size = parse_number(flag, &value()?)?,
+            "--checkpoint-interval-ms" => {
+                run.checkpoint_interval_ms = parse_number(flag, &value()?)?
+            }
             "--data-dir" => run.data_dir = PathBuf::from(value()?),
             "--state" => {
                 run.state = match value()?.as_str() {
@@ -133,6 +143,29 @@ fn usage_error(message: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The latest usable checkpoint of `job` in the data directory; says on stderr what it skipped.
+fn find_checkpoint(data_dir: &std::path::Path, job: &str) -> anyhow::Result<Option<Manifest>> {
+    let mut storage = LocalFsStorage::open(data_dir).context("opening the data directory")?;
+    let recovery =
+        find_latest(&mut storage, job).context("looking for a checkpoint to resume from")?;
+    if let Some(problem) = &recovery.pointer_problem {
+        eprintln!(
+            "the latest-checkpoint pointer is unusable ({problem}); looking at every checkpoint"
+        );
+    }
+    for (checkpoint, reason) in &recovery.skipped {
+        eprintln!("skipping checkpoint {}: it {reason}", checkpoint.0);
+    }
+    if let Some(manifest) = &recovery.manifest {
+        eprintln!(
+            "resuming from checkpoint {} in {}",
+            manifest.checkpoint.0,
+            data_dir.display()
+        );
+    }
+    Ok(recovery.manifest)
+}
+
 /// Removes what an earlier run of the job left, so that output and state are this run's only.
 fn clear_previous(data_dir: &std::path::Path, job: &str) -> anyhow::Result<()> {
     for dir in [
@@ -152,7 +185,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let graph = workload::w2_job(args.records, args.parallelism, args.batch_size)
         .context("building the W2 job")?;
     let plan = Arc::new(PhysicalPlan::new(graph, args.parallelism));
-    clear_previous(&args.data_dir, &plan.graph.name)?;
+    let restore = if args.checkpoint_interval_ms > 0 {
+        find_checkpoint(&args.data_dir, &plan.graph.name)?
+    } else {
+        None
+    };
+    if restore.is_none() {
+        clear_previous(&args.data_dir, &plan.graph.name)?;
+    }
     let state_name = match args.state {
         StateKind::RocksDb => format!("rocksdb under {}", args.data_dir.join("state").display()),
         StateKind::Heap => "heap (in memory)".to_string(),
@@ -163,9 +203,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.parallelism,
         state_name
     );
+    let checkpoints = (args.checkpoint_interval_ms > 0).then(|| CheckpointSettings {
+        interval_ms: args.checkpoint_interval_ms,
+        retained_count: 3,
+    });
+    let resumed_from = restore.as_ref().map(|manifest| manifest.checkpoint.0);
     let config = DriverConfig {
         data_dir: args.data_dir.clone(),
         state: args.state.clone(),
+        checkpoints,
+        restore,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(args.parallelism))
@@ -173,10 +220,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let progress = Progress::default();
+    let stats = CheckpointStats::default();
     let started = Instant::now();
     let mut state_peak = 0_u64;
     let result = runtime.block_on(async {
-        let job = tokio::spawn(driver::run(plan.clone(), config, progress.clone()));
+        let job = tokio::spawn(driver::run(plan.clone(), config, progress.clone(), stats.clone()));
         tokio::pin!(job);
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.tick().await;
@@ -208,7 +256,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("running the job")?;
     let metrics = progress.total();
     state_peak = state_peak.max(metrics.state_size_bytes);
-    summarize(&args, metrics, elapsed, state_peak)
+    summarize(
+        &args,
+        metrics,
+        elapsed,
+        state_peak,
+        stats.completed_aborted(),
+        resumed_from,
+    )
 }
 
 fn summarize(
@@ -216,6 +271,8 @@ fn summarize(
     metrics: sabot_kernel::node::NodeMetrics,
     elapsed: Duration,
     state_peak: u64,
+    checkpoints: (u64, u64),
+    resumed_from: Option<u64>,
 ) -> anyhow::Result<()> {
     let mut storage = LocalFsStorage::open(&args.data_dir).context("opening the data directory")?;
     let batches = read_committed(&mut storage, "w2").context("reading the committed output")?;
@@ -238,7 +295,19 @@ fn summarize(
     let seconds = elapsed.as_secs_f64();
     let output_dir = args.data_dir.join("output").join("w2");
     println!("summary");
-    println!("  records in      {}", group_digits(metrics.records_in));
+    match resumed_from {
+        Some(checkpoint) => println!(
+            "  records in      {} (this run, resumed from checkpoint {checkpoint})",
+            group_digits(metrics.records_in)
+        ),
+        None => println!("  records in      {}", group_digits(metrics.records_in)),
+    }
+    if args.checkpoint_interval_ms > 0 {
+        println!(
+            "  checkpoints     {} completed, {} aborted (every {} ms)",
+            checkpoints.0, checkpoints.1, args.checkpoint_interval_ms
+        );
+    }
     println!(
         "  windows out     {} rows (one per key and window)",
         group_digits(metrics.records_out)
@@ -267,15 +336,18 @@ fn summarize(
         group_digits(count_sum),
         group_digits_i128(value_sum)
     );
+    if resumed_from.is_none() {
+        anyhow::ensure!(
+            rows == metrics.records_out,
+            "committed {rows} rows, but the sinks took {}",
+            metrics.records_out
+        );
+    }
+    // Every record of the input is counted in exactly one committed window, resumed or not.
     anyhow::ensure!(
-        rows == metrics.records_out,
-        "committed {rows} rows, but the sinks took {}",
-        metrics.records_out
-    );
-    anyhow::ensure!(
-        count_sum == metrics.records_in,
+        count_sum == args.records,
         "the window counts add up to {count_sum}, not {}",
-        metrics.records_in
+        args.records
     );
     if args.records == workload::RECORD_COUNT_DEFAULT {
         let matches = rows == workload::W2_EXPECTED_ROWS

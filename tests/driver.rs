@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use sabot::driver::{self, DriverConfig, Progress, StateKind};
+use sabot::driver::{self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, StateKind};
 use sabot::fs_storage::LocalFsStorage;
 use sabot_kernel::dataflow::sink::read_committed;
 use sabot_kernel::dataflow::PhysicalPlan;
@@ -24,11 +24,64 @@ fn run_driver(
     let config = DriverConfig {
         data_dir: dir.to_path_buf(),
         state,
+        checkpoints: None,
+        restore: None,
     };
     runtime
-        .block_on(driver::run(Arc::new(plan), config, progress.clone()))
+        .block_on(driver::run(
+            Arc::new(plan),
+            config,
+            progress.clone(),
+            CheckpointStats::default(),
+        ))
         .expect("driver run");
     progress.total()
+}
+
+// Goal: with checkpoints on tokio + RocksDB, output is committed only through completed
+// checkpoints, and it is exactly the reference. Method: W2 with a checkpoint every 2 ms.
+#[test]
+fn w2_with_checkpoints_equals_reference() {
+    let record_count = 60_000;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let checkpoints = Some(CheckpointSettings {
+        interval_ms: 2,
+        retained_count: 2,
+    });
+    let config = DriverConfig {
+        data_dir: dir.path().to_path_buf(),
+        state: StateKind::RocksDb,
+        checkpoints,
+        restore: None,
+    };
+    let plan = Arc::new(PhysicalPlan::new(w2_job(record_count, 2, 500).unwrap(), 2));
+    let stats = CheckpointStats::default();
+    runtime
+        .block_on(driver::run(
+            plan,
+            config,
+            Progress::default(),
+            stats.clone(),
+        ))
+        .expect("driver run");
+    let mut storage = LocalFsStorage::open(dir.path()).unwrap();
+    let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
+    assert_eq!(rows, w2_reference(record_count, W2_WINDOW_SIZE_MS));
+    let (completed, _) = stats.completed_aborted();
+    assert!(
+        completed >= 1,
+        "the final output was committed by a checkpoint"
+    );
+    assert!(storage
+        .list("checkpoints")
+        .unwrap()
+        .iter()
+        .any(|name| name == "_latest"));
 }
 
 // Goal: tokio + RocksDB + local disk commit exactly what the pure in-memory kernel run commits,
@@ -103,6 +156,8 @@ fn unusable_state_directory_is_an_error() {
     let config = DriverConfig {
         data_dir: dir.path().to_path_buf(),
         state: StateKind::RocksDb,
+        checkpoints: None,
+        restore: None,
     };
     let error = driver::build_nodes(&plan, &config).err().expect("an error");
     assert!(

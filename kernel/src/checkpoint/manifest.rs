@@ -72,7 +72,8 @@ pub fn checkpoint_dir(id: CheckpointId) -> String {
     format!("{CHECKPOINTS_DIR}/chk-{:020}", id.0)
 }
 
-fn manifest_path(id: CheckpointId) -> String {
+/// Where the manifest of checkpoint `id` lives.
+pub fn manifest_path(id: CheckpointId) -> String {
     format!("{CHECKPOINTS_DIR}/{MANIFEST_PREFIX}{:020}", id.0)
 }
 
