@@ -203,7 +203,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.parallelism,
         state_name
     );
-    let checkpoints = (args.checkpoint_interval_ms > 0).then(|| CheckpointSettings {
+    let checkpoints = (args.checkpoint_interval_ms > 0).then_some(CheckpointSettings {
         interval_ms: args.checkpoint_interval_ms,
         retained_count: 3,
     });
