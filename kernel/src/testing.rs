@@ -135,7 +135,49 @@ pub fn run_in_memory_with(
 pub struct CrashSchedule {
     pub interval_steps: u64,
     pub crash_at_steps: Vec<u64>,
+    /// Steps `[start, end)` during which the disk is full: every write fails with
+    /// `StorageError::Full` (snapshot files, manifests, sink output alike).
+    pub disk_full_steps: Vec<(u64, u64)>,
 }
+
+/// Storage that refuses writes while `full` is set, as a disk that ran out of space.
+#[derive(Clone)]
+struct FillableDisk {
+    inner: SharedMemStorage,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Storage for FillableDisk {
+    fn write(&mut self, path: &str, data: &[u8]) -> Result<(), StorageError> {
+        if self.full.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StorageError::Full {
+                path: path.to_string(),
+            });
+        }
+        self.inner.write(path, data)
+    }
+    fn sync_file(&mut self, path: &str) -> Result<(), StorageError> {
+        self.inner.sync_file(path)
+    }
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&mut self, dir: &str) -> Result<(), StorageError> {
+        self.inner.sync_dir(dir)
+    }
+    fn read(&mut self, path: &str) -> Result<Vec<u8>, StorageError> {
+        self.inner.read(path)
+    }
+    fn list(&mut self, dir: &str) -> Result<Vec<String>, StorageError> {
+        self.inner.list(dir)
+    }
+    fn delete(&mut self, path: &str) -> Result<(), StorageError> {
+        self.inner.delete(path)
+    }
+}
+
+/// Task failures a checkpointed run tolerates (each restarts the job) before it gives up.
+const TASK_FAILURES_MAX: u64 = 10_000;
 
 /// A checkpointed run's outcome.
 pub struct CheckpointedRun {
@@ -144,6 +186,9 @@ pub struct CheckpointedRun {
     pub recoveries: u64,
     /// Recoveries that found a completed checkpoint (the others started over).
     pub restored_from_checkpoint: u64,
+    /// Task failures (an operator's `Err`, such as a full disk), each answered by a restart.
+    pub task_failures: u64,
+    pub checkpoints_aborted: u64,
     pub step_count: u64,
 }
 
@@ -161,16 +206,45 @@ pub fn run_checkpointed(
 
     let plan = Arc::new(plan);
     let storage = SharedMemStorage::default();
+    let disk = FillableDisk {
+        inner: storage.clone(),
+        full: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
     let mut crashes = schedule.crash_at_steps.clone();
     crashes.sort_unstable();
     crashes.reverse();
-    let (mut step, mut checkpoints_completed, mut recoveries, mut restored_from_checkpoint) =
-        (0_u64, 0_u64, 0_u64, 0_u64);
+    let mut step = 0_u64;
+    let mut run = CheckpointedRun {
+        storage: storage.clone(),
+        checkpoints_completed: 0,
+        recoveries: 0,
+        restored_from_checkpoint: 0,
+        task_failures: 0,
+        checkpoints_aborted: 0,
+        step_count: 0,
+    };
+    // A task's `Err` fails the job attempt: restart from the latest checkpoint, as a crash does
+    // (without losing unsynced data: the process lives on).
+    macro_rules! or_restart {
+        ($result:expr, $attempt:lifetime) => {
+            match $result {
+                Ok(value) => value,
+                Err(error) => {
+                    run.task_failures += 1;
+                    if run.task_failures > TASK_FAILURES_MAX {
+                        return Err(format!("{} task failures, the last: {error}", run.task_failures));
+                    }
+                    continue $attempt;
+                }
+            }
+        };
+    }
     'attempt: loop {
         let recovery =
             find_latest(&mut storage.clone(), &plan.graph.name).map_err(|e| e.to_string())?;
         let restored = recovery.manifest.map(Arc::new);
-        restored_from_checkpoint += u64::from(recoveries > 0 && restored.is_some());
+        run.restored_from_checkpoint +=
+            u64::from(run.recoveries + run.task_failures > 0 && restored.is_some());
         let options = NodeOptions {
             checkpointing: true,
             restore: restored.clone(),
@@ -180,14 +254,10 @@ pub fn run_checkpointed(
             let mut backends = |_, range| {
                 Ok(Box::new(HeapBackend::new(range)) as Box<dyn crate::state::StateBackend>)
             };
-            let node = Node::new(
-                plan.clone(),
-                index,
-                Box::new(storage.clone()),
-                &mut backends,
-                options.clone(),
-            );
-            nodes.push(node.map_err(|e| e.to_string())?);
+            nodes.push(or_restart!(
+                Node::new(plan.clone(), index, Box::new(disk.clone()), &mut backends, options.clone()),
+                'attempt
+            ));
         }
         let config = CoordinatorConfig {
             interval_ms: schedule.interval_steps,
@@ -208,10 +278,15 @@ pub fn run_checkpointed(
             step += 1;
             assert!(step < CHECKPOINTED_STEPS_MAX, "checkpointed run stuck");
             let now = Instant(step);
+            let full = schedule
+                .disk_full_steps
+                .iter()
+                .any(|&(start, end)| (start..end).contains(&step));
+            disk.full.store(full, std::sync::atomic::Ordering::Relaxed);
             if crashes.last() == Some(&step) {
                 crashes.pop();
                 storage.0.lock().expect("storage lock").crash();
-                recoveries += 1;
+                run.recoveries += 1;
                 continue 'attempt;
             }
             coordinator.handle_timeout(now);
@@ -219,28 +294,24 @@ pub fn run_checkpointed(
                 match action {
                     Action::Trigger { checkpoint, .. } => {
                         for node in nodes.iter_mut() {
-                            node.handle_checkpoint_trigger(now, checkpoint)
-                                .map_err(|e| e.to_string())?;
+                            or_restart!(node.handle_checkpoint_trigger(now, checkpoint), 'attempt);
                         }
                     }
-                    Action::Persist { manifest } => {
-                        match persist(&mut storage.clone(), &manifest) {
-                            Ok(()) => coordinator
-                                .handle_persisted(manifest.checkpoint)
-                                .map_err(|e| e.to_string())?,
-                            Err(error) => coordinator
-                                .handle_persist_failed(manifest.checkpoint, &error.to_string())
-                                .map_err(|e| e.to_string())?,
-                        }
-                    }
+                    Action::Persist { manifest } => match persist(&mut disk.clone(), &manifest) {
+                        Ok(()) => coordinator
+                            .handle_persisted(manifest.checkpoint)
+                            .map_err(|e| e.to_string())?,
+                        Err(error) => coordinator
+                            .handle_persist_failed(manifest.checkpoint, &error.to_string())
+                            .map_err(|e| e.to_string())?,
+                    },
                     Action::NotifyComplete { checkpoint } => {
-                        checkpoints_completed += 1;
+                        run.checkpoints_completed += 1;
                         for node in nodes.iter_mut() {
-                            node.handle_checkpoint_complete(now, checkpoint)
-                                .map_err(|e| e.to_string())?;
+                            or_restart!(node.handle_checkpoint_complete(now, checkpoint), 'attempt);
                         }
                     }
-                    Action::Abort { .. } => {}
+                    Action::Abort { .. } => run.checkpoints_aborted += 1,
                     Action::Discard { files, .. } => {
                         for file in files {
                             let _ = storage.clone().delete(&file);
@@ -250,7 +321,7 @@ pub fn run_checkpointed(
             }
             for index in 0..nodes.len() {
                 if !nodes[index].is_finished() {
-                    nodes[index].handle_step(now).map_err(|e| e.to_string())?;
+                    or_restart!(nodes[index].handle_step(now), 'attempt);
                 }
                 while let Some(event) = nodes[index].poll_event() {
                     if let Event::CheckpointAck {
@@ -278,13 +349,8 @@ pub fn run_checkpointed(
                 }
             }
             if nodes.iter().all(Node::is_done) {
-                return Ok(CheckpointedRun {
-                    storage,
-                    checkpoints_completed,
-                    recoveries,
-                    restored_from_checkpoint,
-                    step_count: step,
-                });
+                run.step_count = step;
+                return Ok(run);
             }
         }
     }
@@ -504,6 +570,7 @@ mod tests {
                 &CrashSchedule {
                     interval_steps,
                     crash_at_steps: vec![],
+                    disk_full_steps: vec![],
                 },
             )
             .unwrap();
@@ -514,6 +581,7 @@ mod tests {
             let schedule = CrashSchedule {
                 interval_steps,
                 crash_at_steps,
+                disk_full_steps: vec![],
             };
             println!("  {schedule:?}, dry run {} steps", dry.step_count);
             let run = run_checkpointed(plan(), &schedule).unwrap();
@@ -533,6 +601,53 @@ mod tests {
         assert!(
             recoveries >= 18 && restored >= 12,
             "the schedules crash, and recover from checkpoints: {recoveries}, {restored}"
+        );
+    }
+
+    // Goal: a full disk during checkpoints and sink writes fails tasks and aborts checkpoints, the
+    // job restarts from the latest completed checkpoint, and once space is back the committed
+    // output is still exactly the reference. Method: seeded spans of a full disk, with crashes.
+    #[test]
+    fn checkpointed_runs_survive_a_full_disk() {
+        let record_count = 40_000;
+        let expected = w2_reference(record_count, W2_WINDOW_SIZE_MS);
+        let (mut failures, mut aborted) = (0, 0);
+        for seed in 0..6_u64 {
+            println!("seed {seed}");
+            let mut rng = crate::state::testing::Lcg::new(seed);
+            let disk_full_steps: Vec<(u64, u64)> = (0..2)
+                .map(|_| {
+                    let start = 5 + rng.below(50);
+                    (start, start + 1 + rng.below(8))
+                })
+                .collect();
+            let crash_at_steps = vec![10 + rng.below(60)];
+            let schedule = CrashSchedule {
+                interval_steps: 3,
+                crash_at_steps,
+                disk_full_steps,
+            };
+            let run = run_checkpointed(
+                PhysicalPlan::new(w2_job(record_count, 2, 100).unwrap(), 2),
+                &schedule,
+            )
+            .unwrap();
+            let mut storage = run.storage.clone();
+            assert_eq!(
+                window_rows(&read_committed(&mut storage, "w2").unwrap()),
+                expected,
+                "seed {seed}: {schedule:?}"
+            );
+            println!(
+                "  {} task failures, {} checkpoints aborted",
+                run.task_failures, run.checkpoints_aborted
+            );
+            failures += run.task_failures;
+            aborted += run.checkpoints_aborted;
+        }
+        assert!(
+            failures > 0 && aborted > 0,
+            "the full disk failed tasks ({failures}) and checkpoints ({aborted})"
         );
     }
 
