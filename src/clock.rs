@@ -11,9 +11,7 @@ pub struct TokioClock {
 
 impl TokioClock {
     pub fn new() -> TokioClock {
-        TokioClock {
-            start: tokio::time::Instant::now(),
-        }
+        TokioClock { start: tokio::time::Instant::now() }
     }
 }
 

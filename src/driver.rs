@@ -77,10 +77,7 @@ pub enum DriverError {
     #[error(transparent)]
     Node(#[from] NodeError),
     #[error("data directory {path}: {error}")]
-    DataDir {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    DataDir { path: PathBuf, error: std::io::Error },
     #[error("node {node} stopped: {reason}")]
     NodeLost { node: u16, reason: String },
     #[error("checkpoint coordinator: {0}")]
@@ -104,12 +101,7 @@ impl Progress {
 
     /// The sum over nodes.
     pub fn total(&self) -> NodeMetrics {
-        self.nodes
-            .lock()
-            .expect("progress lock")
-            .iter()
-            .copied()
-            .sum()
+        self.nodes.lock().expect("progress lock").iter().copied().sum()
     }
 }
 
@@ -124,29 +116,19 @@ fn open_backend(
         StateKind::Heap => Ok(Box::new(HeapBackend::new(range))),
         #[cfg(not(madsim))]
         StateKind::RocksDb => {
-            let path = config
-                .data_dir
-                .join("state")
-                .join(job)
-                .join(format!("{}-{}", subtask.vertex.0, subtask.index));
+            let path = config.data_dir.join("state").join(job).join(format!("{}-{}", subtask.vertex.0, subtask.index));
             Ok(Box::new(crate::rocks::RocksDbBackend::open(path, range)?))
         }
     }
 }
 
 /// Builds every node of `plan` with its storage and state.
-pub fn build_nodes(
-    plan: &Arc<PhysicalPlan>,
-    config: &DriverConfig,
-) -> Result<Vec<Node>, DriverError> {
+pub fn build_nodes(plan: &Arc<PhysicalPlan>, config: &DriverConfig) -> Result<Vec<Node>, DriverError> {
     let job = plan.graph.name.clone();
     (0..plan.node_count)
         .map(|index| {
-            let storage =
-                LocalFsStorage::open(&config.data_dir).map_err(|error| DriverError::DataDir {
-                    path: config.data_dir.clone(),
-                    error,
-                })?;
+            let storage = LocalFsStorage::open(&config.data_dir)
+                .map_err(|error| DriverError::DataDir { path: config.data_dir.clone(), error })?;
             let mut backends = |subtask, range| open_backend(config, &job, subtask, range);
             Ok(Node::new(
                 plan.clone(),
@@ -179,19 +161,9 @@ pub async fn run(
         let control = config.checkpoints.as_ref().map(|_| {
             let (sender, commands) = mpsc::unbounded_channel();
             command_senders.push(sender);
-            NodeControl {
-                commands,
-                reports: report_sender.clone(),
-                done_reported: false,
-            }
+            NodeControl { commands, reports: report_sender.clone(), done_reported: false }
         });
-        let driver = NodeDriver {
-            node,
-            transport,
-            clock: clock.clone(),
-            progress: progress.clone(),
-            control,
-        };
+        let driver = NodeDriver { node, transport, clock: clock.clone(), progress: progress.clone(), control };
         handles.push(tokio::spawn(driver.run()));
     }
     drop(report_sender);
@@ -209,20 +181,10 @@ pub async fn run(
                 plan.graph.subtasks(),
                 config.restore.clone(),
             );
-            let storage =
-                LocalFsStorage::open(&config.data_dir).map_err(|error| DriverError::DataDir {
-                    path: config.data_dir.clone(),
-                    error,
-                })?;
-            let task = coordinate(
-                coordinator,
-                reports,
-                command_senders.clone(),
-                storage,
-                clock,
-                plan.node_count,
-                stats,
-            );
+            let storage = LocalFsStorage::open(&config.data_dir)
+                .map_err(|error| DriverError::DataDir { path: config.data_dir.clone(), error })?;
+            let task =
+                coordinate(coordinator, reports, command_senders.clone(), storage, clock, plan.node_count, stats);
             Some(tokio::spawn(task))
         }
         None => None,
@@ -231,10 +193,7 @@ pub async fn run(
     for (index, handle) in handles.into_iter().enumerate() {
         let result = handle
             .await
-            .map_err(|error| DriverError::NodeLost {
-                node: index as u16,
-                reason: error.to_string(),
-            })
+            .map_err(|error| DriverError::NodeLost { node: index as u16, reason: error.to_string() })
             .and_then(|result| result);
         if let Err(error) = result {
             // One node failed: the others cannot finish; stop them and the coordinator.
@@ -248,9 +207,7 @@ pub async fn run(
         if first_error.is_some() {
             coordinator.abort();
         } else {
-            coordinator
-                .await
-                .map_err(|error| DriverError::Coordinator(error.to_string()))??;
+            coordinator.await.map_err(|error| DriverError::Coordinator(error.to_string()))??;
         }
     }
     first_error.map_or(Ok(()), Err)
@@ -301,10 +258,7 @@ async fn coordinate(
                 Action::Persist { manifest } => match persist(&mut storage, &manifest) {
                     Ok(()) => coordinator.handle_persisted(manifest.checkpoint),
                     Err(error) => {
-                        eprintln!(
-                            "checkpoint {} could not be made durable: {error}",
-                            manifest.checkpoint.0
-                        );
+                        eprintln!("checkpoint {} could not be made durable: {error}", manifest.checkpoint.0);
                         coordinator.handle_persist_failed(manifest.checkpoint, &error.to_string())
                     }
                 }
@@ -316,10 +270,7 @@ async fn coordinate(
                 Action::Abort { .. } => stats.inner.lock().expect("stats lock").1 += 1,
                 Action::Discard { checkpoint, files } => {
                     // Best effort: a file left behind is garbage, not a correctness problem.
-                    for file in files
-                        .iter()
-                        .chain(std::iter::once(&manifest_path(checkpoint)))
-                    {
+                    for file in files.iter().chain(std::iter::once(&manifest_path(checkpoint))) {
                         let _ = storage.delete(file);
                     }
                 }
@@ -329,9 +280,7 @@ async fn coordinate(
             broadcast(Command::Stop);
             return Ok(());
         }
-        let wake = coordinator
-            .poll_timeout()
-            .map_or(u64::MAX / 4, |at| at.saturating_sub(clock.now()));
+        let wake = coordinator.poll_timeout().map_or(u64::MAX / 4, |at| at.saturating_sub(clock.now()));
         tokio::select! {
             biased;
             report = reports.recv() => match report {
@@ -359,16 +308,11 @@ pub struct InProcTransport {
 impl InProcTransport {
     /// One transport per node of `plan`, connected to each other.
     pub fn connect(plan: &Arc<PhysicalPlan>) -> Vec<InProcTransport> {
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..plan.node_count)
-            .map(|_| mpsc::channel::<Envelope>(NODE_CHANNEL_CAPACITY))
-            .unzip();
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..plan.node_count).map(|_| mpsc::channel::<Envelope>(NODE_CHANNEL_CAPACITY)).unzip();
         receivers
             .into_iter()
-            .map(|receiver| InProcTransport {
-                plan: plan.clone(),
-                receiver,
-                senders: senders.clone(),
-            })
+            .map(|receiver| InProcTransport { plan: plan.clone(), receiver, senders: senders.clone() })
             .collect()
     }
 
@@ -384,18 +328,9 @@ impl InProcTransport {
 
     /// Waits until `channel` has room for an element (another sender may take it first: callers
     /// retry `try_send`).
-    fn writable(
-        &self,
-        channel: ChannelId,
-    ) -> impl std::future::Future<Output = Result<(), TransportError>> + 'static {
+    fn writable(&self, channel: ChannelId) -> impl std::future::Future<Output = Result<(), TransportError>> + 'static {
         let sender = self.sender(channel).clone();
-        async move {
-            sender
-                .reserve()
-                .await
-                .map(drop)
-                .map_err(|_| TransportError::Broken(channel))
-        }
+        async move { sender.reserve().await.map(drop).map_err(|_| TransportError::Broken(channel)) }
     }
 }
 
@@ -404,18 +339,14 @@ impl Transport for InProcTransport {
         match self.sender(channel).try_send((channel, element)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                Err(SendRefused::Failed(TransportError::Broken(channel)))
-            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendRefused::Failed(TransportError::Broken(channel))),
         }
     }
 
     fn try_recv(&mut self) -> Result<Option<Envelope>, TransportError> {
         match self.receiver.try_recv() {
             Ok(envelope) => Ok(Some(envelope)),
-            Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => {
-                Ok(None)
-            }
+            Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => Ok(None),
         }
     }
 }
@@ -446,11 +377,7 @@ impl NodeDriver {
         let mut held: Option<Envelope> = None;
         let mut published = self.clock.now();
         loop {
-            while let Some(command) = self
-                .control
-                .as_mut()
-                .and_then(|c| c.commands.try_recv().ok())
-            {
+            while let Some(command) = self.control.as_mut().and_then(|c| c.commands.try_recv().ok()) {
                 if !self.obey(command)? {
                     return Ok(());
                 }
@@ -487,9 +414,7 @@ impl NodeDriver {
         let now = self.clock.now();
         match command {
             Command::Trigger(checkpoint) => self.node.handle_checkpoint_trigger(now, checkpoint)?,
-            Command::Complete(checkpoint) => {
-                self.node.handle_checkpoint_complete(now, checkpoint)?
-            }
+            Command::Complete(checkpoint) => self.node.handle_checkpoint_complete(now, checkpoint)?,
             Command::Stop => return Ok(false),
         }
         self.forward_events();
@@ -499,14 +424,7 @@ impl NodeDriver {
     /// Sends acknowledgements to the coordinator; other events need no one.
     fn forward_events(&mut self) {
         while let Some(event) = self.node.poll_event() {
-            if let (
-                Event::CheckpointAck {
-                    checkpoint,
-                    snapshot,
-                },
-                Some(control),
-            ) = (event, &self.control)
-            {
+            if let (Event::CheckpointAck { checkpoint, snapshot }, Some(control)) = (event, &self.control) {
                 // A coordinator that is gone stopped the job; the node learns it from Stop.
                 let _ = control.reports.send(Report::Ack(checkpoint, snapshot));
             }
@@ -532,10 +450,7 @@ impl NodeDriver {
     }
 
     fn broken(&self, error: TransportError) -> DriverError {
-        DriverError::NodeLost {
-            node: self.node.index(),
-            reason: error.to_string(),
-        }
+        DriverError::NodeLost { node: self.node.index(), reason: error.to_string() }
     }
 
     /// Offers the node whatever has arrived, while it has room.
@@ -598,10 +513,7 @@ impl NodeDriver {
 
     /// Waits for input, a coordinator command, or the node's next timeout.
     async fn wait_for_input(&mut self) -> Result<(), DriverError> {
-        let timeout = self
-            .node
-            .poll_timeout()
-            .map(|at| at.saturating_sub(self.clock.now()));
+        let timeout = self.node.poll_timeout().map(|at| at.saturating_sub(self.clock.now()));
         let sleep = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(u64::MAX / 4)));
         let commands = match &mut self.control {
             Some(control) => Some(&mut control.commands),

@@ -41,19 +41,10 @@ impl LocalFsStorage {
 /// Maps an I/O error to the kernel's storage errors, naming the path.
 fn storage_error(path: &str, error: io::Error) -> StorageError {
     match error.kind() {
-        io::ErrorKind::NotFound => StorageError::NotFound {
-            path: path.to_string(),
-        },
-        io::ErrorKind::StorageFull => StorageError::Full {
-            path: path.to_string(),
-        },
-        _ if error.raw_os_error() == Some(28) => StorageError::Full {
-            path: path.to_string(),
-        },
-        _ => StorageError::Io {
-            path: path.to_string(),
-            message: error.to_string(),
-        },
+        io::ErrorKind::NotFound => StorageError::NotFound { path: path.to_string() },
+        io::ErrorKind::StorageFull => StorageError::Full { path: path.to_string() },
+        _ if error.raw_os_error() == Some(28) => StorageError::Full { path: path.to_string() },
+        _ => StorageError::Io { path: path.to_string(), message: error.to_string() },
     }
 }
 
@@ -71,9 +62,7 @@ impl Storage for LocalFsStorage {
 
     fn sync_file(&mut self, path: &str) -> Result<(), StorageError> {
         let full = self.resolve(path)?;
-        File::open(&full)
-            .and_then(|file| file.sync_all())
-            .map_err(|e| storage_error(path, e))
+        File::open(&full).and_then(|file| file.sync_all()).map_err(|e| storage_error(path, e))
     }
 
     fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
@@ -86,9 +75,7 @@ impl Storage for LocalFsStorage {
 
     fn sync_dir(&mut self, dir: &str) -> Result<(), StorageError> {
         let full = self.resolve_dir(dir)?;
-        File::open(&full)
-            .and_then(|file| file.sync_all())
-            .map_err(|e| storage_error(dir, e))
+        File::open(&full).and_then(|file| file.sync_all()).map_err(|e| storage_error(dir, e))
     }
 
     fn read(&mut self, path: &str) -> Result<Vec<u8>, StorageError> {
@@ -106,11 +93,7 @@ impl Storage for LocalFsStorage {
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| storage_error(dir, e))?;
-            if entry
-                .file_type()
-                .map_err(|e| storage_error(dir, e))?
-                .is_file()
-            {
+            if entry.file_type().map_err(|e| storage_error(dir, e))?.is_file() {
                 // Names that are not UTF-8 were not written by Sabot; they are not listed.
                 if let Ok(name) = entry.file_name().into_string() {
                     names.push(name);

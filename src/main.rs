@@ -47,16 +47,11 @@ struct RunArgs {
 struct UsageError(String);
 
 fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, UsageError> {
-    value
-        .replace('_', "")
-        .parse()
-        .map_err(|_| UsageError(format!("{flag} takes a whole number, not {value:?}")))
+    value.replace('_', "").parse().map_err(|_| UsageError(format!("{flag} takes a whole number, not {value:?}")))
 }
 
 fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
-    let cores = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8) as u16;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) as u16;
     let mut run = RunArgs {
         records: workload::RECORD_COUNT_DEFAULT,
         parallelism: cores,
@@ -72,35 +67,22 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
             None => (flag.as_str(), None),
         };
         let mut value = || {
-            inline
-                .clone()
-                .or_else(|| iter.next().cloned())
-                .ok_or_else(|| UsageError(format!("{flag} needs a value")))
+            inline.clone().or_else(|| iter.next().cloned()).ok_or_else(|| UsageError(format!("{flag} needs a value")))
         };
         match flag {
             "--records" => run.records = parse_number(flag, &value()?)?,
             "--parallelism" => run.parallelism = parse_number(flag, &value()?)?,
             "--batch-size" => run.batch_size = parse_number(flag, &value()?)?,
-            "--checkpoint-interval-ms" => {
-                run.checkpoint_interval_ms = parse_number(flag, &value()?)?
-            }
+            "--checkpoint-interval-ms" => run.checkpoint_interval_ms = parse_number(flag, &value()?)?,
             "--data-dir" => run.data_dir = PathBuf::from(value()?),
             "--state" => {
                 run.state = match value()?.as_str() {
                     "rocksdb" => StateKind::RocksDb,
                     "heap" => StateKind::Heap,
-                    other => {
-                        return Err(UsageError(format!(
-                            "--state is rocksdb or heap, not {other:?}"
-                        )))
-                    }
+                    other => return Err(UsageError(format!("--state is rocksdb or heap, not {other:?}"))),
                 }
             }
-            other => {
-                return Err(UsageError(format!(
-                    "unknown flag {other:?} for `sabot run`"
-                )))
-            }
+            other => return Err(UsageError(format!("unknown flag {other:?} for `sabot run`"))),
         }
     }
     if run.parallelism == 0 {
@@ -146,32 +128,22 @@ fn usage_error(message: &str) -> ExitCode {
 /// The latest usable checkpoint of `job` in the data directory; says on stderr what it skipped.
 fn find_checkpoint(data_dir: &std::path::Path, job: &str) -> anyhow::Result<Option<Manifest>> {
     let mut storage = LocalFsStorage::open(data_dir).context("opening the data directory")?;
-    let recovery =
-        find_latest(&mut storage, job).context("looking for a checkpoint to resume from")?;
+    let recovery = find_latest(&mut storage, job).context("looking for a checkpoint to resume from")?;
     if let Some(problem) = &recovery.pointer_problem {
-        eprintln!(
-            "the latest-checkpoint pointer is unusable ({problem}); looking at every checkpoint"
-        );
+        eprintln!("the latest-checkpoint pointer is unusable ({problem}); looking at every checkpoint");
     }
     for (checkpoint, reason) in &recovery.skipped {
         eprintln!("skipping checkpoint {}: it {reason}", checkpoint.0);
     }
     if let Some(manifest) = &recovery.manifest {
-        eprintln!(
-            "resuming from checkpoint {} in {}",
-            manifest.checkpoint.0,
-            data_dir.display()
-        );
+        eprintln!("resuming from checkpoint {} in {}", manifest.checkpoint.0, data_dir.display());
     }
     Ok(recovery.manifest)
 }
 
 /// Removes what an earlier run of the job left, so that output and state are this run's only.
 fn clear_previous(data_dir: &std::path::Path, job: &str) -> anyhow::Result<()> {
-    for dir in [
-        data_dir.join("output").join(job),
-        data_dir.join("state").join(job),
-    ] {
+    for dir in [data_dir.join("output").join(job), data_dir.join("state").join(job)] {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => eprintln!("removed the previous run's {}", dir.display()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -182,14 +154,10 @@ fn clear_previous(data_dir: &std::path::Path, job: &str) -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let graph = workload::w2_job(args.records, args.parallelism, args.batch_size)
-        .context("building the W2 job")?;
+    let graph = workload::w2_job(args.records, args.parallelism, args.batch_size).context("building the W2 job")?;
     let plan = Arc::new(PhysicalPlan::new(graph, args.parallelism));
-    let restore = if args.checkpoint_interval_ms > 0 {
-        find_checkpoint(&args.data_dir, &plan.graph.name)?
-    } else {
-        None
-    };
+    let restore =
+        if args.checkpoint_interval_ms > 0 { find_checkpoint(&args.data_dir, &plan.graph.name)? } else { None };
     if restore.is_none() {
         clear_previous(&args.data_dir, &plan.graph.name)?;
     }
@@ -203,17 +171,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.parallelism,
         state_name
     );
-    let checkpoints = (args.checkpoint_interval_ms > 0).then_some(CheckpointSettings {
-        interval_ms: args.checkpoint_interval_ms,
-        retained_count: 3,
-    });
+    let checkpoints = (args.checkpoint_interval_ms > 0)
+        .then_some(CheckpointSettings { interval_ms: args.checkpoint_interval_ms, retained_count: 3 });
     let resumed_from = restore.as_ref().map(|manifest| manifest.checkpoint.0);
-    let config = DriverConfig {
-        data_dir: args.data_dir.clone(),
-        state: args.state.clone(),
-        checkpoints,
-        restore,
-    };
+    let config = DriverConfig { data_dir: args.data_dir.clone(), state: args.state.clone(), checkpoints, restore };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(args.parallelism))
         .enable_time()
@@ -251,19 +212,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     let elapsed = started.elapsed();
-    result
-        .context("the job's driver task")?
-        .context("running the job")?;
+    result.context("the job's driver task")?.context("running the job")?;
     let metrics = progress.total();
     state_peak = state_peak.max(metrics.state_size_bytes);
-    summarize(
-        &args,
-        metrics,
-        elapsed,
-        state_peak,
-        stats.completed_aborted(),
-        resumed_from,
-    )
+    summarize(&args, metrics, elapsed, state_peak, stats.completed_aborted(), resumed_from)
 }
 
 fn summarize(
@@ -278,16 +230,8 @@ fn summarize(
     let batches = read_committed(&mut storage, "w2").context("reading the committed output")?;
     let (mut rows, mut count_sum, mut value_sum) = (0_u64, 0_u64, 0_i128);
     for batch in &batches {
-        let counts = batch
-            .column(3)
-            .as_any()
-            .downcast_ref::<arrow_array::UInt64Array>()
-            .context("count column")?;
-        let sums = batch
-            .column(4)
-            .as_any()
-            .downcast_ref::<arrow_array::Int64Array>()
-            .context("sum column")?;
+        let counts = batch.column(3).as_any().downcast_ref::<arrow_array::UInt64Array>().context("count column")?;
+        let sums = batch.column(4).as_any().downcast_ref::<arrow_array::Int64Array>().context("sum column")?;
         rows += batch.num_rows() as u64;
         count_sum += counts.values().iter().sum::<u64>();
         value_sum += sums.values().iter().map(|&s| i128::from(s)).sum::<i128>();
@@ -308,34 +252,17 @@ fn summarize(
             checkpoints.0, checkpoints.1, args.checkpoint_interval_ms
         );
     }
-    println!(
-        "  windows out     {} rows (one per key and window)",
-        group_digits(metrics.records_out)
-    );
-    println!(
-        "  late records    {} dropped",
-        group_digits(metrics.records_late_dropped)
-    );
+    println!("  windows out     {} rows (one per key and window)", group_digits(metrics.records_out));
+    println!("  late records    {} dropped", group_digits(metrics.records_late_dropped));
     println!("  elapsed         {seconds:.2} s");
-    println!(
-        "  throughput      {:.2} M records/s",
-        metrics.records_in as f64 / seconds / 1e6
-    );
+    println!("  throughput      {:.2} M records/s", metrics.records_in as f64 / seconds / 1e6);
     println!(
         "  state size      peak {} (sampled each second), {} at end",
         bytes(state_peak),
         bytes(metrics.state_size_bytes)
     );
-    println!(
-        "  output          {} committed rows in {}",
-        group_digits(rows),
-        output_dir.display()
-    );
-    println!(
-        "  checksums       count sum {}, value sum {}",
-        group_digits(count_sum),
-        group_digits_i128(value_sum)
-    );
+    println!("  output          {} committed rows in {}", group_digits(rows), output_dir.display());
+    println!("  checksums       count sum {}, value sum {}", group_digits(count_sum), group_digits_i128(value_sum));
     if resumed_from.is_none() {
         anyhow::ensure!(
             rows == metrics.records_out,
@@ -344,19 +271,12 @@ fn summarize(
         );
     }
     // Every record of the input is counted in exactly one committed window, resumed or not.
-    anyhow::ensure!(
-        count_sum == args.records,
-        "the window counts add up to {count_sum}, not {}",
-        args.records
-    );
+    anyhow::ensure!(count_sum == args.records, "the window counts add up to {count_sum}, not {}", args.records);
     if args.records == workload::RECORD_COUNT_DEFAULT {
         let matches = rows == workload::W2_EXPECTED_ROWS
             && count_sum == workload::W2_EXPECTED_COUNT_SUM
             && value_sum == workload::W2_EXPECTED_SUM_SUM;
-        anyhow::ensure!(
-            matches,
-            "the output does not match the published W2 checksums (WORKLOADS.md)"
-        );
+        anyhow::ensure!(matches, "the output does not match the published W2 checksums (WORKLOADS.md)");
         println!("  W2 reference    matches the published checksums (rows, count sum, value sum)");
     } else {
         println!("  W2 reference    published for 20,000,000 records only; counts checked against the input");

@@ -18,9 +18,7 @@ use std::path::{Path, PathBuf};
 use rocksdb::{BlockBasedOptions, DBCompressionType, Options, ReadOptions, WriteOptions, DB};
 use sabot_kernel::key_group::{KeyGroup, KeyGroupRange};
 use sabot_kernel::state::snapshot::SnapshotWriter;
-use sabot_kernel::state::{
-    check_entry_size, FxHasher, KeyGroupsSnapshot, Merge, StateBackend, StateError, Visit,
-};
+use sabot_kernel::state::{check_entry_size, FxHasher, KeyGroupsSnapshot, Merge, StateBackend, StateError, Visit};
 use smallvec::SmallVec;
 
 /// The size of one memtable, in bytes.
@@ -64,10 +62,7 @@ fn prefix(key_group: KeyGroup) -> [u8; 2] {
 
 impl RocksDbBackend {
     /// Opens (creating it if missing) the database at `path` for the key groups in `range`.
-    pub fn open(
-        path: impl Into<PathBuf>,
-        range: KeyGroupRange,
-    ) -> Result<RocksDbBackend, StateError> {
+    pub fn open(path: impl Into<PathBuf>, range: KeyGroupRange) -> Result<RocksDbBackend, StateError> {
         Self::open_with_cache(path, range, CACHE_ENTRIES_MAX)
     }
 
@@ -77,10 +72,7 @@ impl RocksDbBackend {
         range: KeyGroupRange,
         cache_entries_max: usize,
     ) -> Result<RocksDbBackend, StateError> {
-        assert!(
-            cache_entries_max >= 2,
-            "cache of {cache_entries_max} entries"
-        );
+        assert!(cache_entries_max >= 2, "cache of {cache_entries_max} entries");
         let path = path.into();
         let mut options = Options::default();
         options.create_if_missing(true);
@@ -116,12 +108,7 @@ impl RocksDbBackend {
     }
 
     fn full_key(&mut self, key_group: KeyGroup, key: &[u8]) -> &[u8] {
-        assert!(
-            self.range.contains(key_group),
-            "key group {} outside {:?}",
-            key_group.0,
-            self.range
-        );
+        assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
         self.key.clear();
         self.key.extend_from_slice(&prefix(key_group));
         self.key.extend_from_slice(key);
@@ -135,8 +122,7 @@ impl RocksDbBackend {
     /// Visits `key_group`'s entries in key order, with the group prefix stripped.
     fn visit_group(&self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
         let mut read_options = ReadOptions::default();
-        read_options
-            .set_iterate_upper_bound((u32::from(key_group.0) + 1).to_be_bytes()[2..].to_vec());
+        read_options.set_iterate_upper_bound((u32::from(key_group.0) + 1).to_be_bytes()[2..].to_vec());
         // The upper bound of the last possible group (0xffff) has no u16 successor: use 3 bytes.
         if key_group.0 == u16::MAX {
             read_options.set_iterate_upper_bound(vec![0xff, 0xff, 0xff]);
@@ -144,16 +130,8 @@ impl RocksDbBackend {
         let mut iterator = self.db.raw_iterator_opt(read_options);
         iterator.seek(prefix(key_group));
         while iterator.valid() {
-            let (key, value) = (
-                iterator.key().expect("valid"),
-                iterator.value().expect("valid"),
-            );
-            assert_eq!(
-                key[..2],
-                prefix(key_group),
-                "rocksdb iterator left key group {}",
-                key_group.0
-            );
+            let (key, value) = (iterator.key().expect("valid"), iterator.value().expect("valid"));
+            assert_eq!(key[..2], prefix(key_group), "rocksdb iterator left key group {}", key_group.0);
             visit(&key[2..], value)?;
             iterator.next();
         }
@@ -166,25 +144,12 @@ impl RocksDbBackend {
     fn cached(&mut self) -> Result<&mut Cached, StateError> {
         if !self.cache.contains_key(self.key.as_slice()) {
             self.make_room()?;
-            let stored = self
-                .db
-                .get_pinned(&self.key)
-                .map_err(|e| backend_error(&self.path, e))?;
+            let stored = self.db.get_pinned(&self.key).map_err(|e| backend_error(&self.path, e))?;
             let value = stored.map(|stored| SmallVec::from_slice(&stored));
             let in_db = value.is_some();
-            self.cache.insert(
-                CacheKey::from_slice(&self.key),
-                Cached {
-                    value,
-                    dirty: false,
-                    in_db,
-                },
-            );
+            self.cache.insert(CacheKey::from_slice(&self.key), Cached { value, dirty: false, in_db });
         }
-        Ok(self
-            .cache
-            .get_mut(self.key.as_slice())
-            .expect("inserted above"))
+        Ok(self.cache.get_mut(self.key.as_slice()).expect("inserted above"))
     }
 
     /// Sets the value of the key in `self.key` in the cache (`None`: delete).
@@ -192,15 +157,12 @@ impl RocksDbBackend {
         if !self.cache.contains_key(self.key.as_slice()) {
             self.make_room()?;
         }
-        let entry = self
-            .cache
-            .entry(CacheKey::from_slice(&self.key))
-            .or_insert(Cached {
-                value: None,
-                dirty: false,
-                // Not read: RocksDB may hold it.
-                in_db: true,
-            });
+        let entry = self.cache.entry(CacheKey::from_slice(&self.key)).or_insert(Cached {
+            value: None,
+            dirty: false,
+            // Not read: RocksDB may hold it.
+            in_db: true,
+        });
         entry.value = value.map(SmallVec::from_slice);
         entry.dirty = entry.value.is_some() || entry.in_db;
         Ok(())
@@ -212,8 +174,7 @@ impl RocksDbBackend {
         if self.cache.len() < self.cache_entries_max {
             return Ok(());
         }
-        self.cache
-            .retain(|_, cached| cached.dirty || cached.value.is_some());
+        self.cache.retain(|_, cached| cached.dirty || cached.value.is_some());
         if self.cache.len() >= self.cache_entries_max / 2 {
             self.flush()?;
         }
@@ -230,9 +191,7 @@ impl RocksDbBackend {
             }
         }
         self.cache.clear();
-        self.db
-            .write_opt(batch, &self.write_options)
-            .map_err(|e| self.error(e))
+        self.db.write_opt(batch, &self.write_options).map_err(|e| self.error(e))
     }
 }
 
@@ -241,12 +200,7 @@ impl StateBackend for RocksDbBackend {
         self.range
     }
 
-    fn get(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        value: &mut Vec<u8>,
-    ) -> Result<bool, StateError> {
+    fn get(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
         value.clear();
         self.full_key(key_group, key);
         match &self.cached()?.value {
@@ -264,18 +218,12 @@ impl StateBackend for RocksDbBackend {
         self.write_cached(Some(value))
     }
 
-    fn merge(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        merge: &mut Merge<'_>,
-    ) -> Result<(), StateError> {
+    fn merge(&mut self, key_group: KeyGroup, key: &[u8], merge: &mut Merge<'_>) -> Result<(), StateError> {
         self.full_key(key_group, key);
         let mut merged = std::mem::take(&mut self.merged);
         merged.clear();
         let cached = self.cached()?;
-        let result = merge(cached.value.as_deref(), &mut merged)
-            .and_then(|()| check_entry_size(key, &merged));
+        let result = merge(cached.value.as_deref(), &mut merged).and_then(|()| check_entry_size(key, &merged));
         if result.is_ok() {
             cached.value = Some(SmallVec::from_slice(&merged));
             cached.dirty = true;
@@ -289,12 +237,7 @@ impl StateBackend for RocksDbBackend {
         self.write_cached(None)
     }
 
-    fn take(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        value: &mut Vec<u8>,
-    ) -> Result<bool, StateError> {
+    fn take(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
         value.clear();
         self.full_key(key_group, key);
         let cached = self.cached()?;
@@ -307,12 +250,7 @@ impl StateBackend for RocksDbBackend {
     }
 
     fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
-        assert!(
-            self.range.contains(key_group),
-            "key group {} outside {:?}",
-            key_group.0,
-            self.range
-        );
+        assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
         self.flush()?;
         self.visit_group(key_group, visit)
     }
@@ -334,31 +272,21 @@ impl StateBackend for RocksDbBackend {
         let mut batch = rocksdb::WriteBatch::default();
         // Everything of this backend's groups goes: [start, end) as two-byte prefixes.
         let end = u32::from(self.range.end());
-        let end_key = if end > u32::from(u16::MAX) {
-            vec![0xff, 0xff, 0xff]
-        } else {
-            (end as u16).to_be_bytes().to_vec()
-        };
+        let end_key =
+            if end > u32::from(u16::MAX) { vec![0xff, 0xff, 0xff] } else { (end as u16).to_be_bytes().to_vec() };
         batch.delete_range(prefix(KeyGroup(self.range.start())).to_vec(), end_key);
         for (key_group, key, value) in snapshot.entries_in(self.range) {
             check_entry_size(key, value)?;
             batch.put(self.full_key(key_group, key), value);
         }
-        self.db
-            .write_opt(batch, &self.write_options)
-            .map_err(|e| self.error(e))
+        self.db.write_opt(batch, &self.write_options).map_err(|e| self.error(e))
     }
 
     /// RocksDB's estimate of its live data and memtables, plus the cache's dirty values.
     fn size_bytes(&self) -> u64 {
         let property = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
-        let cached: usize = self
-            .cache
-            .iter()
-            .filter_map(|(key, c)| c.value.as_ref().map(|v| key.len() + v.len()))
-            .sum();
-        property("rocksdb.estimate-live-data-size")
-            + property("rocksdb.cur-size-all-mem-tables")
-            + cached as u64
+        let cached: usize =
+            self.cache.iter().filter_map(|(key, c)| c.value.as_ref().map(|v| key.len() + v.len())).sum();
+        property("rocksdb.estimate-live-data-size") + property("rocksdb.cur-size-all-mem-tables") + cached as u64
     }
 }

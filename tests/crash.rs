@@ -40,10 +40,7 @@ fn w2_exactly_once_through_sigkill() {
     .map(str::to_string);
     let sabot = || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sabot"));
-        command
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        command.args(&args).stdout(Stdio::null()).stderr(Stdio::null());
         command
     };
     let mut rng = Lcg::new(SEED);
@@ -55,15 +52,9 @@ fn w2_exactly_once_through_sigkill() {
         std::thread::sleep(wait);
         match child.try_wait().expect("polling sabot") {
             Some(status) => {
-                assert!(
-                    status.success(),
-                    "a run that was not killed failed: {status}"
-                );
+                assert!(status.success(), "a run that was not killed failed: {status}");
                 finished_early += 1;
-                assert!(
-                    finished_early < 5,
-                    "the job keeps finishing before the kill: make it longer"
-                );
+                assert!(finished_early < 5, "the job keeps finishing before the kill: make it longer");
             }
             None => {
                 child.kill().expect("SIGKILL");
@@ -71,34 +62,122 @@ fn w2_exactly_once_through_sigkill() {
                 kills += 1;
             }
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "kill loop took too long"
-        );
+        assert!(started.elapsed() < Duration::from_secs(600), "kill loop took too long");
     }
-    let output = sabot()
-        .stderr(Stdio::piped())
-        .output()
-        .expect("the last run");
+    let output = sabot().stderr(Stdio::piped()).output().expect("the last run");
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the last run failed: {log}");
-    let resumed = log
-        .lines()
-        .find(|line| line.starts_with("resuming from checkpoint"));
-    println!(
-        "{kills} kills in {:?}; the last run: {resumed:?}",
-        started.elapsed()
-    );
-    assert!(
-        resumed.is_some(),
-        "the last run resumed from a checkpoint: {log}"
-    );
+    let resumed = log.lines().find(|line| line.starts_with("resuming from checkpoint"));
+    println!("{kills} kills in {:?}; the last run: {resumed:?}", started.elapsed());
+    assert!(resumed.is_some(), "the last run resumed from a checkpoint: {log}");
     let mut storage = LocalFsStorage::open(&data_dir).unwrap();
     let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
     let expected = w2_reference(record_count, W2_WINDOW_SIZE_MS);
     assert_eq!(rows.len(), expected.len(), "{kills} kills");
-    assert!(
-        rows == expected,
-        "committed output differs from the uninterrupted run's after {kills} kills"
-    );
+    assert!(rows == expected, "committed output differs from the uninterrupted run's after {kills} kills");
+}
+
+/// Starts `sabot` with `args`, waits until it completed at least `checkpoints` checkpoints (the
+/// pointer names one at least that new), then kills it.
+fn run_until_checkpoint(args: &[String], data_dir: &std::path::Path, checkpoints: u64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sabot"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting sabot");
+    let pointer = data_dir.join("checkpoints/_latest");
+    let started = Instant::now();
+    loop {
+        let latest = std::fs::read(&pointer)
+            .ok()
+            .filter(|b| b.len() == 16)
+            .map(|b| u64::from_le_bytes(b[4..12].try_into().unwrap()));
+        if latest.is_some_and(|id| id >= checkpoints) {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "sabot ended before checkpoint {checkpoints}");
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint {checkpoints} in time");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaping sabot");
+}
+
+/// The newest file under `dir` whose name satisfies `wanted`.
+fn newest_file(dir: &std::path::Path, wanted: impl Fn(&str) -> bool) -> std::path::PathBuf {
+    let mut found: Vec<std::path::PathBuf> = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if wanted(path.file_name().unwrap().to_str().unwrap()) {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found.pop().expect("a matching file")
+}
+
+// Goal: a corrupted checkpoint (a bit flipped in the latest manifest; the latest state file cut
+// short) never makes committed output wrong: the job either recovers (from an older checkpoint)
+// and commits exactly the reference, or stops with an error that says what is corrupt, having
+// committed only correct rows, each once. Method: run until checkpoint 3, kill, damage, restart.
+#[test]
+fn corrupt_checkpoints_never_make_output_wrong() {
+    let record_count: u64 = 600_000;
+    let expected = w2_reference(record_count, W2_WINDOW_SIZE_MS);
+    for damage in ["flip a bit in the latest manifest", "truncate the latest window state file"] {
+        println!("damage: {damage}");
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let args = [
+            "run",
+            "--records",
+            &record_count.to_string(),
+            "--parallelism",
+            "2",
+            "--batch-size",
+            "1000",
+            "--checkpoint-interval-ms",
+            "20",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ]
+        .map(str::to_string);
+        run_until_checkpoint(&args, &data_dir, 3);
+        let checkpoints = data_dir.join("checkpoints");
+        if damage.starts_with("flip") {
+            let manifest = newest_file(&checkpoints, |name| name.starts_with("_manifest-"));
+            let mut bytes = std::fs::read(&manifest).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x04;
+            std::fs::write(&manifest, bytes).unwrap();
+        } else {
+            let state = newest_file(&checkpoints, |name| name.ends_with(".state"));
+            let bytes = std::fs::read(&state).unwrap();
+            std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
+        }
+        let output = Command::new(env!("CARGO_BIN_EXE_sabot")).args(&args).output().expect("restarting sabot");
+        let log = String::from_utf8_lossy(&output.stderr);
+        let mut storage = LocalFsStorage::open(&data_dir).unwrap();
+        // Duplicated rows fail inside window_rows; every row must carry the reference's value.
+        let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
+        for (key, value) in &rows {
+            assert_eq!(expected.get(key), Some(value), "{damage}: committed row {key:?} is wrong");
+        }
+        if output.status.success() {
+            assert_eq!(rows.len(), expected.len(), "{damage}: recovered, and committed everything");
+            println!(
+                "  recovered: {}",
+                log.lines().filter(|l| l.contains("checkpoint")).collect::<Vec<_>>().join(" | ")
+            );
+        } else {
+            assert!(log.contains("corrupt"), "{damage}: the error says what is corrupt: {log}");
+            println!("  stopped: {}", log.lines().last().unwrap_or_default());
+        }
+    }
 }

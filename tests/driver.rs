@@ -10,30 +10,16 @@ use sabot_kernel::env::Storage;
 use sabot_kernel::testing::{run_in_memory, w1_reference, w1_rows, w2_reference, window_rows};
 use sabot_kernel::workload::{w1_job, w2_job, W2_WINDOW_SIZE_MS};
 
-fn run_driver(
-    plan: PhysicalPlan,
-    state: StateKind,
-    dir: &std::path::Path,
-) -> sabot_kernel::node::NodeMetrics {
+fn run_driver(plan: PhysicalPlan, state: StateKind, dir: &std::path::Path) -> sabot_kernel::node::NodeMetrics {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(plan.node_count))
         .enable_time()
         .build()
         .unwrap();
     let progress = Progress::default();
-    let config = DriverConfig {
-        data_dir: dir.to_path_buf(),
-        state,
-        checkpoints: None,
-        restore: None,
-    };
+    let config = DriverConfig { data_dir: dir.to_path_buf(), state, checkpoints: None, restore: None };
     runtime
-        .block_on(driver::run(
-            Arc::new(plan),
-            config,
-            progress.clone(),
-            CheckpointStats::default(),
-        ))
+        .block_on(driver::run(Arc::new(plan), config, progress.clone(), CheckpointStats::default()))
         .expect("driver run");
     progress.total()
 }
@@ -44,44 +30,19 @@ fn run_driver(
 fn w2_with_checkpoints_equals_reference() {
     let record_count = 60_000;
     let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_time()
-        .build()
-        .unwrap();
-    let checkpoints = Some(CheckpointSettings {
-        interval_ms: 2,
-        retained_count: 2,
-    });
-    let config = DriverConfig {
-        data_dir: dir.path().to_path_buf(),
-        state: StateKind::RocksDb,
-        checkpoints,
-        restore: None,
-    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
+    let checkpoints = Some(CheckpointSettings { interval_ms: 2, retained_count: 2 });
+    let config =
+        DriverConfig { data_dir: dir.path().to_path_buf(), state: StateKind::RocksDb, checkpoints, restore: None };
     let plan = Arc::new(PhysicalPlan::new(w2_job(record_count, 2, 500).unwrap(), 2));
     let stats = CheckpointStats::default();
-    runtime
-        .block_on(driver::run(
-            plan,
-            config,
-            Progress::default(),
-            stats.clone(),
-        ))
-        .expect("driver run");
+    runtime.block_on(driver::run(plan, config, Progress::default(), stats.clone())).expect("driver run");
     let mut storage = LocalFsStorage::open(dir.path()).unwrap();
     let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
     assert_eq!(rows, w2_reference(record_count, W2_WINDOW_SIZE_MS));
     let (completed, _) = stats.completed_aborted();
-    assert!(
-        completed >= 1,
-        "the final output was committed by a checkpoint"
-    );
-    assert!(storage
-        .list("checkpoints")
-        .unwrap()
-        .iter()
-        .any(|name| name == "_latest"));
+    assert!(completed >= 1, "the final output was committed by a checkpoint");
+    assert!(storage.list("checkpoints").unwrap().iter().any(|name| name == "_latest"));
 }
 
 // Goal: tokio + RocksDB + local disk commit exactly what the pure in-memory kernel run commits,
@@ -91,40 +52,25 @@ fn w2_with_checkpoints_equals_reference() {
 fn w2_on_tokio_and_rocksdb_equals_in_memory_run() {
     let record_count = 60_000;
     let reference = w2_reference(record_count, W2_WINDOW_SIZE_MS);
-    for (parallelism, batch_size, state) in [
-        (1, 1_000, StateKind::RocksDb),
-        (2, 512, StateKind::RocksDb),
-        (3, 4_096, StateKind::Heap),
-    ] {
+    for (parallelism, batch_size, state) in
+        [(1, 1_000, StateKind::RocksDb), (2, 512, StateKind::RocksDb), (3, 4_096, StateKind::Heap)]
+    {
         let graph = w2_job(record_count, parallelism, batch_size).unwrap();
         let mut in_memory = run_in_memory(PhysicalPlan::new(graph.clone(), parallelism)).unwrap();
         let expected = window_rows(&in_memory.committed("w2").unwrap());
         assert_eq!(expected, reference);
 
         let dir = tempfile::tempdir().unwrap();
-        let metrics = run_driver(
-            PhysicalPlan::new(graph, parallelism),
-            state.clone(),
-            dir.path(),
-        );
+        let metrics = run_driver(PhysicalPlan::new(graph, parallelism), state.clone(), dir.path());
         let mut storage = LocalFsStorage::open(dir.path()).unwrap();
         let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
-        assert_eq!(
-            rows, expected,
-            "parallelism {parallelism}, batch {batch_size}, {state:?}"
-        );
+        assert_eq!(rows, expected, "parallelism {parallelism}, batch {batch_size}, {state:?}");
         assert_eq!(metrics.records_in, record_count);
         assert_eq!(metrics.records_out, reference.len() as u64);
         // Committed means moved out of the pending directory: nothing is left there.
-        assert_eq!(
-            storage.list("output/w2/.pending").unwrap(),
-            Vec::<String>::new()
-        );
+        assert_eq!(storage.list("output/w2/.pending").unwrap(), Vec::<String>::new());
         if state == StateKind::RocksDb {
-            assert!(
-                dir.path().join("state/w2").is_dir(),
-                "RocksDB state was on disk"
-            );
+            assert!(dir.path().join("state/w2").is_dir(), "RocksDB state was on disk");
         }
     }
 }
@@ -133,16 +79,9 @@ fn w2_on_tokio_and_rocksdb_equals_in_memory_run() {
 #[test]
 fn w1_on_tokio_equals_reference() {
     let dir = tempfile::tempdir().unwrap();
-    run_driver(
-        PhysicalPlan::new(w1_job(30_000, 2, 1_000).unwrap(), 2),
-        StateKind::Heap,
-        dir.path(),
-    );
+    run_driver(PhysicalPlan::new(w1_job(30_000, 2, 1_000).unwrap(), 2), StateKind::Heap, dir.path());
     let mut storage = LocalFsStorage::open(dir.path()).unwrap();
-    assert_eq!(
-        w1_rows(&read_committed(&mut storage, "w1").unwrap()),
-        w1_reference(30_000)
-    );
+    assert_eq!(w1_rows(&read_committed(&mut storage, "w1").unwrap()), w1_reference(30_000));
 }
 
 // Goal: a state directory that cannot be opened is an error naming the subtask, not a panic.
@@ -160,10 +99,5 @@ fn unusable_state_directory_is_an_error() {
         restore: None,
     };
     let error = driver::build_nodes(&plan, &config).err().expect("an error");
-    assert!(
-        error
-            .to_string()
-            .contains("subtask 1.0 (state backend): state backend failed: rocksdb at"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("subtask 1.0 (state backend): state backend failed: rocksdb at"), "{error}");
 }

@@ -23,12 +23,7 @@ fn files_round_trip_list_rename_delete() {
     assert_eq!(storage.read("x/pointer").unwrap(), b"latest");
     assert_eq!(storage.list("x").unwrap(), vec!["pointer"]);
     storage.delete("x/pointer").unwrap();
-    assert_eq!(
-        storage.read("x/pointer"),
-        Err(StorageError::NotFound {
-            path: "x/pointer".into()
-        })
-    );
+    assert_eq!(storage.read("x/pointer"), Err(StorageError::NotFound { path: "x/pointer".into() }));
 }
 
 // Goal: errors name the path and kind: a missing file, an escaping path, a file where a directory
@@ -37,20 +32,9 @@ fn files_round_trip_list_rename_delete() {
 fn errors_name_path_and_kind() {
     let dir = tempfile::tempdir().unwrap();
     let mut storage = LocalFsStorage::open(dir.path()).unwrap();
-    assert_eq!(
-        storage.sync_file("missing"),
-        Err(StorageError::NotFound {
-            path: "missing".into()
-        })
-    );
-    assert!(matches!(
-        storage.write("../escape", b""),
-        Err(StorageError::InvalidPath { .. })
-    ));
-    assert!(matches!(
-        storage.read("/etc/passwd"),
-        Err(StorageError::InvalidPath { .. })
-    ));
+    assert_eq!(storage.sync_file("missing"), Err(StorageError::NotFound { path: "missing".into() }));
+    assert!(matches!(storage.write("../escape", b""), Err(StorageError::InvalidPath { .. })));
+    assert!(matches!(storage.read("/etc/passwd"), Err(StorageError::InvalidPath { .. })));
     storage.write("file", b"").unwrap();
     match storage.write("file/child", b"") {
         Err(StorageError::Io { path, .. }) => assert_eq!(path, "file/child"),

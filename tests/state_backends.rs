@@ -6,12 +6,7 @@ use sabot_kernel::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
 use sabot_kernel::state::testing::{check_backend_against_model, Lcg};
 use sabot_kernel::state::{HeapBackend, KeyGroupsSnapshot, StateBackend};
 
-fn rocks(
-    dir: &tempfile::TempDir,
-    name: &str,
-    range: KeyGroupRange,
-    cache: usize,
-) -> RocksDbBackend {
+fn rocks(dir: &tempfile::TempDir, name: &str, range: KeyGroupRange, cache: usize) -> RocksDbBackend {
     RocksDbBackend::open_with_cache(dir.path().join(name), range, cache).expect("open rocksdb")
 }
 
@@ -25,15 +20,10 @@ fn rocksdb_backend_matches_model() {
         let dir = tempfile::tempdir().unwrap();
         let range = KeyGroupRange::new(3, 11);
         let mut fresh_count = 0;
-        check_backend_against_model(
-            &mut rocks(&dir, "main", range, cache),
-            &mut Lcg::new(seed),
-            3_000,
-            || {
-                fresh_count += 1;
-                Box::new(rocks(&dir, &format!("fresh-{fresh_count}"), range, cache))
-            },
-        );
+        check_backend_against_model(&mut rocks(&dir, "main", range, cache), &mut Lcg::new(seed), 3_000, || {
+            fresh_count += 1;
+            Box::new(rocks(&dir, &format!("fresh-{fresh_count}"), range, cache))
+        });
     }
 }
 
@@ -76,10 +66,7 @@ fn heap_and_rocksdb_snapshots_are_identical() {
 }
 
 fn entries(snapshot: &KeyGroupsSnapshot) -> Vec<(u16, Vec<u8>, Vec<u8>)> {
-    snapshot
-        .entries()
-        .map(|(g, k, v)| (g.0, k.to_vec(), v.to_vec()))
-        .collect()
+    snapshot.entries().map(|(g, k, v)| (g.0, k.to_vec(), v.to_vec())).collect()
 }
 
 // Goal: state written at parallelism p restores at parallelism q, for p < q and p > q, across
@@ -106,18 +93,11 @@ fn snapshots_rescale_across_backends() {
             };
             backend.restore(&through).unwrap();
             let part = backend.snapshot().unwrap();
-            assert!(
-                part.entries().all(|(group, _, _)| range.contains(group)),
-                "p {parallelism} i {index}"
-            );
+            assert!(part.entries().all(|(group, _, _)| range.contains(group)), "p {parallelism} i {index}");
             parts.extend(entries(&part));
         }
         parts.sort();
-        assert_eq!(
-            parts,
-            entries(&original),
-            "after restoring at parallelism {parallelism}"
-        );
+        assert_eq!(parts, entries(&original), "after restoring at parallelism {parallelism}");
         let mut writer = sabot_kernel::state::snapshot::SnapshotWriter::new();
         for (group, key, value) in &parts {
             writer.add(KeyGroup(*group), key, value);

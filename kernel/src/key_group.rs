@@ -62,9 +62,7 @@ pub struct MaxParallelism(u16);
 
 impl MaxParallelism {
     pub fn new(count: u16) -> Option<MaxParallelism> {
-        (1..=MAX_PARALLELISM_MAX)
-            .contains(&count)
-            .then_some(MaxParallelism(count))
+        (1..=MAX_PARALLELISM_MAX).contains(&count).then_some(MaxParallelism(count))
     }
 
     pub fn get(self) -> u16 {
@@ -89,27 +87,14 @@ impl MaxParallelism {
     /// The subtask (of `parallelism`) that owns `key_group`.
     #[inline]
     pub fn subtask_of(self, key_group: KeyGroup, parallelism: u16) -> u16 {
-        assert!(
-            key_group.0 < self.0,
-            "key group {} of {}",
-            key_group.0,
-            self.0
-        );
-        assert!(
-            parallelism >= 1 && parallelism <= self.0,
-            "parallelism {parallelism} of {}",
-            self.0
-        );
+        assert!(key_group.0 < self.0, "key group {} of {}", key_group.0, self.0);
+        assert!(parallelism >= 1 && parallelism <= self.0, "parallelism {parallelism} of {}", self.0);
         (u32::from(key_group.0) * u32::from(parallelism) / u32::from(self.0)) as u16
     }
 
     /// The key groups subtask `index` of `parallelism` owns.
     pub fn range_of(self, index: u16, parallelism: u16) -> KeyGroupRange {
-        assert!(
-            parallelism >= 1 && parallelism <= self.0,
-            "parallelism {parallelism} of {}",
-            self.0
-        );
+        assert!(parallelism >= 1 && parallelism <= self.0, "parallelism {parallelism} of {}", self.0);
         assert!(index < parallelism, "subtask {index} of {parallelism}");
         let max = u32::from(self.0);
         let p = u32::from(parallelism);
@@ -186,10 +171,7 @@ mod tests {
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(hash_bytes(b"sabot"), 0x7485_becf_15c7_8066);
         let max = MaxParallelism::default();
-        let groups: Vec<u16> = [0_u64, 1, 2, 3, 99_999]
-            .iter()
-            .map(|&k| max.key_group_of_u64(k).0)
-            .collect();
+        let groups: Vec<u16> = [0_u64, 1, 2, 3, 99_999].iter().map(|&k| max.key_group_of_u64(k).0).collect();
         assert_eq!(groups, vec![0, 44, 103, 78, 115]);
         assert_eq!(max.key_group_of_bytes(b"sabot").0, 102);
     }
@@ -204,15 +186,8 @@ mod tests {
                 let mut next = 0;
                 for index in 0..parallelism {
                     let range = max.range_of(index, parallelism);
-                    assert_eq!(
-                        range.start(),
-                        next,
-                        "max {max_count} p {parallelism} i {index}"
-                    );
-                    assert!(
-                        range.count() >= 1,
-                        "max {max_count} p {parallelism} i {index} is empty"
-                    );
+                    assert_eq!(range.start(), next, "max {max_count} p {parallelism} i {index}");
+                    assert!(range.count() >= 1, "max {max_count} p {parallelism} i {index} is empty");
                     next = range.end();
                     for group in range.iter() {
                         assert_eq!(max.subtask_of(group, parallelism), index);

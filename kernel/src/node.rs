@@ -18,9 +18,7 @@ use crate::checkpoint::align::{AlignAction, Aligner, AlignmentMode};
 use crate::checkpoint::manifest::{Manifest, TaskSnapshot};
 use crate::dataflow::exchange::KeyPartitioner;
 use crate::dataflow::graph::{OutputSpec, Partitioning, PhysicalPlan, SubtaskId};
-use crate::dataflow::{
-    Context, Offset, Operator, OperatorError, OperatorMetrics, OperatorSnapshot, Source,
-};
+use crate::dataflow::{Context, Offset, Operator, OperatorError, OperatorMetrics, OperatorSnapshot, Source};
 use crate::element::{Barrier, BarrierKind, CheckpointId, Element};
 use crate::env::{ChannelId, Storage};
 use crate::key_group::KeyGroupRange;
@@ -37,8 +35,7 @@ pub const INBOX_MAX: usize = 64 * 1024;
 pub const STEP_ELEMENTS_MAX: usize = 32;
 
 /// Creates the state backend for a stateful operator's subtask.
-pub type BackendFactory<'a> =
-    dyn FnMut(SubtaskId, KeyGroupRange) -> Result<Box<dyn StateBackend>, StateError> + 'a;
+pub type BackendFactory<'a> = dyn FnMut(SubtaskId, KeyGroupRange) -> Result<Box<dyn StateBackend>, StateError> + 'a;
 
 /// What a node tells its driver, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,10 +43,7 @@ pub enum Event {
     /// A subtask processed its end of input (and, without checkpoints, committed its output).
     TaskFinished { subtask: SubtaskId },
     /// A subtask took its part of `checkpoint`: the coordinator's acknowledgement.
-    CheckpointAck {
-        checkpoint: CheckpointId,
-        snapshot: TaskSnapshot,
-    },
+    CheckpointAck { checkpoint: CheckpointId, snapshot: TaskSnapshot },
 }
 
 /// How a node runs its subtasks.
@@ -109,13 +103,8 @@ struct InputGate {
 impl InputGate {
     fn new(input_count: usize, checkpointing: bool) -> InputGate {
         assert!(input_count > 0, "a consuming subtask has inputs");
-        let aligner = checkpointing
-            .then(|| Aligner::new(AlignmentMode::Aligned { timeout_ms: None }, input_count));
-        let input = InputState {
-            watermark: EventTime::MIN,
-            idle: false,
-            ended: false,
-        };
+        let aligner = checkpointing.then(|| Aligner::new(AlignmentMode::Aligned { timeout_ms: None }, input_count));
+        let input = InputState { watermark: EventTime::MIN, idle: false, ended: false };
         InputGate {
             inputs: vec![input; input_count],
             watermark: EventTime::MIN,
@@ -130,18 +119,10 @@ impl InputGate {
     }
 
     /// Takes one element of input `index`; pushes what the chain should see into `out`.
-    fn on_element(
-        &mut self,
-        index: usize,
-        element: Element,
-        out: &mut Vec<Element>,
-    ) -> Result<(), OperatorError> {
+    fn on_element(&mut self, index: usize, element: Element, out: &mut Vec<Element>) -> Result<(), OperatorError> {
         let input = &mut self.inputs[index];
         if input.ended {
-            return Err(OperatorError::Protocol(format!(
-                "{} on input {index} after its end",
-                element.kind_name()
-            )));
+            return Err(OperatorError::Protocol(format!("{} on input {index} after its end", element.kind_name())));
         }
         match element {
             Element::Batch(batch) => {
@@ -179,11 +160,7 @@ impl InputGate {
             out.push(if idle { Element::Idle } else { Element::Active });
         }
         // Ended inputs no longer hold the watermark back; idle ones neither.
-        if let Some(minimum) = open()
-            .filter(|input| !input.idle)
-            .map(|input| input.watermark)
-            .min()
-        {
+        if let Some(minimum) = open().filter(|input| !input.idle).map(|input| input.watermark).min() {
             if minimum > self.watermark {
                 self.watermark = minimum;
                 out.push(Element::Watermark(minimum));
@@ -196,10 +173,7 @@ impl InputGate {
 }
 
 enum Head {
-    Source {
-        source: Box<dyn Source>,
-        ended: bool,
-    },
+    Source { source: Box<dyn Source>, ended: bool },
     Gate(InputGate),
 }
 
@@ -291,27 +265,17 @@ impl Node {
         backends: &mut BackendFactory<'_>,
         options: NodeOptions,
     ) -> Result<Node, NodeError> {
-        assert!(
-            index < plan.node_count,
-            "node {index} of {}",
-            plan.node_count
-        );
+        assert!(index < plan.node_count, "node {index} of {}", plan.node_count);
         let mut tasks = Vec::new();
         let mut routes = vec![Route::Foreign; plan.channels.len()];
         for subtask in plan.graph.subtasks().filter(|&s| plan.node_of(s) == index) {
-            let task =
-                Self::task(&plan, subtask, backends, options.checkpointing).map_err(|error| {
-                    NodeError {
-                        subtask,
-                        operator: "state backend".into(),
-                        error: error.into(),
-                    }
-                })?;
+            let task = Self::task(&plan, subtask, backends, options.checkpointing).map_err(|error| NodeError {
+                subtask,
+                operator: "state backend".into(),
+                error: error.into(),
+            })?;
             for (input, channel) in plan.inputs[&subtask].iter().enumerate() {
-                routes[channel.0 as usize] = Route::Local {
-                    task: tasks.len(),
-                    input,
-                };
+                routes[channel.0 as usize] = Route::Local { task: tasks.len(), input };
             }
             tasks.push(task);
         }
@@ -346,34 +310,23 @@ impl Node {
     fn restore(&mut self, manifest: &Manifest) -> Result<(), NodeError> {
         for task in self.tasks.iter_mut() {
             let id = task.id;
-            let fail = |operator: &str, error: OperatorError| NodeError {
-                subtask: id,
-                operator: operator.into(),
-                error,
-            };
-            let of_vertex: Vec<TaskSnapshot> = manifest
-                .tasks
-                .iter()
-                .filter(|s| s.subtask.vertex == id.vertex)
-                .cloned()
-                .collect();
+            let fail =
+                |operator: &str, error: OperatorError| NodeError { subtask: id, operator: operator.into(), error };
+            let of_vertex: Vec<TaskSnapshot> =
+                manifest.tasks.iter().filter(|s| s.subtask.vertex == id.vertex).cloned().collect();
             if let Head::Source { source, .. } = &mut task.head {
                 let own = of_vertex.iter().find(|s| s.subtask == id);
                 let offset = own.and_then(|s| s.source_offset).ok_or_else(|| {
                     let reason = format!("checkpoint {} has no offset for this source (was its parallelism changed? sources keep theirs)", manifest.checkpoint.0);
                     fail("restore", OperatorError::Protocol(reason))
                 })?;
-                source
-                    .seek(Offset(offset))
-                    .map_err(|e| fail("restore", e))?;
+                source.seek(Offset(offset)).map_err(|e| fail("restore", e))?;
             }
             let mut out = Vec::new();
             for operator in task.chain.iter_mut() {
                 let mut context = Context::new(Instant(0), self.storage.as_mut(), id, &mut out)
                     .with_checkpointing(self.checkpointing);
-                operator
-                    .restore(&mut context, &of_vertex)
-                    .map_err(|e| fail(operator.name(), e))?;
+                operator.restore(&mut context, &of_vertex).map_err(|e| fail(operator.name(), e))?;
             }
             assert!(out.is_empty(), "{id}: restoring emitted elements");
         }
@@ -389,19 +342,12 @@ impl Node {
         let vertex = plan.graph.vertex(id.vertex);
         let max = plan.graph.max_parallelism;
         let head = match &vertex.source {
-            Some(spec) => Head::Source {
-                source: spec.instantiate(&vertex.name, id, vertex.parallelism),
-                ended: false,
-            },
+            Some(spec) => Head::Source { source: spec.instantiate(&vertex.name, id, vertex.parallelism), ended: false },
             None => Head::Gate(InputGate::new(plan.inputs[&id].len(), checkpointing)),
         };
         let mut chain = Vec::new();
         for spec in &vertex.chain {
-            let state = if spec.is_stateful() {
-                Some(backends(id, plan.graph.key_groups_of(id))?)
-            } else {
-                None
-            };
+            let state = if spec.is_stateful() { Some(backends(id, plan.graph.key_groups_of(id))?) } else { None };
             chain.push(spec.instantiate(id, max, state));
         }
         let outputs = plan.outputs[&id]
@@ -409,15 +355,9 @@ impl Node {
             .map(|spec| Output {
                 partitioner: match spec.partitioning {
                     Partitioning::Forward => None,
-                    Partitioning::Hash {
-                        key_index,
-                        key_type,
-                    } => Some(KeyPartitioner::new(
-                        key_index,
-                        key_type,
-                        max,
-                        spec.channels.len() as u16,
-                    )),
+                    Partitioning::Hash { key_index, key_type } => {
+                        Some(KeyPartitioner::new(key_index, key_type, max, spec.channels.len() as u16))
+                    }
                 },
                 spec: spec.clone(),
             })
@@ -451,18 +391,11 @@ impl Node {
     /// Takes an element that arrived from another node.
     pub fn handle_element(&mut self, _now: Instant, channel: ChannelId, element: Element) {
         assert!(
-            matches!(
-                self.routes.get(channel.0 as usize),
-                Some(Route::Local { .. })
-            ),
+            matches!(self.routes.get(channel.0 as usize), Some(Route::Local { .. })),
             "node {}: {channel} does not end here",
             self.index
         );
-        assert!(
-            self.inbox_room() > 0,
-            "node {}: remote input beyond INBOX_REMOTE_MAX",
-            self.index
-        );
+        assert!(self.inbox_room() > 0, "node {}: remote input beyond INBOX_REMOTE_MAX", self.index);
         self.inbox_remote_count += 1;
         self.inbox.push_back((channel, element));
     }
@@ -482,10 +415,7 @@ impl Node {
                     self.inbox_remote_count -= 1;
                 }
                 let Route::Local { task, input } = self.routes[channel.0 as usize] else {
-                    unreachable!(
-                        "{channel} queued on node {} that does not consume it",
-                        self.index
-                    )
+                    unreachable!("{channel} queued on node {} that does not consume it", self.index)
                 };
                 self.deliver(now, task, input, element)?;
                 continue;
@@ -501,10 +431,7 @@ impl Node {
         if self.tasks.iter().all(|task| task.finished) {
             return Step::Finished;
         }
-        let source_ready = self
-            .tasks
-            .iter()
-            .any(|task| matches!(task.head, Head::Source { ended: false, .. }));
+        let source_ready = self.tasks.iter().any(|task| matches!(task.head, Head::Source { ended: false, .. }));
         if !self.inbox.is_empty() || (source_ready && self.outbox.len() < OUTBOX_MAX) {
             Step::Busy
         } else {
@@ -518,11 +445,7 @@ impl Node {
             let index = self.source_next % self.tasks.len().max(1);
             self.source_next = self.source_next.wrapping_add(1);
             let task = &mut self.tasks[index];
-            let Head::Source {
-                source,
-                ended: ended @ false,
-            } = &mut task.head
-            else {
+            let Head::Source { source, ended: ended @ false } = &mut task.head else {
                 continue;
             };
             let element = match source.poll_batch(now) {
@@ -531,13 +454,7 @@ impl Node {
                     *ended = true;
                     Element::End
                 }
-                Err(error) => {
-                    return Err(NodeError {
-                        subtask: task.id,
-                        operator: source.name().to_string(),
-                        error,
-                    })
-                }
+                Err(error) => return Err(NodeError { subtask: task.id, operator: source.name().to_string(), error }),
             };
             self.run_chain(now, index, element)?;
             return Ok(true);
@@ -545,38 +462,21 @@ impl Node {
         Ok(false)
     }
 
-    fn deliver(
-        &mut self,
-        now: Instant,
-        task: usize,
-        input: usize,
-        element: Element,
-    ) -> Result<(), NodeError> {
+    fn deliver(&mut self, now: Instant, task: usize, input: usize, element: Element) -> Result<(), NodeError> {
         let id = self.tasks[task].id;
-        let Head::Gate(gate) = &mut self.tasks[task].head else {
-            unreachable!("input delivered to source {id}")
-        };
-        let protocol = |error: String| NodeError {
-            subtask: id,
-            operator: "input".into(),
-            error: OperatorError::Protocol(error),
-        };
+        let Head::Gate(gate) = &mut self.tasks[task].head else { unreachable!("input delivered to source {id}") };
+        let protocol =
+            |error: String| NodeError { subtask: id, operator: "input".into(), error: OperatorError::Protocol(error) };
         let mut actions = Vec::new();
         if let Some(aligner) = &mut gate.aligner {
             if aligner.is_held(input) {
-                assert!(
-                    gate.held.len() < HELD_MAX,
-                    "{id}: {} elements held for alignment",
-                    gate.held.len()
-                );
+                assert!(gate.held.len() < HELD_MAX, "{id}: {} elements held for alignment", gate.held.len());
                 gate.held.push_back((input, element));
                 return Ok(());
             }
             match &element {
                 Element::Barrier(barrier) => {
-                    actions = aligner
-                        .on_barrier(now, input, *barrier)
-                        .map_err(|e| protocol(e.to_string()))?
+                    actions = aligner.on_barrier(now, input, *barrier).map_err(|e| protocol(e.to_string()))?
                 }
                 Element::End => actions = aligner.on_end(input),
                 _ => {}
@@ -589,15 +489,12 @@ impl Node {
             return Ok(());
         }
         let mut merged = std::mem::take(&mut self.scratch.0);
-        let Head::Gate(gate) = &mut self.tasks[task].head else {
-            unreachable!("checked above")
-        };
-        gate.on_element(input, element, &mut merged)
-            .map_err(|error| NodeError {
-                subtask: id,
-                operator: "input".into(),
-                error,
-            })?;
+        let Head::Gate(gate) = &mut self.tasks[task].head else { unreachable!("checked above") };
+        gate.on_element(input, element, &mut merged).map_err(|error| NodeError {
+            subtask: id,
+            operator: "input".into(),
+            error,
+        })?;
         for element in merged.drain(..) {
             self.run_chain(now, task, element)?;
         }
@@ -606,38 +503,22 @@ impl Node {
     }
 
     /// Carries out what the aligner decided: snapshot through the chain, release held elements.
-    fn apply_alignment(
-        &mut self,
-        now: Instant,
-        task: usize,
-        actions: Vec<AlignAction>,
-    ) -> Result<(), NodeError> {
+    fn apply_alignment(&mut self, now: Instant, task: usize, actions: Vec<AlignAction>) -> Result<(), NodeError> {
         for action in actions {
             match action {
-                AlignAction::Snapshot {
-                    checkpoint,
-                    unaligned: false,
-                } => {
-                    let barrier = Barrier {
-                        checkpoint,
-                        kind: BarrierKind::Aligned,
-                    };
+                AlignAction::Snapshot { checkpoint, unaligned: false } => {
+                    let barrier = Barrier { checkpoint, kind: BarrierKind::Aligned };
                     self.run_chain(now, task, Element::Barrier(barrier))?;
                 }
                 AlignAction::Release => {
-                    let Head::Gate(gate) = &mut self.tasks[task].head else {
-                        unreachable!("aligning a source")
-                    };
+                    let Head::Gate(gate) = &mut self.tasks[task].head else { unreachable!("aligning a source") };
                     for (input, element) in std::mem::take(&mut gate.held) {
                         self.deliver(now, task, input, element)?;
                     }
                 }
                 // A newer barrier took over; the coordinator aborts the old checkpoint.
                 AlignAction::Abort { .. } => {}
-                AlignAction::Snapshot {
-                    unaligned: true, ..
-                }
-                | AlignAction::InFlightComplete { .. } => {
+                AlignAction::Snapshot { unaligned: true, .. } | AlignAction::InFlightComplete { .. } => {
                     unreachable!("nodes align in aligned mode only")
                 }
             }
@@ -646,22 +527,12 @@ impl Node {
     }
 
     /// Runs one element through a task's chain and routes what comes out.
-    fn run_chain(
-        &mut self,
-        now: Instant,
-        task_index: usize,
-        element: Element,
-    ) -> Result<(), NodeError> {
+    fn run_chain(&mut self, now: Instant, task_index: usize, element: Element) -> Result<(), NodeError> {
         let mut current = vec![element];
         let mut next = std::mem::take(&mut self.scratch.1);
         let checkpointing = self.checkpointing;
         let task = &mut self.tasks[task_index];
-        assert!(
-            !task.finished,
-            "{} got {} after it finished",
-            task.id,
-            current[0].kind_name()
-        );
+        assert!(!task.finished, "{} got {} after it finished", task.id, current[0].kind_name());
         let ending = matches!(current[0], Element::End);
         let barrier = match &current[0] {
             Element::Barrier(barrier) => Some(barrier.checkpoint),
@@ -669,32 +540,26 @@ impl Node {
         };
         let mut written = OperatorSnapshot::default();
         for operator in task.chain.iter_mut() {
-            let mut context = Context::new(now, self.storage.as_mut(), task.id, &mut next)
-                .with_checkpointing(checkpointing);
+            let mut context =
+                Context::new(now, self.storage.as_mut(), task.id, &mut next).with_checkpointing(checkpointing);
             for element in current.drain(..) {
                 let result = match element {
                     Element::Batch(batch) => operator.on_batch(&mut context, batch),
                     Element::Watermark(watermark) => operator.on_watermark(&mut context, watermark),
-                    Element::End => operator
-                        .on_end(&mut context)
-                        .map(|()| context.emit(Element::End)),
-                    Element::Barrier(barrier) => operator
-                        .on_barrier(&mut context, barrier.checkpoint)
-                        .map(|snapshot| {
+                    Element::End => operator.on_end(&mut context).map(|()| context.emit(Element::End)),
+                    Element::Barrier(barrier) => {
+                        operator.on_barrier(&mut context, barrier.checkpoint).map(|snapshot| {
                             written.files.extend(snapshot.files);
                             written.pending_output.extend(snapshot.pending_output);
                             context.emit(Element::Barrier(barrier));
-                        }),
+                        })
+                    }
                     other @ (Element::Idle | Element::Active) => {
                         context.emit(other);
                         Ok(())
                     }
                 };
-                result.map_err(|error| NodeError {
-                    subtask: task.id,
-                    operator: operator.name().to_string(),
-                    error,
-                })?;
+                result.map_err(|error| NodeError { subtask: task.id, operator: operator.name().to_string(), error })?;
             }
             std::mem::swap(&mut current, &mut next);
         }
@@ -710,44 +575,33 @@ impl Node {
                 pending_output: written.pending_output,
             };
             task.acked_last = Some(checkpoint);
-            self.events.push_back(Event::CheckpointAck {
-                checkpoint,
-                snapshot,
-            });
+            self.events.push_back(Event::CheckpointAck { checkpoint, snapshot });
         }
         if ending {
             task.finished = true;
             if checkpointing {
-                let snapshot =
-                    Self::snapshot_final(task, self.storage.as_mut(), now, source_offset)?;
+                let snapshot = Self::snapshot_final(task, self.storage.as_mut(), now, source_offset)?;
                 // Checkpoints whose barriers never reached this task (its inputs ended first)
                 // are acknowledged with the final snapshot: it covers all of its input.
                 let acked_last = task.acked_last;
-                for &checkpoint in self
-                    .checkpoints_triggered
-                    .iter()
-                    .filter(|&&c| acked_last.is_none_or(|last| c > last))
+                for &checkpoint in
+                    self.checkpoints_triggered.iter().filter(|&&c| acked_last.is_none_or(|last| c > last))
                 {
                     task.snapshot_final_acked.get_or_insert(checkpoint);
                     task.acked_last = Some(checkpoint);
-                    self.events.push_back(Event::CheckpointAck {
-                        checkpoint,
-                        snapshot: snapshot.clone(),
-                    });
+                    self.events.push_back(Event::CheckpointAck { checkpoint, snapshot: snapshot.clone() });
                 }
                 task.snapshot_final = Some(snapshot);
             }
-            self.events
-                .push_back(Event::TaskFinished { subtask: task.id });
+            self.events.push_back(Event::TaskFinished { subtask: task.id });
         }
         let task_id = task.id;
         for element in current.drain(..) {
-            self.route_output(task_index, element)
-                .map_err(|error| NodeError {
-                    subtask: task_id,
-                    operator: "output".into(),
-                    error,
-                })?;
+            self.route_output(task_index, element).map_err(|error| NodeError {
+                subtask: task_id,
+                operator: "output".into(),
+                error,
+            })?;
         }
         self.scratch.1 = next;
         Ok(())
@@ -761,70 +615,40 @@ impl Node {
         source_offset: Option<u64>,
     ) -> Result<TaskSnapshot, NodeError> {
         let mut out = Vec::new();
-        let mut snapshot = TaskSnapshot {
-            subtask: task.id,
-            source_offset,
-            files: Vec::new(),
-            pending_output: Vec::new(),
-        };
+        let mut snapshot =
+            TaskSnapshot { subtask: task.id, source_offset, files: Vec::new(), pending_output: Vec::new() };
         for operator in task.chain.iter_mut() {
-            let mut context =
-                Context::new(now, storage, task.id, &mut out).with_checkpointing(true);
-            let written = operator
-                .on_barrier(&mut context, CheckpointId::END_OF_INPUT)
-                .map_err(|error| NodeError {
-                    subtask: task.id,
-                    operator: operator.name().to_string(),
-                    error,
-                })?;
+            let mut context = Context::new(now, storage, task.id, &mut out).with_checkpointing(true);
+            let written = operator.on_barrier(&mut context, CheckpointId::END_OF_INPUT).map_err(|error| NodeError {
+                subtask: task.id,
+                operator: operator.name().to_string(),
+                error,
+            })?;
             snapshot.files.extend(written.files);
             snapshot.pending_output.extend(written.pending_output);
         }
-        assert!(
-            out.is_empty(),
-            "{}: the final snapshot emitted elements",
-            task.id
-        );
+        assert!(out.is_empty(), "{}: the final snapshot emitted elements", task.id);
         Ok(snapshot)
     }
 
     /// The coordinator triggered `checkpoint`: sources record their offsets and emit its barrier;
     /// tasks that already finished acknowledge with what they kept at their end.
-    pub fn handle_checkpoint_trigger(
-        &mut self,
-        now: Instant,
-        checkpoint: CheckpointId,
-    ) -> Result<(), NodeError> {
+    pub fn handle_checkpoint_trigger(&mut self, now: Instant, checkpoint: CheckpointId) -> Result<(), NodeError> {
+        assert!(self.checkpointing, "node {}: checkpoint triggered, but checkpointing is off", self.index);
         assert!(
-            self.checkpointing,
-            "node {}: checkpoint triggered, but checkpointing is off",
-            self.index
-        );
-        assert!(
-            self.checkpoints_triggered
-                .last()
-                .is_none_or(|&last| last < checkpoint),
+            self.checkpoints_triggered.last().is_none_or(|&last| last < checkpoint),
             "checkpoint {checkpoint:?} triggered out of order"
         );
         self.checkpoints_triggered.push(checkpoint);
         for index in 0..self.tasks.len() {
             let task = &mut self.tasks[index];
             if task.finished {
-                let snapshot = task
-                    .snapshot_final
-                    .clone()
-                    .expect("a finished task kept its final snapshot");
+                let snapshot = task.snapshot_final.clone().expect("a finished task kept its final snapshot");
                 task.snapshot_final_acked.get_or_insert(checkpoint);
                 task.acked_last = Some(checkpoint);
-                self.events.push_back(Event::CheckpointAck {
-                    checkpoint,
-                    snapshot,
-                });
+                self.events.push_back(Event::CheckpointAck { checkpoint, snapshot });
             } else if matches!(task.head, Head::Source { .. }) {
-                let barrier = Barrier {
-                    checkpoint,
-                    kind: BarrierKind::Aligned,
-                };
+                let barrier = Barrier { checkpoint, kind: BarrierKind::Aligned };
                 self.run_chain(now, index, Element::Barrier(barrier))?;
             }
         }
@@ -832,46 +656,28 @@ impl Node {
     }
 
     /// `checkpoint` is complete and durable: operators commit what it covers.
-    pub fn handle_checkpoint_complete(
-        &mut self,
-        now: Instant,
-        checkpoint: CheckpointId,
-    ) -> Result<(), NodeError> {
+    pub fn handle_checkpoint_complete(&mut self, now: Instant, checkpoint: CheckpointId) -> Result<(), NodeError> {
         self.checkpoints_triggered.retain(|&c| c > checkpoint);
         let mut out = Vec::new();
         for task in self.tasks.iter_mut() {
-            let covers_final = task
-                .snapshot_final_acked
-                .is_some_and(|acked| acked <= checkpoint);
+            let covers_final = task.snapshot_final_acked.is_some_and(|acked| acked <= checkpoint);
             for operator in task.chain.iter_mut() {
-                let mut context = Context::new(now, self.storage.as_mut(), task.id, &mut out)
-                    .with_checkpointing(true);
+                let mut context = Context::new(now, self.storage.as_mut(), task.id, &mut out).with_checkpointing(true);
                 let mut result = operator.on_checkpoint_complete(&mut context, checkpoint);
                 if result.is_ok() && covers_final && !task.final_committed {
-                    result =
-                        operator.on_checkpoint_complete(&mut context, CheckpointId::END_OF_INPUT);
+                    result = operator.on_checkpoint_complete(&mut context, CheckpointId::END_OF_INPUT);
                 }
-                result.map_err(|error| NodeError {
-                    subtask: task.id,
-                    operator: operator.name().to_string(),
-                    error,
-                })?;
+                result.map_err(|error| NodeError { subtask: task.id, operator: operator.name().to_string(), error })?;
             }
             task.final_committed |= covers_final;
         }
-        assert!(
-            out.is_empty(),
-            "node {}: committing emitted elements",
-            self.index
-        );
+        assert!(out.is_empty(), "node {}: committing emitted elements", self.index);
         Ok(())
     }
 
     /// Every subtask finished and, with checkpoints, a completed checkpoint covered its end.
     pub fn is_done(&self) -> bool {
-        self.tasks
-            .iter()
-            .all(|task| task.finished && (!self.checkpointing || task.final_committed))
+        self.tasks.iter().all(|task| task.finished && (!self.checkpointing || task.final_committed))
     }
 
     fn route_output(&mut self, task_index: usize, element: Element) -> Result<(), OperatorError> {
@@ -880,11 +686,7 @@ impl Node {
         let mut send = |channel: ChannelId, element: Element| match routes[channel.0 as usize] {
             Route::Local { .. } => {
                 inbox.push_back((channel, element));
-                assert!(
-                    inbox.len() <= INBOX_MAX,
-                    "inbox holds {} elements",
-                    inbox.len()
-                );
+                assert!(inbox.len() <= INBOX_MAX, "inbox holds {} elements", inbox.len());
             }
             Route::Remote => outbox.push_back((channel, element)),
             Route::Foreign => unreachable!("{channel} is not an output of this node"),
@@ -897,11 +699,7 @@ impl Node {
                         send(channels[receiver], Element::Batch(part))
                     })?;
                 }
-                _ => output
-                    .spec
-                    .channels
-                    .iter()
-                    .for_each(|&channel| send(channel, element.clone())),
+                _ => output.spec.channels.iter().for_each(|&channel| send(channel, element.clone())),
             }
         }
         Ok(())
@@ -933,17 +731,12 @@ impl Node {
                 metrics.records_in += source.metrics().records_out;
             }
             let mut chain = OperatorMetrics::default();
-            task.chain
-                .iter()
-                .for_each(|operator| chain.add(&operator.metrics()));
+            task.chain.iter().for_each(|operator| chain.add(&operator.metrics()));
             metrics.records_late_dropped += chain.records_late_dropped;
             metrics.windows_fired += chain.windows_fired;
             metrics.state_size_bytes += chain.state_size_bytes;
             if task.outputs.is_empty() {
-                metrics.records_out += task
-                    .chain
-                    .last()
-                    .map_or(0, |sink| sink.metrics().records_in);
+                metrics.records_out += task.chain.last().map_or(0, |sink| sink.metrics().records_in);
             }
         }
         metrics
@@ -976,39 +769,24 @@ mod tests {
     fn gate_merges_watermarks_idleness_and_end() {
         let mut gate = InputGate::new(3, false);
         let mut out = Vec::new();
-        gate.on_element(0, Element::Watermark(EventTime(10)), &mut out)
-            .unwrap();
-        gate.on_element(1, Element::Watermark(EventTime(5)), &mut out)
-            .unwrap();
+        gate.on_element(0, Element::Watermark(EventTime(10)), &mut out).unwrap();
+        gate.on_element(1, Element::Watermark(EventTime(5)), &mut out).unwrap();
         assert!(watermarks(&out).is_empty(), "input 2 has not spoken");
-        gate.on_element(2, Element::Watermark(EventTime(7)), &mut out)
-            .unwrap();
+        gate.on_element(2, Element::Watermark(EventTime(7)), &mut out).unwrap();
         assert_eq!(watermarks(&out), vec![5]);
         out.clear();
         gate.on_element(1, Element::Idle, &mut out).unwrap();
-        assert_eq!(
-            watermarks(&out),
-            vec![7],
-            "idle input 1 no longer holds the watermark"
-        );
+        assert_eq!(watermarks(&out), vec![7], "idle input 1 no longer holds the watermark");
         out.clear();
         gate.on_element(1, Element::Active, &mut out).unwrap();
-        gate.on_element(1, Element::Watermark(EventTime(6)), &mut out)
-            .unwrap();
-        assert!(
-            watermarks(&out).is_empty(),
-            "the merged watermark never goes back"
-        );
+        gate.on_element(1, Element::Watermark(EventTime(6)), &mut out).unwrap();
+        assert!(watermarks(&out).is_empty(), "the merged watermark never goes back");
         gate.on_element(0, Element::Idle, &mut out).unwrap();
         gate.on_element(1, Element::Idle, &mut out).unwrap();
         gate.on_element(2, Element::Idle, &mut out).unwrap();
-        assert!(
-            matches!(out.last(), Some(Element::Idle)),
-            "all idle: idleness is forwarded"
-        );
+        assert!(matches!(out.last(), Some(Element::Idle)), "all idle: idleness is forwarded");
         out.clear();
-        gate.on_element(2, Element::Watermark(EventTime(20)), &mut out)
-            .unwrap();
+        gate.on_element(2, Element::Watermark(EventTime(20)), &mut out).unwrap();
         gate.on_element(2, Element::Active, &mut out).unwrap();
         assert!(matches!(out.first(), Some(Element::Active)));
         assert_eq!(watermarks(&out), vec![20]);
@@ -1025,25 +803,14 @@ mod tests {
     fn gate_rejects_protocol_violations() {
         let mut out = Vec::new();
         let mut gate = InputGate::new(2, false);
-        gate.on_element(0, Element::Watermark(EventTime(10)), &mut out)
-            .unwrap();
-        let error = gate
-            .on_element(0, Element::Watermark(EventTime(9)), &mut out)
-            .unwrap_err();
+        gate.on_element(0, Element::Watermark(EventTime(10)), &mut out).unwrap();
+        let error = gate.on_element(0, Element::Watermark(EventTime(9)), &mut out).unwrap_err();
         assert!(error.to_string().contains("went back"), "{error}");
         gate.on_element(1, Element::End, &mut out).unwrap();
         let error = gate.on_element(1, Element::Idle, &mut out).unwrap_err();
         assert!(error.to_string().contains("after its end"), "{error}");
-        let barrier = Barrier {
-            checkpoint: CheckpointId(1),
-            kind: BarrierKind::Aligned,
-        };
-        let error = gate
-            .on_element(0, Element::Barrier(barrier), &mut out)
-            .unwrap_err();
-        assert!(
-            error.to_string().contains("takes no checkpoints"),
-            "{error}"
-        );
+        let barrier = Barrier { checkpoint: CheckpointId(1), kind: BarrierKind::Aligned };
+        let error = gate.on_element(0, Element::Barrier(barrier), &mut out).unwrap_err();
+        assert!(error.to_string().contains("takes no checkpoints"), "{error}");
     }
 }

@@ -87,8 +87,7 @@ pub fn run_in_memory_with(
     let now = Instant(0);
     let mut step_count = 0_u64;
     // An element taken from a node's outbox whose receiver had no room yet: the node's one in flight.
-    let mut held: Vec<Option<(crate::env::ChannelId, crate::element::Element)>> =
-        vec![None; nodes.len()];
+    let mut held: Vec<Option<(crate::env::ChannelId, crate::element::Element)>> = vec![None; nodes.len()];
     loop {
         let mut busy = false;
         for index in 0..nodes.len() {
@@ -98,9 +97,7 @@ pub fn run_in_memory_with(
             while nodes[index].poll_event().is_some() {}
             // Move what this node sends to its receivers while they have room; the rest waits.
             loop {
-                let Some((channel, element)) =
-                    held[index].take().or_else(|| nodes[index].poll_transmit())
-                else {
+                let Some((channel, element)) = held[index].take().or_else(|| nodes[index].poll_transmit()) else {
                     break;
                 };
                 let receiver = usize::from(plan.node_of(plan.channel(channel).to));
@@ -113,20 +110,13 @@ pub fn run_in_memory_with(
             }
         }
         if nodes.iter().all(Node::is_finished) {
-            assert!(
-                held.iter().all(Option::is_none),
-                "elements left in flight after every node finished"
-            );
+            assert!(held.iter().all(Option::is_none), "elements left in flight after every node finished");
             break;
         }
         assert!(busy, "in-memory run stalled: no node can make progress");
     }
     let metrics: NodeMetrics = nodes.iter().map(Node::metrics).sum();
-    Ok(InMemoryRun {
-        storage,
-        metrics,
-        step_count,
-    })
+    Ok(InMemoryRun { storage, metrics, step_count })
 }
 
 /// How a checkpointed in-memory run goes: checkpoints every `interval_steps` steps, and a crash
@@ -150,9 +140,7 @@ struct FillableDisk {
 impl Storage for FillableDisk {
     fn write(&mut self, path: &str, data: &[u8]) -> Result<(), StorageError> {
         if self.full.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(StorageError::Full {
-                path: path.to_string(),
-            });
+            return Err(StorageError::Full { path: path.to_string() });
         }
         self.inner.write(path, data)
     }
@@ -197,19 +185,13 @@ const CHECKPOINTED_STEPS_MAX: u64 = 10_000_000;
 
 /// Runs `plan` with checkpoints and crashes, recovering each time from the latest completed
 /// checkpoint as a restarted job would: the pure-kernel exactly-once experiment.
-pub fn run_checkpointed(
-    plan: PhysicalPlan,
-    schedule: &CrashSchedule,
-) -> Result<CheckpointedRun, String> {
+pub fn run_checkpointed(plan: PhysicalPlan, schedule: &CrashSchedule) -> Result<CheckpointedRun, String> {
     use crate::checkpoint::coordinator::{Action, Coordinator, CoordinatorConfig};
     use crate::checkpoint::manifest::{find_latest, persist};
 
     let plan = Arc::new(plan);
     let storage = SharedMemStorage::default();
-    let disk = FillableDisk {
-        inner: storage.clone(),
-        full: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-    };
+    let disk = FillableDisk { inner: storage.clone(), full: Arc::new(std::sync::atomic::AtomicBool::new(false)) };
     let mut crashes = schedule.crash_at_steps.clone();
     crashes.sort_unstable();
     crashes.reverse();
@@ -240,20 +222,13 @@ pub fn run_checkpointed(
         };
     }
     'attempt: loop {
-        let recovery =
-            find_latest(&mut storage.clone(), &plan.graph.name).map_err(|e| e.to_string())?;
+        let recovery = find_latest(&mut storage.clone(), &plan.graph.name).map_err(|e| e.to_string())?;
         let restored = recovery.manifest.map(Arc::new);
-        run.restored_from_checkpoint +=
-            u64::from(run.recoveries + run.task_failures > 0 && restored.is_some());
-        let options = NodeOptions {
-            checkpointing: true,
-            restore: restored.clone(),
-        };
+        run.restored_from_checkpoint += u64::from(run.recoveries + run.task_failures > 0 && restored.is_some());
+        let options = NodeOptions { checkpointing: true, restore: restored.clone() };
         let mut nodes = Vec::new();
         for index in 0..plan.node_count {
-            let mut backends = |_, range| {
-                Ok(Box::new(HeapBackend::new(range)) as Box<dyn crate::state::StateBackend>)
-            };
+            let mut backends = |_, range| Ok(Box::new(HeapBackend::new(range)) as Box<dyn crate::state::StateBackend>);
             nodes.push(or_restart!(
                 Node::new(plan.clone(), index, Box::new(disk.clone()), &mut backends, options.clone()),
                 'attempt
@@ -272,16 +247,12 @@ pub fn run_checkpointed(
             plan.graph.subtasks(),
             restored.as_deref().cloned(),
         );
-        let mut held: Vec<Option<(crate::env::ChannelId, crate::element::Element)>> =
-            vec![None; nodes.len()];
+        let mut held: Vec<Option<(crate::env::ChannelId, crate::element::Element)>> = vec![None; nodes.len()];
         loop {
             step += 1;
             assert!(step < CHECKPOINTED_STEPS_MAX, "checkpointed run stuck");
             let now = Instant(step);
-            let full = schedule
-                .disk_full_steps
-                .iter()
-                .any(|&(start, end)| (start..end).contains(&step));
+            let full = schedule.disk_full_steps.iter().any(|&(start, end)| (start..end).contains(&step));
             disk.full.store(full, std::sync::atomic::Ordering::Relaxed);
             if crashes.last() == Some(&step) {
                 crashes.pop();
@@ -298,9 +269,7 @@ pub fn run_checkpointed(
                         }
                     }
                     Action::Persist { manifest } => match persist(&mut disk.clone(), &manifest) {
-                        Ok(()) => coordinator
-                            .handle_persisted(manifest.checkpoint)
-                            .map_err(|e| e.to_string())?,
+                        Ok(()) => coordinator.handle_persisted(manifest.checkpoint).map_err(|e| e.to_string())?,
                         Err(error) => coordinator
                             .handle_persist_failed(manifest.checkpoint, &error.to_string())
                             .map_err(|e| e.to_string())?,
@@ -324,20 +293,12 @@ pub fn run_checkpointed(
                     or_restart!(nodes[index].handle_step(now), 'attempt);
                 }
                 while let Some(event) = nodes[index].poll_event() {
-                    if let Event::CheckpointAck {
-                        checkpoint,
-                        snapshot,
-                    } = event
-                    {
-                        coordinator
-                            .handle_ack(checkpoint, snapshot)
-                            .map_err(|e| e.to_string())?;
+                    if let Event::CheckpointAck { checkpoint, snapshot } = event {
+                        coordinator.handle_ack(checkpoint, snapshot).map_err(|e| e.to_string())?;
                     }
                 }
                 loop {
-                    let Some((channel, element)) =
-                        held[index].take().or_else(|| nodes[index].poll_transmit())
-                    else {
+                    let Some((channel, element)) = held[index].take().or_else(|| nodes[index].poll_transmit()) else {
                         break;
                     };
                     let receiver = usize::from(plan.node_of(plan.channel(channel).to));
@@ -362,36 +323,18 @@ pub fn window_rows(batches: &[RecordBatch]) -> BTreeMap<(u64, i64), (u64, i64)> 
     for batch in batches {
         let column = |i: usize| batch.column(i).clone();
         let keys = column(0);
-        let keys = keys
-            .as_any()
-            .downcast_ref::<UInt64Array>()
-            .expect("key column");
+        let keys = keys.as_any().downcast_ref::<UInt64Array>().expect("key column");
         let starts = column(1);
-        let starts = starts
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("window_start column");
+        let starts = starts.as_any().downcast_ref::<Int64Array>().expect("window_start column");
         let ends = column(2);
-        let ends = ends
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("window_end column");
+        let ends = ends.as_any().downcast_ref::<Int64Array>().expect("window_end column");
         let counts = column(3);
-        let counts = counts
-            .as_any()
-            .downcast_ref::<UInt64Array>()
-            .expect("count column");
+        let counts = counts.as_any().downcast_ref::<UInt64Array>().expect("count column");
         let sums = column(4);
-        let sums = sums
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("sum column");
+        let sums = sums.as_any().downcast_ref::<Int64Array>().expect("sum column");
         for row in 0..batch.num_rows() {
             assert!(ends.value(row) > starts.value(row));
-            let previous = rows.insert(
-                (keys.value(row), starts.value(row)),
-                (counts.value(row), sums.value(row)),
-            );
+            let previous = rows.insert((keys.value(row), starts.value(row)), (counts.value(row), sums.value(row)));
             assert!(
                 previous.is_none(),
                 "window row for key {} at {} emitted twice",
@@ -431,25 +374,10 @@ pub fn w1_reference(record_count: u64) -> Vec<(u64, i64)> {
 pub fn w1_rows(batches: &[RecordBatch]) -> Vec<(u64, i64)> {
     let mut rows = Vec::new();
     for batch in batches {
-        let keys = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<UInt64Array>()
-            .expect("key column")
-            .clone();
-        let times = batch
-            .column(1)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("ts_ms column")
-            .clone();
+        let keys = batch.column(0).as_any().downcast_ref::<UInt64Array>().expect("key column").clone();
+        let times = batch.column(1).as_any().downcast_ref::<Int64Array>().expect("ts_ms column").clone();
         assert_eq!(keys.null_count() + times.null_count(), 0);
-        rows.extend(
-            keys.values()
-                .iter()
-                .copied()
-                .zip(times.values().iter().copied()),
-        );
+        rows.extend(keys.values().iter().copied().zip(times.values().iter().copied()));
     }
     rows.sort_unstable();
     rows
@@ -466,23 +394,15 @@ mod tests {
     fn w2_matches_reference_model() {
         let record_count = 30_000;
         let expected = w2_reference(record_count, W2_WINDOW_SIZE_MS);
-        for (parallelism, node_count, batch_size) in
-            [(1, 1, 1_000), (3, 1, 777), (4, 4, 256), (2, 2, 5_000)]
-        {
+        for (parallelism, node_count, batch_size) in [(1, 1, 1_000), (3, 1, 777), (4, 4, 256), (2, 2, 5_000)] {
             let graph = w2_job(record_count, parallelism, batch_size).unwrap();
             let mut run = run_in_memory(PhysicalPlan::new(graph, node_count)).unwrap();
             let rows = window_rows(&run.committed("w2").unwrap());
-            assert_eq!(
-                rows, expected,
-                "parallelism {parallelism}, nodes {node_count}, batch {batch_size}"
-            );
+            assert_eq!(rows, expected, "parallelism {parallelism}, nodes {node_count}, batch {batch_size}");
             assert_eq!(run.metrics.records_in, record_count);
             assert_eq!(run.metrics.records_out, expected.len() as u64);
             assert_eq!(run.metrics.records_late_dropped, 0);
-            assert_eq!(
-                run.metrics.state_size_bytes, 0,
-                "every window fired and was cleared"
-            );
+            assert_eq!(run.metrics.state_size_bytes, 0, "every window fired and was cleared");
         }
     }
 
@@ -493,10 +413,7 @@ mod tests {
         for (parallelism, node_count) in [(1, 1), (3, 3)] {
             let graph = w1_job(record_count, parallelism, 999).unwrap();
             let mut run = run_in_memory(PhysicalPlan::new(graph, node_count)).unwrap();
-            assert_eq!(
-                w1_rows(&run.committed("w1").unwrap()),
-                w1_reference(record_count)
-            );
+            assert_eq!(w1_rows(&run.committed("w1").unwrap()), w1_reference(record_count));
         }
     }
 
@@ -505,9 +422,7 @@ mod tests {
 
     impl Storage for FullDisk {
         fn write(&mut self, path: &str, _data: &[u8]) -> Result<(), StorageError> {
-            Err(StorageError::Full {
-                path: path.to_string(),
-            })
+            Err(StorageError::Full { path: path.to_string() })
         }
         fn sync_file(&mut self, path: &str) -> Result<(), StorageError> {
             self.0.sync_file(path)
@@ -536,16 +451,11 @@ mod tests {
         let storage = SharedMemStorage::default();
         let plan = PhysicalPlan::new(w2_job(5_000, 2, 500).unwrap(), 2);
         let shared = storage.clone();
-        let error = run_in_memory_with(plan, storage.clone(), move |_| {
-            Box::new(FullDisk(shared.clone()))
-        })
-        .err()
-        .expect("the job fails");
+        let error = run_in_memory_with(plan, storage.clone(), move |_| Box::new(FullDisk(shared.clone())))
+            .err()
+            .expect("the job fails");
         let message = error.to_string();
-        assert!(
-            message.contains("(w2): storage is full while writing \"output/w2/.pending/part-"),
-            "{message}"
-        );
+        assert!(message.contains("(w2): storage is full while writing \"output/w2/.pending/part-"), "{message}");
         let mut storage = storage;
         assert!(read_committed(&mut storage, "w2").unwrap().is_empty());
     }
@@ -567,22 +477,13 @@ mod tests {
             // A run without crashes says how long a run is; crashes fall anywhere in the runs.
             let dry = run_checkpointed(
                 plan(),
-                &CrashSchedule {
-                    interval_steps,
-                    crash_at_steps: vec![],
-                    disk_full_steps: vec![],
-                },
+                &CrashSchedule { interval_steps, crash_at_steps: vec![], disk_full_steps: vec![] },
             )
             .unwrap();
             let crash_count = 1 + rng.below(4);
-            let crash_at_steps: Vec<u64> = (0..crash_count)
-                .map(|_| 1 + rng.below(dry.step_count + dry.step_count / 4))
-                .collect();
-            let schedule = CrashSchedule {
-                interval_steps,
-                crash_at_steps,
-                disk_full_steps: vec![],
-            };
+            let crash_at_steps: Vec<u64> =
+                (0..crash_count).map(|_| 1 + rng.below(dry.step_count + dry.step_count / 4)).collect();
+            let schedule = CrashSchedule { interval_steps, crash_at_steps, disk_full_steps: vec![] };
             println!("  {schedule:?}, dry run {} steps", dry.step_count);
             let run = run_checkpointed(plan(), &schedule).unwrap();
             let mut storage = run.storage.clone();
@@ -590,10 +491,7 @@ mod tests {
             assert_eq!(rows, expected, "seed {seed}: {schedule:?}");
             println!(
                 "  {} steps, {} checkpoints completed, {} recoveries ({} from a checkpoint)",
-                run.step_count,
-                run.checkpoints_completed,
-                run.recoveries,
-                run.restored_from_checkpoint
+                run.step_count, run.checkpoints_completed, run.recoveries, run.restored_from_checkpoint
             );
             recoveries += run.recoveries;
             restored += run.restored_from_checkpoint;
@@ -622,33 +520,19 @@ mod tests {
                 })
                 .collect();
             let crash_at_steps = vec![10 + rng.below(60)];
-            let schedule = CrashSchedule {
-                interval_steps: 3,
-                crash_at_steps,
-                disk_full_steps,
-            };
-            let run = run_checkpointed(
-                PhysicalPlan::new(w2_job(record_count, 2, 100).unwrap(), 2),
-                &schedule,
-            )
-            .unwrap();
+            let schedule = CrashSchedule { interval_steps: 3, crash_at_steps, disk_full_steps };
+            let run = run_checkpointed(PhysicalPlan::new(w2_job(record_count, 2, 100).unwrap(), 2), &schedule).unwrap();
             let mut storage = run.storage.clone();
             assert_eq!(
                 window_rows(&read_committed(&mut storage, "w2").unwrap()),
                 expected,
                 "seed {seed}: {schedule:?}"
             );
-            println!(
-                "  {} task failures, {} checkpoints aborted",
-                run.task_failures, run.checkpoints_aborted
-            );
+            println!("  {} task failures, {} checkpoints aborted", run.task_failures, run.checkpoints_aborted);
             failures += run.task_failures;
             aborted += run.checkpoints_aborted;
         }
-        assert!(
-            failures > 0 && aborted > 0,
-            "the full disk failed tasks ({failures}) and checkpoints ({aborted})"
-        );
+        assert!(failures > 0 && aborted > 0, "the full disk failed tasks ({failures}) and checkpoints ({aborted})");
     }
 
     // Goal: the same plan gives the same committed bytes every time (determinism of the kernel).
@@ -658,10 +542,7 @@ mod tests {
             let run = run_in_memory(PhysicalPlan::new(w2_job(5_000, 3, 100).unwrap(), 3)).unwrap();
             let mut storage = run.storage.0.lock().unwrap().clone();
             let files = storage.list("output/w2").unwrap();
-            files
-                .iter()
-                .map(|f| (f.clone(), storage.read(&format!("output/w2/{f}")).unwrap()))
-                .collect::<Vec<_>>()
+            files.iter().map(|f| (f.clone(), storage.read(&format!("output/w2/{f}")).unwrap())).collect::<Vec<_>>()
         };
         let first = committed();
         assert!(!first.is_empty());

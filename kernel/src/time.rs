@@ -53,15 +53,8 @@ pub struct BoundedOutOfOrderness {
 
 impl BoundedOutOfOrderness {
     pub fn new(bound_ms: i64) -> BoundedOutOfOrderness {
-        assert!(
-            bound_ms >= 0,
-            "out-of-orderness bound {bound_ms} ms must not be negative"
-        );
-        BoundedOutOfOrderness {
-            bound_ms,
-            event_time_max: EventTime::MIN,
-            watermark_emitted: EventTime::MIN,
-        }
+        assert!(bound_ms >= 0, "out-of-orderness bound {bound_ms} ms must not be negative");
+        BoundedOutOfOrderness { bound_ms, event_time_max: EventTime::MIN, watermark_emitted: EventTime::MIN }
     }
 
     pub fn bound_ms(&self) -> i64 {

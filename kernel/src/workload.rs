@@ -38,11 +38,7 @@ pub fn record(i: u64) -> Record {
     let x1 = ((i + 1) * 48_271) % MODULUS;
     let x2 = (x1 * x1) % MODULUS;
     let x3 = (x2 * x2 + 12_345) % MODULUS;
-    Record {
-        key: x2 % KEY_COUNT,
-        value: x3 as i64,
-        ts_ms: i as i64 + (x1 % 2_000) as i64,
-    }
+    Record { key: x2 % KEY_COUNT, value: x3 as i64, ts_ms: i as i64 + (x1 % 2_000) as i64 }
 }
 
 /// W2 as a job: generator → watermarks (5 s) → key by `key` → 10 s tumbling count/sum → file sink `w2`.
@@ -53,14 +49,7 @@ pub fn w2_job(
 ) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
     use crate::dataflow::graph::SourceSpec;
     crate::dataflow::JobBuilder::new("w2")
-        .source(
-            "generator",
-            SourceSpec::Generator {
-                record_count,
-                batch_size,
-            },
-            parallelism,
-        )?
+        .source("generator", SourceSpec::Generator { record_count, batch_size }, parallelism)?
         .assign_watermarks(W2_OUT_OF_ORDERNESS_MS)?
         .key_by("key", parallelism)?
         .tumbling_window_count_sum(W2_WINDOW_SIZE_MS, "value")?
@@ -77,29 +66,14 @@ pub fn w1_job(
     use crate::dataflow::map::Predicate;
     use arrow_array::{BooleanArray, Int64Array};
     let even = Predicate::new(|batch| {
-        let values = batch
-            .column(1)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .ok_or_else(|| {
-                arrow_schema::ArrowError::InvalidArgumentError(
-                    "w1: value column is not Int64".into(),
-                )
+        let values =
+            batch.column(1).as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
+                arrow_schema::ArrowError::InvalidArgumentError("w1: value column is not Int64".into())
             })?;
-        Ok(values
-            .iter()
-            .map(|value| value.map(|v| v % 2 == 0))
-            .collect::<BooleanArray>())
+        Ok(values.iter().map(|value| value.map(|v| v % 2 == 0)).collect::<BooleanArray>())
     });
     crate::dataflow::JobBuilder::new("w1")
-        .source(
-            "generator",
-            SourceSpec::Generator {
-                record_count,
-                batch_size,
-            },
-            parallelism,
-        )?
+        .source("generator", SourceSpec::Generator { record_count, batch_size }, parallelism)?
         .filter("even-value", even)?
         .project(&["key", "ts_ms"])?
         .sink_files("w1")
@@ -113,22 +87,8 @@ mod tests {
     // formulas of WORKLOADS.md (in Python), and the bound on disorder that W2 relies on.
     #[test]
     fn generator_matches_definition() {
-        assert_eq!(
-            record(0),
-            Record {
-                key: 5_794,
-                value: 1_914_732_982,
-                ts_ms: 271
-            }
-        );
-        assert_eq!(
-            record(1),
-            Record {
-                key: 23_176,
-                value: 570_771_479,
-                ts_ms: 543
-            }
-        );
+        assert_eq!(record(0), Record { key: 5_794, value: 1_914_732_982, ts_ms: 271 });
+        assert_eq!(record(1), Record { key: 23_176, value: 570_771_479, ts_ms: 543 });
         for i in 0..100_000 {
             let r = record(i);
             assert!(r.key < KEY_COUNT);

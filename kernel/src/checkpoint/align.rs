@@ -42,10 +42,7 @@ pub enum AlignAction {
     Abort { checkpoint: CheckpointId },
     /// Snapshot state now and forward the barrier downstream. With `unaligned`, elements that
     /// `is_in_flight` from now on belong to the snapshot too.
-    Snapshot {
-        checkpoint: CheckpointId,
-        unaligned: bool,
-    },
+    Snapshot { checkpoint: CheckpointId, unaligned: bool },
     /// Re-deliver the held elements, in the order they arrived; nothing is held any more.
     Release,
     /// Unaligned: every input delivered the barrier; the snapshot's in-flight data is complete.
@@ -55,15 +52,9 @@ pub enum AlignAction {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AlignError {
     #[error("second barrier of {checkpoint:?} on input {input}")]
-    SecondBarrier {
-        checkpoint: CheckpointId,
-        input: usize,
-    },
+    SecondBarrier { checkpoint: CheckpointId, input: usize },
     #[error("barrier of {checkpoint:?} on input {input} after its end")]
-    AfterEnd {
-        checkpoint: CheckpointId,
-        input: usize,
-    },
+    AfterEnd { checkpoint: CheckpointId, input: usize },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -86,12 +77,7 @@ pub struct Aligner {
 impl Aligner {
     pub fn new(mode: AlignmentMode, input_count: usize) -> Aligner {
         assert!(input_count > 0, "a task with inputs");
-        Aligner {
-            mode,
-            inputs: vec![InputState::Open; input_count],
-            current: None,
-            finished: None,
-        }
+        Aligner { mode, inputs: vec![InputState::Open; input_count], current: None, finished: None }
     }
 
     pub fn input_state(&self, input: usize) -> InputState {
@@ -100,45 +86,25 @@ impl Aligner {
 
     /// Aligned mode: elements of `input` must be held now.
     pub fn is_held(&self, input: usize) -> bool {
-        matches!(
-            self.current,
-            Some(Current {
-                snapshot_taken: false,
-                ..
-            })
-        ) && self.inputs[input] == InputState::Barrier
+        matches!(self.current, Some(Current { snapshot_taken: false, .. })) && self.inputs[input] == InputState::Barrier
     }
 
     /// Unaligned: elements of `input` arriving now were overtaken by the barrier.
     pub fn is_in_flight(&self, input: usize) -> bool {
-        matches!(
-            self.current,
-            Some(Current {
-                snapshot_taken: true,
-                ..
-            })
-        ) && self.inputs[input] == InputState::Open
+        matches!(self.current, Some(Current { snapshot_taken: true, .. })) && self.inputs[input] == InputState::Open
     }
 
     /// When an aligned checkpoint times out into an unaligned one, if one is aligning.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match (self.mode, self.current) {
-            (
-                AlignmentMode::Aligned {
-                    timeout_ms: Some(timeout),
-                },
-                Some(current),
-            ) if !current.snapshot_taken => Some(current.started_at.saturating_add_ms(timeout)),
+            (AlignmentMode::Aligned { timeout_ms: Some(timeout) }, Some(current)) if !current.snapshot_taken => {
+                Some(current.started_at.saturating_add_ms(timeout))
+            }
             _ => None,
         }
     }
 
-    pub fn on_barrier(
-        &mut self,
-        now: Instant,
-        input: usize,
-        barrier: Barrier,
-    ) -> Result<Vec<AlignAction>, AlignError> {
+    pub fn on_barrier(&mut self, now: Instant, input: usize, barrier: Barrier) -> Result<Vec<AlignAction>, AlignError> {
         let checkpoint = barrier.checkpoint;
         match self.inputs[input] {
             InputState::Ended => return Err(AlignError::AfterEnd { checkpoint, input }),
@@ -155,9 +121,7 @@ impl Aligner {
             Some(current) if current.checkpoint == checkpoint => {}
             Some(current) if current.checkpoint > checkpoint => return Ok(actions),
             Some(current) => {
-                actions.push(AlignAction::Abort {
-                    checkpoint: current.checkpoint,
-                });
+                actions.push(AlignAction::Abort { checkpoint: current.checkpoint });
                 if !current.snapshot_taken {
                     actions.push(AlignAction::Release);
                 }
@@ -173,16 +137,9 @@ impl Aligner {
 
     fn start(&mut self, now: Instant, checkpoint: CheckpointId, actions: &mut Vec<AlignAction>) {
         let unaligned = self.mode == AlignmentMode::Unaligned;
-        self.current = Some(Current {
-            checkpoint,
-            started_at: now,
-            snapshot_taken: unaligned,
-        });
+        self.current = Some(Current { checkpoint, started_at: now, snapshot_taken: unaligned });
         if unaligned {
-            actions.push(AlignAction::Snapshot {
-                checkpoint,
-                unaligned: true,
-            });
+            actions.push(AlignAction::Snapshot { checkpoint, unaligned: true });
         }
     }
 
@@ -193,14 +150,9 @@ impl Aligner {
             return;
         }
         if current.snapshot_taken {
-            actions.push(AlignAction::InFlightComplete {
-                checkpoint: current.checkpoint,
-            });
+            actions.push(AlignAction::InFlightComplete { checkpoint: current.checkpoint });
         } else {
-            actions.push(AlignAction::Snapshot {
-                checkpoint: current.checkpoint,
-                unaligned: false,
-            });
+            actions.push(AlignAction::Snapshot { checkpoint: current.checkpoint, unaligned: false });
             actions.push(AlignAction::Release);
         }
         self.finish(current.checkpoint);
@@ -209,11 +161,7 @@ impl Aligner {
     fn finish(&mut self, checkpoint: CheckpointId) {
         self.current = None;
         self.finished = Some(checkpoint);
-        for state in self
-            .inputs
-            .iter_mut()
-            .filter(|state| **state == InputState::Barrier)
-        {
+        for state in self.inputs.iter_mut().filter(|state| **state == InputState::Barrier) {
             *state = InputState::Open;
         }
     }
@@ -230,15 +178,9 @@ impl Aligner {
     pub fn handle_timeout(&mut self, now: Instant) -> Vec<AlignAction> {
         let mut actions = Vec::new();
         if self.poll_timeout().is_some_and(|at| now >= at) {
-            let current = self
-                .current
-                .as_mut()
-                .expect("a timeout belongs to an aligning checkpoint");
+            let current = self.current.as_mut().expect("a timeout belongs to an aligning checkpoint");
             current.snapshot_taken = true;
-            actions.push(AlignAction::Snapshot {
-                checkpoint: current.checkpoint,
-                unaligned: true,
-            });
+            actions.push(AlignAction::Snapshot { checkpoint: current.checkpoint, unaligned: true });
             actions.push(AlignAction::Release);
         }
         actions
@@ -254,10 +196,7 @@ mod tests {
     use crate::state::testing::Lcg;
 
     fn barrier(id: u64) -> Barrier {
-        Barrier {
-            checkpoint: CheckpointId(id),
-            kind: BarrierKind::Aligned,
-        }
+        Barrier { checkpoint: CheckpointId(id), kind: BarrierKind::Aligned }
     }
 
     // Goal: the aligned script: hold after the barrier, snapshot and release when the last input
@@ -269,34 +208,18 @@ mod tests {
         assert!(a.is_held(0) && !a.is_held(1));
         assert_eq!(
             a.on_barrier(Instant(0), 0, barrier(1)),
-            Err(AlignError::SecondBarrier {
-                checkpoint: CheckpointId(1),
-                input: 0
-            })
+            Err(AlignError::SecondBarrier { checkpoint: CheckpointId(1), input: 0 })
         );
         assert_eq!(a.on_barrier(Instant(0), 1, barrier(1)), Ok(vec![]));
         assert_eq!(
             a.on_end(2),
-            vec![
-                AlignAction::Snapshot {
-                    checkpoint: CheckpointId(1),
-                    unaligned: false
-                },
-                AlignAction::Release
-            ]
+            vec![AlignAction::Snapshot { checkpoint: CheckpointId(1), unaligned: false }, AlignAction::Release]
         );
         assert!(!a.is_held(0) && !a.is_held(1));
-        assert_eq!(
-            a.on_barrier(Instant(5), 1, barrier(1)),
-            Ok(vec![]),
-            "stale: already finished"
-        );
+        assert_eq!(a.on_barrier(Instant(5), 1, barrier(1)), Ok(vec![]), "stale: already finished");
         assert_eq!(
             a.on_barrier(Instant(5), 2, barrier(2)),
-            Err(AlignError::AfterEnd {
-                checkpoint: CheckpointId(2),
-                input: 2
-            })
+            Err(AlignError::AfterEnd { checkpoint: CheckpointId(2), input: 2 })
         );
     }
 
@@ -306,45 +229,27 @@ mod tests {
         let mut a = Aligner::new(AlignmentMode::Unaligned, 2);
         assert_eq!(
             a.on_barrier(Instant(0), 1, barrier(4)),
-            Ok(vec![AlignAction::Snapshot {
-                checkpoint: CheckpointId(4),
-                unaligned: true
-            }])
+            Ok(vec![AlignAction::Snapshot { checkpoint: CheckpointId(4), unaligned: true }])
         );
         assert!(a.is_in_flight(0) && !a.is_in_flight(1) && !a.is_held(1));
         assert_eq!(
             a.on_barrier(Instant(1), 0, barrier(4)),
-            Ok(vec![AlignAction::InFlightComplete {
-                checkpoint: CheckpointId(4)
-            }])
+            Ok(vec![AlignAction::InFlightComplete { checkpoint: CheckpointId(4) }])
         );
 
-        let mut a = Aligner::new(
-            AlignmentMode::Aligned {
-                timeout_ms: Some(10),
-            },
-            2,
-        );
+        let mut a = Aligner::new(AlignmentMode::Aligned { timeout_ms: Some(10) }, 2);
         a.on_barrier(Instant(100), 0, barrier(1)).unwrap();
         assert_eq!(a.poll_timeout(), Some(Instant(110)));
         assert_eq!(a.handle_timeout(Instant(109)), vec![]);
         assert_eq!(
             a.handle_timeout(Instant(110)),
-            vec![
-                AlignAction::Snapshot {
-                    checkpoint: CheckpointId(1),
-                    unaligned: true
-                },
-                AlignAction::Release
-            ]
+            vec![AlignAction::Snapshot { checkpoint: CheckpointId(1), unaligned: true }, AlignAction::Release]
         );
         assert!(!a.is_held(0) && a.is_in_flight(1) && !a.is_in_flight(0));
         assert_eq!(a.poll_timeout(), None);
         assert_eq!(
             a.on_barrier(Instant(120), 1, barrier(1)),
-            Ok(vec![AlignAction::InFlightComplete {
-                checkpoint: CheckpointId(1)
-            }])
+            Ok(vec![AlignAction::InFlightComplete { checkpoint: CheckpointId(1) }])
         );
     }
 
@@ -379,9 +284,7 @@ mod tests {
                 Item::Record => {
                     self.processed[input] += 1;
                     if self.aligner.is_in_flight(input) {
-                        let open = self
-                            .unaligned_open
-                            .expect("in flight belongs to an open snapshot");
+                        let open = self.unaligned_open.expect("in flight belongs to an open snapshot");
                         self.in_flight.get_mut(&open).unwrap()[input] += 1;
                     }
                     vec![]
@@ -395,13 +298,9 @@ mod tests {
         fn apply(&mut self, now: Instant, actions: Vec<AlignAction>) {
             for action in actions {
                 match action {
-                    AlignAction::Snapshot {
-                        checkpoint,
-                        unaligned,
-                    } => {
+                    AlignAction::Snapshot { checkpoint, unaligned } => {
                         self.snapshots.insert(checkpoint.0, self.processed.clone());
-                        self.in_flight
-                            .insert(checkpoint.0, vec![0; self.processed.len()]);
+                        self.in_flight.insert(checkpoint.0, vec![0; self.processed.len()]);
                         if unaligned {
                             self.unaligned_open = Some(checkpoint.0);
                         } else {
@@ -432,11 +331,7 @@ mod tests {
         fn check(&self, seed: u64) {
             for &id in &self.finished {
                 for input in 0..self.processed.len() {
-                    let cut = self
-                        .before_barrier
-                        .get(&(id, input))
-                        .copied()
-                        .unwrap_or(self.records_total[input]);
+                    let cut = self.before_barrier.get(&(id, input)).copied().unwrap_or(self.records_total[input]);
                     let taken = self.snapshots[&id][input] + self.in_flight[&id][input];
                     assert_eq!(taken, cut, "seed {seed}: checkpoint {id} input {input}");
                 }
@@ -457,9 +352,7 @@ mod tests {
             let mode = match rng.below(3) {
                 0 => AlignmentMode::Aligned { timeout_ms: None },
                 1 => AlignmentMode::Unaligned,
-                _ => AlignmentMode::Aligned {
-                    timeout_ms: Some(1 + rng.below(5)),
-                },
+                _ => AlignmentMode::Aligned { timeout_ms: Some(1 + rng.below(5)) },
             };
             let barrier_count = 1 + rng.below(5);
             let mut queues: Vec<VecDeque<Item>> = Vec::new();
@@ -477,11 +370,7 @@ mod tests {
             for input in 0..input_count {
                 let mut queue = VecDeque::new();
                 // Some inputs end before their last barriers.
-                let barriers = if rng.below(4) == 0 {
-                    rng.below(barrier_count + 1)
-                } else {
-                    barrier_count
-                };
+                let barriers = if rng.below(4) == 0 { rng.below(barrier_count + 1) } else { barrier_count };
                 let mut records = 0;
                 for id in 1..=barriers {
                     for _ in 0..rng.below(6) {
@@ -509,10 +398,7 @@ mod tests {
                     harness.deliver(Instant(now), input, item);
                 }
             }
-            assert!(
-                harness.held.is_empty(),
-                "seed {seed}: nothing is held at the end"
-            );
+            assert!(harness.held.is_empty(), "seed {seed}: nothing is held at the end");
             harness.check(seed);
             finished_total += harness.finished.len();
             if mode == (AlignmentMode::Aligned { timeout_ms: None }) {
@@ -522,9 +408,6 @@ mod tests {
                 );
             }
         }
-        assert!(
-            finished_total > 500,
-            "the runs finish checkpoints to check: {finished_total}"
-        );
+        assert!(finished_total > 500, "the runs finish checkpoints to check: {finished_total}");
     }
 }

@@ -55,25 +55,16 @@ pub enum AbortReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Tell every source to record its offset and emit `Barrier(checkpoint)`.
-    Trigger {
-        checkpoint: CheckpointId,
-        kind: CheckpointKind,
-    },
+    Trigger { checkpoint: CheckpointId, kind: CheckpointKind },
     /// Make the manifest durable (write, sync, replace the latest pointer, sync its directory),
     /// then call `handle_persisted` (or `handle_persist_failed`).
     Persist { manifest: Manifest },
     /// The checkpoint is complete and durable: sinks commit its transactions.
     NotifyComplete { checkpoint: CheckpointId },
     /// Tasks drop what they prepared for the checkpoint; sinks abort its transactions.
-    Abort {
-        checkpoint: CheckpointId,
-        reason: AbortReason,
-    },
+    Abort { checkpoint: CheckpointId, reason: AbortReason },
     /// Delete a checkpoint that is no longer retained, and the files no retained checkpoint uses.
-    Discard {
-        checkpoint: CheckpointId,
-        files: Vec<String>,
-    },
+    Discard { checkpoint: CheckpointId, files: Vec<String> },
 }
 
 /// An acknowledgement or report that does not fit the coordinator's state: a bug in the caller,
@@ -81,15 +72,9 @@ pub enum Action {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CoordinatorError {
     #[error("acknowledgement of {checkpoint:?} from {subtask}, which is not a task of this job")]
-    UnknownTask {
-        checkpoint: CheckpointId,
-        subtask: SubtaskId,
-    },
+    UnknownTask { checkpoint: CheckpointId, subtask: SubtaskId },
     #[error("second acknowledgement of {checkpoint:?} from {subtask}")]
-    DuplicateAck {
-        checkpoint: CheckpointId,
-        subtask: SubtaskId,
-    },
+    DuplicateAck { checkpoint: CheckpointId, subtask: SubtaskId },
     #[error("{checkpoint:?} was reported durable, but it is not waiting to be persisted")]
     NotPersisting { checkpoint: CheckpointId },
 }
@@ -129,25 +114,12 @@ impl Coordinator {
         tasks: impl IntoIterator<Item = SubtaskId>,
         restored: Option<Manifest>,
     ) -> Coordinator {
-        assert!(
-            (1..=CONCURRENT_MAX).contains(&config.concurrent_max),
-            "concurrent_max {}",
-            config.concurrent_max
-        );
-        assert!(
-            config.retained_count >= 1,
-            "retained_count {}",
-            config.retained_count
-        );
-        assert!(
-            config.interval_ms >= 1 && config.timeout_ms >= 1,
-            "interval and timeout must be positive"
-        );
+        assert!((1..=CONCURRENT_MAX).contains(&config.concurrent_max), "concurrent_max {}", config.concurrent_max);
+        assert!(config.retained_count >= 1, "retained_count {}", config.retained_count);
+        assert!(config.interval_ms >= 1 && config.timeout_ms >= 1, "interval and timeout must be positive");
         let tasks: BTreeSet<SubtaskId> = tasks.into_iter().collect();
         assert!(!tasks.is_empty(), "a job has tasks");
-        let checkpoint_next = restored
-            .as_ref()
-            .map_or(CheckpointId(1), |m| CheckpointId(m.checkpoint.0 + 1));
+        let checkpoint_next = restored.as_ref().map_or(CheckpointId(1), |m| CheckpointId(m.checkpoint.0 + 1));
         Coordinator {
             config,
             job: job.to_string(),
@@ -163,10 +135,7 @@ impl Coordinator {
     }
 
     fn push(&mut self, action: Action) {
-        assert!(
-            self.actions.len() < ACTIONS_MAX,
-            "coordinator actions are not being polled"
-        );
+        assert!(self.actions.len() < ACTIONS_MAX, "coordinator actions are not being polled");
         self.actions.push_back(action);
     }
 
@@ -177,17 +146,11 @@ impl Coordinator {
     /// The next time `handle_timeout` has something to do: a trigger or a timeout.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let trigger = if self.pending.len() < self.config.concurrent_max {
-            Some(self.trigger_last.map_or(Instant(0), |last| {
-                last.saturating_add_ms(self.config.interval_ms)
-            }))
+            Some(self.trigger_last.map_or(Instant(0), |last| last.saturating_add_ms(self.config.interval_ms)))
         } else {
             None
         };
-        let expiry = self
-            .pending
-            .values()
-            .map(|p| p.triggered_at.saturating_add_ms(self.config.timeout_ms))
-            .min();
+        let expiry = self.pending.values().map(|p| p.triggered_at.saturating_add_ms(self.config.timeout_ms)).min();
         trigger.into_iter().chain(expiry).min()
     }
 
@@ -210,9 +173,7 @@ impl Coordinator {
         let expired: Vec<CheckpointId> = self
             .pending
             .iter()
-            .filter(|(_, p)| {
-                !p.persisting && now >= p.triggered_at.saturating_add_ms(self.config.timeout_ms)
-            })
+            .filter(|(_, p)| !p.persisting && now >= p.triggered_at.saturating_add_ms(self.config.timeout_ms))
             .map(|(&id, _)| id)
             .collect();
         for checkpoint in expired {
@@ -221,62 +182,35 @@ impl Coordinator {
         if self.pending.len() >= self.config.concurrent_max {
             return;
         }
-        let due = self
-            .trigger_last
-            .is_none_or(|last| now >= last.saturating_add_ms(self.config.interval_ms));
+        let due = self.trigger_last.is_none_or(|last| now >= last.saturating_add_ms(self.config.interval_ms));
         if !(due || self.savepoint_requested) {
             return;
         }
-        let kind = if self.savepoint_requested {
-            CheckpointKind::Savepoint
-        } else {
-            CheckpointKind::Checkpoint
-        };
+        let kind = if self.savepoint_requested { CheckpointKind::Savepoint } else { CheckpointKind::Checkpoint };
         self.savepoint_requested = false;
         let checkpoint = self.checkpoint_next;
         self.checkpoint_next = CheckpointId(checkpoint.0 + 1);
         self.trigger_last = Some(now);
-        self.pending.insert(
-            checkpoint,
-            Pending {
-                kind,
-                triggered_at: now,
-                acks: BTreeMap::new(),
-                persisting: false,
-            },
-        );
+        self.pending.insert(checkpoint, Pending { kind, triggered_at: now, acks: BTreeMap::new(), persisting: false });
         self.push(Action::Trigger { checkpoint, kind });
     }
 
     /// A task finished its part of `checkpoint`. Acknowledgements of checkpoints that are no
     /// longer pending (aborted, subsumed) are expected after failures and are ignored.
-    pub fn handle_ack(
-        &mut self,
-        checkpoint: CheckpointId,
-        snapshot: TaskSnapshot,
-    ) -> Result<(), CoordinatorError> {
+    pub fn handle_ack(&mut self, checkpoint: CheckpointId, snapshot: TaskSnapshot) -> Result<(), CoordinatorError> {
         let subtask = snapshot.subtask;
         if !self.tasks.contains(&subtask) {
-            return Err(CoordinatorError::UnknownTask {
-                checkpoint,
-                subtask,
-            });
+            return Err(CoordinatorError::UnknownTask { checkpoint, subtask });
         }
         let Some(pending) = self.pending.get_mut(&checkpoint) else {
             return Ok(());
         };
         if pending.acks.contains_key(&subtask) {
-            return Err(CoordinatorError::DuplicateAck {
-                checkpoint,
-                subtask,
-            });
+            return Err(CoordinatorError::DuplicateAck { checkpoint, subtask });
         }
         pending.acks.insert(subtask, snapshot);
         if pending.acks.len() == self.tasks.len() {
-            assert!(
-                pending.acks.keys().eq(self.tasks.iter()),
-                "acks of {checkpoint:?} are from exactly the tasks"
-            );
+            assert!(pending.acks.keys().eq(self.tasks.iter()), "acks of {checkpoint:?} are from exactly the tasks");
             pending.persisting = true;
             let manifest = Manifest {
                 version: MANIFEST_VERSION,
@@ -307,11 +241,7 @@ impl Coordinator {
             max_parallelism: self.max_parallelism,
             tasks: pending.acks.into_values().collect(),
         });
-        let older: Vec<CheckpointId> = self
-            .pending
-            .range(..checkpoint)
-            .map(|(&id, _)| id)
-            .collect();
+        let older: Vec<CheckpointId> = self.pending.range(..checkpoint).map(|(&id, _)| id).collect();
         for id in older {
             self.abort(id, AbortReason::Subsumed(checkpoint));
         }
@@ -321,11 +251,7 @@ impl Coordinator {
     }
 
     /// Making the manifest of `checkpoint` durable failed: the checkpoint is aborted.
-    pub fn handle_persist_failed(
-        &mut self,
-        checkpoint: CheckpointId,
-        message: &str,
-    ) -> Result<(), CoordinatorError> {
+    pub fn handle_persist_failed(&mut self, checkpoint: CheckpointId, message: &str) -> Result<(), CoordinatorError> {
         if !self.pending.get(&checkpoint).is_some_and(|p| p.persisting) {
             return Err(CoordinatorError::NotPersisting { checkpoint });
         }
@@ -343,15 +269,8 @@ impl Coordinator {
     }
 
     fn abort(&mut self, checkpoint: CheckpointId, reason: AbortReason) {
-        let pending = self
-            .pending
-            .remove(&checkpoint)
-            .expect("aborting a pending checkpoint");
-        let files: Vec<String> = pending
-            .acks
-            .values()
-            .flat_map(|s| s.files.iter().cloned())
-            .collect();
+        let pending = self.pending.remove(&checkpoint).expect("aborting a pending checkpoint");
+        let files: Vec<String> = pending.acks.values().flat_map(|s| s.files.iter().cloned()).collect();
         self.push(Action::Abort { checkpoint, reason });
         // What the aborted checkpoint wrote goes, except files a retained checkpoint shares.
         let files = self.unreferenced(files);
@@ -361,25 +280,11 @@ impl Coordinator {
     /// Keeps the newest `retained_count` periodic checkpoints (savepoints stay) and discards the rest.
     fn discard_beyond_retention(&mut self) {
         while self.retained.iter().filter(|m| !m.savepoint).count() > self.config.retained_count {
-            let position = self
-                .retained
-                .iter()
-                .position(|m| !m.savepoint)
-                .expect("counted above");
-            let oldest = self
-                .retained
-                .remove(position)
-                .expect("position is in range");
-            let files = oldest
-                .tasks
-                .iter()
-                .flat_map(|s| s.files.iter().cloned())
-                .collect();
+            let position = self.retained.iter().position(|m| !m.savepoint).expect("counted above");
+            let oldest = self.retained.remove(position).expect("position is in range");
+            let files = oldest.tasks.iter().flat_map(|s| s.files.iter().cloned()).collect();
             let files = self.unreferenced(files);
-            self.push(Action::Discard {
-                checkpoint: oldest.checkpoint,
-                files,
-            });
+            self.push(Action::Discard { checkpoint: oldest.checkpoint, files });
         }
     }
 
@@ -408,19 +313,11 @@ mod tests {
     use crate::state::testing::Lcg;
 
     fn task(index: u16) -> SubtaskId {
-        SubtaskId {
-            vertex: VertexId(0),
-            index,
-        }
+        SubtaskId { vertex: VertexId(0), index }
     }
 
     fn config() -> CoordinatorConfig {
-        CoordinatorConfig {
-            interval_ms: 100,
-            timeout_ms: 1_000,
-            concurrent_max: 2,
-            retained_count: 2,
-        }
+        CoordinatorConfig { interval_ms: 100, timeout_ms: 1_000, concurrent_max: 2, retained_count: 2 }
     }
 
     fn coordinator() -> Coordinator {
@@ -441,12 +338,8 @@ mod tests {
     }
 
     fn ack_all(coordinator: &mut Coordinator, id: u64, files: &[&str]) {
-        coordinator
-            .handle_ack(CheckpointId(id), snapshot(0, files))
-            .unwrap();
-        coordinator
-            .handle_ack(CheckpointId(id), snapshot(1, &[]))
-            .unwrap();
+        coordinator.handle_ack(CheckpointId(id), snapshot(0, files)).unwrap();
+        coordinator.handle_ack(CheckpointId(id), snapshot(1, &[])).unwrap();
     }
 
     // Goal: triggers follow the interval and the in-flight bound; completion needs every ack,
@@ -457,45 +350,25 @@ mod tests {
         c.handle_timeout(Instant(0));
         assert_eq!(
             drain(&mut c),
-            vec![Action::Trigger {
-                checkpoint: CheckpointId(1),
-                kind: CheckpointKind::Checkpoint
-            }]
+            vec![Action::Trigger { checkpoint: CheckpointId(1), kind: CheckpointKind::Checkpoint }]
         );
         c.handle_timeout(Instant(99));
         assert!(drain(&mut c).is_empty(), "not due before the interval");
         c.handle_timeout(Instant(100));
         c.handle_timeout(Instant(300));
         assert_eq!(drain(&mut c).len(), 1, "at most two in flight");
-        assert_eq!(
-            c.poll_timeout(),
-            Some(Instant(1_000)),
-            "the next event is checkpoint 1's timeout"
-        );
+        assert_eq!(c.poll_timeout(), Some(Instant(1_000)), "the next event is checkpoint 1's timeout");
         c.handle_ack(CheckpointId(1), snapshot(0, &["a"])).unwrap();
         assert!(drain(&mut c).is_empty(), "one ack of two");
         c.handle_ack(CheckpointId(1), snapshot(1, &[])).unwrap();
         let actions = drain(&mut c);
-        let [Action::Persist { manifest }] = actions.as_slice() else {
-            panic!("{actions:?}")
-        };
+        let [Action::Persist { manifest }] = actions.as_slice() else { panic!("{actions:?}") };
         assert_eq!(manifest.checkpoint, CheckpointId(1));
         assert_eq!(manifest.tasks.len(), 2);
-        assert!(
-            c.latest_completed().is_none(),
-            "not complete before it is durable"
-        );
+        assert!(c.latest_completed().is_none(), "not complete before it is durable");
         c.handle_persisted(CheckpointId(1)).unwrap();
-        assert_eq!(
-            drain(&mut c),
-            vec![Action::NotifyComplete {
-                checkpoint: CheckpointId(1)
-            }]
-        );
-        assert_eq!(
-            c.latest_completed().map(|m| m.checkpoint),
-            Some(CheckpointId(1))
-        );
+        assert_eq!(drain(&mut c), vec![Action::NotifyComplete { checkpoint: CheckpointId(1) }]);
+        assert_eq!(c.latest_completed().map(|m| m.checkpoint), Some(CheckpointId(1)));
     }
 
     // Goal: timeouts, task failures and a newer completion abort pending checkpoints and discard
@@ -510,13 +383,9 @@ mod tests {
         ack_all(&mut c, 2, &["shared", "only-2"]);
         c.handle_persisted(CheckpointId(2)).unwrap();
         let actions = drain(&mut c);
-        assert!(actions.contains(&Action::Abort {
-            checkpoint: CheckpointId(1),
-            reason: AbortReason::Subsumed(CheckpointId(2))
-        }));
-        assert!(actions.contains(&Action::NotifyComplete {
-            checkpoint: CheckpointId(2)
-        }));
+        assert!(actions
+            .contains(&Action::Abort { checkpoint: CheckpointId(1), reason: AbortReason::Subsumed(CheckpointId(2)) }));
+        assert!(actions.contains(&Action::NotifyComplete { checkpoint: CheckpointId(2) }));
         // A late ack of the subsumed checkpoint is expected and ignored.
         assert_eq!(c.handle_ack(CheckpointId(1), snapshot(0, &[])), Ok(()));
         for (id, at) in [(3, 200), (4, 300)] {
@@ -526,51 +395,23 @@ mod tests {
             c.handle_persisted(CheckpointId(id)).unwrap();
         }
         let actions = drain(&mut c);
-        let discarded: Vec<&Action> = actions
-            .iter()
-            .filter(|a| matches!(a, Action::Discard { .. }))
-            .collect();
+        let discarded: Vec<&Action> = actions.iter().filter(|a| matches!(a, Action::Discard { .. })).collect();
         assert_eq!(
             discarded,
-            vec![&Action::Discard {
-                checkpoint: CheckpointId(2),
-                files: vec!["only-2".into()]
-            }],
+            vec![&Action::Discard { checkpoint: CheckpointId(2), files: vec!["only-2".into()] }],
             "checkpoint 2 leaves retention; 'shared' is still used by 3 and 4"
         );
         c.handle_timeout(Instant(400));
         drain(&mut c);
-        c.handle_ack(CheckpointId(5), snapshot(0, &["only-5"]))
-            .unwrap();
+        c.handle_ack(CheckpointId(5), snapshot(0, &["only-5"])).unwrap();
         c.handle_timeout(Instant(1_400));
         let actions = drain(&mut c);
-        assert_eq!(
-            actions[0],
-            Action::Abort {
-                checkpoint: CheckpointId(5),
-                reason: AbortReason::Timeout
-            }
-        );
-        assert_eq!(
-            actions[1],
-            Action::Discard {
-                checkpoint: CheckpointId(5),
-                files: vec!["only-5".into()]
-            }
-        );
+        assert_eq!(actions[0], Action::Abort { checkpoint: CheckpointId(5), reason: AbortReason::Timeout });
+        assert_eq!(actions[1], Action::Discard { checkpoint: CheckpointId(5), files: vec!["only-5".into()] });
         drain(&mut c);
         c.handle_task_failure(task(1));
         let actions = drain(&mut c);
-        assert!(
-            matches!(
-                actions[0],
-                Action::Abort {
-                    reason: AbortReason::TaskFailed(_),
-                    ..
-                }
-            ),
-            "{actions:?}"
-        );
+        assert!(matches!(actions[0], Action::Abort { reason: AbortReason::TaskFailed(_), .. }), "{actions:?}");
     }
 
     // Goal: savepoints are taken on request and outlive retention; a restored coordinator goes on
@@ -586,10 +427,7 @@ mod tests {
         c.handle_timeout(Instant(1));
         assert_eq!(
             drain(&mut c),
-            vec![Action::Trigger {
-                checkpoint: CheckpointId(2),
-                kind: CheckpointKind::Savepoint
-            }]
+            vec![Action::Trigger { checkpoint: CheckpointId(2), kind: CheckpointKind::Savepoint }]
         );
         ack_all(&mut c, 2, &["savepoint-file"]);
         drain(&mut c);
@@ -610,42 +448,27 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert!(
-            !discards.contains(&CheckpointId(2)),
-            "the savepoint is kept: {discards:?}"
-        );
+        assert!(!discards.contains(&CheckpointId(2)), "the savepoint is kept: {discards:?}");
         assert_eq!(
             c.handle_ack(CheckpointId(9), snapshot(7, &[])),
-            Err(CoordinatorError::UnknownTask {
-                checkpoint: CheckpointId(9),
-                subtask: task(7)
-            })
+            Err(CoordinatorError::UnknownTask { checkpoint: CheckpointId(9), subtask: task(7) })
         );
         assert_eq!(
             c.handle_persisted(CheckpointId(3)),
-            Err(CoordinatorError::NotPersisting {
-                checkpoint: CheckpointId(3)
-            })
+            Err(CoordinatorError::NotPersisting { checkpoint: CheckpointId(3) })
         );
         c.handle_timeout(Instant(401));
         c.handle_ack(CheckpointId(6), snapshot(0, &[])).unwrap();
         assert_eq!(
             c.handle_ack(CheckpointId(6), snapshot(0, &[])),
-            Err(CoordinatorError::DuplicateAck {
-                checkpoint: CheckpointId(6),
-                subtask: task(0)
-            })
+            Err(CoordinatorError::DuplicateAck { checkpoint: CheckpointId(6), subtask: task(0) })
         );
 
-        let mut restored =
-            Coordinator::new(config(), "job", 128, [task(0), task(1)], Some(savepoint));
+        let mut restored = Coordinator::new(config(), "job", 128, [task(0), task(1)], Some(savepoint));
         restored.handle_timeout(Instant(0));
         assert_eq!(
             drain(&mut restored),
-            vec![Action::Trigger {
-                checkpoint: CheckpointId(3),
-                kind: CheckpointKind::Checkpoint
-            }]
+            vec![Action::Trigger { checkpoint: CheckpointId(3), kind: CheckpointKind::Checkpoint }]
         );
     }
 
@@ -693,30 +516,17 @@ mod tests {
                             persisting.insert(manifest.checkpoint);
                         }
                         Action::NotifyComplete { checkpoint } => {
-                            assert!(
-                                announced.last().is_none_or(|&last| last < checkpoint),
-                                "seed {seed}: order"
-                            );
-                            assert!(
-                                reported_durable.contains(&checkpoint),
-                                "seed {seed}: announced before durable"
-                            );
+                            assert!(announced.last().is_none_or(|&last| last < checkpoint), "seed {seed}: order");
+                            assert!(reported_durable.contains(&checkpoint), "seed {seed}: announced before durable");
                             announced.push(checkpoint);
                         }
                         Action::Abort { checkpoint, .. } => {
                             persisting.remove(&checkpoint);
                         }
                         Action::Discard { files, .. } => {
-                            let used: BTreeSet<&String> = c
-                                .retained
-                                .iter()
-                                .flat_map(|m| m.tasks.iter())
-                                .flat_map(|t| t.files.iter())
-                                .collect();
-                            assert!(
-                                files.iter().all(|f| !used.contains(f)),
-                                "seed {seed}: discarded a retained file"
-                            );
+                            let used: BTreeSet<&String> =
+                                c.retained.iter().flat_map(|m| m.tasks.iter()).flat_map(|t| t.files.iter()).collect();
+                            assert!(files.iter().all(|f| !used.contains(f)), "seed {seed}: discarded a retained file");
                         }
                     }
                 }

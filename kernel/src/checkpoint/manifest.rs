@@ -110,12 +110,8 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, count: usize, what: &str) -> Result<&'a [u8], CorruptManifest> {
-        let end = self
-            .at
-            .checked_add(count)
-            .filter(|&end| end <= self.bytes.len());
-        let end =
-            end.ok_or_else(|| CorruptManifest(format!("truncated in {what} at byte {}", self.at)))?;
+        let end = self.at.checked_add(count).filter(|&end| end <= self.bytes.len());
+        let end = end.ok_or_else(|| CorruptManifest(format!("truncated in {what} at byte {}", self.at)))?;
         let slice = &self.bytes[self.at..end];
         self.at = end;
         Ok(slice)
@@ -124,19 +120,13 @@ impl<'a> Reader<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &str) -> Result<u16, CorruptManifest> {
-        Ok(u16::from_le_bytes(
-            self.take(2, what)?.try_into().expect("two bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("two bytes")))
     }
     fn u32(&mut self, what: &str) -> Result<u32, CorruptManifest> {
-        Ok(u32::from_le_bytes(
-            self.take(4, what)?.try_into().expect("four bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("four bytes")))
     }
     fn u64(&mut self, what: &str) -> Result<u64, CorruptManifest> {
-        Ok(u64::from_le_bytes(
-            self.take(8, what)?.try_into().expect("eight bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("eight bytes")))
     }
     fn flag(&mut self, what: &str) -> Result<bool, CorruptManifest> {
         match self.u8(what)? {
@@ -148,15 +138,12 @@ impl<'a> Reader<'a> {
     fn str(&mut self, what: &str) -> Result<String, CorruptManifest> {
         let size = usize::from(self.u16(what)?);
         let bytes = self.take(size, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| CorruptManifest(format!("{what} is not UTF-8")))
+        String::from_utf8(bytes.to_vec()).map_err(|_| CorruptManifest(format!("{what} is not UTF-8")))
     }
     fn paths(&mut self, what: &str) -> Result<Vec<String>, CorruptManifest> {
         let count = self.u32(what)?;
         if count > FILE_COUNT_MAX {
-            return Err(CorruptManifest(format!(
-                "{count} {what}, more than {FILE_COUNT_MAX}"
-            )));
+            return Err(CorruptManifest(format!("{count} {what}, more than {FILE_COUNT_MAX}")));
         }
         (0..count)
             .map(|_| {
@@ -171,10 +158,7 @@ impl<'a> Reader<'a> {
 impl Manifest {
     /// The manifest's bytes. Panics on strings too long for the format (they are built by Sabot).
     pub fn encode(&self) -> Vec<u8> {
-        assert_eq!(
-            self.version, MANIFEST_VERSION,
-            "encoding a manifest of another version"
-        );
+        assert_eq!(self.version, MANIFEST_VERSION, "encoding a manifest of another version");
         let mut body = Writer(Vec::new());
         body.u64(self.checkpoint.0);
         body.u8(u8::from(self.savepoint));
@@ -204,36 +188,24 @@ impl Manifest {
     /// Decodes bytes read from storage; never panics.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, CorruptManifest> {
         if bytes.len() < 14 {
-            return Err(CorruptManifest(format!(
-                "{} bytes, shorter than a manifest's frame",
-                bytes.len()
-            )));
+            return Err(CorruptManifest(format!("{} bytes, shorter than a manifest's frame", bytes.len())));
         }
         let (framed, crc_bytes) = bytes.split_at(bytes.len() - 4);
         let crc = u32::from_le_bytes(crc_bytes.try_into().expect("four bytes"));
         if crc32fast::hash(framed) != crc {
-            return Err(CorruptManifest(
-                "checksum does not match the contents".into(),
-            ));
+            return Err(CorruptManifest("checksum does not match the contents".into()));
         }
-        let mut reader = Reader {
-            bytes: framed,
-            at: 0,
-        };
+        let mut reader = Reader { bytes: framed, at: 0 };
         if reader.take(4, "magic")? != MANIFEST_MAGIC {
             return Err(CorruptManifest("no manifest magic \"SBCM\"".into()));
         }
         let version = reader.u16("version")?;
         if version != MANIFEST_VERSION {
-            return Err(CorruptManifest(format!(
-                "format version {version}; this build reads {MANIFEST_VERSION}"
-            )));
+            return Err(CorruptManifest(format!("format version {version}; this build reads {MANIFEST_VERSION}")));
         }
         let body_size = reader.u32("body size")? as usize;
         if body_size != framed.len() - reader.at {
-            return Err(CorruptManifest(format!(
-                "body size {body_size} does not match the file"
-            )));
+            return Err(CorruptManifest(format!("body size {body_size} does not match the file")));
         }
         let checkpoint = CheckpointId(reader.u64("checkpoint")?);
         let savepoint = reader.flag("savepoint flag")?;
@@ -241,50 +213,23 @@ impl Manifest {
         let job = reader.str("job name")?;
         let task_count = reader.u32("task count")?;
         if task_count > TASK_COUNT_MAX {
-            return Err(CorruptManifest(format!(
-                "{task_count} tasks, more than {TASK_COUNT_MAX}"
-            )));
+            return Err(CorruptManifest(format!("{task_count} tasks, more than {TASK_COUNT_MAX}")));
         }
         let mut tasks = Vec::new();
         for _ in 0..task_count {
-            let subtask = SubtaskId {
-                vertex: VertexId(reader.u16("vertex")?),
-                index: reader.u16("index")?,
-            };
-            let source_offset = if reader.flag("offset flag")? {
-                Some(reader.u64("offset")?)
-            } else {
-                None
-            };
+            let subtask = SubtaskId { vertex: VertexId(reader.u16("vertex")?), index: reader.u16("index")? };
+            let source_offset = if reader.flag("offset flag")? { Some(reader.u64("offset")?) } else { None };
             let files = reader.paths("files")?;
             let pending_output = reader.paths("pending output")?;
-            if tasks
-                .last()
-                .is_some_and(|last: &TaskSnapshot| last.subtask >= subtask)
-            {
+            if tasks.last().is_some_and(|last: &TaskSnapshot| last.subtask >= subtask) {
                 return Err(CorruptManifest(format!("tasks out of order at {subtask}")));
             }
-            tasks.push(TaskSnapshot {
-                subtask,
-                source_offset,
-                files,
-                pending_output,
-            });
+            tasks.push(TaskSnapshot { subtask, source_offset, files, pending_output });
         }
         if reader.at != framed.len() {
-            return Err(CorruptManifest(format!(
-                "{} bytes after the last task",
-                framed.len() - reader.at
-            )));
+            return Err(CorruptManifest(format!("{} bytes after the last task", framed.len() - reader.at)));
         }
-        Ok(Manifest {
-            version,
-            job,
-            checkpoint,
-            savepoint,
-            max_parallelism,
-            tasks,
-        })
+        Ok(Manifest { version, job, checkpoint, savepoint, max_parallelism, tasks })
     }
 }
 
@@ -298,20 +243,13 @@ fn encode_pointer(id: CheckpointId) -> Vec<u8> {
 
 fn decode_pointer(bytes: &[u8]) -> Result<CheckpointId, CorruptManifest> {
     if bytes.len() != 16 || &bytes[..4] != POINTER_MAGIC {
-        return Err(CorruptManifest(format!(
-            "latest-checkpoint pointer of {} bytes is malformed",
-            bytes.len()
-        )));
+        return Err(CorruptManifest(format!("latest-checkpoint pointer of {} bytes is malformed", bytes.len())));
     }
     let crc = u32::from_le_bytes(bytes[12..].try_into().expect("four bytes"));
     if crc32fast::hash(&bytes[..12]) != crc {
-        return Err(CorruptManifest(
-            "latest-checkpoint pointer checksum does not match".into(),
-        ));
+        return Err(CorruptManifest("latest-checkpoint pointer checksum does not match".into()));
     }
-    Ok(CheckpointId(u64::from_le_bytes(
-        bytes[4..12].try_into().expect("eight bytes"),
-    )))
+    Ok(CheckpointId(u64::from_le_bytes(bytes[4..12].try_into().expect("eight bytes"))))
 }
 
 /// Makes `manifest` durable and its checkpoint the latest: manifest written and synced, its
@@ -343,17 +281,11 @@ pub enum RecoveryError {
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("no usable checkpoint of job {job:?}: {}; refusing to start rather than lose or repeat output", describe(.skipped, .pointer_problem))]
-    NoUsableCheckpoint {
-        job: String,
-        skipped: Vec<(CheckpointId, String)>,
-        pointer_problem: Option<String>,
-    },
+    NoUsableCheckpoint { job: String, skipped: Vec<(CheckpointId, String)>, pointer_problem: Option<String> },
 }
 
 fn describe(skipped: &[(CheckpointId, String)], pointer_problem: &Option<String>) -> String {
-    let checkpoints = skipped
-        .iter()
-        .map(|(id, reason)| format!("checkpoint {} {reason}", id.0));
+    let checkpoints = skipped.iter().map(|(id, reason)| format!("checkpoint {} {reason}", id.0));
     pointer_problem
         .iter()
         .map(|p| format!("the pointer is unusable ({p})"))
@@ -363,29 +295,18 @@ fn describe(skipped: &[(CheckpointId, String)], pointer_problem: &Option<String>
 }
 
 /// Checks one candidate: its manifest decodes, belongs to `job`, and every file it names exists.
-fn check_candidate(
-    storage: &mut dyn Storage,
-    job: &str,
-    id: CheckpointId,
-) -> Result<Manifest, String> {
-    let bytes = storage
-        .read(&manifest_path(id))
-        .map_err(|e| format!("has no readable manifest ({e})"))?;
+fn check_candidate(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Result<Manifest, String> {
+    let bytes = storage.read(&manifest_path(id)).map_err(|e| format!("has no readable manifest ({e})"))?;
     let manifest = Manifest::decode(&bytes).map_err(|e| format!("has a {e}"))?;
     if manifest.checkpoint != id {
-        return Err(format!(
-            "holds the manifest of checkpoint {}",
-            manifest.checkpoint.0
-        ));
+        return Err(format!("holds the manifest of checkpoint {}", manifest.checkpoint.0));
     }
     if manifest.job != job {
         return Err(format!("belongs to job {:?}", manifest.job));
     }
     for file in manifest.tasks.iter().flat_map(|t| t.files.iter()) {
         let (dir, name) = file.rsplit_once('/').unwrap_or(("", file));
-        let names = storage
-            .list(dir)
-            .map_err(|e| format!("cannot list {dir:?} ({e})"))?;
+        let names = storage.list(dir).map_err(|e| format!("cannot list {dir:?} ({e})"))?;
         if !names.iter().any(|n| n == name) {
             return Err(format!("misses its file {file:?}"));
         }
@@ -401,12 +322,7 @@ pub fn find_latest(storage: &mut dyn Storage, job: &str) -> Result<Recovery, Rec
     let mut ids: Vec<CheckpointId> = storage
         .list(CHECKPOINTS_DIR)?
         .iter()
-        .filter_map(|name| {
-            name.strip_prefix(MANIFEST_PREFIX)?
-                .parse()
-                .ok()
-                .map(CheckpointId)
-        })
+        .filter_map(|name| name.strip_prefix(MANIFEST_PREFIX)?.parse().ok().map(CheckpointId))
         .collect();
     ids.sort_unstable_by(|a, b| b.cmp(a));
     let (latest, pointer_problem) = match storage.read(POINTER_PATH) {
@@ -419,43 +335,23 @@ pub fn find_latest(storage: &mut dyn Storage, job: &str) -> Result<Recovery, Rec
     };
     let mut skipped = Vec::new();
     if let Some(latest) = latest.filter(|latest| !ids.contains(latest)) {
-        skipped.push((
-            latest,
-            "is named by the latest-checkpoint pointer but has no manifest".into(),
-        ));
+        skipped.push((latest, "is named by the latest-checkpoint pointer but has no manifest".into()));
     }
     for id in ids {
         if latest.is_some_and(|latest| id > latest) {
-            skipped.push((
-                id,
-                "is newer than the latest-checkpoint pointer: it never completed".into(),
-            ));
+            skipped.push((id, "is newer than the latest-checkpoint pointer: it never completed".into()));
             continue;
         }
         match check_candidate(storage, job, id) {
-            Ok(manifest) => {
-                return Ok(Recovery {
-                    manifest: Some(manifest),
-                    skipped,
-                    pointer_problem,
-                })
-            }
+            Ok(manifest) => return Ok(Recovery { manifest: Some(manifest), skipped, pointer_problem }),
             Err(reason) => skipped.push((id, reason)),
         }
     }
     let never_checkpointed = latest.is_none() && pointer_problem.is_none() && skipped.is_empty();
     if never_checkpointed {
-        return Ok(Recovery {
-            manifest: None,
-            skipped,
-            pointer_problem,
-        });
+        return Ok(Recovery { manifest: None, skipped, pointer_problem });
     }
-    Err(RecoveryError::NoUsableCheckpoint {
-        job: job.to_string(),
-        skipped,
-        pointer_problem,
-    })
+    Err(RecoveryError::NoUsableCheckpoint { job: job.to_string(), skipped, pointer_problem })
 }
 
 #[cfg(test)]
@@ -464,10 +360,7 @@ mod tests {
     use crate::env::MemStorage;
 
     fn manifest(id: u64, files: &[&str]) -> Manifest {
-        let subtask = |vertex, index| SubtaskId {
-            vertex: VertexId(vertex),
-            index,
-        };
+        let subtask = |vertex, index| SubtaskId { vertex: VertexId(vertex), index };
         Manifest {
             version: MANIFEST_VERSION,
             job: "w2".into(),
@@ -506,10 +399,7 @@ mod tests {
     // Goal: a manifest reads back as written; every bit flip and truncation is caught, never a panic.
     #[test]
     fn manifest_round_trip_and_corruption() {
-        let original = manifest(
-            7,
-            &["checkpoints/chk-00000000000000000007/a", "shared/sst-1"],
-        );
+        let original = manifest(7, &["checkpoints/chk-00000000000000000007/a", "shared/sst-1"]);
         let bytes = original.encode();
         assert_eq!(Manifest::decode(&bytes), Ok(original));
         for bit in 0..bytes.len() * 8 {
@@ -518,10 +408,7 @@ mod tests {
             assert!(Manifest::decode(&flipped).is_err(), "bit {bit}");
         }
         for length in 0..bytes.len() {
-            assert!(
-                Manifest::decode(&bytes[..length]).is_err(),
-                "length {length}"
-            );
+            assert!(Manifest::decode(&bytes[..length]).is_err(), "length {length}");
         }
     }
 
@@ -533,39 +420,21 @@ mod tests {
         let mut storage = MemStorage::new();
         assert_eq!(
             find_latest(&mut storage, "w2"),
-            Ok(Recovery {
-                manifest: None,
-                skipped: vec![],
-                pointer_problem: None
-            })
+            Ok(Recovery { manifest: None, skipped: vec![], pointer_problem: None })
         );
         let first = complete(&mut storage, 1);
         let second = complete(&mut storage, 2);
-        assert_eq!(
-            find_latest(&mut storage, "w2").unwrap().manifest,
-            Some(second.clone())
-        );
+        assert_eq!(find_latest(&mut storage, "w2").unwrap().manifest, Some(second.clone()));
         // Checkpoint 3: manifest durable, pointer not yet moved (crash in between): not complete.
-        storage
-            .write(&manifest_path(CheckpointId(3)), &manifest(3, &[]).encode())
-            .unwrap();
+        storage.write(&manifest_path(CheckpointId(3)), &manifest(3, &[]).encode()).unwrap();
         let recovery = find_latest(&mut storage, "w2").unwrap();
         assert_eq!(recovery.manifest, Some(second));
-        assert!(
-            recovery.skipped[0].1.contains("never completed"),
-            "{:?}",
-            recovery.skipped
-        );
+        assert!(recovery.skipped[0].1.contains("never completed"), "{:?}", recovery.skipped);
         // Checkpoint 2's state file lost: fall back to 1.
-        storage
-            .delete(&format!("{}/state-1-0", checkpoint_dir(CheckpointId(2))))
-            .unwrap();
+        storage.delete(&format!("{}/state-1-0", checkpoint_dir(CheckpointId(2)))).unwrap();
         let recovery = find_latest(&mut storage, "w2").unwrap();
         assert_eq!(recovery.manifest, Some(first));
-        assert!(recovery
-            .skipped
-            .iter()
-            .any(|(id, why)| id.0 == 2 && why.contains("misses its file")));
+        assert!(recovery.skipped.iter().any(|(id, why)| id.0 == 2 && why.contains("misses its file")));
         // Checkpoint 1's manifest corrupted too: nothing usable, and the error says why for each.
         let path = manifest_path(CheckpointId(1));
         let mut bytes = storage.read(&path).unwrap();
@@ -574,10 +443,7 @@ mod tests {
         let error = find_latest(&mut storage, "w2").unwrap_err().to_string();
         assert!(error.contains("refusing to start"), "{error}");
         assert!(error.contains("checkpoint 2 misses its file"), "{error}");
-        assert!(
-            error.contains("checkpoint 1 has a corrupt checkpoint metadata: checksum"),
-            "{error}"
-        );
+        assert!(error.contains("checkpoint 1 has a corrupt checkpoint metadata: checksum"), "{error}");
     }
 
     // Goal: a damaged pointer does not hide intact checkpoints; persisting survives a crash.
@@ -587,17 +453,12 @@ mod tests {
         complete(&mut storage, 4);
         let latest = complete(&mut storage, 5);
         storage.crash();
-        assert_eq!(
-            find_latest(&mut storage, "w2").unwrap().manifest,
-            Some(latest.clone())
-        );
+        assert_eq!(find_latest(&mut storage, "w2").unwrap().manifest, Some(latest.clone()));
         storage.write(POINTER_PATH, b"garbage").unwrap();
         let recovery = find_latest(&mut storage, "w2").unwrap();
         assert_eq!(recovery.manifest, Some(latest));
         assert!(recovery.pointer_problem.is_some());
-        let error = find_latest(&mut storage, "other-job")
-            .unwrap_err()
-            .to_string();
+        let error = find_latest(&mut storage, "other-job").unwrap_err().to_string();
         assert!(error.contains("belongs to job \"w2\""), "{error}");
     }
 }

@@ -18,16 +18,8 @@ pub struct KeyPartitioner {
 }
 
 impl KeyPartitioner {
-    pub fn new(
-        key_index: usize,
-        key_type: KeyType,
-        max_parallelism: MaxParallelism,
-        parallelism: u16,
-    ) -> Self {
-        assert!(
-            parallelism >= 1 && parallelism <= max_parallelism.get(),
-            "parallelism {parallelism}"
-        );
+    pub fn new(key_index: usize, key_type: KeyType, max_parallelism: MaxParallelism, parallelism: u16) -> Self {
+        assert!(parallelism >= 1 && parallelism <= max_parallelism.get(), "parallelism {parallelism}");
         KeyPartitioner {
             key_index,
             key_type,
@@ -49,8 +41,7 @@ impl KeyPartitioner {
         }
         self.rows.iter_mut().for_each(Vec::clear);
         let (max, parallelism) = (self.max_parallelism, self.parallelism);
-        let receiver =
-            |key: u64| usize::from(max.subtask_of(max.key_group_of_u64(key), parallelism));
+        let receiver = |key: u64| usize::from(max.subtask_of(max.key_group_of_u64(key), parallelism));
         match key_column(batch, self.key_index, self.key_type)? {
             KeyColumn::UInt64(keys) => {
                 for (row, &key) in keys.iter().enumerate() {
@@ -72,10 +63,7 @@ impl KeyPartitioner {
                 continue;
             }
             let indices = UInt32Array::from(std::mem::take(rows));
-            emit(
-                index,
-                arrow_select::take::take_record_batch(batch, &indices)?,
-            );
+            emit(index, arrow_select::take::take_record_batch(batch, &indices)?);
         }
         Ok(())
     }
@@ -96,22 +84,13 @@ mod tests {
     fn rows_go_to_owner_of_their_key_group() {
         let max = MaxParallelism::default();
         let keys: Vec<u64> = (0..1_000).map(|i| i * 7919 % 1_003).collect();
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            "key",
-            DataType::UInt64,
-            false,
-        )]));
-        let batch =
-            RecordBatch::try_new(schema, vec![Arc::new(UInt64Array::from(keys.clone()))]).unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("key", DataType::UInt64, false)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(UInt64Array::from(keys.clone()))]).unwrap();
         let mut partitioner = KeyPartitioner::new(0, KeyType::UInt64, max, 3);
         let mut received: Vec<Vec<u64>> = vec![Vec::new(); 3];
         partitioner
             .partition(&batch, |index, part| {
-                let column = part
-                    .column(0)
-                    .as_any()
-                    .downcast_ref::<UInt64Array>()
-                    .unwrap();
+                let column = part.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
                 received[index].extend(column.values().iter());
             })
             .unwrap();

@@ -45,18 +45,9 @@ impl fmt::Display for SubtaskId {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BuildError {
     #[error("{operator}: no column {column:?} in the stream (columns: {available})")]
-    ColumnNotFound {
-        operator: String,
-        column: String,
-        available: String,
-    },
+    ColumnNotFound { operator: String, column: String, available: String },
     #[error("{operator}: column {column:?} is {found}, expected {expected}")]
-    ColumnType {
-        operator: String,
-        column: String,
-        found: String,
-        expected: String,
-    },
+    ColumnType { operator: String, column: String, found: String, expected: String },
     #[error("{operator}: the stream has no event-time column (did a projection drop it?)")]
     NoEventTime { operator: String },
     #[error("{operator}: the stream has no watermarks; call assign_watermarks before it")]
@@ -64,11 +55,7 @@ pub enum BuildError {
     #[error("{operator}: the stream is not keyed; call key_by before it")]
     NotKeyed { operator: String },
     #[error("parallelism {parallelism} of {vertex:?} is outside 1..={max}")]
-    Parallelism {
-        vertex: String,
-        parallelism: u16,
-        max: u16,
-    },
+    Parallelism { vertex: String, parallelism: u16, max: u16 },
     #[error("max parallelism {0} is outside 1..=32768")]
     MaxParallelism(u16),
     #[error("{operator}: {reason}")]
@@ -88,10 +75,7 @@ pub enum Partitioning {
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
     /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches.
-    Generator {
-        record_count: u64,
-        batch_size: usize,
-    },
+    Generator { record_count: u64, batch_size: usize },
 }
 
 impl SourceSpec {
@@ -109,15 +93,10 @@ impl SourceSpec {
 
     fn validate(&self, name: &str) -> Result<(), BuildError> {
         match self {
-            SourceSpec::Generator { batch_size, .. }
-                if !(1..=GeneratorSource::BATCH_SIZE_MAX).contains(batch_size) =>
-            {
+            SourceSpec::Generator { batch_size, .. } if !(1..=GeneratorSource::BATCH_SIZE_MAX).contains(batch_size) => {
                 Err(BuildError::Invalid {
                     operator: name.to_string(),
-                    reason: format!(
-                        "batch size {batch_size} is outside 1..={}",
-                        GeneratorSource::BATCH_SIZE_MAX
-                    ),
+                    reason: format!("batch size {batch_size} is outside 1..={}", GeneratorSource::BATCH_SIZE_MAX),
                 })
             }
             SourceSpec::Generator { .. } => Ok(()),
@@ -126,10 +105,7 @@ impl SourceSpec {
 
     pub fn instantiate(&self, name: &str, subtask: SubtaskId, parallelism: u16) -> Box<dyn Source> {
         match self {
-            SourceSpec::Generator {
-                record_count,
-                batch_size,
-            } => Box::new(GeneratorSource::new(
+            SourceSpec::Generator { record_count, batch_size } => Box::new(GeneratorSource::new(
                 name,
                 *record_count,
                 *batch_size,
@@ -143,28 +119,11 @@ impl SourceSpec {
 /// An operator of a chain, with what it needs to create one instance per subtask.
 #[derive(Clone)]
 pub enum OperatorSpec {
-    Watermarks {
-        event_time_index: usize,
-        bound_ms: i64,
-    },
-    Filter {
-        name: String,
-        predicate: Predicate,
-    },
-    Project {
-        indices: Vec<usize>,
-        schema: SchemaRef,
-    },
-    TumblingWindow {
-        key_index: usize,
-        key_type: KeyType,
-        event_time_index: usize,
-        value_index: usize,
-        size_ms: i64,
-    },
-    Sink {
-        name: String,
-    },
+    Watermarks { event_time_index: usize, bound_ms: i64 },
+    Filter { name: String, predicate: Predicate },
+    Project { indices: Vec<usize>, schema: SchemaRef },
+    TumblingWindow { key_index: usize, key_type: KeyType, event_time_index: usize, value_index: usize, size_ms: i64 },
+    Sink { name: String },
 }
 
 impl fmt::Debug for OperatorSpec {
@@ -196,38 +155,24 @@ impl OperatorSpec {
         max_parallelism: MaxParallelism,
         state: Option<Box<dyn StateBackend>>,
     ) -> Box<dyn Operator> {
-        assert_eq!(
-            state.is_some(),
-            self.is_stateful(),
-            "{}: state given to the wrong operator",
-            self.name()
-        );
+        assert_eq!(state.is_some(), self.is_stateful(), "{}: state given to the wrong operator", self.name());
         match self {
-            OperatorSpec::Watermarks {
-                event_time_index,
-                bound_ms,
-            } => Box::new(WatermarkAssigner::new(*event_time_index, *bound_ms)),
-            OperatorSpec::Filter { name, predicate } => {
-                Box::new(Filter::new(name, predicate.clone()))
+            OperatorSpec::Watermarks { event_time_index, bound_ms } => {
+                Box::new(WatermarkAssigner::new(*event_time_index, *bound_ms))
             }
-            OperatorSpec::Project { indices, schema } => {
-                Box::new(Project::new(indices.clone(), schema.clone()))
+            OperatorSpec::Filter { name, predicate } => Box::new(Filter::new(name, predicate.clone())),
+            OperatorSpec::Project { indices, schema } => Box::new(Project::new(indices.clone(), schema.clone())),
+            &OperatorSpec::TumblingWindow { key_index, key_type, event_time_index, value_index, size_ms } => {
+                Box::new(TumblingWindowCountSum::new(
+                    key_index,
+                    key_type,
+                    event_time_index,
+                    value_index,
+                    size_ms,
+                    max_parallelism,
+                    state.expect("checked above"),
+                ))
             }
-            &OperatorSpec::TumblingWindow {
-                key_index,
-                key_type,
-                event_time_index,
-                value_index,
-                size_ms,
-            } => Box::new(TumblingWindowCountSum::new(
-                key_index,
-                key_type,
-                event_time_index,
-                value_index,
-                size_ms,
-                max_parallelism,
-                state.expect("checked above"),
-            )),
             OperatorSpec::Sink { name } => Box::new(FileSink::new(name, subtask)),
         }
     }
@@ -262,42 +207,21 @@ pub struct JobBuilder {
 
 impl JobBuilder {
     pub fn new(name: &str) -> JobBuilder {
-        JobBuilder {
-            name: name.to_string(),
-            max_parallelism: MaxParallelism::default(),
-            vertices: Vec::new(),
-        }
+        JobBuilder { name: name.to_string(), max_parallelism: MaxParallelism::default(), vertices: Vec::new() }
     }
 
     /// Sets the number of key groups (default 128); it bounds every keyed vertex's parallelism.
     pub fn max_parallelism(mut self, count: u16) -> Result<JobBuilder, BuildError> {
-        self.max_parallelism =
-            MaxParallelism::new(count).ok_or(BuildError::MaxParallelism(count))?;
+        self.max_parallelism = MaxParallelism::new(count).ok_or(BuildError::MaxParallelism(count))?;
         Ok(self)
     }
 
-    pub fn source(
-        mut self,
-        name: &str,
-        spec: SourceSpec,
-        parallelism: u16,
-    ) -> Result<Stream, BuildError> {
+    pub fn source(mut self, name: &str, spec: SourceSpec, parallelism: u16) -> Result<Stream, BuildError> {
         spec.validate(name)?;
         let schema = spec.schema();
-        let event_time = Some(
-            schema
-                .index_of(spec.event_time_column())
-                .expect("a source names its own column"),
-        );
+        let event_time = Some(schema.index_of(spec.event_time_column()).expect("a source names its own column"));
         let id = self.push_vertex(name, parallelism, Some(spec), None)?;
-        Ok(Stream {
-            job: self,
-            vertex: id,
-            schema,
-            event_time,
-            has_watermarks: false,
-            key: None,
-        })
+        Ok(Stream { job: self, vertex: id, schema, event_time, has_watermarks: false, key: None })
     }
 
     fn push_vertex(
@@ -309,21 +233,10 @@ impl JobBuilder {
     ) -> Result<VertexId, BuildError> {
         let max = PARALLELISM_MAX.min(self.max_parallelism.get());
         if !(1..=max).contains(&parallelism) {
-            return Err(BuildError::Parallelism {
-                vertex: name.to_string(),
-                parallelism,
-                max,
-            });
+            return Err(BuildError::Parallelism { vertex: name.to_string(), parallelism, max });
         }
         let id = VertexId(self.vertices.len() as u16);
-        self.vertices.push(Vertex {
-            id,
-            name: name.to_string(),
-            parallelism,
-            source,
-            input,
-            chain: Vec::new(),
-        });
+        self.vertices.push(Vertex { id, name: name.to_string(), parallelism, source, input, chain: Vec::new() });
         Ok(id)
     }
 }
@@ -345,33 +258,18 @@ impl Stream {
     }
 
     fn push(&mut self, spec: OperatorSpec) {
-        self.job.vertices[usize::from(self.vertex.0)]
-            .chain
-            .push(spec);
+        self.job.vertices[usize::from(self.vertex.0)].chain.push(spec);
     }
 
     fn column(&self, operator: &str, column: &str) -> Result<usize, BuildError> {
-        self.schema
-            .index_of(column)
-            .map_err(|_| BuildError::ColumnNotFound {
-                operator: operator.to_string(),
-                column: column.to_string(),
-                available: self
-                    .schema
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        self.schema.index_of(column).map_err(|_| BuildError::ColumnNotFound {
+            operator: operator.to_string(),
+            column: column.to_string(),
+            available: self.schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
+        })
     }
 
-    fn column_of_type(
-        &self,
-        operator: &str,
-        column: &str,
-        expected: &[DataType],
-    ) -> Result<usize, BuildError> {
+    fn column_of_type(&self, operator: &str, column: &str, expected: &[DataType]) -> Result<usize, BuildError> {
         let index = self.column(operator, column)?;
         let found = self.schema.field(index).data_type();
         if !expected.contains(found) {
@@ -379,11 +277,7 @@ impl Stream {
                 operator: operator.to_string(),
                 column: column.to_string(),
                 found: found.to_string(),
-                expected: expected
-                    .iter()
-                    .map(DataType::to_string)
-                    .collect::<Vec<_>>()
-                    .join(" or "),
+                expected: expected.iter().map(DataType::to_string).collect::<Vec<_>>().join(" or "),
             });
         }
         Ok(index)
@@ -392,49 +286,28 @@ impl Stream {
     /// Generates watermarks from the event-time column, trailing the highest time seen by `bound_ms`.
     pub fn assign_watermarks(mut self, bound_ms: i64) -> Result<Stream, BuildError> {
         let operator = "watermarks";
-        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime {
-            operator: operator.into(),
-        })?;
+        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
         if bound_ms < 0 {
-            return Err(BuildError::Invalid {
-                operator: operator.into(),
-                reason: format!("bound {bound_ms} ms < 0"),
-            });
+            return Err(BuildError::Invalid { operator: operator.into(), reason: format!("bound {bound_ms} ms < 0") });
         }
-        self.push(OperatorSpec::Watermarks {
-            event_time_index,
-            bound_ms,
-        });
+        self.push(OperatorSpec::Watermarks { event_time_index, bound_ms });
         self.has_watermarks = true;
         Ok(self)
     }
 
     /// Keeps the rows for which `predicate` is true (column-wise: it maps a batch to a mask).
     pub fn filter(mut self, name: &str, predicate: Predicate) -> Result<Stream, BuildError> {
-        self.push(OperatorSpec::Filter {
-            name: name.to_string(),
-            predicate,
-        });
+        self.push(OperatorSpec::Filter { name: name.to_string(), predicate });
         Ok(self)
     }
 
     /// Keeps the named columns, in the order given.
     pub fn project(mut self, columns: &[&str]) -> Result<Stream, BuildError> {
-        let indices = columns
-            .iter()
-            .map(|c| self.column("project", c))
-            .collect::<Result<Vec<_>, _>>()?;
+        let indices = columns.iter().map(|c| self.column("project", c)).collect::<Result<Vec<_>, _>>()?;
         let schema = Arc::new(self.schema.project(&indices).expect("indices checked"));
-        self.event_time = self
-            .event_time
-            .and_then(|old| indices.iter().position(|&i| i == old));
-        self.key = self
-            .key
-            .and_then(|(old, key_type)| Some((indices.iter().position(|&i| i == old)?, key_type)));
-        self.push(OperatorSpec::Project {
-            indices,
-            schema: schema.clone(),
-        });
+        self.event_time = self.event_time.and_then(|old| indices.iter().position(|&i| i == old));
+        self.key = self.key.and_then(|(old, key_type)| Some((indices.iter().position(|&i| i == old)?, key_type)));
+        self.push(OperatorSpec::Project { indices, schema: schema.clone() });
         self.schema = schema;
         Ok(self)
     }
@@ -442,54 +315,29 @@ impl Stream {
     /// Repartitions by the key group of `column`; the new vertex runs with `parallelism` subtasks.
     pub fn key_by(mut self, column: &str, parallelism: u16) -> Result<Stream, BuildError> {
         let operator = "key-by";
-        let key_index =
-            self.column_of_type(operator, column, &[DataType::UInt64, DataType::Int64])?;
+        let key_index = self.column_of_type(operator, column, &[DataType::UInt64, DataType::Int64])?;
         let key_type = KeyType::of(self.schema.field(key_index).data_type()).expect("type checked");
-        let partitioning = Partitioning::Hash {
-            key_index,
-            key_type,
-        };
+        let partitioning = Partitioning::Hash { key_index, key_type };
         let name = format!("key-by {column}");
-        self.vertex =
-            self.job
-                .push_vertex(&name, parallelism, None, Some((self.vertex, partitioning)))?;
+        self.vertex = self.job.push_vertex(&name, parallelism, None, Some((self.vertex, partitioning)))?;
         self.key = Some((key_index, key_type));
         Ok(self)
     }
 
     /// Per key and tumbling event-time window of `size_ms`: the count of records and the sum of `value`.
     /// Output columns: key, window_start, window_end, count (UInt64), sum (Int64).
-    pub fn tumbling_window_count_sum(
-        mut self,
-        size_ms: i64,
-        value: &str,
-    ) -> Result<Stream, BuildError> {
+    pub fn tumbling_window_count_sum(mut self, size_ms: i64, value: &str) -> Result<Stream, BuildError> {
         let operator = "tumbling-window";
-        let (key_index, key_type) = self.key.ok_or(BuildError::NotKeyed {
-            operator: operator.into(),
-        })?;
-        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime {
-            operator: operator.into(),
-        })?;
+        let (key_index, key_type) = self.key.ok_or(BuildError::NotKeyed { operator: operator.into() })?;
+        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
         if !self.has_watermarks {
-            return Err(BuildError::NoWatermarks {
-                operator: operator.into(),
-            });
+            return Err(BuildError::NoWatermarks { operator: operator.into() });
         }
         if size_ms <= 0 {
-            return Err(BuildError::Invalid {
-                operator: operator.into(),
-                reason: format!("size {size_ms} ms <= 0"),
-            });
+            return Err(BuildError::Invalid { operator: operator.into(), reason: format!("size {size_ms} ms <= 0") });
         }
         let value_index = self.column_of_type(operator, value, &[DataType::Int64])?;
-        self.push(OperatorSpec::TumblingWindow {
-            key_index,
-            key_type,
-            event_time_index,
-            value_index,
-            size_ms,
-        });
+        self.push(OperatorSpec::TumblingWindow { key_index, key_type, event_time_index, value_index, size_ms });
         self.schema = TumblingWindowCountSum::schema(self.schema.field(key_index).clone());
         self.event_time = TumblingWindowCountSum::EVENT_TIME_INDEX;
         self.key = Some((0, key_type));
@@ -498,19 +346,10 @@ impl Stream {
 
     /// Ends the job in a sink that commits its output as Arrow IPC files under `output/<name>/`.
     pub fn sink_files(mut self, name: &str) -> Result<JobGraph, BuildError> {
-        FileSink::validate_name(name).map_err(|reason| BuildError::Invalid {
-            operator: name.into(),
-            reason,
-        })?;
-        self.push(OperatorSpec::Sink {
-            name: name.to_string(),
-        });
+        FileSink::validate_name(name).map_err(|reason| BuildError::Invalid { operator: name.into(), reason })?;
+        self.push(OperatorSpec::Sink { name: name.to_string() });
         let job = self.job;
-        let graph = JobGraph {
-            name: job.name,
-            max_parallelism: job.max_parallelism,
-            vertices: job.vertices,
-        };
+        let graph = JobGraph { name: job.name, max_parallelism: job.max_parallelism, vertices: job.vertices };
         graph.validate()?;
         Ok(graph)
     }
@@ -524,10 +363,7 @@ impl JobGraph {
                 if upstream.parallelism != vertex.parallelism {
                     return Err(BuildError::Invalid {
                         operator: vertex.name.clone(),
-                        reason: format!(
-                            "a forward edge needs equal parallelism, not {}",
-                            upstream.parallelism
-                        ),
+                        reason: format!("a forward edge needs equal parallelism, not {}", upstream.parallelism),
                     });
                 }
             }
@@ -547,21 +383,12 @@ impl JobGraph {
 
     /// Every subtask, by vertex then index.
     pub fn subtasks(&self) -> impl Iterator<Item = SubtaskId> + '_ {
-        self.vertices.iter().flat_map(|v| {
-            (0..v.parallelism).map(move |index| SubtaskId {
-                vertex: v.id,
-                index,
-            })
-        })
+        self.vertices.iter().flat_map(|v| (0..v.parallelism).map(move |index| SubtaskId { vertex: v.id, index }))
     }
 
     /// The largest parallelism of any vertex: the number of nodes the default placement uses.
     pub fn parallelism_max(&self) -> u16 {
-        self.vertices
-            .iter()
-            .map(|v| v.parallelism)
-            .max()
-            .unwrap_or(1)
+        self.vertices.iter().map(|v| v.parallelism).max().unwrap_or(1)
     }
 }
 
@@ -609,33 +436,16 @@ impl PhysicalPlan {
             };
             let upstream_parallelism = plan.graph.vertex(upstream).parallelism;
             for from_index in 0..upstream_parallelism {
-                let from = SubtaskId {
-                    vertex: upstream,
-                    index: from_index,
-                };
+                let from = SubtaskId { vertex: upstream, index: from_index };
                 let targets: Vec<u16> = match partitioning {
                     Partitioning::Forward => vec![from_index],
                     Partitioning::Hash { .. } => (0..vertex.parallelism).collect(),
                 };
                 let channels = targets
                     .iter()
-                    .map(|&to_index| {
-                        plan.add_channel(
-                            from,
-                            SubtaskId {
-                                vertex: vertex.id,
-                                index: to_index,
-                            },
-                        )
-                    })
+                    .map(|&to_index| plan.add_channel(from, SubtaskId { vertex: vertex.id, index: to_index }))
                     .collect();
-                plan.outputs
-                    .get_mut(&from)
-                    .expect("every subtask")
-                    .push(OutputSpec {
-                        partitioning,
-                        channels,
-                    });
+                plan.outputs.get_mut(&from).expect("every subtask").push(OutputSpec { partitioning, channels });
             }
         }
         plan
@@ -644,11 +454,7 @@ impl PhysicalPlan {
     fn add_channel(&mut self, from: SubtaskId, to: SubtaskId) -> ChannelId {
         let id = ChannelId(self.channels.len() as u32);
         let inputs = self.inputs.get_mut(&to).expect("every subtask");
-        self.channels.push(ChannelSpec {
-            from,
-            to,
-            input_index: inputs.len() as u16,
-        });
+        self.channels.push(ChannelSpec { from, to, input_index: inputs.len() as u16 });
         inputs.push(id);
         id
     }

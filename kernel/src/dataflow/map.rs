@@ -16,9 +16,7 @@ type PredicateFn = dyn Fn(&RecordBatch) -> Result<BooleanArray, ArrowError> + Se
 pub struct Predicate(Arc<PredicateFn>);
 
 impl Predicate {
-    pub fn new(
-        f: impl Fn(&RecordBatch) -> Result<BooleanArray, ArrowError> + Send + Sync + 'static,
-    ) -> Predicate {
+    pub fn new(f: impl Fn(&RecordBatch) -> Result<BooleanArray, ArrowError> + Send + Sync + 'static) -> Predicate {
         Predicate(Arc::new(f))
     }
 }
@@ -37,11 +35,7 @@ pub struct Filter {
 
 impl Filter {
     pub fn new(name: &str, predicate: Predicate) -> Filter {
-        Filter {
-            name: name.to_string(),
-            predicate,
-            metrics: OperatorMetrics::default(),
-        }
+        Filter { name: name.to_string(), predicate, metrics: OperatorMetrics::default() }
     }
 }
 
@@ -50,11 +44,7 @@ impl Operator for Filter {
         &self.name
     }
 
-    fn on_batch(
-        &mut self,
-        context: &mut Context<'_>,
-        batch: RecordBatch,
-    ) -> Result<(), OperatorError> {
+    fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
         let mask = (self.predicate.0)(&batch)?;
         if mask.len() != batch.num_rows() {
             return Err(OperatorError::Malformed(format!(
@@ -86,11 +76,7 @@ pub struct Project {
 
 impl Project {
     pub fn new(indices: Vec<usize>, schema: SchemaRef) -> Project {
-        Project {
-            indices,
-            schema,
-            metrics: OperatorMetrics::default(),
-        }
+        Project { indices, schema, metrics: OperatorMetrics::default() }
     }
 }
 
@@ -99,17 +85,9 @@ impl Operator for Project {
         "project"
     }
 
-    fn on_batch(
-        &mut self,
-        context: &mut Context<'_>,
-        batch: RecordBatch,
-    ) -> Result<(), OperatorError> {
+    fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
         let projected = batch.project(&self.indices)?;
-        assert_eq!(
-            projected.schema().fields(),
-            self.schema.fields(),
-            "projection schema"
-        );
+        assert_eq!(projected.schema().fields(), self.schema.fields(), "projection schema");
         self.metrics.records_in += batch.num_rows() as u64;
         self.metrics.records_out += batch.num_rows() as u64;
         context.emit(Element::Batch(projected));

@@ -79,19 +79,8 @@ impl<'a> Context<'a> {
         self
     }
 
-    pub fn new(
-        now: Instant,
-        storage: &'a mut dyn Storage,
-        subtask: SubtaskId,
-        output: &'a mut Vec<Element>,
-    ) -> Self {
-        Context {
-            now,
-            storage,
-            subtask,
-            checkpointing: false,
-            output,
-        }
+    pub fn new(now: Instant, storage: &'a mut dyn Storage, subtask: SubtaskId, output: &'a mut Vec<Element>) -> Self {
+        Context { now, storage, subtask, checkpointing: false, output }
     }
 
     /// Hands an element to the next operator of the chain (or the subtask's outputs).
@@ -105,18 +94,10 @@ impl<'a> Context<'a> {
 pub trait Operator: Send {
     fn name(&self) -> &str;
 
-    fn on_batch(
-        &mut self,
-        context: &mut Context<'_>,
-        batch: RecordBatch,
-    ) -> Result<(), OperatorError>;
+    fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError>;
 
     /// The merged input watermark advanced. The default forwards it.
-    fn on_watermark(
-        &mut self,
-        context: &mut Context<'_>,
-        watermark: EventTime,
-    ) -> Result<(), OperatorError> {
+    fn on_watermark(&mut self, context: &mut Context<'_>, watermark: EventTime) -> Result<(), OperatorError> {
         context.emit(Element::Watermark(watermark));
         Ok(())
     }
@@ -149,11 +130,7 @@ pub trait Operator: Send {
     /// Restores from the snapshots that every subtask of this operator's vertex took for a
     /// completed checkpoint (all of them: after rescaling, a subtask's key groups may come from
     /// any). Called once, before the first element.
-    fn restore(
-        &mut self,
-        _context: &mut Context<'_>,
-        _snapshots: &[TaskSnapshot],
-    ) -> Result<(), OperatorError> {
+    fn restore(&mut self, _context: &mut Context<'_>, _snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
         Ok(())
     }
 
@@ -170,11 +147,7 @@ pub struct OperatorSnapshot {
 }
 
 /// Writes a small integer durably, with a checksum: operator metadata of a checkpoint.
-pub fn write_u64_file(
-    storage: &mut dyn Storage,
-    path: &str,
-    value: u64,
-) -> Result<(), StorageError> {
+pub fn write_u64_file(storage: &mut dyn Storage, path: &str, value: u64) -> Result<(), StorageError> {
     let mut bytes = value.to_le_bytes().to_vec();
     bytes.extend_from_slice(&crc32fast::hash(&value.to_le_bytes()).to_le_bytes());
     storage.write(path, &bytes)?;
@@ -184,15 +157,8 @@ pub fn write_u64_file(
 /// Reads what [`write_u64_file`] wrote; a damaged file is an error naming it.
 pub fn read_u64_file(storage: &mut dyn Storage, path: &str) -> Result<u64, OperatorError> {
     let bytes = storage.read(path)?;
-    let corrupt = || {
-        OperatorError::State(StateError::Corrupt {
-            what: format!("checkpoint metadata file {path}"),
-        })
-    };
-    let (value, crc) = bytes
-        .split_at_checked(8)
-        .filter(|(_, crc)| crc.len() == 4)
-        .ok_or_else(corrupt)?;
+    let corrupt = || OperatorError::State(StateError::Corrupt { what: format!("checkpoint metadata file {path}") });
+    let (value, crc) = bytes.split_at_checked(8).filter(|(_, crc)| crc.len() == 4).ok_or_else(corrupt)?;
     if crc32fast::hash(value).to_le_bytes() != crc {
         return Err(corrupt());
     }

@@ -18,10 +18,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::{ArrowError, SchemaRef};
 
 use super::graph::SubtaskId;
-use super::{
-    read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics,
-    OperatorSnapshot,
-};
+use super::{read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
 use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
 use crate::element::CheckpointId;
 use crate::env::{parent_dir, Storage, StorageError};
@@ -59,16 +56,12 @@ impl FileSink {
     pub fn validate_name(name: &str) -> Result<(), String> {
         let good = !name.is_empty()
             && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !name.starts_with('-');
         if good {
             Ok(())
         } else {
-            Err(format!(
-                "sink name {name:?} must be 1 to 64 of [A-Za-z0-9_-], not starting with '-'"
-            ))
+            Err(format!("sink name {name:?} must be 1 to 64 of [A-Za-z0-9_-], not starting with '-'"))
         }
     }
 
@@ -83,17 +76,11 @@ impl FileSink {
 
     /// The prefix of this subtask's file names.
     fn file_prefix(&self) -> String {
-        format!(
-            "part-{:05}-{:05}-",
-            self.subtask.vertex.0, self.subtask.index
-        )
+        format!("part-{:05}-{:05}-", self.subtask.vertex.0, self.subtask.index)
     }
 
     fn file_sequence_of(&self, file: &str) -> Option<u64> {
-        file.strip_prefix(&self.file_prefix())?
-            .strip_suffix(".arrow")?
-            .parse()
-            .ok()
+        file.strip_prefix(&self.file_prefix())?.strip_suffix(".arrow")?.parse().ok()
     }
 
     fn write_pending(&mut self, storage: &mut dyn Storage) -> Result<(), OperatorError> {
@@ -111,11 +98,7 @@ impl FileSink {
     }
 
     /// Writes and syncs the open epoch's files and closes the epoch as `checkpoint`'s transaction.
-    fn prepare(
-        &mut self,
-        storage: &mut dyn Storage,
-        checkpoint: CheckpointId,
-    ) -> Result<Vec<String>, OperatorError> {
+    fn prepare(&mut self, storage: &mut dyn Storage, checkpoint: CheckpointId) -> Result<Vec<String>, OperatorError> {
         self.write_pending(storage)?;
         let pending_dir = self.pending_dir();
         let files: Vec<String> = std::mem::take(&mut self.pending);
@@ -125,32 +108,17 @@ impl FileSink {
         if !files.is_empty() {
             storage.sync_dir(&pending_dir)?;
         }
-        let paths = files
-            .iter()
-            .map(|file| format!("{pending_dir}/{file}"))
-            .collect();
+        let paths = files.iter().map(|file| format!("{pending_dir}/{file}")).collect();
         self.prepared.push((checkpoint, files));
         Ok(paths)
     }
 
     /// Commits every prepared epoch up to `checkpoint`, oldest first.
-    fn commit_up_to(
-        &mut self,
-        storage: &mut dyn Storage,
-        checkpoint: CheckpointId,
-    ) -> Result<(), StorageError> {
-        let ready = self
-            .prepared
-            .iter()
-            .take_while(|(id, _)| *id <= checkpoint)
-            .count();
+    fn commit_up_to(&mut self, storage: &mut dyn Storage, checkpoint: CheckpointId) -> Result<(), StorageError> {
+        let ready = self.prepared.iter().take_while(|(id, _)| *id <= checkpoint).count();
         let pending_dir = self.pending_dir();
-        let paths: Vec<String> = self
-            .prepared
-            .drain(..ready)
-            .flat_map(|(_, files)| files)
-            .map(|f| format!("{pending_dir}/{f}"))
-            .collect();
+        let paths: Vec<String> =
+            self.prepared.drain(..ready).flat_map(|(_, files)| files).map(|f| format!("{pending_dir}/{f}")).collect();
         commit_files(storage, &Self::committed_dir(&self.name), &paths)
     }
 }
@@ -158,11 +126,7 @@ impl FileSink {
 /// Moves pre-committed files (paths in a `.pending` directory) into `committed_dir`, durably.
 /// A file already moved (its pending path gone, its committed name present) is not an error, so
 /// that committing after a crash may repeat a commit that had partly happened.
-fn commit_files(
-    storage: &mut dyn Storage,
-    committed_dir: &str,
-    paths: &[String],
-) -> Result<(), StorageError> {
+fn commit_files(storage: &mut dyn Storage, committed_dir: &str, paths: &[String]) -> Result<(), StorageError> {
     if paths.is_empty() {
         return Ok(());
     }
@@ -187,11 +151,7 @@ impl Operator for FileSink {
         &self.name
     }
 
-    fn on_batch(
-        &mut self,
-        context: &mut Context<'_>,
-        batch: RecordBatch,
-    ) -> Result<(), OperatorError> {
+    fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
         let rows = batch.num_rows();
         self.metrics.records_in += rows as u64;
         if rows == 0 {
@@ -243,10 +203,7 @@ impl Operator for FileSink {
             context.storage.sync_dir(parent_dir(&path))?;
             files.push(path);
         }
-        Ok(OperatorSnapshot {
-            files,
-            pending_output,
-        })
+        Ok(OperatorSnapshot { files, pending_output })
     }
 
     fn on_checkpoint_complete(
@@ -263,11 +220,7 @@ impl Operator for FileSink {
 
     /// Commits the restored checkpoint's pending output, drops
     /// its own later pending files, and checks that nothing beyond the checkpoint was committed.
-    fn restore(
-        &mut self,
-        context: &mut Context<'_>,
-        snapshots: &[TaskSnapshot],
-    ) -> Result<(), OperatorError> {
+    fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
         let own = snapshots.iter().find(|s| s.subtask == self.subtask);
         let sequence_file = own.and_then(|s| s.files.iter().find(|f| f.ends_with(".sequence")));
         self.file_sequence = match sequence_file {
@@ -277,26 +230,18 @@ impl Operator for FileSink {
         let committed_dir = Self::committed_dir(&self.name);
         // Every subtask commits all of the vertex's restored output: whatever the parallelism was,
         // each file is committed, and committing one twice does nothing.
-        let to_commit: Vec<String> = snapshots
-            .iter()
-            .flat_map(|s| s.pending_output.iter().cloned())
-            .collect();
+        let to_commit: Vec<String> = snapshots.iter().flat_map(|s| s.pending_output.iter().cloned()).collect();
         commit_files(context.storage, &committed_dir, &to_commit)?;
         for file in context.storage.list(&self.pending_dir())? {
             if self.file_sequence_of(&file).is_some() {
-                context
-                    .storage
-                    .delete(&format!("{}/{file}", self.pending_dir()))?;
+                context.storage.delete(&format!("{}/{file}", self.pending_dir()))?;
             }
         }
         let beyond: Vec<String> = context
             .storage
             .list(&committed_dir)?
             .into_iter()
-            .filter(|file| {
-                self.file_sequence_of(file)
-                    .is_some_and(|sequence| sequence >= self.file_sequence)
-            })
+            .filter(|file| self.file_sequence_of(file).is_some_and(|sequence| sequence >= self.file_sequence))
             .collect();
         if !beyond.is_empty() {
             return Err(OperatorError::Protocol(format!(
@@ -316,11 +261,7 @@ impl Operator for FileSink {
 /// Encodes batches as one Arrow IPC file.
 pub fn encode_ipc_file(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
     // Sized up front: growing a multi-megabyte buffer by doubling copies it again and again.
-    let capacity = 4096
-        + batches
-            .iter()
-            .map(RecordBatch::get_array_memory_size)
-            .sum::<usize>();
+    let capacity = 4096 + batches.iter().map(RecordBatch::get_array_memory_size).sum::<usize>();
     let mut writer = arrow_ipc::writer::FileWriter::try_new(Vec::with_capacity(capacity), schema)?;
     for batch in batches {
         writer.write(batch)?;
@@ -336,19 +277,14 @@ pub fn decode_ipc_file(bytes: Vec<u8>) -> Result<Vec<RecordBatch>, ArrowError> {
 }
 
 /// Reads every committed batch of the sink `name`, file by file in name order.
-pub fn read_committed(
-    storage: &mut dyn Storage,
-    name: &str,
-) -> Result<Vec<RecordBatch>, OperatorError> {
+pub fn read_committed(storage: &mut dyn Storage, name: &str) -> Result<Vec<RecordBatch>, OperatorError> {
     let dir = FileSink::committed_dir(name);
     let mut batches = Vec::new();
     for file in storage.list(&dir)? {
         if file.starts_with("part-") && file.ends_with(".arrow") {
             let bytes = storage.read(&format!("{dir}/{file}"))?;
             batches.extend(decode_ipc_file(bytes).map_err(|e| {
-                OperatorError::Malformed(format!(
-                    "committed file {dir}/{file} is not a readable Arrow IPC file: {e}"
-                ))
+                OperatorError::Malformed(format!("committed file {dir}/{file} is not a readable Arrow IPC file: {e}"))
             })?);
         }
     }
@@ -371,11 +307,7 @@ mod tests {
         ]));
         let keys = arrow_array::UInt64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
         let times = arrow_array::Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
-        RecordBatch::try_new(
-            schema,
-            vec![std::sync::Arc::new(keys), std::sync::Arc::new(times)],
-        )
-        .unwrap()
+        RecordBatch::try_new(schema, vec![std::sync::Arc::new(keys), std::sync::Arc::new(times)]).unwrap()
     }
 
     fn committed(storage: &mut MemStorage) -> Vec<(u64, i64)> {
@@ -387,32 +319,21 @@ mod tests {
     // checkpoint's output once, drops later epochs, and refuses to repeat output committed beyond it.
     #[test]
     fn two_phase_commit_and_recovery() {
-        let subtask = SubtaskId {
-            vertex: VertexId(2),
-            index: 0,
-        };
+        let subtask = SubtaskId { vertex: VertexId(2), index: 0 };
         let mut storage = MemStorage::new();
         let mut out = Vec::new();
         let mut sink = FileSink::new("s", subtask);
-        let mut context =
-            Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
-        sink.on_batch(&mut context, rows_batch(&[(1, 1), (2, 2)]))
-            .unwrap();
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        sink.on_batch(&mut context, rows_batch(&[(1, 1), (2, 2)])).unwrap();
         let first = sink.on_barrier(&mut context, CheckpointId(1)).unwrap();
         assert_eq!(first.pending_output.len(), 1);
         sink.on_batch(&mut context, rows_batch(&[(3, 3)])).unwrap();
         let second = sink.on_barrier(&mut context, CheckpointId(2)).unwrap();
         sink.on_batch(&mut context, rows_batch(&[(4, 4)])).unwrap();
         sink.on_end(&mut context).unwrap();
-        assert_eq!(
-            committed(&mut storage),
-            vec![],
-            "nothing visible before a checkpoint completes"
-        );
-        let mut context =
-            Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
-        sink.on_checkpoint_complete(&mut context, CheckpointId(1))
-            .unwrap();
+        assert_eq!(committed(&mut storage), vec![], "nothing visible before a checkpoint completes");
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        sink.on_checkpoint_complete(&mut context, CheckpointId(1)).unwrap();
         assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
 
         // Crash: checkpoint 2 never completed. Restore from 1, twice (a crash during recovery).
@@ -425,38 +346,22 @@ mod tests {
         };
         for _ in 0..2 {
             let mut restored = FileSink::new("s", subtask);
-            let mut context =
-                Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
-            restored
-                .restore(&mut context, std::slice::from_ref(&snapshot))
-                .unwrap();
+            let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+            restored.restore(&mut context, std::slice::from_ref(&snapshot)).unwrap();
             assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
-            assert_eq!(
-                storage.list("output/s/.pending").unwrap(),
-                Vec::<String>::new(),
-                "later epochs dropped"
-            );
+            assert_eq!(storage.list("output/s/.pending").unwrap(), Vec::<String>::new(), "later epochs dropped");
         }
 
         // Had checkpoint 2 committed and been lost, restoring from 1 would repeat (3, 3): refused.
-        let mut context =
-            Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
         let mut sink = FileSink::new("s", subtask);
-        sink.restore(&mut context, std::slice::from_ref(&snapshot))
-            .unwrap();
+        sink.restore(&mut context, std::slice::from_ref(&snapshot)).unwrap();
         sink.on_batch(&mut context, rows_batch(&[(3, 3)])).unwrap();
         sink.on_barrier(&mut context, CheckpointId(2)).unwrap();
-        sink.on_checkpoint_complete(&mut context, CheckpointId(2))
-            .unwrap();
+        sink.on_checkpoint_complete(&mut context, CheckpointId(2)).unwrap();
         let mut again = FileSink::new("s", subtask);
-        let error = again
-            .restore(&mut context, &[snapshot])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("come after the checkpoint being restored"),
-            "{error}"
-        );
+        let error = again.restore(&mut context, &[snapshot]).unwrap_err().to_string();
+        assert!(error.contains("come after the checkpoint being restored"), "{error}");
         assert!(second.files[0].ends_with(".sequence"));
     }
 
@@ -465,17 +370,9 @@ mod tests {
     #[test]
     fn unreadable_committed_file_is_named() {
         let mut storage = MemStorage::new();
-        storage
-            .write(
-                "output/s/part-00000-00000-00000000.arrow",
-                b"ARROW1 but not really",
-            )
-            .unwrap();
+        storage.write("output/s/part-00000-00000-00000000.arrow", b"ARROW1 but not really").unwrap();
         let error = read_committed(&mut storage, "s").unwrap_err().to_string();
-        assert!(
-            error.contains("output/s/part-00000-00000-00000000.arrow"),
-            "{error}"
-        );
+        assert!(error.contains("output/s/part-00000-00000-00000000.arrow"), "{error}");
         assert!(error.contains("not a readable Arrow IPC file"), "{error}");
     }
 }

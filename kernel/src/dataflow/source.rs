@@ -40,24 +40,10 @@ impl GeneratorSource {
         ])
     }
 
-    pub fn new(
-        name: &str,
-        record_count: u64,
-        batch_size: usize,
-        subtask_index: u64,
-        parallelism: u64,
-    ) -> Self {
-        assert!(
-            subtask_index < parallelism,
-            "subtask {subtask_index} of {parallelism}"
-        );
-        assert!(
-            (1..=Self::BATCH_SIZE_MAX).contains(&batch_size),
-            "batch size {batch_size}"
-        );
-        let record_count = record_count
-            .saturating_sub(subtask_index)
-            .div_ceil(parallelism);
+    pub fn new(name: &str, record_count: u64, batch_size: usize, subtask_index: u64, parallelism: u64) -> Self {
+        assert!(subtask_index < parallelism, "subtask {subtask_index} of {parallelism}");
+        assert!((1..=Self::BATCH_SIZE_MAX).contains(&batch_size), "batch size {batch_size}");
+        let record_count = record_count.saturating_sub(subtask_index).div_ceil(parallelism);
         GeneratorSource {
             name: name.to_string(),
             batch_size,
@@ -129,21 +115,9 @@ mod tests {
     fn drain(source: &mut GeneratorSource) -> Vec<(u64, i64, i64)> {
         let mut rows = Vec::new();
         while let Some(batch) = source.poll_batch(Instant(0)).unwrap() {
-            let keys = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .unwrap();
-            let values = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap();
-            let times = batch
-                .column(2)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap();
+            let keys = batch.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
+            let values = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+            let times = batch.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
             for row in 0..batch.num_rows() {
                 rows.push((keys.value(row), values.value(row), times.value(row)));
             }
@@ -166,10 +140,8 @@ mod tests {
             assert!(source.seek(Offset(rows.len() as u64 + 1)).is_err());
             seen.extend(rows);
         }
-        let mut expected: Vec<(u64, i64, i64)> = (0..total)
-            .map(workload::record)
-            .map(|r| (r.key, r.value, r.ts_ms))
-            .collect();
+        let mut expected: Vec<(u64, i64, i64)> =
+            (0..total).map(workload::record).map(|r| (r.key, r.value, r.ts_ms)).collect();
         seen.sort_unstable();
         expected.sort_unstable();
         assert_eq!(seen, expected);

@@ -29,15 +29,9 @@ pub(crate) fn event_times<'a>(
     operator: &str,
 ) -> Result<&'a [i64], OperatorError> {
     let column = batch.column(index);
-    let array = column
-        .as_any()
-        .downcast_ref::<Int64Array>()
-        .ok_or_else(|| {
-            OperatorError::Malformed(format!(
-                "{operator}: event-time column is {}, not Int64",
-                column.data_type()
-            ))
-        })?;
+    let array = column.as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
+        OperatorError::Malformed(format!("{operator}: event-time column is {}, not Int64", column.data_type()))
+    })?;
     if array.null_count() > 0 {
         return Err(OperatorError::Malformed(format!(
             "{operator}: {} records without an event time (null)",
@@ -52,16 +46,9 @@ impl Operator for WatermarkAssigner {
         "watermarks"
     }
 
-    fn on_batch(
-        &mut self,
-        context: &mut Context<'_>,
-        batch: RecordBatch,
-    ) -> Result<(), OperatorError> {
+    fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
         let rows = batch.num_rows() as u64;
-        if let Some(&max) = event_times(&batch, self.event_time_index, "watermarks")?
-            .iter()
-            .max()
-        {
+        if let Some(&max) = event_times(&batch, self.event_time_index, "watermarks")?.iter().max() {
             self.generator.observe(EventTime(max));
         }
         context.emit(Element::Batch(batch));
@@ -74,14 +61,8 @@ impl Operator for WatermarkAssigner {
     }
 
     /// Watermarks are generated here; one arriving from upstream is a plan error.
-    fn on_watermark(
-        &mut self,
-        _context: &mut Context<'_>,
-        watermark: EventTime,
-    ) -> Result<(), OperatorError> {
-        Err(OperatorError::Protocol(format!(
-            "watermarks: the stream already carries watermarks ({watermark:?})"
-        )))
+    fn on_watermark(&mut self, _context: &mut Context<'_>, watermark: EventTime) -> Result<(), OperatorError> {
+        Err(OperatorError::Protocol(format!("watermarks: the stream already carries watermarks ({watermark:?})")))
     }
 
     fn metrics(&self) -> OperatorMetrics {

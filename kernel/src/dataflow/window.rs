@@ -16,10 +16,7 @@ use arrow_schema::{DataType, Field, SchemaRef};
 
 use super::graph::{field, schema_of};
 use super::watermark::event_times;
-use super::{
-    read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics,
-    OperatorSnapshot,
-};
+use super::{read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
 use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
 use crate::element::CheckpointId;
 use crate::element::Element;
@@ -54,32 +51,12 @@ pub(crate) fn key_column<'a>(
 ) -> Result<KeyColumn<'a>, OperatorError> {
     let column = batch.column(index);
     if column.null_count() > 0 {
-        return Err(OperatorError::Malformed(format!(
-            "{} records with a null key",
-            column.null_count()
-        )));
+        return Err(OperatorError::Malformed(format!("{} records with a null key", column.null_count())));
     }
-    let wrong = || {
-        OperatorError::Malformed(format!(
-            "key column is {}, expected {key_type:?}",
-            column.data_type()
-        ))
-    };
+    let wrong = || OperatorError::Malformed(format!("key column is {}, expected {key_type:?}", column.data_type()));
     Ok(match key_type {
-        KeyType::UInt64 => KeyColumn::UInt64(
-            column
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .ok_or_else(wrong)?
-                .values(),
-        ),
-        KeyType::Int64 => KeyColumn::Int64(
-            column
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .ok_or_else(wrong)?
-                .values(),
-        ),
+        KeyType::UInt64 => KeyColumn::UInt64(column.as_any().downcast_ref::<UInt64Array>().ok_or_else(wrong)?.values()),
+        KeyType::Int64 => KeyColumn::Int64(column.as_any().downcast_ref::<Int64Array>().ok_or_else(wrong)?.values()),
     })
 }
 
@@ -99,9 +76,9 @@ fn encode_aggregate(count: u64, sum: i64) -> [u8; 16] {
 
 #[inline]
 fn decode_aggregate(bytes: &[u8]) -> Result<(u64, i64), StateError> {
-    let array: &[u8; 16] = bytes.try_into().map_err(|_| StateError::Corrupt {
-        what: format!("window aggregate of {} bytes, expected 16", bytes.len()),
-    })?;
+    let array: &[u8; 16] = bytes
+        .try_into()
+        .map_err(|_| StateError::Corrupt { what: format!("window aggregate of {} bytes, expected 16", bytes.len()) })?;
     let count = u64::from_le_bytes(array[..8].try_into().expect("eight bytes"));
     let sum = i64::from_le_bytes(array[8..].try_into().expect("eight bytes"));
     Ok((count, sum))
@@ -182,9 +159,7 @@ impl TumblingWindowCountSum {
     fn add(&mut self, key_hash: u64, ts: i64, value: i64) -> Result<(), OperatorError> {
         let start = ts - ts.rem_euclid(self.size_ms);
         let end = start.checked_add(self.size_ms).ok_or_else(|| {
-            OperatorError::Malformed(format!(
-                "tumbling-window: event time {ts} has no window end below i64::MAX"
-            ))
+            OperatorError::Malformed(format!("tumbling-window: event time {ts} has no window end below i64::MAX"))
         })?;
         if end <= self.watermark.0 {
             self.metrics.records_late_dropped += 1;
@@ -198,22 +173,21 @@ impl TumblingWindowCountSum {
         .push_namespace_i64(start);
         let mut created = false;
         let mut overflow = false;
-        self.state
-            .merge(key_group, self.state_key.as_bytes(), &mut |old, new| {
-                let (count, sum) = match old {
-                    Some(bytes) => decode_aggregate(bytes)?,
-                    None => {
-                        created = true;
-                        (0, 0)
-                    }
-                };
-                let sum = sum.checked_add(value).unwrap_or_else(|| {
-                    overflow = true;
-                    sum
-                });
-                new.extend_from_slice(&encode_aggregate(count + 1, sum));
-                Ok(())
-            })?;
+        self.state.merge(key_group, self.state_key.as_bytes(), &mut |old, new| {
+            let (count, sum) = match old {
+                Some(bytes) => decode_aggregate(bytes)?,
+                None => {
+                    created = true;
+                    (0, 0)
+                }
+            };
+            let sum = sum.checked_add(value).unwrap_or_else(|| {
+                overflow = true;
+                sum
+            });
+            new.extend_from_slice(&encode_aggregate(count + 1, sum));
+            Ok(())
+        })?;
         if overflow {
             return Err(OperatorError::Malformed(format!(
                 "tumbling-window: sum overflows i64 for key {key_hash} in window {start}"
@@ -226,9 +200,7 @@ impl TumblingWindowCountSum {
                 Some(newest) if *newest.key() == start => newest.into_mut(),
                 _ => {
                     let group_count = self.state.key_groups().count();
-                    self.windows_open
-                        .entry(start)
-                        .or_insert_with(|| vec![Vec::new(); group_count])
+                    self.windows_open.entry(start).or_insert_with(|| vec![Vec::new(); group_count])
                 }
             };
             groups[offset].push(key_hash);
@@ -237,11 +209,7 @@ impl TumblingWindowCountSum {
     }
 
     /// Emits and clears every window that ends at or before `watermark`, window by window.
-    fn fire(
-        &mut self,
-        context: &mut Context<'_>,
-        watermark: EventTime,
-    ) -> Result<(), OperatorError> {
+    fn fire(&mut self, context: &mut Context<'_>, watermark: EventTime) -> Result<(), OperatorError> {
         let mut fired = std::mem::take(&mut self.fired);
         fired.clear();
         while let Some(window) = self.windows_open.first_entry() {
@@ -262,13 +230,8 @@ impl TumblingWindowCountSum {
                         KeyType::Int64 => self.state_key.set_i64(key as i64),
                     }
                     .push_namespace_i64(start);
-                    let found =
-                        self.state
-                            .take(key_group, self.state_key.as_bytes(), &mut self.value)?;
-                    assert!(
-                        found,
-                        "window {start} of key {key} is open but has no state"
-                    );
+                    let found = self.state.take(key_group, self.state_key.as_bytes(), &mut self.value)?;
+                    assert!(found, "window {start} of key {key} is open but has no state");
                     let (count, sum) = decode_aggregate(&self.value)?;
                     fired.push((key, start, count, sum));
                 }
@@ -281,36 +244,22 @@ impl TumblingWindowCountSum {
     }
 
     /// Emits fired rows `(key, window start, count, sum)` as one batch.
-    fn emit_rows(
-        &mut self,
-        context: &mut Context<'_>,
-        fired: &[(u64, i64, u64, i64)],
-    ) -> Result<(), OperatorError> {
+    fn emit_rows(&mut self, context: &mut Context<'_>, fired: &[(u64, i64, u64, i64)]) -> Result<(), OperatorError> {
         if fired.is_empty() {
             return Ok(());
         }
         let key_column: ArrayRef = match self.key_type {
             KeyType::UInt64 => Arc::new(fired.iter().map(|row| row.0).collect::<UInt64Array>()),
-            KeyType::Int64 => {
-                Arc::new(fired.iter().map(|row| row.0 as i64).collect::<Int64Array>())
-            }
+            KeyType::Int64 => Arc::new(fired.iter().map(|row| row.0 as i64).collect::<Int64Array>()),
         };
         let columns: Vec<ArrayRef> = vec![
             key_column,
             Arc::new(fired.iter().map(|row| row.1).collect::<Int64Array>()),
-            Arc::new(
-                fired
-                    .iter()
-                    .map(|row| row.1 + self.size_ms)
-                    .collect::<Int64Array>(),
-            ),
+            Arc::new(fired.iter().map(|row| row.1 + self.size_ms).collect::<Int64Array>()),
             Arc::new(fired.iter().map(|row| row.2).collect::<UInt64Array>()),
             Arc::new(fired.iter().map(|row| row.3).collect::<Int64Array>()),
         ];
-        context.emit(Element::Batch(RecordBatch::try_new(
-            self.schema.clone(),
-            columns,
-        )?));
+        context.emit(Element::Batch(RecordBatch::try_new(self.schema.clone(), columns)?));
         self.metrics.records_out += fired.len() as u64;
         Ok(())
     }
@@ -318,20 +267,11 @@ impl TumblingWindowCountSum {
     fn values<'a>(&self, batch: &'a RecordBatch) -> Result<&'a [i64], OperatorError> {
         let column = batch.column(self.value_index);
         if column.null_count() > 0 {
-            return Err(OperatorError::Malformed(format!(
-                "tumbling-window: {} null values",
-                column.null_count()
-            )));
+            return Err(OperatorError::Malformed(format!("tumbling-window: {} null values", column.null_count())));
         }
-        let array = column
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .ok_or_else(|| {
-                OperatorError::Malformed(format!(
-                    "tumbling-window: value column is {}, not Int64",
-                    column.data_type()
-                ))
-            })?;
+        let array = column.as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
+            OperatorError::Malformed(format!("tumbling-window: value column is {}, not Int64", column.data_type()))
+        })?;
         Ok(array.values())
     }
 }
@@ -341,11 +281,7 @@ impl Operator for TumblingWindowCountSum {
         "tumbling-window"
     }
 
-    fn on_batch(
-        &mut self,
-        _context: &mut Context<'_>,
-        batch: RecordBatch,
-    ) -> Result<(), OperatorError> {
+    fn on_batch(&mut self, _context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
         let times = event_times(&batch, self.event_time_index, "tumbling-window")?;
         let values = self.values(&batch)?;
         match key_column(&batch, self.key_index, self.key_type)? {
@@ -364,16 +300,8 @@ impl Operator for TumblingWindowCountSum {
         Ok(())
     }
 
-    fn on_watermark(
-        &mut self,
-        context: &mut Context<'_>,
-        watermark: EventTime,
-    ) -> Result<(), OperatorError> {
-        assert!(
-            watermark > self.watermark,
-            "watermark {watermark:?} after {:?}",
-            self.watermark
-        );
+    fn on_watermark(&mut self, context: &mut Context<'_>, watermark: EventTime) -> Result<(), OperatorError> {
+        assert!(watermark > self.watermark, "watermark {watermark:?} after {:?}", self.watermark);
         self.fire(context, watermark)?;
         self.watermark = watermark;
         context.emit(Element::Watermark(watermark));
@@ -392,40 +320,24 @@ impl Operator for TumblingWindowCountSum {
     ) -> Result<OperatorSnapshot, OperatorError> {
         if checkpoint == CheckpointId::END_OF_INPUT {
             // At the end of input every window fired: there is no state to keep.
-            assert!(
-                self.windows_open.is_empty(),
-                "windows open after the end of input"
-            );
+            assert!(self.windows_open.is_empty(), "windows open after the end of input");
             return Ok(OperatorSnapshot::default());
         }
         let dir = checkpoint_dir(checkpoint);
         let subtask = context.subtask;
-        let state_path = format!(
-            "{dir}/window-{:05}-{:05}.state",
-            subtask.vertex.0, subtask.index
-        );
-        let watermark_path = format!(
-            "{dir}/window-{:05}-{:05}.watermark",
-            subtask.vertex.0, subtask.index
-        );
+        let state_path = format!("{dir}/window-{:05}-{:05}.state", subtask.vertex.0, subtask.index);
+        let watermark_path = format!("{dir}/window-{:05}-{:05}.watermark", subtask.vertex.0, subtask.index);
         let snapshot = self.state.snapshot()?;
         context.storage.write(&state_path, snapshot.as_bytes())?;
         context.storage.sync_file(&state_path)?;
         write_u64_file(context.storage, &watermark_path, self.watermark.0 as u64)?;
         context.storage.sync_dir(&dir)?;
-        Ok(OperatorSnapshot {
-            files: vec![state_path, watermark_path],
-            pending_output: Vec::new(),
-        })
+        Ok(OperatorSnapshot { files: vec![state_path, watermark_path], pending_output: Vec::new() })
     }
 
     /// Loads the entries of this subtask's key groups from every subtask's state file, takes the
     /// lowest of their watermarks (so none goes back), and rebuilds the open-window index.
-    fn restore(
-        &mut self,
-        context: &mut Context<'_>,
-        snapshots: &[TaskSnapshot],
-    ) -> Result<(), OperatorError> {
+    fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
         let range = self.state.key_groups();
         let mut writer = SnapshotWriter::new();
         let mut watermark: Option<i64> = None;
@@ -450,9 +362,7 @@ impl Operator for TumblingWindowCountSum {
             self.state.scan(key_group, &mut |state_key, _| {
                 let (key, namespace) = split_state_key(state_key)?;
                 let start = order_preserving_i64_inverse(read_u64_be(namespace)?);
-                let groups = windows_open
-                    .entry(start)
-                    .or_insert_with(|| vec![Vec::new(); group_count]);
+                let groups = windows_open.entry(start).or_insert_with(|| vec![Vec::new(); group_count]);
                 // The index holds keys as the u64 the hash takes; state holds Int64 keys order-preserving.
                 let stored = read_u64_be(key)?;
                 let key_hash = match key_type {
@@ -467,10 +377,7 @@ impl Operator for TumblingWindowCountSum {
     }
 
     fn metrics(&self) -> OperatorMetrics {
-        OperatorMetrics {
-            state_size_bytes: self.state.size_bytes(),
-            ..self.metrics
-        }
+        OperatorMetrics { state_size_bytes: self.state.size_bytes(), ..self.metrics }
     }
 }
 
@@ -497,39 +404,21 @@ mod tests {
     fn batch(rows: &[(Option<u64>, i64, i64)]) -> RecordBatch {
         // A nullable key field, so that a batch can carry the null key a source should not send.
         let generator = crate::dataflow::source::GeneratorSource::schema();
-        let mut fields: Vec<arrow_schema::Field> = generator
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
+        let mut fields: Vec<arrow_schema::Field> = generator.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields[0] = fields[0].clone().with_nullable(true);
         let schema = Arc::new(arrow_schema::Schema::new(fields));
         let keys: UInt64Array = rows.iter().map(|r| r.0).collect();
         let values: Int64Array = rows.iter().map(|r| Some(r.1)).collect();
         let times: Int64Array = rows.iter().map(|r| Some(r.2)).collect();
-        RecordBatch::try_new(
-            schema,
-            vec![Arc::new(keys), Arc::new(values), Arc::new(times)],
-        )
-        .unwrap()
+        RecordBatch::try_new(schema, vec![Arc::new(keys), Arc::new(values), Arc::new(times)]).unwrap()
     }
 
     /// Runs `f` with a context and returns what the operator emitted.
-    fn emitted(
-        f: impl FnOnce(&mut Context<'_>) -> Result<(), OperatorError>,
-    ) -> Result<Vec<Element>, OperatorError> {
+    fn emitted(f: impl FnOnce(&mut Context<'_>) -> Result<(), OperatorError>) -> Result<Vec<Element>, OperatorError> {
         let mut storage = MemStorage::new();
         let mut out = Vec::new();
-        let subtask = SubtaskId {
-            vertex: VertexId(0),
-            index: 0,
-        };
-        f(&mut Context::new(
-            Instant(0),
-            &mut storage,
-            subtask,
-            &mut out,
-        ))?;
+        let subtask = SubtaskId { vertex: VertexId(0), index: 0 };
+        f(&mut Context::new(Instant(0), &mut storage, subtask, &mut out))?;
         Ok(out)
     }
 
@@ -541,10 +430,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        window_rows(&batches)
-            .into_iter()
-            .map(|((k, s), (c, v))| (k, s, c, v))
-            .collect()
+        window_rows(&batches).into_iter().map(|((k, s), (c, v))| (k, s, c, v)).collect()
     }
 
     // Goal: a window fires exactly when the watermark reaches its end, results before the watermark;
@@ -553,13 +439,7 @@ mod tests {
     #[test]
     fn fires_at_window_end_and_drops_late_records() {
         let mut op = window();
-        let out = emitted(|c| {
-            op.on_batch(
-                c,
-                batch(&[(Some(1), 5, 3), (Some(2), 7, 9), (Some(1), 1, 12)]),
-            )
-        })
-        .unwrap();
+        let out = emitted(|c| op.on_batch(c, batch(&[(Some(1), 5, 3), (Some(2), 7, 9), (Some(1), 1, 12)]))).unwrap();
         assert!(out.is_empty());
         // Watermark 9: window [0, 10) has not ended.
         let out = emitted(|c| op.on_watermark(c, EventTime(9))).unwrap();
@@ -567,10 +447,7 @@ mod tests {
         // Watermark 10: it fires, rows first, then the watermark.
         let out = emitted(|c| op.on_watermark(c, EventTime(10))).unwrap();
         assert_eq!(rows(&out), vec![(1, 0, 1, 5), (2, 0, 1, 7)]);
-        assert!(matches!(
-            out.last(),
-            Some(Element::Watermark(EventTime(10)))
-        ));
+        assert!(matches!(out.last(), Some(Element::Watermark(EventTime(10)))));
         // A record at 4 is late now; one at 10 is on time.
         emitted(|c| op.on_batch(c, batch(&[(Some(1), 100, 4), (Some(1), 2, 10)]))).unwrap();
         assert_eq!(op.metrics().records_late_dropped, 1);
@@ -598,26 +475,10 @@ mod tests {
         ];
         emitted(|c| op.on_batch(c, RecordBatch::try_new(schema, columns).unwrap())).unwrap();
         let out = emitted(|c| op.on_end(c)).unwrap();
-        let Some(Element::Batch(batch)) = out.first() else {
-            panic!("{out:?}")
-        };
-        let keys = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .unwrap();
+        let Some(Element::Batch(batch)) = out.first() else { panic!("{out:?}") };
+        let keys = batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
         let mut got: Vec<(i64, u64)> = (0..batch.num_rows())
-            .map(|row| {
-                (
-                    keys.value(row),
-                    batch
-                        .column(3)
-                        .as_any()
-                        .downcast_ref::<UInt64Array>()
-                        .unwrap()
-                        .value(row),
-                )
-            })
+            .map(|row| (keys.value(row), batch.column(3).as_any().downcast_ref::<UInt64Array>().unwrap().value(row)))
             .collect();
         got.sort();
         assert_eq!(got, vec![(-5, 2), (7, 1)]);
@@ -630,65 +491,39 @@ mod tests {
     #[test]
     fn snapshot_restores_and_rescales() {
         let mut storage = MemStorage::new();
-        let subtask = SubtaskId {
-            vertex: VertexId(1),
-            index: 0,
-        };
+        let subtask = SubtaskId { vertex: VertexId(1), index: 0 };
         let mut out = Vec::new();
         let mut op = window();
-        let input: Vec<(Option<u64>, i64, i64)> = (0..200)
-            .map(|i| (Some(i % 37), i as i64, 10 + i as i64 % 25))
-            .collect();
+        let input: Vec<(Option<u64>, i64, i64)> =
+            (0..200).map(|i| (Some(i % 37), i as i64, 10 + i as i64 % 25)).collect();
         let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out);
         op.on_batch(&mut context, batch(&input)).unwrap();
         op.on_watermark(&mut context, EventTime(20)).unwrap();
         let written = op.on_barrier(&mut context, CheckpointId(3)).unwrap();
-        assert!(written
-            .files
-            .iter()
-            .all(|f| f.starts_with("checkpoints/chk-00000000000000000003/")));
+        assert!(written.files.iter().all(|f| f.starts_with("checkpoints/chk-00000000000000000003/")));
         op.on_end(&mut context).unwrap();
         let expected = rows(&out);
-        let snapshots = [TaskSnapshot {
-            subtask,
-            source_offset: None,
-            files: written.files,
-            pending_output: vec![],
-        }];
+        let snapshots = [TaskSnapshot { subtask, source_offset: None, files: written.files, pending_output: vec![] }];
         let max = MaxParallelism::default();
         let mut restored_rows = Vec::new();
         for index in 0..3 {
             let state = Box::new(HeapBackend::new(max.range_of(index, 3)));
-            let mut restored =
-                TumblingWindowCountSum::new(0, KeyType::UInt64, 2, 1, 10, max, state);
+            let mut restored = TumblingWindowCountSum::new(0, KeyType::UInt64, 2, 1, 10, max, state);
             let mut out = Vec::new();
-            let mut context = Context::new(
-                Instant(0),
-                &mut storage,
-                SubtaskId {
-                    vertex: VertexId(1),
-                    index,
-                },
-                &mut out,
-            );
+            let mut context =
+                Context::new(Instant(0), &mut storage, SubtaskId { vertex: VertexId(1), index }, &mut out);
             restored.restore(&mut context, &snapshots).unwrap();
             // A record for window [10, 20), which fired before the checkpoint: still late.
-            restored
-                .on_batch(&mut context, batch(&[(Some(1), 1, 15)]))
-                .unwrap();
+            restored.on_batch(&mut context, batch(&[(Some(1), 1, 15)])).unwrap();
             assert_eq!(restored.metrics().records_late_dropped, 1);
             restored.on_end(&mut context).unwrap();
             restored_rows.extend(rows(&out));
         }
         // Windows ending at or before the checkpoint's watermark (20) fired before it.
-        let (fired_before, mut after): (Vec<_>, Vec<_>) =
-            expected.into_iter().partition(|r| r.1 + 10 <= 20);
+        let (fired_before, mut after): (Vec<_>, Vec<_>) = expected.into_iter().partition(|r| r.1 + 10 <= 20);
         after.sort();
         restored_rows.sort();
-        assert!(
-            !fired_before.is_empty() && !after.is_empty(),
-            "the script fires windows before and after"
-        );
+        assert!(!fired_before.is_empty() && !after.is_empty(), "the script fires windows before and after");
         assert_eq!(restored_rows, after);
     }
 
@@ -700,8 +535,7 @@ mod tests {
         let error = emitted(|c| op.on_batch(c, batch(&[(None, 1, 1)]))).unwrap_err();
         assert!(error.to_string().contains("null key"), "{error}");
         let mut op = window();
-        let error = emitted(|c| op.on_batch(c, batch(&[(Some(1), i64::MAX, 1), (Some(1), 1, 2)])))
-            .unwrap_err();
+        let error = emitted(|c| op.on_batch(c, batch(&[(Some(1), i64::MAX, 1), (Some(1), 1, 2)]))).unwrap_err();
         assert!(error.to_string().contains("overflows"), "{error}");
     }
 }

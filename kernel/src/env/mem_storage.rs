@@ -38,9 +38,7 @@ impl MemStorage {
     }
 
     fn not_found(path: &str) -> StorageError {
-        StorageError::NotFound {
-            path: path.to_string(),
-        }
+        StorageError::NotFound { path: path.to_string() }
     }
 }
 
@@ -53,10 +51,7 @@ impl Storage for MemStorage {
     }
 
     fn sync_file(&mut self, path: &str) -> Result<(), StorageError> {
-        let data = self
-            .current
-            .get(path)
-            .ok_or_else(|| Self::not_found(path))?;
+        let data = self.current.get(path).ok_or_else(|| Self::not_found(path))?;
         self.synced_data.insert(path.to_string(), data.clone());
         if self.durable.contains_key(path) {
             self.durable.insert(path.to_string(), data.clone());
@@ -67,10 +62,7 @@ impl Storage for MemStorage {
     fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
         validate_path(from)?;
         validate_path(to)?;
-        let data = self
-            .current
-            .remove(from)
-            .ok_or_else(|| Self::not_found(from))?;
+        let data = self.current.remove(from).ok_or_else(|| Self::not_found(from))?;
         self.current.insert(to.to_string(), data);
         match self.synced_data.remove(from) {
             Some(synced) => self.synced_data.insert(to.to_string(), synced),
@@ -86,11 +78,7 @@ impl Storage for MemStorage {
         // The directory's names become durable: each with the contents last synced under it.
         self.durable.retain(|path, _| parent_dir(path) != dir);
         for path in self.current.keys().filter(|path| parent_dir(path) == dir) {
-            let synced = self
-                .synced_data
-                .get(path)
-                .cloned()
-                .unwrap_or_else(|| Arc::from(&[][..]));
+            let synced = self.synced_data.get(path).cloned().unwrap_or_else(|| Arc::from(&[][..]));
             self.durable.insert(path.clone(), synced);
         }
         Ok(())
@@ -98,10 +86,7 @@ impl Storage for MemStorage {
 
     fn read(&mut self, path: &str) -> Result<Vec<u8>, StorageError> {
         validate_path(path)?;
-        self.current
-            .get(path)
-            .map(|data| data.to_vec())
-            .ok_or_else(|| Self::not_found(path))
+        self.current.get(path).map(|data| data.to_vec()).ok_or_else(|| Self::not_found(path))
     }
 
     fn list(&mut self, dir: &str) -> Result<Vec<String>, StorageError> {
@@ -118,9 +103,7 @@ impl Storage for MemStorage {
 
     fn delete(&mut self, path: &str) -> Result<(), StorageError> {
         validate_path(path)?;
-        self.current
-            .remove(path)
-            .ok_or_else(|| Self::not_found(path))?;
+        self.current.remove(path).ok_or_else(|| Self::not_found(path))?;
         self.synced_data.remove(path);
         Ok(())
     }
@@ -144,19 +127,12 @@ mod tests {
         storage.sync_dir("d").unwrap(); // names durable; "named-not-synced" has no synced data
         storage.write("d/unsynced", b"lost again").unwrap();
         storage.crash();
-        assert_eq!(
-            storage.list("d").unwrap(),
-            vec!["named-not-synced", "synced-not-named", "unsynced", "whole"]
-        );
+        assert_eq!(storage.list("d").unwrap(), vec!["named-not-synced", "synced-not-named", "unsynced", "whole"]);
         assert_eq!(storage.read("d/whole").unwrap(), b"whole");
         assert_eq!(storage.read("d/synced-not-named").unwrap(), b"x");
         assert_eq!(storage.read("d/named-not-synced").unwrap(), b"");
         assert_eq!(storage.read("d/unsynced").unwrap(), b"");
-        assert!(storage
-            .list("d")
-            .unwrap()
-            .iter()
-            .all(|name| !name.ends_with(".tmp")));
+        assert!(storage.list("d").unwrap().iter().all(|name| !name.ends_with(".tmp")));
     }
 
     // Goal: an atomic write replaces a file whole, and reads of missing files are errors, not empties.
@@ -167,12 +143,7 @@ mod tests {
         write_atomic(&mut storage, "pointer", b"2").unwrap();
         storage.crash();
         assert_eq!(storage.read("pointer").unwrap(), b"2");
-        assert_eq!(
-            storage.read("nope"),
-            Err(StorageError::NotFound {
-                path: "nope".into()
-            })
-        );
+        assert_eq!(storage.read("nope"), Err(StorageError::NotFound { path: "nope".into() }));
         assert_eq!(storage.list("").unwrap(), vec!["pointer"]);
     }
 }

@@ -79,9 +79,7 @@ pub enum StorageError {
     NotFound { path: String },
     #[error("storage path {path:?} is invalid: {reason}")]
     InvalidPath { path: String, reason: &'static str },
-    #[error(
-        "storage is full while writing {path:?}; free space and restart from the last checkpoint"
-    )]
+    #[error("storage is full while writing {path:?}; free space and restart from the last checkpoint")]
     Full { path: String },
     #[error("storage i/o error on {path:?}: {message}")]
     Io { path: String, message: String },
@@ -109,12 +107,7 @@ pub trait Storage {
 
 /// Checks that `path` is a relative, `/`-separated path without empty, `.` or `..` components.
 pub fn validate_path(path: &str) -> Result<(), StorageError> {
-    let invalid = |reason| {
-        Err(StorageError::InvalidPath {
-            path: path.to_string(),
-            reason,
-        })
-    };
+    let invalid = |reason| Err(StorageError::InvalidPath { path: path.to_string(), reason });
     if path.is_empty() {
         return invalid("empty");
     }
@@ -125,9 +118,7 @@ pub fn validate_path(path: &str) -> Result<(), StorageError> {
         match component {
             "" => return invalid("empty component"),
             "." | ".." => return invalid("dot component"),
-            _ if component.contains('\0') || component.contains('\\') => {
-                return invalid("bad character")
-            }
+            _ if component.contains('\0') || component.contains('\\') => return invalid("bad character"),
             _ => {}
         }
     }
@@ -141,11 +132,7 @@ pub fn parent_dir(path: &str) -> &str {
 
 /// Writes a file so that after a crash it exists either whole or not at all: write to a temporary
 /// name, sync it, rename it over `path`, sync the directory.
-pub fn write_atomic(
-    storage: &mut dyn Storage,
-    path: &str,
-    data: &[u8],
-) -> Result<(), StorageError> {
+pub fn write_atomic(storage: &mut dyn Storage, path: &str, data: &[u8]) -> Result<(), StorageError> {
     validate_path(path)?;
     let temporary = format!("{path}.tmp");
     storage.write(&temporary, data)?;

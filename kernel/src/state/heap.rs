@@ -41,17 +41,12 @@ impl Hasher for FxHasher {
     /// Whole words, then the tail zero-padded into one more word (callers hash the length too).
     fn write(&mut self, mut bytes: &[u8]) {
         while bytes.len() >= 8 {
-            self.add(u64::from_le_bytes(
-                bytes[..8].try_into().expect("eight bytes"),
-            ));
+            self.add(u64::from_le_bytes(bytes[..8].try_into().expect("eight bytes")));
             bytes = &bytes[8..];
         }
         if !bytes.is_empty() {
             // Assembled byte by byte: a variable-length copy would be a `memcpy` call per hash.
-            let tail = bytes
-                .iter()
-                .enumerate()
-                .fold(0_u64, |word, (i, &byte)| word | u64::from(byte) << (8 * i));
+            let tail = bytes.iter().enumerate().fold(0_u64, |word, (i, &byte)| word | u64::from(byte) << (8 * i));
             self.add(tail);
         }
     }
@@ -130,12 +125,7 @@ impl HeapBackend {
 
     #[inline]
     fn group_mut(&mut self, key_group: KeyGroup) -> &mut HashTable<Entry> {
-        assert!(
-            self.range.contains(key_group),
-            "key group {} outside {:?}",
-            key_group.0,
-            self.range
-        );
+        assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
         &mut self.groups[usize::from(key_group.0 - self.range.start())]
     }
 
@@ -148,10 +138,7 @@ impl HeapBackend {
             bytes[..length].copy_from_slice(&key[..length]);
             u128::from_be_bytes(bytes)
         };
-        let mut entries: Vec<(u128, &Entry)> = table
-            .iter()
-            .map(|entry| (prefix(&entry.key), entry))
-            .collect();
+        let mut entries: Vec<(u128, &Entry)> = table.iter().map(|entry| (prefix(&entry.key), entry)).collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.key.cmp(&b.1.key)));
         entries
     }
@@ -163,10 +150,7 @@ impl HeapBackend {
 
     #[inline]
     fn account(&mut self, size_delta: i64) {
-        self.size_bytes = self
-            .size_bytes
-            .checked_add_signed(size_delta)
-            .expect("state size accounting");
+        self.size_bytes = self.size_bytes.checked_add_signed(size_delta).expect("state size accounting");
     }
 }
 
@@ -176,18 +160,10 @@ impl StateBackend for HeapBackend {
     }
 
     #[inline]
-    fn get(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        value: &mut Vec<u8>,
-    ) -> Result<bool, StateError> {
+    fn get(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
         value.clear();
         let hash = hash_key(key);
-        match self
-            .group_mut(key_group)
-            .find(hash, |entry| bytes_eq(&entry.key, key))
-        {
+        match self.group_mut(key_group).find(hash, |entry| bytes_eq(&entry.key, key)) {
             Some(entry) => {
                 value.extend_from_slice(&entry.value);
                 Ok(true)
@@ -205,38 +181,28 @@ impl StateBackend for HeapBackend {
     }
 
     #[inline]
-    fn merge(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        merge: &mut Merge<'_>,
-    ) -> Result<(), StateError> {
+    fn merge(&mut self, key_group: KeyGroup, key: &[u8], merge: &mut Merge<'_>) -> Result<(), StateError> {
         let hash = hash_key(key);
         let mut merged = std::mem::take(&mut self.merged);
         merged.clear();
         let table = self.group_mut(key_group);
-        let size_delta =
-            match table.entry(hash, |entry| bytes_eq(&entry.key, key), |entry| entry.hash) {
-                TableEntry::Occupied(mut occupied) => {
-                    let stored = &mut occupied.get_mut().value;
-                    merge(Some(stored), &mut merged)?;
-                    check_entry_size(key, &merged)?;
-                    let old = stored.len() as i64;
-                    stored.clear();
-                    stored.extend_from_slice(&merged);
-                    merged.len() as i64 - old
-                }
-                TableEntry::Vacant(vacant) => {
-                    merge(None, &mut merged)?;
-                    check_entry_size(key, &merged)?;
-                    vacant.insert(Entry {
-                        hash,
-                        key: KeyBytes::from_slice(key),
-                        value: ValueBytes::from_slice(&merged),
-                    });
-                    (key.len() + merged.len()) as i64
-                }
-            };
+        let size_delta = match table.entry(hash, |entry| bytes_eq(&entry.key, key), |entry| entry.hash) {
+            TableEntry::Occupied(mut occupied) => {
+                let stored = &mut occupied.get_mut().value;
+                merge(Some(stored), &mut merged)?;
+                check_entry_size(key, &merged)?;
+                let old = stored.len() as i64;
+                stored.clear();
+                stored.extend_from_slice(&merged);
+                merged.len() as i64 - old
+            }
+            TableEntry::Vacant(vacant) => {
+                merge(None, &mut merged)?;
+                check_entry_size(key, &merged)?;
+                vacant.insert(Entry { hash, key: KeyBytes::from_slice(key), value: ValueBytes::from_slice(&merged) });
+                (key.len() + merged.len()) as i64
+            }
+        };
         self.merged = merged;
         self.account(size_delta);
         Ok(())
@@ -245,10 +211,7 @@ impl StateBackend for HeapBackend {
     #[inline]
     fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError> {
         let hash = hash_key(key);
-        if let Ok(occupied) = self
-            .group_mut(key_group)
-            .find_entry(hash, |entry| bytes_eq(&entry.key, key))
-        {
+        if let Ok(occupied) = self.group_mut(key_group).find_entry(hash, |entry| bytes_eq(&entry.key, key)) {
             let (removed, _) = occupied.remove();
             self.account(-((removed.key.len() + removed.value.len()) as i64));
         }
@@ -267,18 +230,10 @@ impl StateBackend for HeapBackend {
     }
 
     #[inline]
-    fn take(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        value: &mut Vec<u8>,
-    ) -> Result<bool, StateError> {
+    fn take(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
         value.clear();
         let hash = hash_key(key);
-        let Ok(occupied) = self
-            .group_mut(key_group)
-            .find_entry(hash, |entry| bytes_eq(&entry.key, key))
-        else {
+        let Ok(occupied) = self.group_mut(key_group).find_entry(hash, |entry| bytes_eq(&entry.key, key)) else {
             return Ok(false);
         };
         let (removed, _) = occupied.remove();
@@ -323,12 +278,9 @@ mod tests {
         for seed in 0..20_u64 {
             println!("seed {seed} (replay: this test with this seed)");
             let range = KeyGroupRange::new(3, 11);
-            check_backend_against_model(
-                &mut HeapBackend::new(range),
-                &mut Lcg::new(seed),
-                2_000,
-                || Box::new(HeapBackend::new(range)),
-            );
+            check_backend_against_model(&mut HeapBackend::new(range), &mut Lcg::new(seed), 2_000, || {
+                Box::new(HeapBackend::new(range))
+            });
         }
     }
 

@@ -32,9 +32,7 @@ pub enum StateError {
     Corrupt { what: String },
     #[error("state key of {size} bytes is larger than the limit of {STATE_KEY_SIZE_MAX} bytes")]
     KeyTooLarge { size: usize },
-    #[error(
-        "state value of {size} bytes is larger than the limit of {STATE_VALUE_SIZE_MAX} bytes"
-    )]
+    #[error("state value of {size} bytes is larger than the limit of {STATE_VALUE_SIZE_MAX} bytes")]
     ValueTooLarge { size: usize },
 }
 
@@ -51,22 +49,12 @@ pub trait StateBackend: Send {
     /// The key groups this backend holds.
     fn key_groups(&self) -> KeyGroupRange;
     /// Copies the value of `key` into `value` (cleared first); `false` if there is none.
-    fn get(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        value: &mut Vec<u8>,
-    ) -> Result<bool, StateError>;
+    fn get(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError>;
     fn put(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) -> Result<(), StateError>;
     /// Read-modify-write in one call: `merge(old, new)` gets the stored value (`None` if absent) and
     /// writes the value to store into `new` (empty when called). Backends that can find the entry
     /// once for both (the heap) do so; the default is a `get` and a `put`.
-    fn merge(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        merge: &mut Merge<'_>,
-    ) -> Result<(), StateError> {
+    fn merge(&mut self, key_group: KeyGroup, key: &[u8], merge: &mut Merge<'_>) -> Result<(), StateError> {
         let mut old = Vec::new();
         let found = self.get(key_group, key, &mut old)?;
         let mut new = Vec::new();
@@ -79,11 +67,7 @@ pub trait StateBackend: Send {
     fn write_batch(&mut self, batch: &WriteBatch) -> Result<(), StateError> {
         for op in batch.iter() {
             match op {
-                WriteOp::Put {
-                    key_group,
-                    key,
-                    value,
-                } => self.put(key_group, key, value)?,
+                WriteOp::Put { key_group, key, value } => self.put(key_group, key, value)?,
                 WriteOp::Delete { key_group, key } => self.delete(key_group, key)?,
             }
         }
@@ -93,12 +77,7 @@ pub trait StateBackend: Send {
     fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError>;
     /// Removes `key` and copies its value into `value` (cleared first); `false` if there was none.
     /// The default is a `get` and a `delete`.
-    fn take(
-        &mut self,
-        key_group: KeyGroup,
-        key: &[u8],
-        value: &mut Vec<u8>,
-    ) -> Result<bool, StateError> {
+    fn take(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
         let found = self.get(key_group, key, value)?;
         if found {
             self.delete(key_group, key)?;
@@ -127,15 +106,8 @@ pub fn check_entry_size(key: &[u8], value: &[u8]) -> Result<(), StateError> {
 /// One operation of a [`WriteBatch`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteOp<'a> {
-    Put {
-        key_group: KeyGroup,
-        key: &'a [u8],
-        value: &'a [u8],
-    },
-    Delete {
-        key_group: KeyGroup,
-        key: &'a [u8],
-    },
+    Put { key_group: KeyGroup, key: &'a [u8], value: &'a [u8] },
+    Delete { key_group: KeyGroup, key: &'a [u8] },
 }
 
 /// Writes collected to be applied together; one flat buffer, reused across batches.
@@ -155,8 +127,7 @@ impl WriteBatch {
         self.bytes.extend_from_slice(key);
         let key_end = self.bytes.len() as u32;
         self.bytes.extend_from_slice(value);
-        self.ops
-            .push((key_group, key_end, self.bytes.len() as u32, true));
+        self.ops.push((key_group, key_end, self.bytes.len() as u32, true));
     }
 
     pub fn delete(&mut self, key_group: KeyGroup, key: &[u8]) {
@@ -180,22 +151,16 @@ impl WriteBatch {
 
     pub fn iter(&self) -> impl Iterator<Item = WriteOp<'_>> {
         let mut start = 0_usize;
-        self.ops
-            .iter()
-            .map(move |&(key_group, key_end, value_end, is_put)| {
-                let key = &self.bytes[start..key_end as usize];
-                let value = &self.bytes[key_end as usize..value_end as usize];
-                start = value_end as usize;
-                if is_put {
-                    WriteOp::Put {
-                        key_group,
-                        key,
-                        value,
-                    }
-                } else {
-                    WriteOp::Delete { key_group, key }
-                }
-            })
+        self.ops.iter().map(move |&(key_group, key_end, value_end, is_put)| {
+            let key = &self.bytes[start..key_end as usize];
+            let value = &self.bytes[key_end as usize..value_end as usize];
+            start = value_end as usize;
+            if is_put {
+                WriteOp::Put { key_group, key, value }
+            } else {
+                WriteOp::Delete { key_group, key }
+            }
+        })
     }
 }
 
@@ -207,9 +172,7 @@ pub struct StateKey {
 
 impl StateKey {
     pub fn new() -> StateKey {
-        StateKey {
-            bytes: Vec::with_capacity(32),
-        }
+        StateKey { bytes: Vec::with_capacity(32) }
     }
 
     /// Starts a key that is an unsigned integer.
@@ -229,8 +192,7 @@ impl StateKey {
 
     /// Starts a key that is a byte string.
     pub fn set_bytes(&mut self, key: &[u8]) -> Result<&mut StateKey, StateError> {
-        let length =
-            u16::try_from(key.len()).map_err(|_| StateError::KeyTooLarge { size: key.len() })?;
+        let length = u16::try_from(key.len()).map_err(|_| StateError::KeyTooLarge { size: key.len() })?;
         self.bytes.clear();
         self.bytes.extend_from_slice(&length.to_be_bytes());
         self.bytes.extend_from_slice(key);
@@ -240,8 +202,7 @@ impl StateKey {
     /// Appends a signed integer to the namespace.
     #[inline]
     pub fn push_namespace_i64(&mut self, namespace: i64) -> &mut StateKey {
-        self.bytes
-            .extend_from_slice(&order_preserving_i64(namespace).to_be_bytes());
+        self.bytes.extend_from_slice(&order_preserving_i64(namespace).to_be_bytes());
         self
     }
 
@@ -262,12 +223,8 @@ pub fn order_preserving_i64_inverse(value: u64) -> i64 {
 
 /// Splits an encoded state key into its key bytes and namespace bytes.
 pub fn split_state_key(encoded: &[u8]) -> Result<(&[u8], &[u8]), StateError> {
-    let corrupt = |what: &str| StateError::Corrupt {
-        what: format!("state key: {what}"),
-    };
-    let length = encoded
-        .get(..2)
-        .ok_or_else(|| corrupt("shorter than its length prefix"))?;
+    let corrupt = |what: &str| StateError::Corrupt { what: format!("state key: {what}") };
+    let length = encoded.get(..2).ok_or_else(|| corrupt("shorter than its length prefix"))?;
     let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
     let rest = &encoded[2..];
     if rest.len() < length {
@@ -281,9 +238,7 @@ pub fn read_u64_be(bytes: &[u8]) -> Result<u64, StateError> {
     let array: [u8; 8] = bytes
         .get(..8)
         .and_then(|slice| slice.try_into().ok())
-        .ok_or_else(|| StateError::Corrupt {
-            what: format!("expected 8 bytes, found {}", bytes.len()),
-        })?;
+        .ok_or_else(|| StateError::Corrupt { what: format!("expected 8 bytes, found {}", bytes.len()) })?;
     Ok(u64::from_be_bytes(array))
 }
 
@@ -303,14 +258,8 @@ mod tests {
                 encoded.set_i64(key).push_namespace_i64(namespace);
                 let bytes = encoded.as_bytes().to_vec();
                 let (key_bytes, namespace_bytes) = split_state_key(&bytes).unwrap();
-                assert_eq!(
-                    order_preserving_i64_inverse(read_u64_be(key_bytes).unwrap()),
-                    key
-                );
-                assert_eq!(
-                    order_preserving_i64_inverse(read_u64_be(namespace_bytes).unwrap()),
-                    namespace
-                );
+                assert_eq!(order_preserving_i64_inverse(read_u64_be(key_bytes).unwrap()), key);
+                assert_eq!(order_preserving_i64_inverse(read_u64_be(namespace_bytes).unwrap()), namespace);
                 if let Some(previous) = previous {
                     assert!(previous < bytes, "{key} {namespace}");
                 }
@@ -332,20 +281,9 @@ mod tests {
         assert_eq!(
             ops,
             vec![
-                WriteOp::Put {
-                    key_group: KeyGroup(3),
-                    key: b"k1",
-                    value: b"v1"
-                },
-                WriteOp::Delete {
-                    key_group: KeyGroup(4),
-                    key: b"k2"
-                },
-                WriteOp::Put {
-                    key_group: KeyGroup(5),
-                    key: b"",
-                    value: b""
-                },
+                WriteOp::Put { key_group: KeyGroup(3), key: b"k1", value: b"v1" },
+                WriteOp::Delete { key_group: KeyGroup(4), key: b"k2" },
+                WriteOp::Put { key_group: KeyGroup(5), key: b"", value: b"" },
             ]
         );
         batch.clear();

@@ -50,10 +50,7 @@ impl KeyGroupsSnapshot {
 
     /// Every entry, by key group then key, ascending.
     pub fn entries(&self) -> impl Iterator<Item = (KeyGroup, &[u8], &[u8])> + '_ {
-        let mut reader = Reader {
-            bytes: &self.bytes[..self.bytes.len() - CRC_SIZE],
-            at: HEADER_SIZE,
-        };
+        let mut reader = Reader { bytes: &self.bytes[..self.bytes.len() - CRC_SIZE], at: HEADER_SIZE };
         let mut groups_left = read_u32_at(&self.bytes, 6);
         let mut current = (KeyGroup(0), 0_u32);
         std::iter::from_fn(move || loop {
@@ -71,12 +68,8 @@ impl KeyGroupsSnapshot {
     }
 
     /// The entries of the key groups in `range` only.
-    pub fn entries_in(
-        &self,
-        range: KeyGroupRange,
-    ) -> impl Iterator<Item = (KeyGroup, &[u8], &[u8])> + '_ {
-        self.entries()
-            .filter(move |(group, _, _)| range.contains(*group))
+    pub fn entries_in(&self, range: KeyGroupRange) -> impl Iterator<Item = (KeyGroup, &[u8], &[u8])> + '_ {
+        self.entries().filter(move |(group, _, _)| range.contains(*group))
     }
 }
 
@@ -102,50 +95,26 @@ impl SnapshotWriter {
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&VERSION.to_le_bytes());
         bytes.extend_from_slice(&0_u32.to_le_bytes());
-        SnapshotWriter {
-            bytes,
-            group_count: 0,
-            group: None,
-            key_last: Vec::new(),
-        }
+        SnapshotWriter { bytes, group_count: 0, group: None, key_last: Vec::new() }
     }
 
     /// Adds an entry; key groups must come ascending, and keys ascending within one group.
     pub fn add(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) {
-        assert!(
-            key.len() <= STATE_KEY_SIZE_MAX,
-            "state key of {} bytes in snapshot",
-            key.len()
-        );
-        assert!(
-            value.len() <= STATE_VALUE_SIZE_MAX,
-            "state value of {} bytes in snapshot",
-            value.len()
-        );
+        assert!(key.len() <= STATE_KEY_SIZE_MAX, "state key of {} bytes in snapshot", key.len());
+        assert!(value.len() <= STATE_VALUE_SIZE_MAX, "state value of {} bytes in snapshot", value.len());
         match self.group {
             Some((open, _, _)) if open == key_group => {
-                assert!(
-                    self.key_last.as_slice() < key,
-                    "snapshot keys out of order in key group {}",
-                    key_group.0
-                );
+                assert!(self.key_last.as_slice() < key, "snapshot keys out of order in key group {}", key_group.0);
             }
             Some((open, _, _)) => {
-                assert!(
-                    open < key_group,
-                    "snapshot key group {} after {}",
-                    key_group.0,
-                    open.0
-                );
+                assert!(open < key_group, "snapshot key group {} after {}", key_group.0, open.0);
                 self.close_group();
                 self.open_group(key_group);
             }
             None => self.open_group(key_group),
         }
-        self.bytes
-            .extend_from_slice(&(key.len() as u32).to_le_bytes());
-        self.bytes
-            .extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
         self.bytes.extend_from_slice(key);
         self.bytes.extend_from_slice(value);
         self.key_last.clear();
@@ -190,11 +159,8 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, count: usize, what: &str) -> Result<&'a [u8], StateError> {
-        let end = self
-            .at
-            .checked_add(count)
-            .filter(|&end| end <= self.bytes.len())
-            .ok_or_else(|| StateError::Corrupt {
+        let end =
+            self.at.checked_add(count).filter(|&end| end <= self.bytes.len()).ok_or_else(|| StateError::Corrupt {
                 what: format!("snapshot truncated in {what} at byte {}", self.at),
             })?;
         let slice = &self.bytes[self.at..end];
@@ -203,15 +169,11 @@ impl<'a> Reader<'a> {
     }
 
     fn u16(&mut self, what: &str) -> Result<u16, StateError> {
-        Ok(u16::from_le_bytes(
-            self.take(2, what)?.try_into().expect("two bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("two bytes")))
     }
 
     fn u32(&mut self, what: &str) -> Result<u32, StateError> {
-        Ok(u32::from_le_bytes(
-            self.take(4, what)?.try_into().expect("four bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("four bytes")))
     }
 
     fn group_header(&mut self) -> Result<(KeyGroup, u32), StateError> {
@@ -235,32 +197,22 @@ impl<'a> Reader<'a> {
 fn validate(bytes: &[u8]) -> Result<(), StateError> {
     let corrupt = |what: String| Err(StateError::Corrupt { what });
     if bytes.len() < HEADER_SIZE + CRC_SIZE {
-        return corrupt(format!(
-            "snapshot of {} bytes is shorter than its header",
-            bytes.len()
-        ));
+        return corrupt(format!("snapshot of {} bytes is shorter than its header", bytes.len()));
     }
     if &bytes[..4] != MAGIC {
         return corrupt("snapshot does not start with the magic bytes \"SBKG\"".to_string());
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
     if version != VERSION {
-        return corrupt(format!(
-            "snapshot format version {version}, this build reads version {VERSION}"
-        ));
+        return corrupt(format!("snapshot format version {version}, this build reads version {VERSION}"));
     }
     let body = &bytes[..bytes.len() - CRC_SIZE];
     let crc_stored = read_u32_at(bytes, bytes.len() - CRC_SIZE);
     let crc = crc32fast::hash(body);
     if crc != crc_stored {
-        return corrupt(format!(
-            "snapshot checksum {crc_stored:#010x} does not match its contents ({crc:#010x})"
-        ));
+        return corrupt(format!("snapshot checksum {crc_stored:#010x} does not match its contents ({crc:#010x})"));
     }
-    let mut reader = Reader {
-        bytes: body,
-        at: HEADER_SIZE,
-    };
+    let mut reader = Reader { bytes: body, at: HEADER_SIZE };
     let mut group_previous: Option<KeyGroup> = None;
     for _ in 0..read_u32_at(bytes, 6) {
         let (group, count) = reader.group_header()?;
@@ -269,28 +221,19 @@ fn validate(bytes: &[u8]) -> Result<(), StateError> {
         }
         group_previous = Some(group);
         if count == 0 {
-            return corrupt(format!(
-                "snapshot key group {} has no entries (writers omit empty groups)",
-                group.0
-            ));
+            return corrupt(format!("snapshot key group {} has no entries (writers omit empty groups)", group.0));
         }
         let mut key_previous: Option<&[u8]> = None;
         for _ in 0..count {
             let (key, _) = reader.entry()?;
             if key_previous.is_some_and(|previous| previous >= key) {
-                return corrupt(format!(
-                    "snapshot keys of key group {} are not ascending",
-                    group.0
-                ));
+                return corrupt(format!("snapshot keys of key group {} are not ascending", group.0));
             }
             key_previous = Some(key);
         }
     }
     if reader.at != body.len() {
-        return corrupt(format!(
-            "snapshot has {} bytes after its last group",
-            body.len() - reader.at
-        ));
+        return corrupt(format!("snapshot has {} bytes after its last group", body.len() - reader.at));
     }
     Ok(())
 }
@@ -312,10 +255,8 @@ mod tests {
     #[test]
     fn round_trip_and_range() {
         let snapshot = KeyGroupsSnapshot::from_bytes(sample().into_bytes()).unwrap();
-        let all: Vec<(u16, Vec<u8>, Vec<u8>)> = snapshot
-            .entries()
-            .map(|(g, k, v)| (g.0, k.to_vec(), v.to_vec()))
-            .collect();
+        let all: Vec<(u16, Vec<u8>, Vec<u8>)> =
+            snapshot.entries().map(|(g, k, v)| (g.0, k.to_vec(), v.to_vec())).collect();
         assert_eq!(
             all,
             vec![
@@ -325,19 +266,10 @@ mod tests {
                 (9, b"z".to_vec(), b"333".to_vec())
             ]
         );
-        let groups: Vec<u16> = snapshot
-            .entries_in(KeyGroupRange::new(2, 9))
-            .map(|(g, _, _)| g.0)
-            .collect();
+        let groups: Vec<u16> = snapshot.entries_in(KeyGroupRange::new(2, 9)).map(|(g, _, _)| g.0).collect();
         assert_eq!(groups, vec![7]);
         let empty = SnapshotWriter::new().finish();
-        assert_eq!(
-            KeyGroupsSnapshot::from_bytes(empty.into_bytes())
-                .unwrap()
-                .entries()
-                .count(),
-            0
-        );
+        assert_eq!(KeyGroupsSnapshot::from_bytes(empty.into_bytes()).unwrap().entries().count(), 0);
     }
 
     // Goal: every single-bit flip and every truncation is reported as corruption, never a panic.
@@ -348,19 +280,10 @@ mod tests {
         for bit in 0..bytes.len() * 8 {
             let mut flipped = bytes.clone();
             flipped[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                matches!(
-                    KeyGroupsSnapshot::from_bytes(flipped),
-                    Err(StateError::Corrupt { .. })
-                ),
-                "bit {bit}"
-            );
+            assert!(matches!(KeyGroupsSnapshot::from_bytes(flipped), Err(StateError::Corrupt { .. })), "bit {bit}");
         }
         for length in 0..bytes.len() {
-            assert!(
-                KeyGroupsSnapshot::from_bytes(bytes[..length].to_vec()).is_err(),
-                "length {length}"
-            );
+            assert!(KeyGroupsSnapshot::from_bytes(bytes[..length].to_vec()).is_err(), "length {length}");
         }
     }
 

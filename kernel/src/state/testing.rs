@@ -15,10 +15,7 @@ impl Lcg {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         self.0 >> 11 ^ self.0 << 53
     }
 
@@ -74,11 +71,7 @@ pub fn check_backend_against_model(
             55..=71 => {
                 let found = backend.get(group, &key, &mut value).unwrap();
                 let expected = model.get(&(group, key.clone()));
-                assert_eq!(
-                    found.then_some(&value),
-                    expected,
-                    "step {step}: get {group:?} {key:?}"
-                );
+                assert_eq!(found.then_some(&value), expected, "step {step}: get {group:?} {key:?}");
             }
             72..=79 => {
                 // Appends the step to the old value: a read-modify-write that sees absence as empty.
@@ -92,11 +85,7 @@ pub fn check_backend_against_model(
                     })
                     .unwrap();
                 let expected_old = model.get(&(group, key.clone())).cloned();
-                assert_eq!(
-                    seen_old,
-                    Some(expected_old.clone()),
-                    "step {step}: merge saw {group:?} {key:?}"
-                );
+                assert_eq!(seen_old, Some(expected_old.clone()), "step {step}: merge saw {group:?} {key:?}");
                 let mut new_value = expected_old.unwrap_or_default();
                 new_value.push(step as u8);
                 model.insert((group, key), new_value);
@@ -119,11 +108,7 @@ pub fn check_backend_against_model(
             90..=93 => {
                 let found = backend.take(group, &key, &mut value).unwrap();
                 let expected = model.remove(&(group, key.clone()));
-                assert_eq!(
-                    found.then(|| value.clone()),
-                    expected,
-                    "step {step}: take {group:?} {key:?}"
-                );
+                assert_eq!(found.then(|| value.clone()), expected, "step {step}: take {group:?} {key:?}");
             }
             94..=97 => {
                 let mut seen = Vec::new();
@@ -142,14 +127,10 @@ pub fn check_backend_against_model(
             }
             _ => {
                 let snapshot = backend.snapshot().unwrap();
-                let entries: Vec<(KeyGroup, Vec<u8>, Vec<u8>)> = snapshot
-                    .entries()
-                    .map(|(g, k, v)| (g, k.to_vec(), v.to_vec()))
-                    .collect();
-                let expected: Vec<(KeyGroup, Vec<u8>, Vec<u8>)> = model
-                    .iter()
-                    .map(|((g, k), v)| (*g, k.clone(), v.clone()))
-                    .collect();
+                let entries: Vec<(KeyGroup, Vec<u8>, Vec<u8>)> =
+                    snapshot.entries().map(|(g, k, v)| (g, k.to_vec(), v.to_vec())).collect();
+                let expected: Vec<(KeyGroup, Vec<u8>, Vec<u8>)> =
+                    model.iter().map(|((g, k), v)| (*g, k.clone(), v.clone())).collect();
                 assert_eq!(entries, expected, "step {step}: snapshot");
                 let mut restored = fresh();
                 restored.restore(&snapshot).unwrap();
