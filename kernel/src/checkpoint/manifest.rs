@@ -44,7 +44,7 @@ pub struct TaskSnapshot {
     /// For a source: the offset its barrier was emitted at.
     pub source_offset: Option<u64>,
     /// Files this checkpoint owns (state snapshots, in-flight data); deleted when it is discarded
-    /// and no retained checkpoint shares them.
+    /// and no retained checkpoint shares them. Each ends with the CRC-32 of its other bytes.
     pub files: Vec<String>,
     /// For a sink: the pre-committed output of the epoch, committed when the checkpoint completes
     /// (or on recovery). Never deleted by discarding.
@@ -294,7 +294,18 @@ fn describe(skipped: &[(CheckpointId, String)], pointer_problem: &Option<String>
         .join("; ")
 }
 
-/// Checks one candidate: its manifest decodes, belongs to `job`, and every file it names exists.
+/// Whether `bytes` end with the CRC-32 (IEEE, little-endian) of the bytes before it: the convention
+/// every file a checkpoint owns follows (state snapshots, operator metadata), so that recovery can
+/// check them all without knowing their formats.
+pub fn ends_with_its_checksum(bytes: &[u8]) -> bool {
+    bytes.len() >= 4 && {
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        crc32fast::hash(body).to_le_bytes() == crc
+    }
+}
+
+/// Checks one candidate: its manifest decodes, belongs to `job`, and every file it names exists
+/// and is intact.
 fn check_candidate(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Result<Manifest, String> {
     let bytes = storage.read(&manifest_path(id)).map_err(|e| format!("has no readable manifest ({e})"))?;
     let manifest = Manifest::decode(&bytes).map_err(|e| format!("has a {e}"))?;
@@ -309,6 +320,10 @@ fn check_candidate(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Re
         let names = storage.list(dir).map_err(|e| format!("cannot list {dir:?} ({e})"))?;
         if !names.iter().any(|n| n == name) {
             return Err(format!("misses its file {file:?}"));
+        }
+        let bytes = storage.read(file).map_err(|e| format!("cannot read its file {file:?} ({e})"))?;
+        if !ends_with_its_checksum(&bytes) {
+            return Err(format!("has a damaged file {file:?} (its checksum does not match)"));
         }
     }
     Ok(manifest)
@@ -388,7 +403,9 @@ mod tests {
     fn complete(storage: &mut MemStorage, id: u64) -> Manifest {
         let file = format!("{}/state-1-0", checkpoint_dir(CheckpointId(id)));
         // As a task does before it acknowledges: its files are durable.
-        storage.write(&file, b"state").unwrap();
+        let mut bytes = b"state".to_vec();
+        bytes.extend_from_slice(&crc32fast::hash(b"state").to_le_bytes());
+        storage.write(&file, &bytes).unwrap();
         storage.sync_file(&file).unwrap();
         storage.sync_dir(&checkpoint_dir(CheckpointId(id))).unwrap();
         let manifest = manifest(id, &[&file]);
