@@ -161,7 +161,7 @@ pub async fn run(
         let control = config.checkpoints.as_ref().map(|_| {
             let (sender, commands) = mpsc::unbounded_channel();
             command_senders.push(sender);
-            NodeControl { commands, reports: report_sender.clone(), done_reported: false }
+            NodeControl { commands, reports: report_sender.clone(), finished_reported: false, done_reported: false }
         });
         let driver = NodeDriver { node, transport, clock: clock.clone(), progress: progress.clone(), control };
         handles.push(tokio::spawn(driver.run()));
@@ -229,6 +229,8 @@ enum Command {
 #[derive(Debug)]
 enum Report {
     Ack(CheckpointId, TaskSnapshot),
+    /// Every subtask of the node processed its end of input.
+    Finished(u16),
     /// Every subtask of the node finished and its final output is committed.
     Done(u16),
 }
@@ -249,7 +251,7 @@ async fn coordinate(
             let _ = sender.send(command);
         }
     };
-    let mut done = std::collections::BTreeSet::new();
+    let (mut finished, mut done) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
     loop {
         coordinator.handle_timeout(clock.now());
         while let Some(action) = coordinator.poll_action() {
@@ -286,6 +288,13 @@ async fn coordinate(
             report = reports.recv() => match report {
                 Some(Report::Ack(checkpoint, snapshot)) => {
                     coordinator.handle_ack(checkpoint, snapshot).map_err(|e| DriverError::Coordinator(e.to_string()))?
+                }
+                Some(Report::Finished(node)) => {
+                    finished.insert(node);
+                    // Everything ran to its end: commit the final output now, not at the next interval.
+                    if finished.len() == usize::from(node_count) {
+                        coordinator.request_checkpoint();
+                    }
                 }
                 Some(Report::Done(node)) => {
                     done.insert(node);
@@ -364,6 +373,7 @@ struct NodeDriver {
 struct NodeControl {
     commands: mpsc::UnboundedReceiver<Command>,
     reports: mpsc::UnboundedSender<Report>,
+    finished_reported: bool,
     done_reported: bool,
 }
 
@@ -431,10 +441,15 @@ impl NodeDriver {
         }
     }
 
+    /// Tells the coordinator, once each, that this node finished and that it is done.
     fn report_done_once(&mut self) {
-        let index = self.node.index();
-        if let Some(control) = self.control.as_mut().filter(|_| self.node.is_done()) {
-            if !control.done_reported {
+        let (index, finished, done) = (self.node.index(), self.node.is_finished(), self.node.is_done());
+        if let Some(control) = self.control.as_mut() {
+            if finished && !control.finished_reported {
+                control.finished_reported = true;
+                let _ = control.reports.send(Report::Finished(index));
+            }
+            if done && !control.done_reported {
                 control.done_reported = true;
                 let _ = control.reports.send(Report::Done(index));
             }

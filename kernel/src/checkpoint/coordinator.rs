@@ -98,6 +98,7 @@ pub struct Coordinator {
     checkpoint_next: CheckpointId,
     trigger_last: Option<Instant>,
     savepoint_requested: bool,
+    checkpoint_requested: bool,
     pending: BTreeMap<CheckpointId, Pending>,
     /// Completed checkpoints that are kept, oldest first.
     retained: VecDeque<Manifest>,
@@ -128,6 +129,7 @@ impl Coordinator {
             checkpoint_next,
             trigger_last: None,
             savepoint_requested: false,
+            checkpoint_requested: false,
             pending: BTreeMap::new(),
             retained: restored.into_iter().collect(),
             actions: VecDeque::new(),
@@ -145,8 +147,10 @@ impl Coordinator {
 
     /// The next time `handle_timeout` has something to do: a trigger or a timeout.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let requested = self.savepoint_requested || self.checkpoint_requested;
         let trigger = if self.pending.len() < self.config.concurrent_max {
-            Some(self.trigger_last.map_or(Instant(0), |last| last.saturating_add_ms(self.config.interval_ms)))
+            let due = self.trigger_last.map_or(Instant(0), |last| last.saturating_add_ms(self.config.interval_ms));
+            Some(if requested { Instant(0) } else { due })
         } else {
             None
         };
@@ -157,6 +161,12 @@ impl Coordinator {
     /// Asks for a savepoint at the next `handle_timeout`, regardless of the interval.
     pub fn request_savepoint(&mut self) {
         self.savepoint_requested = true;
+    }
+
+    /// Asks for a checkpoint at the next `handle_timeout`, regardless of the interval: when every
+    /// task has finished, the checkpoint that commits the final output need not wait.
+    pub fn request_checkpoint(&mut self) {
+        self.checkpoint_requested = true;
     }
 
     /// The latest completed checkpoint or savepoint.
@@ -183,11 +193,12 @@ impl Coordinator {
             return;
         }
         let due = self.trigger_last.is_none_or(|last| now >= last.saturating_add_ms(self.config.interval_ms));
-        if !(due || self.savepoint_requested) {
+        if !(due || self.savepoint_requested || self.checkpoint_requested) {
             return;
         }
         let kind = if self.savepoint_requested { CheckpointKind::Savepoint } else { CheckpointKind::Checkpoint };
         self.savepoint_requested = false;
+        self.checkpoint_requested = false;
         let checkpoint = self.checkpoint_next;
         self.checkpoint_next = CheckpointId(checkpoint.0 + 1);
         self.trigger_last = Some(now);
@@ -462,6 +473,17 @@ mod tests {
         assert_eq!(
             c.handle_ack(CheckpointId(6), snapshot(0, &[])),
             Err(CoordinatorError::DuplicateAck { checkpoint: CheckpointId(6), subtask: task(0) })
+        );
+
+        drain(&mut c);
+        c.handle_ack(CheckpointId(6), snapshot(1, &[])).unwrap();
+        drain(&mut c);
+        c.handle_persisted(CheckpointId(6)).unwrap();
+        c.request_checkpoint();
+        assert_eq!(c.poll_timeout(), Some(Instant(0)), "a requested checkpoint is due at once");
+        c.handle_timeout(Instant(402));
+        assert!(
+            drain(&mut c).contains(&Action::Trigger { checkpoint: CheckpointId(7), kind: CheckpointKind::Checkpoint })
         );
 
         let mut restored = Coordinator::new(config(), "job", 128, [task(0), task(1)], Some(savepoint));
