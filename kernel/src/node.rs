@@ -18,7 +18,7 @@ use crate::checkpoint::align::{AlignAction, Aligner, AlignmentMode};
 use crate::checkpoint::manifest::{Manifest, TaskSnapshot};
 use crate::dataflow::exchange::KeyPartitioner;
 use crate::dataflow::graph::{OutputSpec, Partitioning, PhysicalPlan, SubtaskId};
-use crate::dataflow::{Context, Offset, Operator, OperatorError, OperatorMetrics, OperatorSnapshot, Source};
+use crate::dataflow::{Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot, Source, SplitPosition};
 use crate::element::{Barrier, BarrierKind, CheckpointId, Element};
 use crate::env::{ChannelId, Storage};
 use crate::key_group::KeyGroupRange;
@@ -308,6 +308,16 @@ impl Node {
 
     /// Seeks sources to their offsets and restores operators, from `manifest`.
     fn restore(&mut self, manifest: &Manifest) -> Result<(), NodeError> {
+        let max = self.plan.graph.max_parallelism.get();
+        if manifest.max_parallelism != max {
+            let subtask =
+                self.tasks.first().map_or(SubtaskId { vertex: crate::dataflow::VertexId(0), index: 0 }, |t| t.id);
+            let reason = format!(
+                "checkpoint {} has {} key groups, this job {max}; key groups cannot change",
+                manifest.checkpoint.0, manifest.max_parallelism
+            );
+            return Err(NodeError { subtask, operator: "restore".into(), error: OperatorError::Protocol(reason) });
+        }
         for task in self.tasks.iter_mut() {
             let id = task.id;
             let fail =
@@ -315,12 +325,19 @@ impl Node {
             let of_vertex: Vec<TaskSnapshot> =
                 manifest.tasks.iter().filter(|s| s.subtask.vertex == id.vertex).cloned().collect();
             if let Head::Source { source, .. } = &mut task.head {
-                let own = of_vertex.iter().find(|s| s.subtask == id);
-                let offset = own.and_then(|s| s.source_offset).ok_or_else(|| {
-                    let reason = format!("checkpoint {} has no offset for this source (was its parallelism changed? sources keep theirs)", manifest.checkpoint.0);
-                    fail("restore", OperatorError::Protocol(reason))
-                })?;
-                source.seek(Offset(offset)).map_err(|e| fail("restore", e))?;
+                // Every split the source had, at whatever parallelism, is read by exactly one
+                // subtask now: split number n (in id order) goes to subtask n mod parallelism.
+                let parallelism = usize::from(self.plan.graph.vertex(id.vertex).parallelism);
+                let mut positions: Vec<SplitPosition> =
+                    of_vertex.iter().flat_map(|s| s.source_positions.iter().copied()).collect();
+                positions.sort_unstable();
+                let mine: Vec<SplitPosition> = positions
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(n, _)| n % parallelism == usize::from(id.index))
+                    .map(|(_, position)| position)
+                    .collect();
+                source.restore(&mine).map_err(|e| fail("restore", e))?;
             }
             let mut out = Vec::new();
             for operator in task.chain.iter_mut() {
@@ -563,14 +580,14 @@ impl Node {
             }
             std::mem::swap(&mut current, &mut next);
         }
-        let source_offset = match &task.head {
-            Head::Source { source, .. } => Some(source.offset().0),
-            Head::Gate(_) => None,
+        let source_positions = match &task.head {
+            Head::Source { source, .. } => source.positions(),
+            Head::Gate(_) => Vec::new(),
         };
         if let Some(checkpoint) = barrier {
             let snapshot = TaskSnapshot {
                 subtask: task.id,
-                source_offset,
+                source_positions: source_positions.clone(),
                 files: written.files,
                 pending_output: written.pending_output,
             };
@@ -580,7 +597,7 @@ impl Node {
         if ending {
             task.finished = true;
             if checkpointing {
-                let snapshot = Self::snapshot_final(task, self.storage.as_mut(), now, source_offset)?;
+                let snapshot = Self::snapshot_final(task, self.storage.as_mut(), now, source_positions)?;
                 // Checkpoints whose barriers never reached this task (its inputs ended first)
                 // are acknowledged with the final snapshot: it covers all of its input.
                 let acked_last = task.acked_last;
@@ -612,11 +629,11 @@ impl Node {
         task: &mut Task,
         storage: &mut dyn Storage,
         now: Instant,
-        source_offset: Option<u64>,
+        source_positions: Vec<SplitPosition>,
     ) -> Result<TaskSnapshot, NodeError> {
         let mut out = Vec::new();
         let mut snapshot =
-            TaskSnapshot { subtask: task.id, source_offset, files: Vec::new(), pending_output: Vec::new() };
+            TaskSnapshot { subtask: task.id, source_positions, files: Vec::new(), pending_output: Vec::new() };
         for operator in task.chain.iter_mut() {
             let mut context = Context::new(now, storage, task.id, &mut out).with_checkpointing(true);
             let written = operator.on_barrier(&mut context, CheckpointId::END_OF_INPUT).map_err(|error| NodeError {

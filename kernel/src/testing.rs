@@ -128,6 +128,8 @@ pub struct CrashSchedule {
     /// Steps `[start, end)` during which the disk is full: every write fails with
     /// `StorageError::Full` (snapshot files, manifests, sink output alike).
     pub disk_full_steps: Vec<(u64, u64)>,
+    /// Stop (as if killed, without restarting) at this step; the storage stays as it was.
+    pub stop_at_step: Option<u64>,
 }
 
 /// Storage that refuses writes while `full` is set, as a disk that ran out of space.
@@ -186,11 +188,19 @@ const CHECKPOINTED_STEPS_MAX: u64 = 10_000_000;
 /// Runs `plan` with checkpoints and crashes, recovering each time from the latest completed
 /// checkpoint as a restarted job would: the pure-kernel exactly-once experiment.
 pub fn run_checkpointed(plan: PhysicalPlan, schedule: &CrashSchedule) -> Result<CheckpointedRun, String> {
+    run_checkpointed_on(plan, schedule, SharedMemStorage::default())
+}
+
+/// As [`run_checkpointed`], on `storage` as an earlier run (perhaps of another parallelism) left it.
+pub fn run_checkpointed_on(
+    plan: PhysicalPlan,
+    schedule: &CrashSchedule,
+    storage: SharedMemStorage,
+) -> Result<CheckpointedRun, String> {
     use crate::checkpoint::coordinator::{Action, Coordinator, CoordinatorConfig};
     use crate::checkpoint::manifest::{find_latest, persist};
 
     let plan = Arc::new(plan);
-    let storage = SharedMemStorage::default();
     let disk = FillableDisk { inner: storage.clone(), full: Arc::new(std::sync::atomic::AtomicBool::new(false)) };
     let mut crashes = schedule.crash_at_steps.clone();
     crashes.sort_unstable();
@@ -224,7 +234,7 @@ pub fn run_checkpointed(plan: PhysicalPlan, schedule: &CrashSchedule) -> Result<
     'attempt: loop {
         let recovery = find_latest(&mut storage.clone(), &plan.graph.name).map_err(|e| e.to_string())?;
         let restored = recovery.manifest.map(Arc::new);
-        run.restored_from_checkpoint += u64::from(run.recoveries + run.task_failures > 0 && restored.is_some());
+        run.restored_from_checkpoint += u64::from(restored.is_some());
         let options = NodeOptions { checkpointing: true, restore: restored.clone() };
         let mut nodes = Vec::new();
         for index in 0..plan.node_count {
@@ -254,6 +264,11 @@ pub fn run_checkpointed(plan: PhysicalPlan, schedule: &CrashSchedule) -> Result<
             let now = Instant(step);
             let full = schedule.disk_full_steps.iter().any(|&(start, end)| (start..end).contains(&step));
             disk.full.store(full, std::sync::atomic::Ordering::Relaxed);
+            if schedule.stop_at_step == Some(step) {
+                storage.0.lock().expect("storage lock").crash();
+                run.step_count = step;
+                return Ok(run);
+            }
             if crashes.last() == Some(&step) {
                 crashes.pop();
                 storage.0.lock().expect("storage lock").crash();
@@ -477,13 +492,14 @@ mod tests {
             // A run without crashes says how long a run is; crashes fall anywhere in the runs.
             let dry = run_checkpointed(
                 plan(),
-                &CrashSchedule { interval_steps, crash_at_steps: vec![], disk_full_steps: vec![] },
+                &CrashSchedule { interval_steps, crash_at_steps: vec![], disk_full_steps: vec![], stop_at_step: None },
             )
             .unwrap();
             let crash_count = 1 + rng.below(4);
             let crash_at_steps: Vec<u64> =
                 (0..crash_count).map(|_| 1 + rng.below(dry.step_count + dry.step_count / 4)).collect();
-            let schedule = CrashSchedule { interval_steps, crash_at_steps, disk_full_steps: vec![] };
+            let schedule =
+                CrashSchedule { interval_steps, crash_at_steps, disk_full_steps: vec![], stop_at_step: None };
             println!("  {schedule:?}, dry run {} steps", dry.step_count);
             let run = run_checkpointed(plan(), &schedule).unwrap();
             let mut storage = run.storage.clone();
@@ -520,7 +536,7 @@ mod tests {
                 })
                 .collect();
             let crash_at_steps = vec![10 + rng.below(60)];
-            let schedule = CrashSchedule { interval_steps: 3, crash_at_steps, disk_full_steps };
+            let schedule = CrashSchedule { interval_steps: 3, crash_at_steps, disk_full_steps, stop_at_step: None };
             let run = run_checkpointed(PhysicalPlan::new(w2_job(record_count, 2, 100).unwrap(), 2), &schedule).unwrap();
             let mut storage = run.storage.clone();
             assert_eq!(
@@ -533,6 +549,35 @@ mod tests {
             aborted += run.checkpoints_aborted;
         }
         assert!(failures > 0 && aborted > 0, "the full disk failed tasks ({failures}) and checkpoints ({aborted})");
+    }
+
+    // Goal: a job stopped (killed) at one parallelism resumes from its latest checkpoint at
+    // another — key groups move between window subtasks, source splits between source subtasks,
+    // pending sink output is committed — and the committed output is exactly the reference.
+    // Method: W2 at parallelism p stopped at a seeded step, continued at q, for growing and shrinking.
+    #[test]
+    fn checkpoints_restore_at_another_parallelism() {
+        let record_count = 40_000;
+        let expected = w2_reference(record_count, W2_WINDOW_SIZE_MS);
+        for (seed, (before, after)) in [(2_u16, 3_u16), (3, 1), (1, 4), (4, 2)].into_iter().enumerate() {
+            println!("seed {seed}: parallelism {before} -> {after}");
+            let mut rng = crate::state::testing::Lcg::new(seed as u64);
+            let stop = CrashSchedule {
+                interval_steps: 3,
+                crash_at_steps: vec![],
+                disk_full_steps: vec![],
+                stop_at_step: Some(20 + rng.below(20)),
+            };
+            let first =
+                run_checkpointed(PhysicalPlan::new(w2_job(record_count, before, 100).unwrap(), before), &stop).unwrap();
+            assert!(first.checkpoints_completed > 0, "a checkpoint to resume from");
+            let go_on = CrashSchedule { stop_at_step: None, ..stop };
+            let plan = PhysicalPlan::new(w2_job(record_count, after, 100).unwrap(), after);
+            let second = run_checkpointed_on(plan, &go_on, first.storage.clone()).unwrap();
+            assert_eq!(second.restored_from_checkpoint, 1, "the second run resumed");
+            let mut storage = second.storage.clone();
+            assert_eq!(window_rows(&read_committed(&mut storage, "w2").unwrap()), expected, "{before} -> {after}");
+        }
     }
 
     // Goal: the same plan gives the same committed bytes every time (determinism of the kernel).

@@ -338,7 +338,7 @@ mod tests {
     fn snapshot(index: u16, files: &[&str]) -> TaskSnapshot {
         TaskSnapshot {
             subtask: task(index),
-            source_offset: None,
+            source_positions: vec![],
             files: files.iter().map(|f| f.to_string()).collect(),
             pending_output: vec![],
         }

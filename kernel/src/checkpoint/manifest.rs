@@ -14,14 +14,14 @@
 //! ```text
 //! magic "SBCM" | version u16 = 1 | body size u32 | body | crc32 (IEEE) of everything before it
 //! body: checkpoint u64 | savepoint u8 (0 or 1) | max parallelism u16 | job str | task count u32
-//!       per task: vertex u16 | index u16 | has offset u8 (0 or 1) | offset u64 (if 1)
+//!       per task: vertex u16 | index u16 | split count u32 | per split: split u64 | position u64
 //!                 | file count u32 | files: str… | output count u32 | output: str…
 //! str: size u16 | UTF-8 bytes (a valid storage path, except the job name)
 //! ```
 //! The pointer is `magic "SBCP" | checkpoint u64 | crc32`. Decoding checks everything and never
 //! panics; a manifest that fails is skipped for an older one by [`find_latest`].
 
-use crate::dataflow::{SubtaskId, VertexId};
+use crate::dataflow::{SplitPosition, SubtaskId, VertexId};
 use crate::element::CheckpointId;
 use crate::env::{validate_path, write_atomic, Storage, StorageError};
 
@@ -41,8 +41,8 @@ const FILE_COUNT_MAX: u32 = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskSnapshot {
     pub subtask: SubtaskId,
-    /// For a source: the offset its barrier was emitted at.
-    pub source_offset: Option<u64>,
+    /// For a source: where its splits stood when it emitted the barrier.
+    pub source_positions: Vec<SplitPosition>,
     /// Files this checkpoint owns (state snapshots, in-flight data); deleted when it is discarded
     /// and no retained checkpoint shares them. Each ends with the CRC-32 of its other bytes.
     pub files: Vec<String>,
@@ -168,9 +168,10 @@ impl Manifest {
         for task in &self.tasks {
             body.u16(task.subtask.vertex.0);
             body.u16(task.subtask.index);
-            body.u8(u8::from(task.source_offset.is_some()));
-            if let Some(offset) = task.source_offset {
-                body.u64(offset);
+            body.u32(task.source_positions.len() as u32);
+            for position in &task.source_positions {
+                body.u64(position.split);
+                body.u64(position.position);
             }
             body.strs(&task.files);
             body.strs(&task.pending_output);
@@ -218,13 +219,19 @@ impl Manifest {
         let mut tasks = Vec::new();
         for _ in 0..task_count {
             let subtask = SubtaskId { vertex: VertexId(reader.u16("vertex")?), index: reader.u16("index")? };
-            let source_offset = if reader.flag("offset flag")? { Some(reader.u64("offset")?) } else { None };
+            let position_count = reader.u32("split count")?;
+            if position_count > FILE_COUNT_MAX {
+                return Err(CorruptManifest(format!("{position_count} splits, more than {FILE_COUNT_MAX}")));
+            }
+            let source_positions = (0..position_count)
+                .map(|_| Ok(SplitPosition { split: reader.u64("split")?, position: reader.u64("position")? }))
+                .collect::<Result<Vec<_>, CorruptManifest>>()?;
             let files = reader.paths("files")?;
             let pending_output = reader.paths("pending output")?;
             if tasks.last().is_some_and(|last: &TaskSnapshot| last.subtask >= subtask) {
                 return Err(CorruptManifest(format!("tasks out of order at {subtask}")));
             }
-            tasks.push(TaskSnapshot { subtask, source_offset, files, pending_output });
+            tasks.push(TaskSnapshot { subtask, source_positions, files, pending_output });
         }
         if reader.at != framed.len() {
             return Err(CorruptManifest(format!("{} bytes after the last task", framed.len() - reader.at)));
@@ -385,13 +392,13 @@ mod tests {
             tasks: vec![
                 TaskSnapshot {
                     subtask: subtask(0, 0),
-                    source_offset: Some(id * 100),
+                    source_positions: vec![SplitPosition { split: 3 << 32 | 1, position: id * 100 }],
                     files: vec![],
                     pending_output: vec![],
                 },
                 TaskSnapshot {
                     subtask: subtask(1, 0),
-                    source_offset: None,
+                    source_positions: vec![],
                     files: files.iter().map(|f| f.to_string()).collect(),
                     pending_output: vec!["output/w2/.pending/part-1".into()],
                 },

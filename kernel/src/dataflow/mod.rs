@@ -165,18 +165,23 @@ pub fn read_u64_file(storage: &mut dyn Storage, path: &str) -> Result<u64, Opera
     Ok(u64::from_le_bytes(value.try_into().expect("eight bytes")))
 }
 
-/// The position of a source in its input, for replay: the next record it will read.
+/// How far a source has read one split of its input: a replayable part that can move between
+/// subtasks (rescaling). Split ids are the source's own; positions count records read.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
-pub struct Offset(pub u64);
+pub struct SplitPosition {
+    pub split: u64,
+    pub position: u64,
+}
 
-/// A replayable source of batches for one subtask.
+/// A replayable source of batches for one subtask, reading one or more splits.
 pub trait Source: Send {
     fn name(&self) -> &str;
     /// The next batch, or `None` at the end of the input.
     fn poll_batch(&mut self, now: Instant) -> Result<Option<RecordBatch>, OperatorError>;
-    /// Where the next `poll_batch` reads from.
-    fn offset(&self) -> Offset;
-    /// Moves to `offset`, as recorded by an earlier `offset()` of the same subtask.
-    fn seek(&mut self, offset: Offset) -> Result<(), OperatorError>;
+    /// Where each of its splits stands: what a checkpoint records.
+    fn positions(&self) -> Vec<SplitPosition>;
+    /// Reads exactly `positions` from now on (splits recorded by any subtask of the source, at
+    /// any parallelism), replacing the splits it had.
+    fn restore(&mut self, positions: &[SplitPosition]) -> Result<(), OperatorError>;
     fn metrics(&self) -> OperatorMetrics;
 }

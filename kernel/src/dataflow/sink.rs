@@ -340,7 +340,7 @@ mod tests {
         storage.crash();
         let snapshot = TaskSnapshot {
             subtask,
-            source_offset: None,
+            source_positions: vec![],
             files: first.files.clone(),
             pending_output: first.pending_output.clone(),
         };

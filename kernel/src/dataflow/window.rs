@@ -503,7 +503,8 @@ mod tests {
         assert!(written.files.iter().all(|f| f.starts_with("checkpoints/chk-00000000000000000003/")));
         op.on_end(&mut context).unwrap();
         let expected = rows(&out);
-        let snapshots = [TaskSnapshot { subtask, source_offset: None, files: written.files, pending_output: vec![] }];
+        let snapshots =
+            [TaskSnapshot { subtask, source_positions: vec![], files: written.files, pending_output: vec![] }];
         let max = MaxParallelism::default();
         let mut restored_rows = Vec::new();
         for index in 0..3 {
