@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sabot_kernel::checkpoint::coordinator::{Action, Coordinator, CoordinatorConfig};
+use sabot_kernel::checkpoint::coordinator::{Action, CheckpointKind, Coordinator, CoordinatorConfig};
 use sabot_kernel::checkpoint::manifest::{manifest_path, persist, Manifest, TaskSnapshot};
 use sabot_kernel::dataflow::{PhysicalPlan, SubtaskId};
 use sabot_kernel::element::CheckpointId;
@@ -20,6 +20,7 @@ use sabot_kernel::env::{ChannelId, Clock, SendRefused, Transport, TransportError
 use sabot_kernel::key_group::KeyGroupRange;
 use sabot_kernel::node::{Event, Node, NodeError, NodeMetrics, NodeOptions, Step};
 use sabot_kernel::state::{HeapBackend, StateBackend, StateError};
+use sabot_kernel::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::clock::TokioClock;
@@ -50,6 +51,17 @@ pub struct DriverConfig {
     pub checkpoints: Option<CheckpointSettings>,
     /// Start from this completed checkpoint (found with `manifest::find_latest`).
     pub restore: Option<Manifest>,
+    /// With checkpoints: take a savepoint this long after the start, and stop once it completed.
+    pub stop_with_savepoint_after_ms: Option<u64>,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Every record was processed and its output committed.
+    Finished,
+    /// Stopped on request after this savepoint completed; start from it to go on.
+    StoppedWithSavepoint(CheckpointId),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,7 +163,7 @@ pub async fn run(
     config: DriverConfig,
     progress: Progress,
     stats: CheckpointStats,
-) -> Result<(), DriverError> {
+) -> Result<RunOutcome, DriverError> {
     let nodes = build_nodes(&plan, &config)?;
     let clock = TokioClock::new();
     let (report_sender, reports) = mpsc::unbounded_channel();
@@ -183,8 +195,17 @@ pub async fn run(
             );
             let storage = LocalFsStorage::open(&config.data_dir)
                 .map_err(|error| DriverError::DataDir { path: config.data_dir.clone(), error })?;
-            let task =
-                coordinate(coordinator, reports, command_senders.clone(), storage, clock, plan.node_count, stats);
+            let savepoint_at = config.stop_with_savepoint_after_ms.map(|ms| clock.now().saturating_add_ms(ms));
+            let task = coordinate(CoordinatorTask {
+                coordinator,
+                reports,
+                commands: command_senders.clone(),
+                storage,
+                clock,
+                node_count: plan.node_count,
+                stats,
+                savepoint_at,
+            });
             Some(tokio::spawn(task))
         }
         None => None,
@@ -196,21 +217,25 @@ pub async fn run(
             .map_err(|error| DriverError::NodeLost { node: index as u16, reason: error.to_string() })
             .and_then(|result| result);
         if let Err(error) = result {
-            // One node failed: the others cannot finish; stop them and the coordinator.
+            // One node failed: the others cannot finish; stop them.
             for sender in &command_senders {
                 let _ = sender.send(Command::Stop);
             }
             first_error.get_or_insert(error);
         }
     }
-    if let Some(coordinator) = coordinator {
-        if first_error.is_some() {
-            coordinator.abort();
-        } else {
-            coordinator.await.map_err(|error| DriverError::Coordinator(error.to_string()))??;
-        }
+    drop(command_senders);
+    // Every node is gone, so the coordinator's reports ended: it returns.
+    let savepoint = match coordinator {
+        Some(coordinator) => coordinator.await.map_err(|error| DriverError::Coordinator(error.to_string()))??,
+        None => None,
+    };
+    match (savepoint, first_error) {
+        // Stopped on purpose: a node that found its peer already stopped is no failure.
+        (Some(savepoint), _) => Ok(RunOutcome::StoppedWithSavepoint(savepoint)),
+        (None, Some(error)) => Err(error),
+        (None, None) => Ok(RunOutcome::Finished),
     }
-    first_error.map_or(Ok(()), Err)
 }
 
 /// A checkpoint not complete this long after its trigger is aborted.
@@ -236,15 +261,22 @@ enum Report {
 }
 
 /// The checkpoint coordinator's task: runs the pure `Coordinator` against real time and disk.
-async fn coordinate(
-    mut coordinator: Coordinator,
-    mut reports: mpsc::UnboundedReceiver<Report>,
+/// What the coordinator's task works with.
+struct CoordinatorTask {
+    coordinator: Coordinator,
+    reports: mpsc::UnboundedReceiver<Report>,
     commands: Vec<mpsc::UnboundedSender<Command>>,
-    mut storage: LocalFsStorage,
+    storage: LocalFsStorage,
     clock: TokioClock,
     node_count: u16,
     stats: CheckpointStats,
-) -> Result<(), DriverError> {
+    /// When to take the savepoint that stops the job, if one is asked for.
+    savepoint_at: Option<Instant>,
+}
+
+async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, DriverError> {
+    let CoordinatorTask { mut coordinator, mut reports, commands, mut storage, clock, node_count, stats, savepoint_at } =
+        task;
     // A node that stopped early (failure) no longer listens; its failure is reported elsewhere.
     let broadcast = |command: Command| {
         for sender in &commands {
@@ -252,11 +284,21 @@ async fn coordinate(
         }
     };
     let (mut finished, mut done) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+    let (mut savepoint_at, mut savepoint) = (savepoint_at, None);
     loop {
+        if savepoint_at.is_some_and(|at| clock.now() >= at) {
+            savepoint_at = None;
+            coordinator.request_savepoint();
+        }
         coordinator.handle_timeout(clock.now());
         while let Some(action) = coordinator.poll_action() {
             match action {
-                Action::Trigger { checkpoint, .. } => broadcast(Command::Trigger(checkpoint)),
+                Action::Trigger { checkpoint, kind } => {
+                    if kind == CheckpointKind::Savepoint {
+                        savepoint = Some(checkpoint);
+                    }
+                    broadcast(Command::Trigger(checkpoint));
+                }
                 Action::Persist { manifest } => match persist(&mut storage, &manifest) {
                     Ok(()) => coordinator.handle_persisted(manifest.checkpoint),
                     Err(error) => {
@@ -268,6 +310,10 @@ async fn coordinate(
                 Action::NotifyComplete { checkpoint } => {
                     stats.inner.lock().expect("stats lock").0 += 1;
                     broadcast(Command::Complete(checkpoint));
+                    if savepoint == Some(checkpoint) && done.len() < usize::from(node_count) {
+                        broadcast(Command::Stop);
+                        return Ok(Some(checkpoint));
+                    }
                 }
                 Action::Abort { .. } => stats.inner.lock().expect("stats lock").1 += 1,
                 Action::Discard { checkpoint, files } => {
@@ -280,9 +326,10 @@ async fn coordinate(
         }
         if done.len() == usize::from(node_count) {
             broadcast(Command::Stop);
-            return Ok(());
+            return Ok(None);
         }
-        let wake = coordinator.poll_timeout().map_or(u64::MAX / 4, |at| at.saturating_sub(clock.now()));
+        let wake = coordinator.poll_timeout().into_iter().chain(savepoint_at).min();
+        let wake = wake.map_or(u64::MAX / 4, |at| at.saturating_sub(clock.now()));
         tokio::select! {
             biased;
             report = reports.recv() => match report {
@@ -299,7 +346,7 @@ async fn coordinate(
                 Some(Report::Done(node)) => {
                     done.insert(node);
                 }
-                None => return Ok(()),
+                None => return Ok(None),
             },
             _ = tokio::time::sleep(Duration::from_millis(wake)) => {}
         }
@@ -413,8 +460,16 @@ impl NodeDriver {
                 }
                 // Work left: step again (and retry the held element then) after letting others run.
                 (Step::Busy, _) => tokio::task::yield_now().await,
-                (Step::Idle | Step::Finished, true) => self.wait_for_room(&mut held).await?,
-                (Step::Idle, false) => self.wait_for_input().await?,
+                (Step::Idle | Step::Finished, true) => {
+                    if !self.wait_for_room(&mut held).await? {
+                        return Ok(());
+                    }
+                }
+                (Step::Idle, false) => {
+                    if !self.wait_for_input().await? {
+                        return Ok(());
+                    }
+                }
             }
         }
     }
@@ -497,7 +552,8 @@ impl NodeDriver {
 
     /// Waits until the held element's channel has room, taking input meanwhile (so that two
     /// nodes that send to each other never wait on each other).
-    async fn wait_for_room(&mut self, held: &mut Option<Envelope>) -> Result<(), DriverError> {
+    /// `false` when the coordinator said stop.
+    async fn wait_for_room(&mut self, held: &mut Option<Envelope>) -> Result<bool, DriverError> {
         let channel = held.as_ref().expect("an element is held").0;
         let can_take_input = self.node.inbox_room() > 0;
         let writable = self.transport.writable(channel);
@@ -513,21 +569,20 @@ impl NodeDriver {
         };
         if let Some(command) = command {
             if !self.obey(command)? {
-                return Err(DriverError::NodeLost {
-                    node: self.node.index(),
-                    reason: "stopped by the coordinator".into(),
-                });
+                return Ok(false);
             }
         }
         if let Some((channel, element)) = received {
             self.node.handle_element(self.clock.now(), channel, element);
         }
         writable.transpose().map_err(|e| self.broken(e))?;
-        self.send_output(held)
+        self.send_output(held)?;
+        Ok(true)
     }
 
     /// Waits for input, a coordinator command, or the node's next timeout.
-    async fn wait_for_input(&mut self) -> Result<(), DriverError> {
+    /// `false` when the coordinator said stop.
+    async fn wait_for_input(&mut self) -> Result<bool, DriverError> {
         let timeout = self.node.poll_timeout().map(|at| at.saturating_sub(self.clock.now()));
         let sleep = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(u64::MAX / 4)));
         let commands = match &mut self.control {
@@ -542,16 +597,13 @@ impl NodeDriver {
         };
         if let Some(command) = command {
             if !self.obey(command)? {
-                return Err(DriverError::NodeLost {
-                    node: self.node.index(),
-                    reason: "stopped by the coordinator".into(),
-                });
+                return Ok(false);
             }
         }
         if let Some((channel, element)) = received {
             self.node.handle_element(self.clock.now(), channel, element);
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use sabot::driver::{self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, StateKind};
+use sabot::driver::{self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, RunOutcome, StateKind};
 use sabot::fs_storage::LocalFsStorage;
-use sabot_kernel::checkpoint::manifest::{find_latest, Manifest};
+use sabot_kernel::checkpoint::manifest::{find_latest, load, Manifest};
 use sabot_kernel::dataflow::sink::read_committed;
 use sabot_kernel::dataflow::PhysicalPlan;
+use sabot_kernel::element::CheckpointId;
 use sabot_kernel::workload;
 
 const USAGE: &str = "\
@@ -30,6 +31,11 @@ flags of `sabot run`:
                         take a checkpoint every N ms and commit output exactly once (default 0: no
                         checkpoints; output is committed at the end). With checkpoints, a run in a
                         data directory that holds a completed checkpoint of the job resumes from it
+                        (at any --parallelism: key groups and source splits move between subtasks)
+  --stop-with-savepoint-after-ms N
+                        with checkpoints: take a savepoint N ms after the start and stop when it is
+                        complete; savepoints are kept until deleted
+  --from-savepoint ID   start from savepoint (or checkpoint) ID in the data directory
 ";
 
 #[derive(Debug)]
@@ -40,6 +46,8 @@ struct RunArgs {
     state: StateKind,
     batch_size: usize,
     checkpoint_interval_ms: u64,
+    stop_with_savepoint_after_ms: Option<u64>,
+    from_savepoint: Option<u64>,
 }
 
 /// A command-line mistake: printed with a pointer to the usage, exit code 2.
@@ -59,6 +67,8 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
         state: StateKind::RocksDb,
         batch_size: 4096,
         checkpoint_interval_ms: 0,
+        stop_with_savepoint_after_ms: None,
+        from_savepoint: None,
     };
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
@@ -74,6 +84,8 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
             "--parallelism" => run.parallelism = parse_number(flag, &value()?)?,
             "--batch-size" => run.batch_size = parse_number(flag, &value()?)?,
             "--checkpoint-interval-ms" => run.checkpoint_interval_ms = parse_number(flag, &value()?)?,
+            "--stop-with-savepoint-after-ms" => run.stop_with_savepoint_after_ms = Some(parse_number(flag, &value()?)?),
+            "--from-savepoint" => run.from_savepoint = Some(parse_number(flag, &value()?)?),
             "--data-dir" => run.data_dir = PathBuf::from(value()?),
             "--state" => {
                 run.state = match value()?.as_str() {
@@ -90,6 +102,9 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
     }
     if run.batch_size == 0 {
         return Err(UsageError("--batch-size must be at least 1".into()));
+    }
+    if run.checkpoint_interval_ms == 0 && (run.stop_with_savepoint_after_ms.is_some() || run.from_savepoint.is_some()) {
+        return Err(UsageError("savepoints need checkpoints: add --checkpoint-interval-ms".into()));
     }
     Ok(run)
 }
@@ -141,6 +156,15 @@ fn find_checkpoint(data_dir: &std::path::Path, job: &str) -> anyhow::Result<Opti
     Ok(recovery.manifest)
 }
 
+/// The savepoint (or checkpoint) `id` of `job`, checked as recovery checks checkpoints.
+fn load_savepoint(data_dir: &std::path::Path, job: &str, id: u64) -> anyhow::Result<Manifest> {
+    let mut storage = LocalFsStorage::open(data_dir).context("opening the data directory")?;
+    let manifest = load(&mut storage, job, CheckpointId(id))
+        .map_err(|reason| anyhow::anyhow!("savepoint {id} in {} {reason}", data_dir.display()))?;
+    eprintln!("starting from savepoint {id} in {}", data_dir.display());
+    Ok(manifest)
+}
+
 /// Removes what an earlier run of the job left, so that output and state are this run's only.
 fn clear_previous(data_dir: &std::path::Path, job: &str) -> anyhow::Result<()> {
     for dir in [data_dir.join("output").join(job), data_dir.join("state").join(job)] {
@@ -156,8 +180,11 @@ fn clear_previous(data_dir: &std::path::Path, job: &str) -> anyhow::Result<()> {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let graph = workload::w2_job(args.records, args.parallelism, args.batch_size).context("building the W2 job")?;
     let plan = Arc::new(PhysicalPlan::new(graph, args.parallelism));
-    let restore =
-        if args.checkpoint_interval_ms > 0 { find_checkpoint(&args.data_dir, &plan.graph.name)? } else { None };
+    let restore = match (args.from_savepoint, args.checkpoint_interval_ms > 0) {
+        (Some(id), _) => Some(load_savepoint(&args.data_dir, &plan.graph.name, id)?),
+        (None, true) => find_checkpoint(&args.data_dir, &plan.graph.name)?,
+        (None, false) => None,
+    };
     if restore.is_none() {
         clear_previous(&args.data_dir, &plan.graph.name)?;
     }
@@ -174,7 +201,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let checkpoints = (args.checkpoint_interval_ms > 0)
         .then_some(CheckpointSettings { interval_ms: args.checkpoint_interval_ms, retained_count: 3 });
     let resumed_from = restore.as_ref().map(|manifest| manifest.checkpoint.0);
-    let config = DriverConfig { data_dir: args.data_dir.clone(), state: args.state.clone(), checkpoints, restore };
+    let config = DriverConfig {
+        data_dir: args.data_dir.clone(),
+        state: args.state.clone(),
+        checkpoints,
+        restore,
+        stop_with_savepoint_after_ms: args.stop_with_savepoint_after_ms,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(args.parallelism))
         .enable_time()
@@ -212,7 +245,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     let elapsed = started.elapsed();
-    result.context("the job's driver task")?.context("running the job")?;
+    let outcome = result.context("the job's driver task")?.context("running the job")?;
+    if let RunOutcome::StoppedWithSavepoint(savepoint) = outcome {
+        println!(
+            "stopped with savepoint {} after {:.2} s; go on with: sabot run --checkpoint-interval-ms {} --from-savepoint {} --data-dir {} (any --parallelism)",
+            savepoint.0,
+            started.elapsed().as_secs_f64(),
+            args.checkpoint_interval_ms,
+            savepoint.0,
+            args.data_dir.display()
+        );
+        return Ok(());
+    }
     let metrics = progress.total();
     state_peak = state_peak.max(metrics.state_size_bytes);
     summarize(&args, metrics, elapsed, state_peak, stats.completed_aborted(), resumed_from)

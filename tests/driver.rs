@@ -17,7 +17,13 @@ fn run_driver(plan: PhysicalPlan, state: StateKind, dir: &std::path::Path) -> sa
         .build()
         .unwrap();
     let progress = Progress::default();
-    let config = DriverConfig { data_dir: dir.to_path_buf(), state, checkpoints: None, restore: None };
+    let config = DriverConfig {
+        data_dir: dir.to_path_buf(),
+        state,
+        checkpoints: None,
+        restore: None,
+        stop_with_savepoint_after_ms: None,
+    };
     runtime
         .block_on(driver::run(Arc::new(plan), config, progress.clone(), CheckpointStats::default()))
         .expect("driver run");
@@ -32,8 +38,13 @@ fn w2_with_checkpoints_equals_reference() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
     let checkpoints = Some(CheckpointSettings { interval_ms: 2, retained_count: 2 });
-    let config =
-        DriverConfig { data_dir: dir.path().to_path_buf(), state: StateKind::RocksDb, checkpoints, restore: None };
+    let config = DriverConfig {
+        data_dir: dir.path().to_path_buf(),
+        state: StateKind::RocksDb,
+        checkpoints,
+        restore: None,
+        stop_with_savepoint_after_ms: None,
+    };
     let plan = Arc::new(PhysicalPlan::new(w2_job(record_count, 2, 500).unwrap(), 2));
     let stats = CheckpointStats::default();
     runtime.block_on(driver::run(plan, config, Progress::default(), stats.clone())).expect("driver run");
@@ -97,6 +108,7 @@ fn unusable_state_directory_is_an_error() {
         state: StateKind::RocksDb,
         checkpoints: None,
         restore: None,
+        stop_with_savepoint_after_ms: None,
     };
     let error = driver::build_nodes(&plan, &config).err().expect("an error");
     assert!(error.to_string().contains("subtask 1.0 (state backend): state backend failed: rocksdb at"), "{error}");

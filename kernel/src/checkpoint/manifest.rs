@@ -311,6 +311,12 @@ pub fn ends_with_its_checksum(bytes: &[u8]) -> bool {
     }
 }
 
+/// Loads checkpoint `id` of `job` if it is intact (manifest, and every file it names); the `Err`
+/// says what is wrong with it.
+pub fn load(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Result<Manifest, String> {
+    check_candidate(storage, job, id)
+}
+
 /// Checks one candidate: its manifest decodes, belongs to `job`, and every file it names exists
 /// and is intact.
 fn check_candidate(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Result<Manifest, String> {
