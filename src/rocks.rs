@@ -139,7 +139,52 @@ impl RocksDbBackend {
     }
 }
 
+/// A cached entry that differs from RocksDB: its full key, and its value (`None`: deleted).
+type CachedChange<'a> = (&'a [u8], Option<&'a [u8]>);
+
 impl RocksDbBackend {
+    /// The dirty cache entries (of `key_group`, or all), sorted by full key.
+    fn cached_sorted(&self, key_group: Option<KeyGroup>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .cache
+            .iter()
+            .filter(|(key, cached)| cached.dirty && key_group.is_none_or(|group| key[..2] == prefix(group)))
+            .map(|(key, cached)| (key.to_vec(), cached.value.as_ref().map(|v| v.to_vec())))
+            .collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries
+    }
+
+    /// Visits `key_group`'s entries in key order: RocksDB's, overridden by the dirty `cached` ones
+    /// (sorted, all of this key group).
+    fn visit_merged(
+        &self,
+        key_group: KeyGroup,
+        cached: &[(Vec<u8>, Option<Vec<u8>>)],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StateError> {
+        let mut changes =
+            cached.iter().map(|(key, value)| -> CachedChange<'_> { (&key[2..], value.as_deref()) }).peekable();
+        self.visit_group(key_group, &mut |key, value| {
+            while let Some(&(cached_key, cached_value)) = changes.peek().filter(|(k, _)| *k <= key) {
+                changes.next();
+                if let Some(cached_value) = cached_value {
+                    visit(cached_key, cached_value)?;
+                }
+                if cached_key == key {
+                    return Ok(());
+                }
+            }
+            visit(key, value)
+        })?;
+        for (key, value) in changes {
+            if let Some(value) = value {
+                visit(key, value)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The cached entry of the key in `self.key`, read from RocksDB on a miss.
     fn cached(&mut self) -> Result<&mut Cached, StateError> {
         if !self.cache.contains_key(self.key.as_slice()) {
@@ -251,19 +296,25 @@ impl StateBackend for RocksDbBackend {
 
     fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
         assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
-        self.flush()?;
-        self.visit_group(key_group, visit)
+        let cached = self.cached_sorted(Some(key_group));
+        self.visit_merged(key_group, &cached, visit)
     }
 
+    /// Merges RocksDB's entries with the cache's, without writing the cache out: a checkpoint
+    /// costs reading the state, not rewriting it.
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError> {
-        self.flush()?;
+        let cached = self.cached_sorted(None);
         let mut writer = SnapshotWriter::new();
+        let mut from = 0;
         for key_group in self.range.iter() {
-            self.visit_group(key_group, &mut |key, value| {
+            let to = from + cached[from..].partition_point(|(key, _)| key[..2] == prefix(key_group));
+            self.visit_merged(key_group, &cached[from..to], &mut |key, value| {
                 writer.add(key_group, key, value);
                 Ok(())
             })?;
+            from = to;
         }
+        assert_eq!(from, cached.len(), "cached entries outside the key groups");
         Ok(writer.finish())
     }
 
