@@ -496,8 +496,10 @@ mod tests {
             )
             .unwrap();
             let crash_count = 1 + rng.below(4);
-            let crash_at_steps: Vec<u64> =
+            let mut crash_at_steps: Vec<u64> =
                 (0..crash_count).map(|_| 1 + rng.below(dry.step_count + dry.step_count / 4)).collect();
+            // And one in the last steps, where the final output is being committed.
+            crash_at_steps.push(dry.step_count - rng.below(4));
             let schedule =
                 CrashSchedule { interval_steps, crash_at_steps, disk_full_steps: vec![], stop_at_step: None };
             println!("  {schedule:?}, dry run {} steps", dry.step_count);

@@ -19,7 +19,7 @@ use arrow_schema::{ArrowError, SchemaRef};
 
 use super::graph::SubtaskId;
 use super::{read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
-use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
+use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot, CHECKPOINTS_DIR};
 use crate::element::CheckpointId;
 use crate::env::{parent_dir, Storage, StorageError};
 
@@ -191,18 +191,17 @@ impl Operator for FileSink {
         checkpoint: CheckpointId,
     ) -> Result<OperatorSnapshot, OperatorError> {
         let pending_output = self.prepare(context.storage, checkpoint)?;
-        let mut files = Vec::new();
-        if checkpoint != CheckpointId::END_OF_INPUT {
-            let path = format!(
-                "{}/sink-{:05}-{:05}.sequence",
-                checkpoint_dir(checkpoint),
-                self.subtask.vertex.0,
-                self.subtask.index
-            );
-            write_u64_file(context.storage, &path, self.file_sequence)?;
-            context.storage.sync_dir(parent_dir(&path))?;
-            files.push(path);
-        }
+        // The final snapshot is carried by every later checkpoint: its file is shared by them, in
+        // a directory of its own (retention deletes it with the last checkpoint that refers to it).
+        let dir = if checkpoint == CheckpointId::END_OF_INPUT {
+            format!("{CHECKPOINTS_DIR}/end-of-input")
+        } else {
+            checkpoint_dir(checkpoint)
+        };
+        let path = format!("{dir}/sink-{:05}-{:05}.sequence", self.subtask.vertex.0, self.subtask.index);
+        write_u64_file(context.storage, &path, self.file_sequence)?;
+        context.storage.sync_dir(&dir)?;
+        let files = vec![path];
         Ok(OperatorSnapshot { files, pending_output })
     }
 
@@ -363,6 +362,25 @@ mod tests {
         let error = again.restore(&mut context, &[snapshot]).unwrap_err().to_string();
         assert!(error.contains("come after the checkpoint being restored"), "{error}");
         assert!(second.files[0].ends_with(".sequence"));
+
+        // A sink restored from its final snapshot (taken at the end of input) commits that last
+        // output and knows its sequence: nothing it committed counts as beyond the checkpoint.
+        let mut storage = MemStorage::new();
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        let mut sink = FileSink::new("s", subtask);
+        sink.on_batch(&mut context, rows_batch(&[(5, 5)])).unwrap();
+        let epoch = sink.on_barrier(&mut context, CheckpointId(1)).unwrap();
+        sink.on_checkpoint_complete(&mut context, CheckpointId(1)).unwrap();
+        sink.on_batch(&mut context, rows_batch(&[(6, 6)])).unwrap();
+        sink.on_end(&mut context).unwrap();
+        let last = sink.on_barrier(&mut context, CheckpointId::END_OF_INPUT).unwrap();
+        assert_eq!(last.pending_output.len(), 1);
+        let final_snapshot =
+            TaskSnapshot { subtask, source_positions: vec![], files: last.files, pending_output: last.pending_output };
+        let mut restored = FileSink::new("s", subtask);
+        restored.restore(&mut context, std::slice::from_ref(&final_snapshot)).unwrap();
+        assert_eq!(committed(&mut storage), vec![(5, 5), (6, 6)]);
+        assert_eq!(epoch.files.len(), 1);
     }
 
     // Goal: a committed file that is not Arrow IPC (torn, overwritten) is an error naming the
