@@ -165,9 +165,11 @@ fn load_savepoint(data_dir: &std::path::Path, job: &str, id: u64) -> anyhow::Res
     Ok(manifest)
 }
 
-/// Removes what an earlier run of the job left, so that output and state are this run's only.
+/// Removes what an earlier run of the job left (output, state, and checkpoints that would no
+/// longer match them), so that this run starts fresh.
 fn clear_previous(data_dir: &std::path::Path, job: &str) -> anyhow::Result<()> {
-    for dir in [data_dir.join("output").join(job), data_dir.join("state").join(job)] {
+    let dirs = [data_dir.join("output").join(job), data_dir.join("state").join(job), data_dir.join("checkpoints")];
+    for dir in dirs {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => eprintln!("removed the previous run's {}", dir.display()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
