@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
 use super::map::{Filter, Predicate, Project};
-use super::sink::FileSink;
+use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
 use super::source::GeneratorSource;
 use super::watermark::WatermarkAssigner;
 use super::window::{KeyType, TumblingWindowCountSum};
@@ -119,11 +119,33 @@ impl SourceSpec {
 /// An operator of a chain, with what it needs to create one instance per subtask.
 #[derive(Clone)]
 pub enum OperatorSpec {
-    Watermarks { event_time_index: usize, bound_ms: i64 },
-    Filter { name: String, predicate: Predicate },
-    Project { indices: Vec<usize>, schema: SchemaRef },
-    TumblingWindow { key_index: usize, key_type: KeyType, event_time_index: usize, value_index: usize, size_ms: i64 },
-    Sink { name: String },
+    Watermarks {
+        event_time_index: usize,
+        bound_ms: i64,
+    },
+    Filter {
+        name: String,
+        predicate: Predicate,
+    },
+    Project {
+        indices: Vec<usize>,
+        schema: SchemaRef,
+    },
+    TumblingWindow {
+        key_index: usize,
+        key_type: KeyType,
+        event_time_index: usize,
+        value_index: usize,
+        size_ms: i64,
+    },
+    Sink {
+        name: String,
+    },
+    /// A user's transactional sink, run exactly once by `TwoPhaseCommitSink`.
+    TransactionalSink {
+        name: String,
+        factory: SinkFactory,
+    },
 }
 
 impl fmt::Debug for OperatorSpec {
@@ -139,7 +161,7 @@ impl OperatorSpec {
             OperatorSpec::Filter { name, .. } => name,
             OperatorSpec::Project { .. } => "project",
             OperatorSpec::TumblingWindow { .. } => "tumbling-window",
-            OperatorSpec::Sink { name } => name,
+            OperatorSpec::Sink { name } | OperatorSpec::TransactionalSink { name, .. } => name,
         }
     }
 
@@ -173,7 +195,8 @@ impl OperatorSpec {
                     state.expect("checked above"),
                 ))
             }
-            OperatorSpec::Sink { name } => Box::new(FileSink::new(name, subtask)),
+            OperatorSpec::Sink { name } => Box::new(FileSink::new_files(name, subtask)),
+            OperatorSpec::TransactionalSink { factory, .. } => Box::new(TwoPhaseCommitSink::new((factory.0)(subtask))),
         }
     }
 }
@@ -345,9 +368,20 @@ impl Stream {
     }
 
     /// Ends the job in a sink that commits its output as Arrow IPC files under `output/<name>/`.
-    pub fn sink_files(mut self, name: &str) -> Result<JobGraph, BuildError> {
-        FileSink::validate_name(name).map_err(|reason| BuildError::Invalid { operator: name.into(), reason })?;
-        self.push(OperatorSpec::Sink { name: name.to_string() });
+    pub fn sink_files(self, name: &str) -> Result<JobGraph, BuildError> {
+        self.finish(name, OperatorSpec::Sink { name: name.to_string() })
+    }
+
+    /// Ends the job in a user's transactional sink (one instance per subtask from `factory`),
+    /// committed exactly once: through checkpoints when the job takes them, at the end otherwise.
+    pub fn sink(self, name: &str, factory: SinkFactory) -> Result<JobGraph, BuildError> {
+        self.finish(name, OperatorSpec::TransactionalSink { name: name.to_string(), factory })
+    }
+
+    fn finish(mut self, name: &str, sink: OperatorSpec) -> Result<JobGraph, BuildError> {
+        FileTransactions::validate_name(name)
+            .map_err(|reason| BuildError::Invalid { operator: name.into(), reason })?;
+        self.push(sink);
         let job = self.job;
         let graph = JobGraph { name: job.name, max_parallelism: job.max_parallelism, vertices: job.vertices };
         graph.validate()?;

@@ -1,15 +1,19 @@
-//! The file sink: output as Arrow IPC files, exactly once through two-phase commit.
+//! Sinks that commit exactly once through two-phase commit, and the file sink built on them.
 //!
-//! Output is written in chunks to `output/<sink>/.pending/part-<vertex>-<subtask>-<sequence>.arrow`.
-//! On `Barrier(n)` the sink pre-commits: it writes what it buffered, syncs the epoch's pending files
-//! and reports them as the checkpoint's pending output. When checkpoint n completes it commits every
-//! epoch up to n by renaming their files into `output/<sink>/` and syncing the directories. Readers
-//! read only `output/<sink>/part-*.arrow`, so nothing is visible before its commit.
+//! [`TransactionalSink`] is what a user implements for their own system: write rows into an open
+//! transaction, pre-commit it (durable, invisible) when a barrier closes the epoch, commit it
+//! (idempotently) when the checkpoint completes, and recover after a restart. [`TwoPhaseCommitSink`]
+//! runs any of them as an operator and keeps the protocol: which pre-committed transactions a
+//! completed checkpoint covers, what a restored checkpoint still has to commit.
 //!
-//! On recovery from checkpoint n the sink commits n's pending output (a rename is idempotent: a
-//! file already moved is left as it is), deletes its later pending files (their epochs never
-//! completed), and refuses to go on if it finds committed files of its own beyond n (a newer
-//! checkpoint committed them and was lost: replaying would repeat them).
+//! The file sink ([`FileTransactions`]) writes output in chunks to
+//! `output/<sink>/.pending/part-<vertex>-<subtask>-<sequence>.arrow`; a transaction is the epoch's
+//! files, committed by renaming them into `output/<sink>/` and syncing the directories. Readers read
+//! only `output/<sink>/part-*.arrow`, so nothing is visible before its commit. On recovery from
+//! checkpoint n it commits n's files (a rename is idempotent: a file already moved is left as it
+//! is), deletes its later pending files (their epochs never completed), and refuses to go on if it
+//! finds committed files of its own beyond n (a newer checkpoint committed them and was lost:
+//! replaying would repeat them).
 //!
 //! A job without checkpoints commits once, at end of input. With checkpoints, the end of input is
 //! pre-committed as `CheckpointId::END_OF_INPUT` and committed by the job's final checkpoint.
@@ -26,30 +30,180 @@ use crate::env::{parent_dir, Storage, StorageError};
 /// Rows per pending file: bounds the memory a sink holds before it writes.
 pub const SINK_CHUNK_ROWS_MAX: usize = 64 * 1024;
 
-pub struct FileSink {
+/// A system that takes output in transactions: what a user implements for exactly-once output.
+///
+/// Transactions are named by handles (strings) that checkpoints keep. `commit` may be called again
+/// for handles it already committed (after a crash between commit and its acknowledgement), and
+/// must then change nothing.
+pub trait TransactionalSink: Send {
+    fn name(&self) -> &str;
+    /// Adds rows to the open transaction; nothing is visible yet.
+    fn write(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError>;
+    /// Closes the open transaction: durable but not visible. Returns its handles as
+    /// `pending_output`, and as `files` whatever else the checkpoint must keep for this sink.
+    fn pre_commit(
+        &mut self,
+        context: &mut Context<'_>,
+        checkpoint: CheckpointId,
+    ) -> Result<OperatorSnapshot, OperatorError>;
+    /// Makes the transactions named by `handles` visible, in order; idempotent.
+    fn commit(&mut self, context: &mut Context<'_>, handles: &[String]) -> Result<(), OperatorError>;
+    /// After a restart from a checkpoint whose transactions were just committed: `snapshots` are
+    /// what every subtask of the sink kept for it. Drop what later, never-completed epochs left.
+    fn recover(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError>;
+}
+
+impl TransactionalSink for Box<dyn TransactionalSink> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn write(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
+        (**self).write(context, batch)
+    }
+    fn pre_commit(
+        &mut self,
+        context: &mut Context<'_>,
+        checkpoint: CheckpointId,
+    ) -> Result<OperatorSnapshot, OperatorError> {
+        (**self).pre_commit(context, checkpoint)
+    }
+    fn commit(&mut self, context: &mut Context<'_>, handles: &[String]) -> Result<(), OperatorError> {
+        (**self).commit(context, handles)
+    }
+    fn recover(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
+        (**self).recover(context, snapshots)
+    }
+}
+
+/// Makes the transactional sink of one subtask.
+#[derive(Clone)]
+pub struct SinkFactory(pub std::sync::Arc<dyn Fn(SubtaskId) -> Box<dyn TransactionalSink> + Send + Sync>);
+
+impl SinkFactory {
+    pub fn new(make: impl Fn(SubtaskId) -> Box<dyn TransactionalSink> + Send + Sync + 'static) -> SinkFactory {
+        SinkFactory(std::sync::Arc::new(make))
+    }
+}
+
+/// Runs a [`TransactionalSink`] as an operator, exactly once.
+pub struct TwoPhaseCommitSink<S> {
+    inner: S,
+    /// Pre-committed transactions waiting for their checkpoint, oldest first.
+    prepared: Vec<(CheckpointId, Vec<String>)>,
+    metrics: OperatorMetrics,
+}
+
+impl<S: TransactionalSink> TwoPhaseCommitSink<S> {
+    pub fn new(inner: S) -> TwoPhaseCommitSink<S> {
+        TwoPhaseCommitSink { inner, prepared: Vec::new(), metrics: OperatorMetrics::default() }
+    }
+
+    fn commit_up_to(&mut self, context: &mut Context<'_>, checkpoint: CheckpointId) -> Result<(), OperatorError> {
+        let ready = self.prepared.iter().take_while(|(id, _)| *id <= checkpoint).count();
+        let handles: Vec<String> = self.prepared.drain(..ready).flat_map(|(_, handles)| handles).collect();
+        if !handles.is_empty() {
+            self.inner.commit(context, &handles)?;
+        }
+        if checkpoint == CheckpointId::END_OF_INPUT {
+            self.metrics.records_out = self.metrics.records_in;
+        }
+        Ok(())
+    }
+}
+
+impl<S: TransactionalSink> Operator for TwoPhaseCommitSink<S> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
+        self.metrics.records_in += batch.num_rows() as u64;
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.inner.write(context, batch)
+    }
+
+    /// The sink is the end of the stream: watermarks stop here.
+    fn on_watermark(
+        &mut self,
+        _context: &mut Context<'_>,
+        _watermark: crate::time::EventTime,
+    ) -> Result<(), OperatorError> {
+        Ok(())
+    }
+
+    /// Without checkpoints, commits everything now; with them, the final snapshot pre-commits it.
+    fn on_end(&mut self, context: &mut Context<'_>) -> Result<(), OperatorError> {
+        if !context.checkpointing {
+            self.on_barrier(context, CheckpointId::END_OF_INPUT)?;
+            self.commit_up_to(context, CheckpointId::END_OF_INPUT)?;
+        }
+        Ok(())
+    }
+
+    fn on_barrier(
+        &mut self,
+        context: &mut Context<'_>,
+        checkpoint: CheckpointId,
+    ) -> Result<OperatorSnapshot, OperatorError> {
+        let snapshot = self.inner.pre_commit(context, checkpoint)?;
+        self.prepared.push((checkpoint, snapshot.pending_output.clone()));
+        Ok(snapshot)
+    }
+
+    fn on_checkpoint_complete(
+        &mut self,
+        context: &mut Context<'_>,
+        checkpoint: CheckpointId,
+    ) -> Result<(), OperatorError> {
+        self.commit_up_to(context, checkpoint)
+    }
+
+    /// Commits every transaction the restored checkpoint holds (whatever subtask, at whatever
+    /// parallelism, pre-committed it: committing twice changes nothing), then lets the sink recover.
+    fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
+        let handles: Vec<String> = snapshots.iter().flat_map(|s| s.pending_output.iter().cloned()).collect();
+        if !handles.is_empty() {
+            self.inner.commit(context, &handles)?;
+        }
+        self.inner.recover(context, snapshots)
+    }
+
+    fn metrics(&self) -> OperatorMetrics {
+        self.metrics
+    }
+}
+
+/// The file sink: exactly-once Arrow IPC files.
+pub type FileSink = TwoPhaseCommitSink<FileTransactions>;
+
+impl FileSink {
+    pub fn new_files(name: &str, subtask: SubtaskId) -> FileSink {
+        TwoPhaseCommitSink::new(FileTransactions::new(name, subtask))
+    }
+}
+
+/// The file sink's transactions: an epoch's staged files.
+pub struct FileTransactions {
     name: String,
     subtask: SubtaskId,
     buffered: Vec<RecordBatch>,
     buffered_rows: usize,
     /// Pending file names (in `.pending/`) of the open epoch.
     pending: Vec<String>,
-    /// Pre-committed epochs waiting for their checkpoint, oldest first.
-    prepared: Vec<(CheckpointId, Vec<String>)>,
     file_sequence: u64,
-    metrics: OperatorMetrics,
 }
 
-impl FileSink {
-    pub fn new(name: &str, subtask: SubtaskId) -> FileSink {
-        FileSink {
+impl FileTransactions {
+    pub fn new(name: &str, subtask: SubtaskId) -> FileTransactions {
+        FileTransactions {
             name: name.to_string(),
             subtask,
             buffered: Vec::new(),
             buffered_rows: 0,
             pending: Vec::new(),
-            prepared: Vec::new(),
             file_sequence: 0,
-            metrics: OperatorMetrics::default(),
         }
     }
 
@@ -96,30 +250,84 @@ impl FileSink {
         self.buffered_rows = 0;
         Ok(())
     }
+}
 
-    /// Writes and syncs the open epoch's files and closes the epoch as `checkpoint`'s transaction.
-    fn prepare(&mut self, storage: &mut dyn Storage, checkpoint: CheckpointId) -> Result<Vec<String>, OperatorError> {
-        self.write_pending(storage)?;
+impl TransactionalSink for FileTransactions {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn write(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
+        self.buffered_rows += batch.num_rows();
+        self.buffered.push(batch);
+        if self.buffered_rows >= SINK_CHUNK_ROWS_MAX {
+            self.write_pending(context.storage)?;
+        }
+        Ok(())
+    }
+
+    /// Writes and syncs the epoch's files, and records the next file sequence number.
+    fn pre_commit(
+        &mut self,
+        context: &mut Context<'_>,
+        checkpoint: CheckpointId,
+    ) -> Result<OperatorSnapshot, OperatorError> {
+        self.write_pending(context.storage)?;
         let pending_dir = self.pending_dir();
         let files: Vec<String> = std::mem::take(&mut self.pending);
         for file in &files {
-            storage.sync_file(&format!("{pending_dir}/{file}"))?;
+            context.storage.sync_file(&format!("{pending_dir}/{file}"))?;
         }
         if !files.is_empty() {
-            storage.sync_dir(&pending_dir)?;
+            context.storage.sync_dir(&pending_dir)?;
         }
-        let paths = files.iter().map(|file| format!("{pending_dir}/{file}")).collect();
-        self.prepared.push((checkpoint, files));
-        Ok(paths)
+        let pending_output = files.iter().map(|file| format!("{pending_dir}/{file}")).collect();
+        // The final snapshot is carried by every later checkpoint: its file is shared by them, in
+        // a directory of its own (retention deletes it with the last checkpoint that refers to it).
+        let dir = if checkpoint == CheckpointId::END_OF_INPUT {
+            format!("{CHECKPOINTS_DIR}/end-of-input")
+        } else {
+            checkpoint_dir(checkpoint)
+        };
+        let path = format!("{dir}/sink-{:05}-{:05}.sequence", self.subtask.vertex.0, self.subtask.index);
+        write_u64_file(context.storage, &path, self.file_sequence)?;
+        context.storage.sync_dir(&dir)?;
+        Ok(OperatorSnapshot { files: vec![path], pending_output })
     }
 
-    /// Commits every prepared epoch up to `checkpoint`, oldest first.
-    fn commit_up_to(&mut self, storage: &mut dyn Storage, checkpoint: CheckpointId) -> Result<(), StorageError> {
-        let ready = self.prepared.iter().take_while(|(id, _)| *id <= checkpoint).count();
-        let pending_dir = self.pending_dir();
-        let paths: Vec<String> =
-            self.prepared.drain(..ready).flat_map(|(_, files)| files).map(|f| format!("{pending_dir}/{f}")).collect();
-        commit_files(storage, &Self::committed_dir(&self.name), &paths)
+    fn commit(&mut self, context: &mut Context<'_>, handles: &[String]) -> Result<(), OperatorError> {
+        Ok(commit_files(context.storage, &Self::committed_dir(&self.name), handles)?)
+    }
+
+    /// Restores the file sequence, drops this subtask's later pending files, and checks that
+    /// nothing of its own beyond the checkpoint was committed.
+    fn recover(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
+        let own = snapshots.iter().find(|s| s.subtask == self.subtask);
+        let sequence_file = own.and_then(|s| s.files.iter().find(|f| f.ends_with(".sequence")));
+        self.file_sequence = match sequence_file {
+            Some(path) => read_u64_file(context.storage, path)?,
+            None => 0,
+        };
+        for file in context.storage.list(&self.pending_dir())? {
+            if self.file_sequence_of(&file).is_some() {
+                context.storage.delete(&format!("{}/{file}", self.pending_dir()))?;
+            }
+        }
+        let committed_dir = Self::committed_dir(&self.name);
+        let beyond: Vec<String> = context
+            .storage
+            .list(&committed_dir)?
+            .into_iter()
+            .filter(|file| self.file_sequence_of(file).is_some_and(|sequence| sequence >= self.file_sequence))
+            .collect();
+        if !beyond.is_empty() {
+            return Err(OperatorError::Protocol(format!(
+                "{}: committed files {beyond:?} come after the checkpoint being restored (a newer checkpoint \
+                 committed them and is lost); restoring would repeat their rows, so the job stops",
+                self.name
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -146,117 +354,6 @@ fn commit_files(storage: &mut dyn Storage, committed_dir: &str, paths: &[String]
     storage.sync_dir(parent_dir(&paths[0]))
 }
 
-impl Operator for FileSink {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
-        let rows = batch.num_rows();
-        self.metrics.records_in += rows as u64;
-        if rows == 0 {
-            return Ok(());
-        }
-        self.buffered.push(batch);
-        self.buffered_rows += rows;
-        if self.buffered_rows >= SINK_CHUNK_ROWS_MAX {
-            self.write_pending(context.storage)?;
-        }
-        Ok(())
-    }
-
-    /// The sink is the end of the stream: watermarks stop here.
-    fn on_watermark(
-        &mut self,
-        _context: &mut Context<'_>,
-        _watermark: crate::time::EventTime,
-    ) -> Result<(), OperatorError> {
-        Ok(())
-    }
-
-    /// Without checkpoints, commits everything; with them, the final snapshot pre-commits it.
-    fn on_end(&mut self, context: &mut Context<'_>) -> Result<(), OperatorError> {
-        if !context.checkpointing {
-            self.prepare(context.storage, CheckpointId::END_OF_INPUT)?;
-            self.commit_up_to(context.storage, CheckpointId::END_OF_INPUT)?;
-            self.metrics.records_out = self.metrics.records_in;
-        }
-        Ok(())
-    }
-
-    /// Pre-commits the epoch the barrier closes, and records the next file sequence number.
-    fn on_barrier(
-        &mut self,
-        context: &mut Context<'_>,
-        checkpoint: CheckpointId,
-    ) -> Result<OperatorSnapshot, OperatorError> {
-        let pending_output = self.prepare(context.storage, checkpoint)?;
-        // The final snapshot is carried by every later checkpoint: its file is shared by them, in
-        // a directory of its own (retention deletes it with the last checkpoint that refers to it).
-        let dir = if checkpoint == CheckpointId::END_OF_INPUT {
-            format!("{CHECKPOINTS_DIR}/end-of-input")
-        } else {
-            checkpoint_dir(checkpoint)
-        };
-        let path = format!("{dir}/sink-{:05}-{:05}.sequence", self.subtask.vertex.0, self.subtask.index);
-        write_u64_file(context.storage, &path, self.file_sequence)?;
-        context.storage.sync_dir(&dir)?;
-        let files = vec![path];
-        Ok(OperatorSnapshot { files, pending_output })
-    }
-
-    fn on_checkpoint_complete(
-        &mut self,
-        context: &mut Context<'_>,
-        checkpoint: CheckpointId,
-    ) -> Result<(), OperatorError> {
-        self.commit_up_to(context.storage, checkpoint)?;
-        if checkpoint == CheckpointId::END_OF_INPUT {
-            self.metrics.records_out = self.metrics.records_in;
-        }
-        Ok(())
-    }
-
-    /// Commits the restored checkpoint's pending output, drops
-    /// its own later pending files, and checks that nothing beyond the checkpoint was committed.
-    fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
-        let own = snapshots.iter().find(|s| s.subtask == self.subtask);
-        let sequence_file = own.and_then(|s| s.files.iter().find(|f| f.ends_with(".sequence")));
-        self.file_sequence = match sequence_file {
-            Some(path) => read_u64_file(context.storage, path)?,
-            None => 0,
-        };
-        let committed_dir = Self::committed_dir(&self.name);
-        // Every subtask commits all of the vertex's restored output: whatever the parallelism was,
-        // each file is committed, and committing one twice does nothing.
-        let to_commit: Vec<String> = snapshots.iter().flat_map(|s| s.pending_output.iter().cloned()).collect();
-        commit_files(context.storage, &committed_dir, &to_commit)?;
-        for file in context.storage.list(&self.pending_dir())? {
-            if self.file_sequence_of(&file).is_some() {
-                context.storage.delete(&format!("{}/{file}", self.pending_dir()))?;
-            }
-        }
-        let beyond: Vec<String> = context
-            .storage
-            .list(&committed_dir)?
-            .into_iter()
-            .filter(|file| self.file_sequence_of(file).is_some_and(|sequence| sequence >= self.file_sequence))
-            .collect();
-        if !beyond.is_empty() {
-            return Err(OperatorError::Protocol(format!(
-                "{}: committed files {beyond:?} come after the checkpoint being restored (a newer checkpoint \
-                 committed them and is lost); restoring would repeat their rows, so the job stops",
-                self.name
-            )));
-        }
-        Ok(())
-    }
-
-    fn metrics(&self) -> OperatorMetrics {
-        self.metrics
-    }
-}
-
 /// Encodes batches as one Arrow IPC file.
 pub fn encode_ipc_file(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
     // Sized up front: growing a multi-megabyte buffer by doubling copies it again and again.
@@ -277,7 +374,7 @@ pub fn decode_ipc_file(bytes: Vec<u8>) -> Result<Vec<RecordBatch>, ArrowError> {
 
 /// Reads every committed batch of the sink `name`, file by file in name order.
 pub fn read_committed(storage: &mut dyn Storage, name: &str) -> Result<Vec<RecordBatch>, OperatorError> {
-    let dir = FileSink::committed_dir(name);
+    let dir = FileTransactions::committed_dir(name);
     let mut batches = Vec::new();
     for file in storage.list(&dir)? {
         if file.starts_with("part-") && file.ends_with(".arrow") {
@@ -321,7 +418,7 @@ mod tests {
         let subtask = SubtaskId { vertex: VertexId(2), index: 0 };
         let mut storage = MemStorage::new();
         let mut out = Vec::new();
-        let mut sink = FileSink::new("s", subtask);
+        let mut sink = FileSink::new_files("s", subtask);
         let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
         sink.on_batch(&mut context, rows_batch(&[(1, 1), (2, 2)])).unwrap();
         let first = sink.on_barrier(&mut context, CheckpointId(1)).unwrap();
@@ -344,7 +441,7 @@ mod tests {
             pending_output: first.pending_output.clone(),
         };
         for _ in 0..2 {
-            let mut restored = FileSink::new("s", subtask);
+            let mut restored = FileSink::new_files("s", subtask);
             let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
             restored.restore(&mut context, std::slice::from_ref(&snapshot)).unwrap();
             assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
@@ -353,12 +450,12 @@ mod tests {
 
         // Had checkpoint 2 committed and been lost, restoring from 1 would repeat (3, 3): refused.
         let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
-        let mut sink = FileSink::new("s", subtask);
+        let mut sink = FileSink::new_files("s", subtask);
         sink.restore(&mut context, std::slice::from_ref(&snapshot)).unwrap();
         sink.on_batch(&mut context, rows_batch(&[(3, 3)])).unwrap();
         sink.on_barrier(&mut context, CheckpointId(2)).unwrap();
         sink.on_checkpoint_complete(&mut context, CheckpointId(2)).unwrap();
-        let mut again = FileSink::new("s", subtask);
+        let mut again = FileSink::new_files("s", subtask);
         let error = again.restore(&mut context, &[snapshot]).unwrap_err().to_string();
         assert!(error.contains("come after the checkpoint being restored"), "{error}");
         assert!(second.files[0].ends_with(".sequence"));
@@ -367,7 +464,7 @@ mod tests {
         // output and knows its sequence: nothing it committed counts as beyond the checkpoint.
         let mut storage = MemStorage::new();
         let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
-        let mut sink = FileSink::new("s", subtask);
+        let mut sink = FileSink::new_files("s", subtask);
         sink.on_batch(&mut context, rows_batch(&[(5, 5)])).unwrap();
         let epoch = sink.on_barrier(&mut context, CheckpointId(1)).unwrap();
         sink.on_checkpoint_complete(&mut context, CheckpointId(1)).unwrap();
@@ -377,7 +474,7 @@ mod tests {
         assert_eq!(last.pending_output.len(), 1);
         let final_snapshot =
             TaskSnapshot { subtask, source_positions: vec![], files: last.files, pending_output: last.pending_output };
-        let mut restored = FileSink::new("s", subtask);
+        let mut restored = FileSink::new_files("s", subtask);
         restored.restore(&mut context, std::slice::from_ref(&final_snapshot)).unwrap();
         assert_eq!(committed(&mut storage), vec![(5, 5), (6, 6)]);
         assert_eq!(epoch.files.len(), 1);
