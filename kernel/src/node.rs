@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 
-use crate::checkpoint::align::{AlignAction, Aligner, AlignmentMode};
+use crate::checkpoint::align::{AlignAction, Aligner};
 use crate::checkpoint::manifest::{Manifest, TaskSnapshot};
 use crate::dataflow::exchange::KeyPartitioner;
 use crate::dataflow::graph::{OutputSpec, Partitioning, PhysicalPlan, SubtaskId};
@@ -103,7 +103,7 @@ struct InputGate {
 impl InputGate {
     fn new(input_count: usize, checkpointing: bool) -> InputGate {
         assert!(input_count > 0, "a consuming subtask has inputs");
-        let aligner = checkpointing.then(|| Aligner::new(AlignmentMode::Aligned { timeout_ms: None }, input_count));
+        let aligner = checkpointing.then(|| Aligner::new(None, input_count));
         let input = InputState { watermark: EventTime::MIN, idle: false, ended: false };
         InputGate {
             inputs: vec![input; input_count],

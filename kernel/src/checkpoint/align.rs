@@ -12,17 +12,14 @@
 //!   switches to unaligned for that checkpoint: it snapshots, forwards, and releases what it held
 //!   (those elements came after the barrier on their inputs, so they are not in flight).
 //!
+//! The barrier says which: `BarrierKind::Unaligned` barriers are unaligned, `Aligned` ones aligned
+//! (with the aligner's timeout, if it has one). Savepoints always come with aligned barriers.
+//!
 //! A newer barrier while a checkpoint is still aligning aborts the older one; barriers of
 //! checkpoints already finished or aborted are stale and ignored. An ended input counts as aligned.
 
-use crate::element::{Barrier, CheckpointId};
+use crate::element::{Barrier, BarrierKind, CheckpointId};
 use crate::time::Instant;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AlignmentMode {
-    Aligned { timeout_ms: Option<u64> },
-    Unaligned,
-}
 
 /// Where one input stands in the current checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +64,8 @@ struct Current {
 
 #[derive(Debug)]
 pub struct Aligner {
-    mode: AlignmentMode,
+    /// Aligned barriers that wait longer than this switch to unaligned.
+    timeout_ms: Option<u64>,
     inputs: Vec<InputState>,
     current: Option<Current>,
     /// The newest checkpoint finished or aborted here: its barriers and older ones are stale.
@@ -75,9 +73,9 @@ pub struct Aligner {
 }
 
 impl Aligner {
-    pub fn new(mode: AlignmentMode, input_count: usize) -> Aligner {
+    pub fn new(timeout_ms: Option<u64>, input_count: usize) -> Aligner {
         assert!(input_count > 0, "a task with inputs");
-        Aligner { mode, inputs: vec![InputState::Open; input_count], current: None, finished: None }
+        Aligner { timeout_ms, inputs: vec![InputState::Open; input_count], current: None, finished: None }
     }
 
     pub fn input_state(&self, input: usize) -> InputState {
@@ -96,8 +94,8 @@ impl Aligner {
 
     /// When an aligned checkpoint times out into an unaligned one, if one is aligning.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.mode, self.current) {
-            (AlignmentMode::Aligned { timeout_ms: Some(timeout) }, Some(current)) if !current.snapshot_taken => {
+        match (self.timeout_ms, self.current) {
+            (Some(timeout), Some(current)) if !current.snapshot_taken => {
                 Some(current.started_at.saturating_add_ms(timeout))
             }
             _ => None,
@@ -126,17 +124,17 @@ impl Aligner {
                     actions.push(AlignAction::Release);
                 }
                 self.finish(current.checkpoint);
-                self.start(now, checkpoint, &mut actions);
+                self.start(now, barrier, &mut actions);
             }
-            None => self.start(now, checkpoint, &mut actions),
+            None => self.start(now, barrier, &mut actions),
         }
         self.inputs[input] = InputState::Barrier;
         self.check_complete(&mut actions);
         Ok(actions)
     }
 
-    fn start(&mut self, now: Instant, checkpoint: CheckpointId, actions: &mut Vec<AlignAction>) {
-        let unaligned = self.mode == AlignmentMode::Unaligned;
+    fn start(&mut self, now: Instant, barrier: Barrier, actions: &mut Vec<AlignAction>) {
+        let (checkpoint, unaligned) = (barrier.checkpoint, barrier.kind == BarrierKind::Unaligned);
         self.current = Some(Current { checkpoint, started_at: now, snapshot_taken: unaligned });
         if unaligned {
             actions.push(AlignAction::Snapshot { checkpoint, unaligned: true });
@@ -199,11 +197,15 @@ mod tests {
         Barrier { checkpoint: CheckpointId(id), kind: BarrierKind::Aligned }
     }
 
+    fn unaligned(id: u64) -> Barrier {
+        Barrier { checkpoint: CheckpointId(id), kind: BarrierKind::Unaligned }
+    }
+
     // Goal: the aligned script: hold after the barrier, snapshot and release when the last input
     // delivers it; an ended input counts as aligned; stale and repeated barriers are handled.
     #[test]
     fn aligned_script() {
-        let mut a = Aligner::new(AlignmentMode::Aligned { timeout_ms: None }, 3);
+        let mut a = Aligner::new(None, 3);
         assert_eq!(a.on_barrier(Instant(0), 0, barrier(1)), Ok(vec![]));
         assert!(a.is_held(0) && !a.is_held(1));
         assert_eq!(
@@ -226,18 +228,18 @@ mod tests {
     // Goal: the unaligned script, and the switch from aligned to unaligned on timeout.
     #[test]
     fn unaligned_and_timeout_scripts() {
-        let mut a = Aligner::new(AlignmentMode::Unaligned, 2);
+        let mut a = Aligner::new(None, 2);
         assert_eq!(
-            a.on_barrier(Instant(0), 1, barrier(4)),
+            a.on_barrier(Instant(0), 1, unaligned(4)),
             Ok(vec![AlignAction::Snapshot { checkpoint: CheckpointId(4), unaligned: true }])
         );
         assert!(a.is_in_flight(0) && !a.is_in_flight(1) && !a.is_held(1));
         assert_eq!(
-            a.on_barrier(Instant(1), 0, barrier(4)),
+            a.on_barrier(Instant(1), 0, unaligned(4)),
             Ok(vec![AlignAction::InFlightComplete { checkpoint: CheckpointId(4) }])
         );
 
-        let mut a = Aligner::new(AlignmentMode::Aligned { timeout_ms: Some(10) }, 2);
+        let mut a = Aligner::new(Some(10), 2);
         a.on_barrier(Instant(100), 0, barrier(1)).unwrap();
         assert_eq!(a.poll_timeout(), Some(Instant(110)));
         assert_eq!(a.handle_timeout(Instant(109)), vec![]);
@@ -263,6 +265,7 @@ mod tests {
     /// One task driven by an aligner over random inputs, checking every finished snapshot.
     struct Harness {
         aligner: Aligner,
+        kind: BarrierKind,
         processed: Vec<u64>,
         held: VecDeque<(usize, Item)>,
         /// Records each input carried before each barrier: the consistent cut.
@@ -289,7 +292,10 @@ mod tests {
                     }
                     vec![]
                 }
-                Item::Barrier(id) => self.aligner.on_barrier(now, input, barrier(id)).unwrap(),
+                Item::Barrier(id) => {
+                    let barrier = Barrier { checkpoint: CheckpointId(id), kind: self.kind };
+                    self.aligner.on_barrier(now, input, barrier).unwrap()
+                }
                 Item::End => self.aligner.on_end(input),
             };
             self.apply(now, actions);
@@ -349,15 +355,17 @@ mod tests {
             println!("seed {seed}");
             let mut rng = Lcg::new(seed);
             let input_count = 1 + rng.below(4) as usize;
-            let mode = match rng.below(3) {
-                0 => AlignmentMode::Aligned { timeout_ms: None },
-                1 => AlignmentMode::Unaligned,
-                _ => AlignmentMode::Aligned { timeout_ms: Some(1 + rng.below(5)) },
+            // Aligned, unaligned, or aligned with a timeout.
+            let (kind, timeout_ms) = match rng.below(3) {
+                0 => (BarrierKind::Aligned, None),
+                1 => (BarrierKind::Unaligned, None),
+                _ => (BarrierKind::Aligned, Some(1 + rng.below(5))),
             };
             let barrier_count = 1 + rng.below(5);
             let mut queues: Vec<VecDeque<Item>> = Vec::new();
             let mut harness = Harness {
-                aligner: Aligner::new(mode, input_count),
+                aligner: Aligner::new(timeout_ms, input_count),
+                kind,
                 processed: vec![0; input_count],
                 held: VecDeque::new(),
                 before_barrier: BTreeMap::new(),
@@ -401,7 +409,7 @@ mod tests {
             assert!(harness.held.is_empty(), "seed {seed}: nothing is held at the end");
             harness.check(seed);
             finished_total += harness.finished.len();
-            if mode == (AlignmentMode::Aligned { timeout_ms: None }) {
+            if (kind, timeout_ms) == (BarrierKind::Aligned, None) {
                 assert!(
                     harness.in_flight.values().flatten().all(|&n| n == 0),
                     "seed {seed}: aligned has no in-flight data"
