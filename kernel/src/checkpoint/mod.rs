@@ -18,4 +18,5 @@
 
 pub mod align;
 pub mod coordinator;
+pub mod inflight;
 pub mod manifest;
