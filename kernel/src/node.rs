@@ -15,7 +15,8 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 
 use crate::checkpoint::align::{AlignAction, Aligner};
-use crate::checkpoint::manifest::{Manifest, TaskSnapshot};
+use crate::checkpoint::inflight::{self, IN_FLIGHT_MAX};
+use crate::checkpoint::manifest::{checkpoint_dir, Manifest, TaskSnapshot};
 use crate::dataflow::exchange::KeyPartitioner;
 use crate::dataflow::graph::{OutputSpec, Partitioning, PhysicalPlan, SubtaskId};
 use crate::dataflow::{Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot, Source, SplitPosition};
@@ -54,6 +55,8 @@ pub struct NodeOptions {
     pub checkpointing: bool,
     /// Start from this completed checkpoint: sources seek, operators restore.
     pub restore: Option<Arc<Manifest>>,
+    /// Aligned barriers that wait longer than this for alignment switch to unaligned.
+    pub alignment_timeout_ms: Option<u64>,
 }
 
 /// Elements a consuming subtask holds back while it aligns barriers.
@@ -98,12 +101,22 @@ struct InputGate {
     aligner: Option<Aligner>,
     /// Elements of inputs blocked by alignment, in arrival order.
     held: VecDeque<(usize, Element)>,
+    /// An unaligned snapshot taken and not yet complete: its acknowledgement waits for the
+    /// elements the barrier overtook, recorded here as they arrive.
+    unaligned: Option<UnalignedSnapshot>,
+}
+
+#[derive(Debug)]
+struct UnalignedSnapshot {
+    checkpoint: CheckpointId,
+    snapshot: TaskSnapshot,
+    in_flight: Vec<(usize, Element)>,
 }
 
 impl InputGate {
-    fn new(input_count: usize, checkpointing: bool) -> InputGate {
+    fn new(input_count: usize, checkpointing: bool, alignment_timeout_ms: Option<u64>) -> InputGate {
         assert!(input_count > 0, "a consuming subtask has inputs");
-        let aligner = checkpointing.then(|| Aligner::new(None, input_count));
+        let aligner = checkpointing.then(|| Aligner::new(alignment_timeout_ms, input_count));
         let input = InputState { watermark: EventTime::MIN, idle: false, ended: false };
         InputGate {
             inputs: vec![input; input_count],
@@ -111,6 +124,7 @@ impl InputGate {
             idle: false,
             aligner,
             held: VecDeque::new(),
+            unaligned: None,
         }
     }
 
@@ -269,7 +283,7 @@ impl Node {
         let mut tasks = Vec::new();
         let mut routes = vec![Route::Foreign; plan.channels.len()];
         for subtask in plan.graph.subtasks().filter(|&s| plan.node_of(s) == index) {
-            let task = Self::task(&plan, subtask, backends, options.checkpointing).map_err(|error| NodeError {
+            let task = Self::task(&plan, subtask, backends, &options).map_err(|error| NodeError {
                 subtask,
                 operator: "state backend".into(),
                 error: error.into(),
@@ -347,6 +361,49 @@ impl Node {
             }
             assert!(out.is_empty(), "{id}: restoring emitted elements");
         }
+        self.replay_in_flight(manifest)
+    }
+
+    /// Replays, before any new input, the elements an unaligned checkpoint's barriers overtook.
+    fn replay_in_flight(&mut self, manifest: &Manifest) -> Result<(), NodeError> {
+        // In-flight data is per input channel: it replays only into the same topology.
+        let graph = &self.plan.graph;
+        let rescaled = graph.vertices.iter().any(|vertex| {
+            manifest.tasks.iter().filter(|s| s.subtask.vertex == vertex.id).count() != usize::from(vertex.parallelism)
+        });
+        for task in 0..self.tasks.len() {
+            let id = self.tasks[task].id;
+            let fail = |error: OperatorError| NodeError { subtask: id, operator: "in-flight data".into(), error };
+            let of_vertex: Vec<&TaskSnapshot> =
+                manifest.tasks.iter().filter(|s| s.subtask.vertex == id.vertex).collect();
+            let in_flight = |s: &&TaskSnapshot| {
+                s.files.iter().any(|f| f.rsplit('/').next().is_some_and(|n| n.starts_with("inflight-")))
+            };
+            if !of_vertex.iter().any(in_flight) {
+                continue;
+            }
+            if rescaled {
+                let reason = format!(
+                    "checkpoint {} is unaligned with in-flight data; restore it at the parallelism it was taken at, \
+                     or change parallelism from an aligned checkpoint or a savepoint",
+                    manifest.checkpoint.0
+                );
+                return Err(fail(OperatorError::Protocol(reason)));
+            }
+            let Some(own) = of_vertex.iter().find(|s| s.subtask == id) else { continue };
+            let files: Vec<String> = own
+                .files
+                .iter()
+                .filter(|f| f.rsplit('/').next().is_some_and(|n| n.starts_with("inflight-")))
+                .cloned()
+                .collect();
+            for file in files {
+                let bytes = self.storage.read(&file).map_err(|e| fail(e.into()))?;
+                for (input, element) in inflight::decode(&bytes).map_err(|e| fail(e.into()))? {
+                    self.deliver(Instant(0), task, input, element)?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -354,13 +411,15 @@ impl Node {
         plan: &PhysicalPlan,
         id: SubtaskId,
         backends: &mut BackendFactory<'_>,
-        checkpointing: bool,
+        options: &NodeOptions,
     ) -> Result<Task, StateError> {
         let vertex = plan.graph.vertex(id.vertex);
         let max = plan.graph.max_parallelism;
         let head = match &vertex.source {
             Some(spec) => Head::Source { source: spec.instantiate(&vertex.name, id, vertex.parallelism), ended: false },
-            None => Head::Gate(InputGate::new(plan.inputs[&id].len(), checkpointing)),
+            None => {
+                Head::Gate(InputGate::new(plan.inputs[&id].len(), options.checkpointing, options.alignment_timeout_ms))
+            }
         };
         let mut chain = Vec::new();
         for spec in &vertex.chain {
@@ -426,6 +485,9 @@ impl Node {
     }
 
     fn step(&mut self, now: Instant) -> Result<Step, NodeError> {
+        if self.poll_timeout().is_some_and(|at| now >= at) {
+            self.handle_alignment_timeouts(now)?;
+        }
         for _ in 0..STEP_ELEMENTS_MAX {
             if let Some((channel, element)) = self.inbox.pop_front() {
                 if self.plan.node_of(self.plan.channel(channel).from) != self.index {
@@ -496,6 +558,14 @@ impl Node {
                     actions = aligner.on_barrier(now, input, *barrier).map_err(|e| protocol(e.to_string()))?
                 }
                 Element::End => actions = aligner.on_end(input),
+                // Overtaken by an unaligned barrier: processed now, and kept with the snapshot.
+                Element::Batch(_) | Element::Watermark(_) | Element::Idle | Element::Active
+                    if aligner.is_in_flight(input) =>
+                {
+                    let unaligned = gate.unaligned.as_mut().expect("in-flight data belongs to an unaligned snapshot");
+                    assert!(unaligned.in_flight.len() < IN_FLIGHT_MAX, "{id}: in-flight data beyond IN_FLIGHT_MAX");
+                    unaligned.in_flight.push((input, element.clone()));
+                }
                 _ => {}
             }
         }
@@ -527,6 +597,12 @@ impl Node {
                     let barrier = Barrier { checkpoint, kind: BarrierKind::Aligned };
                     self.run_chain(now, task, Element::Barrier(barrier))?;
                 }
+                AlignAction::Snapshot { checkpoint, unaligned: true } => {
+                    // State now, the barrier forwarded at once; the acknowledgement waits.
+                    let barrier = Barrier { checkpoint, kind: BarrierKind::Unaligned };
+                    self.run_chain(now, task, Element::Barrier(barrier))?;
+                }
+                AlignAction::InFlightComplete { checkpoint } => self.complete_unaligned(task, checkpoint)?,
                 AlignAction::Release => {
                     let Head::Gate(gate) = &mut self.tasks[task].head else { unreachable!("aligning a source") };
                     for (input, element) in std::mem::take(&mut gate.held) {
@@ -534,9 +610,11 @@ impl Node {
                     }
                 }
                 // A newer barrier took over; the coordinator aborts the old checkpoint.
-                AlignAction::Abort { .. } => {}
-                AlignAction::Snapshot { unaligned: true, .. } | AlignAction::InFlightComplete { .. } => {
-                    unreachable!("nodes align in aligned mode only")
+                AlignAction::Abort { checkpoint } => {
+                    let Head::Gate(gate) = &mut self.tasks[task].head else { unreachable!("aligning a source") };
+                    if gate.unaligned.as_ref().is_some_and(|u| u.checkpoint == checkpoint) {
+                        gate.unaligned = None;
+                    }
                 }
             }
         }
@@ -552,7 +630,7 @@ impl Node {
         assert!(!task.finished, "{} got {} after it finished", task.id, current[0].kind_name());
         let ending = matches!(current[0], Element::End);
         let barrier = match &current[0] {
-            Element::Barrier(barrier) => Some(barrier.checkpoint),
+            Element::Barrier(barrier) => Some((barrier.checkpoint, barrier.kind)),
             _ => None,
         };
         let mut written = OperatorSnapshot::default();
@@ -584,7 +662,7 @@ impl Node {
             Head::Source { source, .. } => source.positions(),
             Head::Gate(_) => Vec::new(),
         };
-        if let Some(checkpoint) = barrier {
+        if let Some((checkpoint, kind)) = barrier {
             let snapshot = TaskSnapshot {
                 subtask: task.id,
                 source_positions: source_positions.clone(),
@@ -592,7 +670,13 @@ impl Node {
                 pending_output: written.pending_output,
             };
             task.acked_last = Some(checkpoint);
-            self.events.push_back(Event::CheckpointAck { checkpoint, snapshot });
+            match &mut task.head {
+                // An unaligned snapshot is acknowledged once its in-flight data is complete.
+                Head::Gate(gate) if kind == BarrierKind::Unaligned => {
+                    gate.unaligned = Some(UnalignedSnapshot { checkpoint, snapshot, in_flight: Vec::new() });
+                }
+                _ => self.events.push_back(Event::CheckpointAck { checkpoint, snapshot }),
+            }
         }
         if ending {
             task.finished = true;
@@ -650,7 +734,14 @@ impl Node {
 
     /// The coordinator triggered `checkpoint`: sources record their offsets and emit its barrier;
     /// tasks that already finished acknowledge with what they kept at their end.
-    pub fn handle_checkpoint_trigger(&mut self, now: Instant, checkpoint: CheckpointId) -> Result<(), NodeError> {
+    /// Unaligned barriers make multi-input tasks snapshot at the first barrier (savepoints should
+    /// be aligned: in-flight data cannot move to another parallelism).
+    pub fn handle_checkpoint_trigger(
+        &mut self,
+        now: Instant,
+        checkpoint: CheckpointId,
+        kind: BarrierKind,
+    ) -> Result<(), NodeError> {
         assert!(self.checkpointing, "node {}: checkpoint triggered, but checkpointing is off", self.index);
         assert!(
             self.checkpoints_triggered.last().is_none_or(|&last| last < checkpoint),
@@ -665,10 +756,34 @@ impl Node {
                 task.acked_last = Some(checkpoint);
                 self.events.push_back(Event::CheckpointAck { checkpoint, snapshot });
             } else if matches!(task.head, Head::Source { .. }) {
-                let barrier = Barrier { checkpoint, kind: BarrierKind::Aligned };
+                let barrier = Barrier { checkpoint, kind };
                 self.run_chain(now, index, Element::Barrier(barrier))?;
             }
         }
+        Ok(())
+    }
+
+    /// Every input delivered the unaligned barrier: store what it overtook, then acknowledge.
+    fn complete_unaligned(&mut self, task: usize, checkpoint: CheckpointId) -> Result<(), NodeError> {
+        let id = self.tasks[task].id;
+        let Head::Gate(gate) = &mut self.tasks[task].head else { unreachable!("aligning a source") };
+        let Some(mut unaligned) = gate.unaligned.take().filter(|u| u.checkpoint == checkpoint) else {
+            unreachable!("{id}: in-flight data of {checkpoint:?} completed without its snapshot")
+        };
+        let fail = |error: OperatorError| NodeError { subtask: id, operator: "in-flight data".into(), error };
+        if !unaligned.in_flight.is_empty() {
+            let dir = checkpoint_dir(checkpoint);
+            let path = format!("{dir}/inflight-{:05}-{:05}", id.vertex.0, id.index);
+            let bytes = inflight::encode(&unaligned.in_flight).map_err(|e| fail(e.into()))?;
+            let storage = self.storage.as_mut();
+            let written = storage
+                .write(&path, &bytes)
+                .and_then(|()| storage.sync_file(&path))
+                .and_then(|()| storage.sync_dir(&dir));
+            written.map_err(|e| fail(e.into()))?;
+            unaligned.snapshot.files.push(path);
+        }
+        self.events.push_back(Event::CheckpointAck { checkpoint, snapshot: unaligned.snapshot });
         Ok(())
     }
 
@@ -734,7 +849,23 @@ impl Node {
     /// When the node wants `handle_step` without new input. Nothing here waits on processing
     /// time yet (timers and idleness detection arrive with the event-time work), so: never.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        None
+        self.tasks
+            .iter()
+            .filter_map(|task| match &task.head {
+                Head::Gate(InputGate { aligner: Some(aligner), .. }) => aligner.poll_timeout(),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Switches alignments that waited past the alignment timeout to unaligned.
+    fn handle_alignment_timeouts(&mut self, now: Instant) -> Result<(), NodeError> {
+        for task in 0..self.tasks.len() {
+            let Head::Gate(InputGate { aligner: Some(aligner), .. }) = &mut self.tasks[task].head else { continue };
+            let actions = aligner.handle_timeout(now);
+            self.apply_alignment(now, task, actions)?;
+        }
+        Ok(())
     }
 
     pub fn is_finished(&self) -> bool {
@@ -784,7 +915,7 @@ mod tests {
     // Method: a script over three inputs with the expected merged elements after each step.
     #[test]
     fn gate_merges_watermarks_idleness_and_end() {
-        let mut gate = InputGate::new(3, false);
+        let mut gate = InputGate::new(3, false, None);
         let mut out = Vec::new();
         gate.on_element(0, Element::Watermark(EventTime(10)), &mut out).unwrap();
         gate.on_element(1, Element::Watermark(EventTime(5)), &mut out).unwrap();
@@ -819,7 +950,7 @@ mod tests {
     #[test]
     fn gate_rejects_protocol_violations() {
         let mut out = Vec::new();
-        let mut gate = InputGate::new(2, false);
+        let mut gate = InputGate::new(2, false, None);
         gate.on_element(0, Element::Watermark(EventTime(10)), &mut out).unwrap();
         let error = gate.on_element(0, Element::Watermark(EventTime(9)), &mut out).unwrap_err();
         assert!(error.to_string().contains("went back"), "{error}");
