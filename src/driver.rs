@@ -13,8 +13,8 @@ use std::time::Duration;
 use sabot_kernel::checkpoint::coordinator::{Action, CheckpointKind, Coordinator, CoordinatorConfig};
 use sabot_kernel::checkpoint::manifest::{manifest_path, persist, Manifest, TaskSnapshot};
 use sabot_kernel::dataflow::{PhysicalPlan, SubtaskId};
-use sabot_kernel::element::CheckpointId;
 use sabot_kernel::element::Element;
+use sabot_kernel::element::{BarrierKind, CheckpointId};
 use sabot_kernel::env::Storage;
 use sabot_kernel::env::{ChannelId, Clock, SendRefused, Transport, TransportError};
 use sabot_kernel::key_group::KeyGroupRange;
@@ -69,6 +69,10 @@ pub struct CheckpointSettings {
     pub interval_ms: u64,
     /// Completed checkpoints kept on disk.
     pub retained_count: usize,
+    /// Periodic checkpoints use unaligned barriers (savepoints stay aligned).
+    pub unaligned: bool,
+    /// Aligned barriers waiting longer than this switch to unaligned.
+    pub alignment_timeout_ms: Option<u64>,
 }
 
 /// Counters of the checkpoint coordinator, for progress reports and summaries.
@@ -150,6 +154,7 @@ pub fn build_nodes(plan: &Arc<PhysicalPlan>, config: &DriverConfig) -> Result<Ve
                 NodeOptions {
                     checkpointing: config.checkpoints.is_some(),
                     restore: config.restore.clone().map(Arc::new),
+                    alignment_timeout_ms: config.checkpoints.as_ref().and_then(|c| c.alignment_timeout_ms),
                 },
             )?)
         })
@@ -205,6 +210,7 @@ pub async fn run(
                 node_count: plan.node_count,
                 stats,
                 savepoint_at,
+                unaligned: settings.unaligned,
             });
             Some(tokio::spawn(task))
         }
@@ -244,7 +250,7 @@ const CHECKPOINT_TIMEOUT_MS: u64 = 60_000;
 /// What the coordinator tells a node.
 #[derive(Clone, Copy, Debug)]
 enum Command {
-    Trigger(CheckpointId),
+    Trigger(CheckpointId, BarrierKind),
     Complete(CheckpointId),
     /// Every node is done (or one failed): stop.
     Stop,
@@ -272,11 +278,31 @@ struct CoordinatorTask {
     stats: CheckpointStats,
     /// When to take the savepoint that stops the job, if one is asked for.
     savepoint_at: Option<Instant>,
+    /// Periodic checkpoints use unaligned barriers.
+    unaligned: bool,
+}
+
+/// The barriers of a checkpoint: savepoints are always aligned (in-flight data would tie them to
+/// one parallelism).
+fn barrier_kind(kind: CheckpointKind, unaligned: bool) -> BarrierKind {
+    match kind {
+        CheckpointKind::Checkpoint if unaligned => BarrierKind::Unaligned,
+        CheckpointKind::Checkpoint | CheckpointKind::Savepoint => BarrierKind::Aligned,
+    }
 }
 
 async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, DriverError> {
-    let CoordinatorTask { mut coordinator, mut reports, commands, mut storage, clock, node_count, stats, savepoint_at } =
-        task;
+    let CoordinatorTask {
+        mut coordinator,
+        mut reports,
+        commands,
+        mut storage,
+        clock,
+        node_count,
+        stats,
+        savepoint_at,
+        unaligned,
+    } = task;
     // A node that stopped early (failure) no longer listens; its failure is reported elsewhere.
     let broadcast = |command: Command| {
         for sender in &commands {
@@ -297,7 +323,7 @@ async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, Drive
                     if kind == CheckpointKind::Savepoint {
                         savepoint = Some(checkpoint);
                     }
-                    broadcast(Command::Trigger(checkpoint));
+                    broadcast(Command::Trigger(checkpoint, barrier_kind(kind, unaligned)));
                 }
                 Action::Persist { manifest } => match persist(&mut storage, &manifest) {
                     Ok(()) => coordinator.handle_persisted(manifest.checkpoint),
@@ -478,7 +504,7 @@ impl NodeDriver {
     fn obey(&mut self, command: Command) -> Result<bool, DriverError> {
         let now = self.clock.now();
         match command {
-            Command::Trigger(checkpoint) => self.node.handle_checkpoint_trigger(now, checkpoint)?,
+            Command::Trigger(checkpoint, kind) => self.node.handle_checkpoint_trigger(now, checkpoint, kind)?,
             Command::Complete(checkpoint) => self.node.handle_checkpoint_complete(now, checkpoint)?,
             Command::Stop => return Ok(false),
         }

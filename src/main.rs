@@ -36,6 +36,9 @@ flags of `sabot run`:
                         with checkpoints: take a savepoint N ms after the start and stop when it is
                         complete; savepoints are kept until deleted
   --from-savepoint ID   start from savepoint (or checkpoint) ID in the data directory
+  --unaligned           periodic checkpoints use unaligned barriers (savepoints stay aligned)
+  --alignment-timeout-ms N
+                        aligned barriers that wait longer than N ms switch to unaligned
 ";
 
 #[derive(Debug)]
@@ -48,6 +51,8 @@ struct RunArgs {
     checkpoint_interval_ms: u64,
     stop_with_savepoint_after_ms: Option<u64>,
     from_savepoint: Option<u64>,
+    unaligned: bool,
+    alignment_timeout_ms: Option<u64>,
 }
 
 /// A command-line mistake: printed with a pointer to the usage, exit code 2.
@@ -69,6 +74,8 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
         checkpoint_interval_ms: 0,
         stop_with_savepoint_after_ms: None,
         from_savepoint: None,
+        unaligned: false,
+        alignment_timeout_ms: None,
     };
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
@@ -86,6 +93,8 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
             "--checkpoint-interval-ms" => run.checkpoint_interval_ms = parse_number(flag, &value()?)?,
             "--stop-with-savepoint-after-ms" => run.stop_with_savepoint_after_ms = Some(parse_number(flag, &value()?)?),
             "--from-savepoint" => run.from_savepoint = Some(parse_number(flag, &value()?)?),
+            "--unaligned" => run.unaligned = true,
+            "--alignment-timeout-ms" => run.alignment_timeout_ms = Some(parse_number(flag, &value()?)?),
             "--data-dir" => run.data_dir = PathBuf::from(value()?),
             "--state" => {
                 run.state = match value()?.as_str() {
@@ -103,8 +112,14 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
     if run.batch_size == 0 {
         return Err(UsageError("--batch-size must be at least 1".into()));
     }
-    if run.checkpoint_interval_ms == 0 && (run.stop_with_savepoint_after_ms.is_some() || run.from_savepoint.is_some()) {
-        return Err(UsageError("savepoints need checkpoints: add --checkpoint-interval-ms".into()));
+    let needs_checkpoints = run.stop_with_savepoint_after_ms.is_some()
+        || run.from_savepoint.is_some()
+        || run.unaligned
+        || run.alignment_timeout_ms.is_some();
+    if run.checkpoint_interval_ms == 0 && needs_checkpoints {
+        return Err(UsageError(
+            "savepoints and alignment options need checkpoints: add --checkpoint-interval-ms".into(),
+        ));
     }
     Ok(run)
 }
@@ -200,8 +215,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         args.parallelism,
         state_name
     );
-    let checkpoints = (args.checkpoint_interval_ms > 0)
-        .then_some(CheckpointSettings { interval_ms: args.checkpoint_interval_ms, retained_count: 3 });
+    let checkpoints = (args.checkpoint_interval_ms > 0).then_some(CheckpointSettings {
+        interval_ms: args.checkpoint_interval_ms,
+        retained_count: 3,
+        unaligned: args.unaligned,
+        alignment_timeout_ms: args.alignment_timeout_ms,
+    });
     let resumed_from = restore.as_ref().map(|manifest| manifest.checkpoint.0);
     let config = DriverConfig {
         data_dir: args.data_dir.clone(),

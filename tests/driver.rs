@@ -30,30 +30,38 @@ fn run_driver(plan: PhysicalPlan, state: StateKind, dir: &std::path::Path) -> sa
     progress.total()
 }
 
-// Goal: with checkpoints on tokio + RocksDB, output is committed only through completed
-// checkpoints, and it is exactly the reference. Method: W2 with a checkpoint every 2 ms.
+// Goal: with checkpoints on tokio + RocksDB — aligned, unaligned, and aligned with a timeout into
+// unaligned — output is committed only through completed checkpoints, and it is exactly the
+// reference. Method: W2 at parallelism 3 with a checkpoint every 2 ms.
 #[test]
 fn w2_with_checkpoints_equals_reference() {
     let record_count = 60_000;
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
-    let checkpoints = Some(CheckpointSettings { interval_ms: 2, retained_count: 2 });
-    let config = DriverConfig {
-        data_dir: dir.path().to_path_buf(),
-        state: StateKind::RocksDb,
-        checkpoints,
-        restore: None,
-        stop_with_savepoint_after_ms: None,
-    };
-    let plan = Arc::new(PhysicalPlan::new(w2_job(record_count, 2, 500).unwrap(), 2));
-    let stats = CheckpointStats::default();
-    runtime.block_on(driver::run(plan, config, Progress::default(), stats.clone())).expect("driver run");
-    let mut storage = LocalFsStorage::open(dir.path()).unwrap();
-    let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
-    assert_eq!(rows, w2_reference(record_count, W2_WINDOW_SIZE_MS));
-    let (completed, _) = stats.completed_aborted();
-    assert!(completed >= 1, "the final output was committed by a checkpoint");
-    assert!(storage.list("checkpoints").unwrap().iter().any(|name| name == "_latest"));
+    for (unaligned, alignment_timeout_ms) in [(false, None), (true, None), (false, Some(0))] {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(3).enable_time().build().unwrap();
+        let checkpoints =
+            Some(CheckpointSettings { interval_ms: 2, retained_count: 2, unaligned, alignment_timeout_ms });
+        let config = DriverConfig {
+            data_dir: dir.path().to_path_buf(),
+            state: StateKind::RocksDb,
+            checkpoints,
+            restore: None,
+            stop_with_savepoint_after_ms: None,
+        };
+        let plan = Arc::new(PhysicalPlan::new(w2_job(record_count, 3, 500).unwrap(), 3));
+        let stats = CheckpointStats::default();
+        runtime.block_on(driver::run(plan, config, Progress::default(), stats.clone())).expect("driver run");
+        let mut storage = LocalFsStorage::open(dir.path()).unwrap();
+        let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
+        assert_eq!(
+            rows,
+            w2_reference(record_count, W2_WINDOW_SIZE_MS),
+            "unaligned {unaligned}, timeout {alignment_timeout_ms:?}"
+        );
+        let (completed, _) = stats.completed_aborted();
+        assert!(completed >= 1, "the final output was committed by a checkpoint");
+        assert!(storage.list("checkpoints").unwrap().iter().any(|name| name == "_latest"));
+    }
 }
 
 // Goal: tokio + RocksDB + local disk commit exactly what the pure in-memory kernel run commits,

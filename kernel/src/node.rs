@@ -188,7 +188,7 @@ impl InputGate {
 
 enum Head {
     Source { source: Box<dyn Source>, ended: bool },
-    Gate(InputGate),
+    Gate(Box<InputGate>),
 }
 
 /// One output edge of a subtask, ready to route.
@@ -417,9 +417,11 @@ impl Node {
         let max = plan.graph.max_parallelism;
         let head = match &vertex.source {
             Some(spec) => Head::Source { source: spec.instantiate(&vertex.name, id, vertex.parallelism), ended: false },
-            None => {
-                Head::Gate(InputGate::new(plan.inputs[&id].len(), options.checkpointing, options.alignment_timeout_ms))
-            }
+            None => Head::Gate(Box::new(InputGate::new(
+                plan.inputs[&id].len(),
+                options.checkpointing,
+                options.alignment_timeout_ms,
+            ))),
         };
         let mut chain = Vec::new();
         for spec in &vertex.chain {
@@ -852,7 +854,7 @@ impl Node {
         self.tasks
             .iter()
             .filter_map(|task| match &task.head {
-                Head::Gate(InputGate { aligner: Some(aligner), .. }) => aligner.poll_timeout(),
+                Head::Gate(gate) => gate.aligner.as_ref().and_then(Aligner::poll_timeout),
                 _ => None,
             })
             .min()
@@ -861,7 +863,8 @@ impl Node {
     /// Switches alignments that waited past the alignment timeout to unaligned.
     fn handle_alignment_timeouts(&mut self, now: Instant) -> Result<(), NodeError> {
         for task in 0..self.tasks.len() {
-            let Head::Gate(InputGate { aligner: Some(aligner), .. }) = &mut self.tasks[task].head else { continue };
+            let Head::Gate(gate) = &mut self.tasks[task].head else { continue };
+            let Some(aligner) = gate.aligner.as_mut() else { continue };
             let actions = aligner.handle_timeout(now);
             self.apply_alignment(now, task, actions)?;
         }
