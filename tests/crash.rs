@@ -30,6 +30,24 @@ fn w2_exactly_once_through_sigkill_unaligned() {
     sigkill_run(&["--unaligned", "--parallelism", "3"]);
 }
 
+/// The flags of `sabot run` for W2 with checkpoints in `data_dir`.
+fn run_args(record_count: u64, parallelism: u16, interval_ms: u64, data_dir: &std::path::Path) -> Vec<String> {
+    let args = [
+        "run",
+        "--records",
+        &record_count.to_string(),
+        "--parallelism",
+        &parallelism.to_string(),
+        "--batch-size",
+        "1000",
+        "--checkpoint-interval-ms",
+        &interval_ms.to_string(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
+    args.map(str::to_string).to_vec()
+}
+
 /// Kills `sabot run` (with `extra` flags, which override earlier ones) KILL_COUNT times at seeded
 /// points, lets it finish, and compares the committed output with the reference.
 fn sigkill_run(extra: &[&str]) {
@@ -37,21 +55,8 @@ fn sigkill_run(extra: &[&str]) {
     let record_count: u64 = 1_000_000;
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let args = [
-        "run",
-        "--records",
-        &record_count.to_string(),
-        "--parallelism",
-        "2",
-        "--batch-size",
-        "1000",
-        "--checkpoint-interval-ms",
-        "30",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-    ]
-    .map(str::to_string);
-    let args: Vec<String> = args.into_iter().chain(extra.iter().map(|s| s.to_string())).collect();
+    let mut args = run_args(record_count, 2, 30, &data_dir);
+    args.extend(extra.iter().map(|s| s.to_string()));
     let sabot = || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sabot"));
         command.args(&args).stdout(Stdio::null()).stderr(Stdio::null());
@@ -148,20 +153,7 @@ fn corrupt_checkpoints_never_make_output_wrong() {
         println!("damage: {damage}");
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
-        let args = [
-            "run",
-            "--records",
-            &record_count.to_string(),
-            "--parallelism",
-            "2",
-            "--batch-size",
-            "1000",
-            "--checkpoint-interval-ms",
-            "20",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-        ]
-        .map(str::to_string);
+        let args = run_args(record_count, 2, 20, &data_dir);
         run_until_checkpoint(&args, &data_dir, 3);
         let checkpoints = data_dir.join("checkpoints");
         if damage.starts_with("flip") {
@@ -208,21 +200,7 @@ fn savepoints_stop_and_restart_at_another_parallelism() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let run = |parallelism: u16, extra: &[String]| {
-        let mut args: Vec<String> = [
-            "run",
-            "--records",
-            &record_count.to_string(),
-            "--parallelism",
-            &parallelism.to_string(),
-            "--batch-size",
-            "1000",
-            "--checkpoint-interval-ms",
-            "50",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-        ]
-        .map(str::to_string)
-        .to_vec();
+        let mut args = run_args(record_count, parallelism, 50, &data_dir);
         args.extend_from_slice(extra);
         let output = Command::new(env!("CARGO_BIN_EXE_sabot")).args(&args).output().expect("running sabot");
         let (stdout, stderr) =

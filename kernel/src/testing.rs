@@ -87,7 +87,7 @@ pub fn run_in_memory_with(
     let now = Instant(0);
     let mut step_count = 0_u64;
     // An element taken from a node's outbox whose receiver had no room yet: the node's one in flight.
-    let mut held: Vec<Option<(crate::env::ChannelId, crate::element::Element)>> = vec![None; nodes.len()];
+    let mut held: Vec<Held> = vec![None; nodes.len()];
     loop {
         let mut busy = false;
         for index in 0..nodes.len() {
@@ -95,19 +95,7 @@ pub fn run_in_memory_with(
             step_count += 1;
             busy |= step == Step::Busy;
             while nodes[index].poll_event().is_some() {}
-            // Move what this node sends to its receivers while they have room; the rest waits.
-            loop {
-                let Some((channel, element)) = held[index].take().or_else(|| nodes[index].poll_transmit()) else {
-                    break;
-                };
-                let receiver = usize::from(plan.node_of(plan.channel(channel).to));
-                if nodes[receiver].inbox_room() == 0 {
-                    held[index] = Some((channel, element));
-                    break;
-                }
-                nodes[receiver].handle_element(now, channel, element);
-                busy = true;
-            }
+            busy |= move_output(&plan, &mut nodes, &mut held, index, now);
         }
         if nodes.iter().all(Node::is_finished) {
             assert!(held.iter().all(Option::is_none), "elements left in flight after every node finished");
@@ -117,6 +105,25 @@ pub fn run_in_memory_with(
     }
     let metrics: NodeMetrics = nodes.iter().map(Node::metrics).sum();
     Ok(InMemoryRun { storage, metrics, step_count })
+}
+
+/// An element taken from a node's outbox whose receiver had no room yet: one per node at most.
+type Held = Option<(crate::env::ChannelId, crate::element::Element)>;
+
+/// Moves what node `index` sends to its receivers while they have room (the first element that
+/// does not fit waits in `held`). Returns whether anything moved.
+fn move_output(plan: &PhysicalPlan, nodes: &mut [Node], held: &mut [Held], index: usize, now: Instant) -> bool {
+    let mut moved = false;
+    while let Some((channel, element)) = held[index].take().or_else(|| nodes[index].poll_transmit()) {
+        let receiver = usize::from(plan.node_of(plan.channel(channel).to));
+        if nodes[receiver].inbox_room() == 0 {
+            held[index] = Some((channel, element));
+            break;
+        }
+        nodes[receiver].handle_element(now, channel, element);
+        moved = true;
+    }
+    moved
 }
 
 /// How a checkpointed in-memory run goes: checkpoints every `interval_steps` steps, and a crash
@@ -283,7 +290,7 @@ pub fn run_checkpointed_with(
             plan.graph.subtasks(),
             restored.as_deref().cloned(),
         );
-        let mut held: Vec<Option<(crate::env::ChannelId, crate::element::Element)>> = vec![None; nodes.len()];
+        let mut held: Vec<Held> = vec![None; nodes.len()];
         loop {
             step += 1;
             assert!(step < CHECKPOINTED_STEPS_MAX, "checkpointed run stuck");
@@ -343,17 +350,7 @@ pub fn run_checkpointed_with(
                         coordinator.handle_ack(checkpoint, snapshot).map_err(|e| e.to_string())?;
                     }
                 }
-                loop {
-                    let Some((channel, element)) = held[index].take().or_else(|| nodes[index].poll_transmit()) else {
-                        break;
-                    };
-                    let receiver = usize::from(plan.node_of(plan.channel(channel).to));
-                    if nodes[receiver].inbox_room() == 0 {
-                        held[index] = Some((channel, element));
-                        break;
-                    }
-                    nodes[receiver].handle_element(now, channel, element);
-                }
+                move_output(&plan, &mut nodes, &mut held, index, now);
             }
             if nodes.iter().all(Node::is_done) {
                 run.step_count = step;
