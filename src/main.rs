@@ -316,6 +316,11 @@ fn summarize(
             "  checkpoints     {} completed, {} aborted (every {} ms)",
             checkpoints.0, checkpoints.1, args.checkpoint_interval_ms
         );
+        let mean = metrics.alignment_ms_total as f64 / metrics.alignment_count.max(1) as f64;
+        println!(
+            "  alignment       inputs held {mean:.1} ms on average, {} ms at most, over {} snapshots of windows",
+            metrics.alignment_ms_max, metrics.alignment_count
+        );
     }
     println!("  windows out     {} rows (one per key and window)", group_digits(metrics.records_out));
     println!("  late records    {} dropped", group_digits(metrics.records_late_dropped));

@@ -50,7 +50,13 @@ fn w2_with_checkpoints_equals_reference() {
         };
         let plan = Arc::new(PhysicalPlan::new(w2_job(record_count, 3, 500).unwrap(), 3));
         let stats = CheckpointStats::default();
-        runtime.block_on(driver::run(plan, config, Progress::default(), stats.clone())).expect("driver run");
+        let progress = Progress::default();
+        runtime.block_on(driver::run(plan, config, progress.clone(), stats.clone())).expect("driver run");
+        let metrics = progress.total();
+        assert!(metrics.alignment_count > 0, "windows took snapshots");
+        if unaligned {
+            assert_eq!(metrics.alignment_ms_max, 0, "unaligned snapshots hold no input");
+        }
         let mut storage = LocalFsStorage::open(dir.path()).unwrap();
         let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
         assert_eq!(

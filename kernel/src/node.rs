@@ -235,6 +235,11 @@ pub struct NodeMetrics {
     pub records_late_dropped: u64,
     pub windows_fired: u64,
     pub state_size_bytes: u64,
+    /// Snapshots taken by tasks with inputs, and how long their inputs were held back for
+    /// alignment (zero for unaligned snapshots; the timeout, for ones that timed out).
+    pub alignment_count: u64,
+    pub alignment_ms_total: u64,
+    pub alignment_ms_max: u64,
 }
 
 impl std::iter::Sum for NodeMetrics {
@@ -245,6 +250,9 @@ impl std::iter::Sum for NodeMetrics {
             records_late_dropped: total.records_late_dropped + m.records_late_dropped,
             windows_fired: total.windows_fired + m.windows_fired,
             state_size_bytes: total.state_size_bytes + m.state_size_bytes,
+            alignment_count: total.alignment_count + m.alignment_count,
+            alignment_ms_total: total.alignment_ms_total + m.alignment_ms_total,
+            alignment_ms_max: total.alignment_ms_max.max(m.alignment_ms_max),
         })
     }
 }
@@ -268,6 +276,8 @@ pub struct Node {
     /// Checkpoints triggered here and not known complete, ascending: a task that finishes without
     /// having seen their barriers (its inputs ended first) acknowledges them with its final snapshot.
     checkpoints_triggered: Vec<CheckpointId>,
+    /// Alignment counters (the `alignment_*` fields only).
+    alignment: NodeMetrics,
 }
 
 impl Node {
@@ -313,6 +323,7 @@ impl Node {
             failed: false,
             checkpointing: options.checkpointing,
             checkpoints_triggered: Vec::new(),
+            alignment: NodeMetrics::default(),
         };
         if let Some(manifest) = &options.restore {
             node.restore(manifest)?;
@@ -549,7 +560,9 @@ impl Node {
         let protocol =
             |error: String| NodeError { subtask: id, operator: "input".into(), error: OperatorError::Protocol(error) };
         let mut actions = Vec::new();
+        let mut aligning_since = None;
         if let Some(aligner) = &mut gate.aligner {
+            aligning_since = aligner.aligning_since();
             if aligner.is_held(input) {
                 assert!(gate.held.len() < HELD_MAX, "{id}: {} elements held for alignment", gate.held.len());
                 gate.held.push_back((input, element));
@@ -573,6 +586,7 @@ impl Node {
         }
         // With an aligner, barriers end here: the aligner decided what they cause.
         let is_barrier = matches!(element, Element::Barrier(_)) && gate.aligner.is_some();
+        self.record_alignment(now, aligning_since, &actions);
         self.apply_alignment(now, task, actions)?;
         if is_barrier {
             return Ok(());
@@ -589,6 +603,20 @@ impl Node {
         }
         self.scratch.0 = merged;
         Ok(())
+    }
+
+    /// Counts the snapshots among `actions` and how long inputs were held for them: from the first
+    /// barrier (`since`; none if the snapshot came with it) until now.
+    fn record_alignment(&mut self, now: Instant, since: Option<Instant>, actions: &[AlignAction]) {
+        for action in actions {
+            if let AlignAction::Snapshot { .. } = action {
+                // An unaligned snapshot at the first barrier held nothing (`since` is none then).
+                let held_ms = since.map_or(0, |since| now.saturating_sub(since));
+                self.alignment.alignment_count += 1;
+                self.alignment.alignment_ms_total += held_ms;
+                self.alignment.alignment_ms_max = self.alignment.alignment_ms_max.max(held_ms);
+            }
+        }
     }
 
     /// Carries out what the aligner decided: snapshot through the chain, release held elements.
@@ -865,7 +893,9 @@ impl Node {
         for task in 0..self.tasks.len() {
             let Head::Gate(gate) = &mut self.tasks[task].head else { continue };
             let Some(aligner) = gate.aligner.as_mut() else { continue };
+            let since = aligner.aligning_since();
             let actions = aligner.handle_timeout(now);
+            self.record_alignment(now, since, &actions);
             self.apply_alignment(now, task, actions)?;
         }
         Ok(())
@@ -876,7 +906,7 @@ impl Node {
     }
 
     pub fn metrics(&self) -> NodeMetrics {
-        let mut metrics = NodeMetrics::default();
+        let mut metrics = NodeMetrics { ..self.alignment };
         for task in &self.tasks {
             if let Head::Source { source, .. } = &task.head {
                 metrics.records_in += source.metrics().records_out;

@@ -92,6 +92,11 @@ impl Aligner {
         matches!(self.current, Some(Current { snapshot_taken: true, .. })) && self.inputs[input] == InputState::Open
     }
 
+    /// When the checkpoint being aligned saw its first barrier, if one is.
+    pub fn aligning_since(&self) -> Option<Instant> {
+        self.current.map(|current| current.started_at)
+    }
+
     /// When an aligned checkpoint times out into an unaligned one, if one is aligning.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match (self.timeout_ms, self.current) {
