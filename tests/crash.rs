@@ -235,3 +235,68 @@ fn savepoints_stop_and_restart_at_another_parallelism() {
         );
     }
 }
+
+/// A small tmpfs, unmounted when dropped (also when the test fails).
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()])
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a tmpfs needs root (the project's machines and CI run as root)");
+        SmallDisk { path }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+// Goal: a disk that fills up during checkpoints stops the job with an error that says the disk is
+// full, with only correct rows committed, each once; once there is space again (the data moved to
+// a larger disk), the job resumes from its last completed checkpoint and commits exactly the
+// reference. Method: the real binary on a 3 MiB tmpfs, then on the test's own directory.
+#[test]
+fn full_disk_stops_cleanly_and_resumes() {
+    let record_count: u64 = 300_000;
+    let expected = w2_reference(record_count, W2_WINDOW_SIZE_MS);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("small"), "3m");
+    let data_dir = disk.path.join("data");
+    let mut args = run_args(record_count, 2, 20, &data_dir);
+    args.extend(["--state", "heap"].map(str::to_string));
+    let output = Command::new(env!("CARGO_BIN_EXE_sabot")).args(&args).output().expect("running sabot");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the job cannot finish on 3 MiB: {log}");
+    assert!(log.contains("storage is full"), "the error says the disk is full: {log}");
+    let mut storage = LocalFsStorage::open(&data_dir).unwrap();
+    let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
+    assert!(rows.len() < expected.len());
+    for (key, value) in &rows {
+        assert_eq!(expected.get(key), Some(value), "committed row {key:?} is correct");
+    }
+    // More space: the same data on a larger disk.
+    let moved = dir.path().join("moved");
+    let status = Command::new("cp").args(["-a", data_dir.to_str().unwrap(), moved.to_str().unwrap()]).status().unwrap();
+    assert!(status.success());
+    drop(disk);
+    let mut args = run_args(record_count, 2, 20, &moved);
+    args.extend(["--state", "heap"].map(str::to_string));
+    let output = Command::new(env!("CARGO_BIN_EXE_sabot")).args(&args).output().expect("running sabot");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the job resumes and finishes: {log}");
+    assert!(log.contains("resuming from checkpoint"), "{log}");
+    let mut storage = LocalFsStorage::open(&moved).unwrap();
+    assert!(
+        window_rows(&read_committed(&mut storage, "w2").unwrap()) == expected,
+        "exactly the reference after the move"
+    );
+    println!("committed before the disk filled: {} of {} rows", rows.len(), expected.len());
+}
