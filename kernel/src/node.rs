@@ -3,8 +3,10 @@
 //! The driver feeds the node with `handle_element(now, channel, element)` for elements from other
 //! nodes and `handle_step(now)` to let it work; it drains `poll_transmit` (elements for other
 //! nodes), `poll_event` (what happened) and `poll_timeout` (when to call again without input).
-//! Elements between subtasks of the same node never leave it. Every call is synchronous and
-//! deterministic: the same calls give the same outputs.
+//! Elements between subtasks of the same node never leave it. With checkpoints, the driver also
+//! calls `handle_checkpoint_trigger` and `handle_checkpoint_complete` for the coordinator and
+//! forwards the `Event::CheckpointAck`s; the protocol is in `crate::checkpoint`. Every call is
+//! synchronous and deterministic: the same calls give the same outputs.
 //!
 //! Bounds: the node stops running sources while `OUTBOX_MAX` elements wait to be sent (so a slow
 //! receiver backpressures the sources), and a driver offers input only while `inbox_room() > 0`.
@@ -876,8 +878,8 @@ impl Node {
         self.events.pop_front()
     }
 
-    /// When the node wants `handle_step` without new input. Nothing here waits on processing
-    /// time yet (timers and idleness detection arrive with the event-time work), so: never.
+    /// When the node wants `handle_step` without new input: the earliest alignment timeout of its
+    /// tasks (timers and idleness detection will add theirs with the event-time work).
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.tasks
             .iter()
