@@ -172,16 +172,32 @@ pub async fn run(
     let nodes = build_nodes(&plan, &config)?;
     let clock = TokioClock::new();
     let (report_sender, reports) = mpsc::unbounded_channel();
-    let mut command_senders = Vec::new();
+    let channels: Vec<_> = (0..plan.node_count).map(|_| mpsc::unbounded_channel::<Command>()).collect();
+    let command_senders: Vec<_> = channels.iter().map(|(sender, _)| sender.clone()).collect();
     let mut handles = Vec::new();
-    for (node, transport) in nodes.into_iter().zip(InProcTransport::connect(&plan)) {
-        let control = config.checkpoints.as_ref().map(|_| {
-            let (sender, commands) = mpsc::unbounded_channel();
-            command_senders.push(sender);
-            NodeControl { commands, reports: report_sender.clone(), finished_reported: false, done_reported: false }
+    let failures: Arc<Mutex<Vec<DriverError>>> = Arc::default();
+    for ((node, transport), (sender, commands)) in nodes.into_iter().zip(InProcTransport::connect(&plan)).zip(channels)
+    {
+        let control = config.checkpoints.as_ref().map(|_| NodeControl {
+            commands,
+            commands_own: sender,
+            reports: report_sender.clone(),
+            data_dir: config.data_dir.clone(),
+            finished_reported: false,
+            done_reported: false,
         });
         let driver = NodeDriver { node, transport, clock: clock.clone(), progress: progress.clone(), control };
-        handles.push(tokio::spawn(driver.run()));
+        // The first failure in time is the cause; later ones (peers gone) are its consequences.
+        let (failures, senders) = (failures.clone(), command_senders.clone());
+        handles.push(tokio::spawn(async move {
+            let result = driver.run().await;
+            if let Err(error) = result {
+                failures.lock().expect("failures lock").push(error);
+                for sender in &senders {
+                    let _ = sender.send(Command::Stop);
+                }
+            }
+        }));
     }
     drop(report_sender);
     let coordinator = match &config.checkpoints {
@@ -216,21 +232,16 @@ pub async fn run(
         }
         None => None,
     };
-    let mut first_error = None;
     for (index, handle) in handles.into_iter().enumerate() {
-        let result = handle
-            .await
-            .map_err(|error| DriverError::NodeLost { node: index as u16, reason: error.to_string() })
-            .and_then(|result| result);
-        if let Err(error) = result {
-            // One node failed: the others cannot finish; stop them.
-            for sender in &command_senders {
-                let _ = sender.send(Command::Stop);
-            }
-            first_error.get_or_insert(error);
+        if let Err(error) = handle.await {
+            failures
+                .lock()
+                .expect("failures lock")
+                .push(DriverError::NodeLost { node: index as u16, reason: error.to_string() });
         }
     }
     drop(command_senders);
+    let first_error = std::mem::take(&mut *failures.lock().expect("failures lock")).into_iter().next();
     // Every node is gone, so the coordinator's reports ended: it returns.
     let savepoint = match coordinator {
         Some(coordinator) => coordinator.await.map_err(|error| DriverError::Coordinator(error.to_string()))??,
@@ -244,14 +255,29 @@ pub async fn run(
     }
 }
 
+/// Writes each file, syncs it, and syncs its directory.
+fn write_durably(data_dir: &std::path::Path, writes: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+    let mut storage = LocalFsStorage::open(data_dir).map_err(|error| format!("{}: {error}", data_dir.display()))?;
+    for (path, bytes) in writes {
+        let written = storage
+            .write(&path, &bytes)
+            .and_then(|()| storage.sync_file(&path))
+            .and_then(|()| storage.sync_dir(sabot_kernel::env::parent_dir(&path)));
+        written.map_err(|error| error.to_string())?;
+    }
+    Ok(())
+}
+
 /// A checkpoint not complete this long after its trigger is aborted.
 const CHECKPOINT_TIMEOUT_MS: u64 = 60_000;
 
-/// What the coordinator tells a node.
-#[derive(Clone, Copy, Debug)]
+/// What the coordinator (or a snapshot writer) tells a node.
+#[derive(Clone, Debug)]
 enum Command {
     Trigger(CheckpointId, BarrierKind),
     Complete(CheckpointId),
+    /// The asynchronous part of a snapshot was written (or failed, with the reason).
+    Written(CheckpointId, SubtaskId, Result<(), String>),
     /// Every node is done (or one failed): stop.
     Stop,
 }
@@ -306,7 +332,7 @@ async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, Drive
     // A node that stopped early (failure) no longer listens; its failure is reported elsewhere.
     let broadcast = |command: Command| {
         for sender in &commands {
-            let _ = sender.send(command);
+            let _ = sender.send(command.clone());
         }
     };
     let (mut finished, mut done) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
@@ -445,7 +471,10 @@ struct NodeDriver {
 
 struct NodeControl {
     commands: mpsc::UnboundedReceiver<Command>,
+    /// For snapshot writers to say they are done.
+    commands_own: mpsc::UnboundedSender<Command>,
     reports: mpsc::UnboundedSender<Report>,
+    data_dir: PathBuf,
     finished_reported: bool,
     done_reported: bool,
 }
@@ -479,9 +508,9 @@ impl NodeDriver {
                 (Step::Finished, false) => {
                     // Finished: wait for the checkpoint that commits the final output, then for Stop.
                     self.report_done_once();
-                    match self.next_command().await {
-                        Some(command) if self.obey(command)? => {}
-                        _ => return Ok(()),
+                    let Some(command) = self.next_command().await else { return Ok(()) };
+                    if !self.obey(command)? {
+                        return Ok(());
                     }
                 }
                 // Work left: step again (and retry the held element then) after letting others run.
@@ -506,18 +535,35 @@ impl NodeDriver {
         match command {
             Command::Trigger(checkpoint, kind) => self.node.handle_checkpoint_trigger(now, checkpoint, kind)?,
             Command::Complete(checkpoint) => self.node.handle_checkpoint_complete(now, checkpoint)?,
+            Command::Written(checkpoint, subtask, Ok(())) => self.node.handle_snapshot_written(checkpoint, subtask),
+            Command::Written(checkpoint, subtask, Err(reason)) => {
+                let reason = format!("writing the snapshot of {subtask} for checkpoint {}: {reason}", checkpoint.0);
+                return Err(DriverError::NodeLost { node: self.node.index(), reason });
+            }
             Command::Stop => return Ok(false),
         }
         self.forward_events();
         Ok(true)
     }
 
-    /// Sends acknowledgements to the coordinator; other events need no one.
+    /// Sends acknowledgements to the coordinator, and starts the writes of snapshots on blocking
+    /// threads (the asynchronous part: the node goes on meanwhile); other events need no one.
     fn forward_events(&mut self) {
         while let Some(event) = self.node.poll_event() {
-            if let (Event::CheckpointAck { checkpoint, snapshot }, Some(control)) = (event, &self.control) {
+            let Some(control) = &self.control else { continue };
+            match event {
                 // A coordinator that is gone stopped the job; the node learns it from Stop.
-                let _ = control.reports.send(Report::Ack(checkpoint, snapshot));
+                Event::CheckpointAck { checkpoint, snapshot } => {
+                    let _ = control.reports.send(Report::Ack(checkpoint, snapshot));
+                }
+                Event::SnapshotWrites { checkpoint, subtask, writes } => {
+                    let (done, data_dir) = (control.commands_own.clone(), control.data_dir.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let result = write_durably(&data_dir, writes);
+                        let _ = done.send(Command::Written(checkpoint, subtask, result));
+                    });
+                }
+                Event::TaskFinished { .. } => {}
             }
         }
     }

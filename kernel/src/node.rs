@@ -11,7 +11,7 @@
 //! Bounds: the node stops running sources while `OUTBOX_MAX` elements wait to be sent (so a slow
 //! receiver backpressures the sources), and a driver offers input only while `inbox_room() > 0`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use arrow_array::RecordBatch;
@@ -47,6 +47,9 @@ pub enum Event {
     TaskFinished { subtask: SubtaskId },
     /// A subtask took its part of `checkpoint`: the coordinator's acknowledgement.
     CheckpointAck { checkpoint: CheckpointId, snapshot: TaskSnapshot },
+    /// The asynchronous part of a task's snapshot: write each file durably (write, sync, sync its
+    /// directory), then call `handle_snapshot_written`; the acknowledgement follows.
+    SnapshotWrites { checkpoint: CheckpointId, subtask: SubtaskId, writes: Vec<(String, Vec<u8>)> },
 }
 
 /// How a node runs its subtasks.
@@ -60,6 +63,9 @@ pub struct NodeOptions {
     /// Aligned barriers that wait longer than this for alignment switch to unaligned.
     pub alignment_timeout_ms: Option<u64>,
 }
+
+/// Snapshots of one node whose asynchronous writes may be in progress at once.
+pub const ACKS_WAITING_MAX: usize = 4096;
 
 /// Elements a consuming subtask holds back while it aligns barriers.
 pub const HELD_MAX: usize = 64 * 1024;
@@ -112,6 +118,7 @@ struct InputGate {
 struct UnalignedSnapshot {
     checkpoint: CheckpointId,
     snapshot: TaskSnapshot,
+    writes: Vec<(String, Vec<u8>)>,
     in_flight: Vec<(usize, Element)>,
 }
 
@@ -280,6 +287,8 @@ pub struct Node {
     checkpoints_triggered: Vec<CheckpointId>,
     /// Alignment counters (the `alignment_*` fields only).
     alignment: NodeMetrics,
+    /// Snapshots whose files the driver is writing; acknowledged when it says they are written.
+    acks_waiting: BTreeMap<(CheckpointId, SubtaskId), TaskSnapshot>,
 }
 
 impl Node {
@@ -326,6 +335,7 @@ impl Node {
             checkpointing: options.checkpointing,
             checkpoints_triggered: Vec::new(),
             alignment: NodeMetrics::default(),
+            acks_waiting: BTreeMap::new(),
         };
         if let Some(manifest) = &options.restore {
             node.restore(manifest)?;
@@ -678,6 +688,7 @@ impl Node {
                         operator.on_barrier(&mut context, barrier.checkpoint).map(|snapshot| {
                             written.files.extend(snapshot.files);
                             written.pending_output.extend(snapshot.pending_output);
+                            written.writes.extend(snapshot.writes);
                             context.emit(Element::Barrier(barrier));
                         })
                     }
@@ -705,9 +716,10 @@ impl Node {
             match &mut task.head {
                 // An unaligned snapshot is acknowledged once its in-flight data is complete.
                 Head::Gate(gate) if kind == BarrierKind::Unaligned => {
-                    gate.unaligned = Some(UnalignedSnapshot { checkpoint, snapshot, in_flight: Vec::new() });
+                    let writes = written.writes;
+                    gate.unaligned = Some(UnalignedSnapshot { checkpoint, snapshot, writes, in_flight: Vec::new() });
                 }
-                _ => self.events.push_back(Event::CheckpointAck { checkpoint, snapshot }),
+                _ => Self::acknowledge(&mut self.events, &mut self.acks_waiting, checkpoint, snapshot, written.writes),
             }
         }
         if ending {
@@ -757,6 +769,12 @@ impl Node {
                 operator: operator.name().to_string(),
                 error,
             })?;
+            assert!(
+                written.writes.is_empty(),
+                "{}: the final snapshot of {} writes asynchronously",
+                task.id,
+                operator.name()
+            );
             snapshot.files.extend(written.files);
             snapshot.pending_output.extend(written.pending_output);
         }
@@ -804,19 +822,45 @@ impl Node {
         };
         let fail = |error: OperatorError| NodeError { subtask: id, operator: "in-flight data".into(), error };
         if !unaligned.in_flight.is_empty() {
-            let dir = checkpoint_dir(checkpoint);
-            let path = format!("{dir}/inflight-{:05}-{:05}", id.vertex.0, id.index);
+            let path = format!("{}/inflight-{:05}-{:05}", checkpoint_dir(checkpoint), id.vertex.0, id.index);
             let bytes = inflight::encode(&unaligned.in_flight).map_err(|e| fail(e.into()))?;
-            let storage = self.storage.as_mut();
-            let written = storage
-                .write(&path, &bytes)
-                .and_then(|()| storage.sync_file(&path))
-                .and_then(|()| storage.sync_dir(&dir));
-            written.map_err(|e| fail(e.into()))?;
-            unaligned.snapshot.files.push(path);
+            unaligned.snapshot.files.push(path.clone());
+            unaligned.writes.push((path, bytes));
         }
-        self.events.push_back(Event::CheckpointAck { checkpoint, snapshot: unaligned.snapshot });
+        Self::acknowledge(&mut self.events, &mut self.acks_waiting, checkpoint, unaligned.snapshot, unaligned.writes);
         Ok(())
+    }
+
+    /// Acknowledges `checkpoint` now, or, if files are to be written first, hands them to the
+    /// driver and acknowledges in `handle_snapshot_written`.
+    fn acknowledge(
+        events: &mut VecDeque<Event>,
+        acks_waiting: &mut BTreeMap<(CheckpointId, SubtaskId), TaskSnapshot>,
+        checkpoint: CheckpointId,
+        snapshot: TaskSnapshot,
+        writes: Vec<(String, Vec<u8>)>,
+    ) {
+        if writes.is_empty() {
+            events.push_back(Event::CheckpointAck { checkpoint, snapshot });
+            return;
+        }
+        let subtask = snapshot.subtask;
+        assert!(acks_waiting.insert((checkpoint, subtask), snapshot).is_none(), "{subtask}: {checkpoint:?} twice");
+        assert!(
+            acks_waiting.len() <= ACKS_WAITING_MAX,
+            "{} acknowledgements wait for their writes",
+            acks_waiting.len()
+        );
+        events.push_back(Event::SnapshotWrites { checkpoint, subtask, writes });
+    }
+
+    /// The driver wrote what `Event::SnapshotWrites` asked for: the task acknowledges.
+    pub fn handle_snapshot_written(&mut self, checkpoint: CheckpointId, subtask: SubtaskId) {
+        let snapshot = self
+            .acks_waiting
+            .remove(&(checkpoint, subtask))
+            .unwrap_or_else(|| panic!("{subtask}: no snapshot of {checkpoint:?} was waiting for its writes"));
+        self.events.push_back(Event::CheckpointAck { checkpoint, snapshot });
     }
 
     /// `checkpoint` is complete and durable: operators commit what it covers.

@@ -3,7 +3,7 @@
 //! `run_in_memory` steps every node of a plan in one thread, moving elements between them in a
 //! fixed order: the pure kernel run that real drivers are compared with.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::{Array, Int64Array, RecordBatch, UInt64Array};
@@ -125,6 +125,9 @@ fn move_output(plan: &PhysicalPlan, nodes: &mut [Node], held: &mut [Held], index
     }
     moved
 }
+
+/// Snapshot files being written: the step they are done at, and for which checkpoint and task.
+type PendingWrites = (u64, crate::element::CheckpointId, crate::dataflow::SubtaskId, Vec<(String, Vec<u8>)>);
 
 /// How a checkpointed in-memory run goes: checkpoints every `interval_steps` steps, and a crash
 /// (every node lost, storage losing what was not synced) at each of `crash_at_steps`.
@@ -291,6 +294,8 @@ pub fn run_checkpointed_with(
             restored.as_deref().cloned(),
         );
         let mut held: Vec<Held> = vec![None; nodes.len()];
+        // Snapshot files being written (the asynchronous part), with the step they are done at.
+        let mut writing: VecDeque<PendingWrites> = VecDeque::new();
         loop {
             step += 1;
             assert!(step < CHECKPOINTED_STEPS_MAX, "checkpointed run stuck");
@@ -307,6 +312,18 @@ pub fn run_checkpointed_with(
                 storage.0.lock().expect("storage lock").crash();
                 run.recoveries += 1;
                 continue 'attempt;
+            }
+            while writing.front().is_some_and(|(due, ..)| *due <= step) {
+                let (_, checkpoint, subtask, writes) = writing.pop_front().expect("checked above");
+                for (path, bytes) in writes {
+                    let mut disk = disk.clone();
+                    let written = disk
+                        .write(&path, &bytes)
+                        .and_then(|()| disk.sync_file(&path))
+                        .and_then(|()| disk.sync_dir(crate::env::parent_dir(&path)));
+                    or_restart!(written, 'attempt);
+                }
+                nodes[usize::from(plan.node_of(subtask))].handle_snapshot_written(checkpoint, subtask);
             }
             coordinator.handle_timeout(now);
             while let Some(action) = coordinator.poll_action() {
@@ -345,9 +362,16 @@ pub fn run_checkpointed_with(
                     or_restart!(nodes[index].handle_step(now), 'attempt);
                 }
                 while let Some(event) = nodes[index].poll_event() {
-                    if let Event::CheckpointAck { checkpoint, snapshot } = event {
-                        run.in_flight_acks += u64::from(snapshot.files.iter().any(|f| f.contains("/inflight-")));
-                        coordinator.handle_ack(checkpoint, snapshot).map_err(|e| e.to_string())?;
+                    match event {
+                        Event::CheckpointAck { checkpoint, snapshot } => {
+                            run.in_flight_acks += u64::from(snapshot.files.iter().any(|f| f.contains("/inflight-")));
+                            coordinator.handle_ack(checkpoint, snapshot).map_err(|e| e.to_string())?;
+                        }
+                        // The asynchronous part: written a step later, while the nodes go on.
+                        Event::SnapshotWrites { checkpoint, subtask, writes } => {
+                            writing.push_back((step + 1, checkpoint, subtask, writes))
+                        }
+                        Event::TaskFinished { .. } => {}
                     }
                 }
                 move_output(&plan, &mut nodes, &mut held, index, now);
@@ -680,7 +704,7 @@ mod tests {
             context.storage.write(&path, &bytes)?;
             context.storage.sync_file(&path)?;
             context.storage.sync_dir("kv")?;
-            Ok(crate::dataflow::OperatorSnapshot { files: vec![], pending_output: vec![path] })
+            Ok(crate::dataflow::OperatorSnapshot { files: vec![], pending_output: vec![path], writes: vec![] })
         }
         fn commit(
             &mut self,

@@ -144,14 +144,22 @@ pub struct OperatorSnapshot {
     pub files: Vec<String>,
     /// Pre-committed output, committed when the checkpoint completes.
     pub pending_output: Vec<String>,
+    /// The asynchronous part: captured bytes that the driver writes durably (write, sync file,
+    /// sync directory) while the task goes on; the task acknowledges once they are written.
+    pub writes: Vec<(String, Vec<u8>)>,
 }
 
 /// Writes a small integer durably, with a checksum: operator metadata of a checkpoint.
 pub fn write_u64_file(storage: &mut dyn Storage, path: &str, value: u64) -> Result<(), StorageError> {
+    storage.write(path, &u64_file_bytes(value))?;
+    storage.sync_file(path)
+}
+
+/// The bytes of a small checksummed integer file (what [`read_u64_file`] reads).
+pub fn u64_file_bytes(value: u64) -> Vec<u8> {
     let mut bytes = value.to_le_bytes().to_vec();
     bytes.extend_from_slice(&crc32fast::hash(&value.to_le_bytes()).to_le_bytes());
-    storage.write(path, &bytes)?;
-    storage.sync_file(path)
+    bytes
 }
 
 /// Reads what [`write_u64_file`] wrote; a damaged file is an error naming it.

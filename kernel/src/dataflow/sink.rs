@@ -292,7 +292,7 @@ impl TransactionalSink for FileTransactions {
         let path = format!("{dir}/sink-{:05}-{:05}.sequence", self.subtask.vertex.0, self.subtask.index);
         write_u64_file(context.storage, &path, self.file_sequence)?;
         context.storage.sync_dir(&dir)?;
-        Ok(OperatorSnapshot { files: vec![path], pending_output })
+        Ok(OperatorSnapshot { files: vec![path], pending_output, writes: Vec::new() })
     }
 
     fn commit(&mut self, context: &mut Context<'_>, handles: &[String]) -> Result<(), OperatorError> {

@@ -16,7 +16,7 @@ use arrow_schema::{DataType, Field, SchemaRef};
 
 use super::graph::{field, schema_of};
 use super::watermark::event_times;
-use super::{read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
+use super::{read_u64_file, u64_file_bytes, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
 use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
 use crate::element::CheckpointId;
 use crate::element::Element;
@@ -327,12 +327,13 @@ impl Operator for TumblingWindowCountSum {
         let subtask = context.subtask;
         let state_path = format!("{dir}/window-{:05}-{:05}.state", subtask.vertex.0, subtask.index);
         let watermark_path = format!("{dir}/window-{:05}-{:05}.watermark", subtask.vertex.0, subtask.index);
+        // The synchronous part captures the state; writing it is left to the driver.
         let snapshot = self.state.snapshot()?;
-        context.storage.write(&state_path, snapshot.as_bytes())?;
-        context.storage.sync_file(&state_path)?;
-        write_u64_file(context.storage, &watermark_path, self.watermark.0 as u64)?;
-        context.storage.sync_dir(&dir)?;
-        Ok(OperatorSnapshot { files: vec![state_path, watermark_path], pending_output: Vec::new() })
+        let writes = vec![
+            (state_path.clone(), snapshot.into_bytes()),
+            (watermark_path.clone(), u64_file_bytes(self.watermark.0 as u64)),
+        ];
+        Ok(OperatorSnapshot { files: vec![state_path, watermark_path], pending_output: Vec::new(), writes })
     }
 
     /// Loads the entries of this subtask's key groups from every subtask's state file, takes the
@@ -501,6 +502,10 @@ mod tests {
         op.on_watermark(&mut context, EventTime(20)).unwrap();
         let written = op.on_barrier(&mut context, CheckpointId(3)).unwrap();
         assert!(written.files.iter().all(|f| f.starts_with("checkpoints/chk-00000000000000000003/")));
+        // The asynchronous part, as a driver does it.
+        for (path, bytes) in &written.writes {
+            context.storage.write(path, bytes).unwrap();
+        }
         op.on_end(&mut context).unwrap();
         let expected = rows(&out);
         let snapshots =
