@@ -186,7 +186,7 @@ pub async fn run(
             finished_reported: false,
             done_reported: false,
         });
-        let driver = NodeDriver { node, transport, clock: clock.clone(), progress: progress.clone(), control };
+        let mut driver = NodeDriver { node, transport, clock: clock.clone(), progress: progress.clone(), control };
         // The first failure in time is the cause; later ones (peers gone) are its consequences.
         let (failures, senders) = (failures.clone(), command_senders.clone());
         handles.push(tokio::spawn(async move {
@@ -197,6 +197,8 @@ pub async fn run(
                     let _ = sender.send(Command::Stop);
                 }
             }
+            // Only now do its channels close: a peer that finds them closed comes second.
+            drop(driver);
         }));
     }
     drop(report_sender);
@@ -483,7 +485,7 @@ struct NodeControl {
 const PROGRESS_EVERY_MS: u64 = 200;
 
 impl NodeDriver {
-    async fn run(mut self) -> Result<(), DriverError> {
+    async fn run(&mut self) -> Result<(), DriverError> {
         let index = self.node.index();
         // An element the node handed out that its receiver had no room for yet.
         let mut held: Option<Envelope> = None;
