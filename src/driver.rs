@@ -179,14 +179,14 @@ pub async fn run(
     for ((node, transport), (sender, commands)) in nodes.into_iter().zip(InProcTransport::connect(&plan)).zip(channels)
     {
         let control = config.checkpoints.as_ref().map(|_| NodeControl {
-            commands,
             commands_own: sender,
             reports: report_sender.clone(),
             data_dir: config.data_dir.clone(),
             finished_reported: false,
             done_reported: false,
         });
-        let mut driver = NodeDriver { node, transport, clock: clock.clone(), progress: progress.clone(), control };
+        let mut driver =
+            NodeDriver { node, transport, clock: clock.clone(), progress: progress.clone(), commands, control };
         // The first failure in time is the cause; later ones (peers gone) are its consequences.
         let (failures, senders) = (failures.clone(), command_senders.clone());
         handles.push(tokio::spawn(async move {
@@ -468,11 +468,12 @@ struct NodeDriver {
     clock: TokioClock,
     progress: Progress,
     /// With checkpoints: commands from the coordinator and reports to it.
+    /// Stop (always), and with checkpoints the coordinator's and snapshot writers' commands.
+    commands: mpsc::UnboundedReceiver<Command>,
     control: Option<NodeControl>,
 }
 
 struct NodeControl {
-    commands: mpsc::UnboundedReceiver<Command>,
     /// For snapshot writers to say they are done.
     commands_own: mpsc::UnboundedSender<Command>,
     reports: mpsc::UnboundedSender<Report>,
@@ -491,7 +492,7 @@ impl NodeDriver {
         let mut held: Option<Envelope> = None;
         let mut published = self.clock.now();
         loop {
-            while let Some(command) = self.control.as_mut().and_then(|c| c.commands.try_recv().ok()) {
+            while let Ok(command) = self.commands.try_recv() {
                 if !self.obey(command)? {
                     return Ok(());
                 }
@@ -588,7 +589,7 @@ impl NodeDriver {
     /// The next coordinator command; never, without checkpoints.
     async fn next_command(&mut self) -> Option<Command> {
         match &mut self.control {
-            Some(control) => control.commands.recv().await,
+            Some(_) => self.commands.recv().await,
             None => std::future::pending().await,
         }
     }
@@ -631,10 +632,7 @@ impl NodeDriver {
         let channel = held.as_ref().expect("an element is held").0;
         let can_take_input = self.node.inbox_room() > 0;
         let writable = self.transport.writable(channel);
-        let commands = match &mut self.control {
-            Some(control) => Some(&mut control.commands),
-            None => None,
-        };
+        let commands = Some(&mut self.commands);
         let (writable, received, command) = tokio::select! {
             biased;
             command = next(commands) => (None, None, command),
@@ -659,10 +657,7 @@ impl NodeDriver {
     async fn wait_for_input(&mut self) -> Result<bool, DriverError> {
         let timeout = self.node.poll_timeout().map(|at| at.saturating_sub(self.clock.now()));
         let sleep = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(u64::MAX / 4)));
-        let commands = match &mut self.control {
-            Some(control) => Some(&mut control.commands),
-            None => None,
-        };
+        let commands = Some(&mut self.commands);
         let (received, command) = tokio::select! {
             biased;
             command = next(commands) => (None, command),

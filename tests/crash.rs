@@ -300,3 +300,32 @@ fn full_disk_stops_cleanly_and_resumes() {
     );
     println!("committed before the disk filled: {} of {} rows", rows.len(), expected.len());
 }
+
+// Goal: without checkpoints too, a node that fails (here: the disk fills with sink output) stops
+// the whole job with the disk's error, instead of leaving the other node waiting for input that
+// will never come. Method: the real binary on a 1 MiB tmpfs, with a deadline.
+#[test]
+fn failure_without_checkpoints_stops_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(dir.path().join("small"), "1m");
+    let args = ["run", "--records", "300000", "--parallelism", "2", "--state", "heap", "--data-dir"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sabot"))
+        .args(args)
+        .arg(disk.path.join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting sabot");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("sabot hung after a node failed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("storage is full"), "the first failure is reported: {log}");
+}
