@@ -103,10 +103,6 @@ impl RocksDbBackend {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn full_key(&mut self, key_group: KeyGroup, key: &[u8]) -> &[u8] {
         assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
         self.key.clear();

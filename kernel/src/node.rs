@@ -480,10 +480,6 @@ impl Node {
         self.index
     }
 
-    pub fn plan(&self) -> &Arc<PhysicalPlan> {
-        &self.plan
-    }
-
     /// How many more elements from other nodes this node takes now.
     pub fn inbox_room(&self) -> usize {
         INBOX_REMOTE_MAX.saturating_sub(self.inbox_remote_count)
@@ -967,11 +963,6 @@ impl Node {
             }
         }
         metrics
-    }
-
-    /// Gives the storage back, for reading committed output after the node is done.
-    pub fn into_storage(self) -> Box<dyn Storage + Send> {
-        self.storage
     }
 }
 

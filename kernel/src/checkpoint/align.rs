@@ -78,10 +78,6 @@ impl Aligner {
         Aligner { timeout_ms, inputs: vec![InputState::Open; input_count], current: None, finished: None }
     }
 
-    pub fn input_state(&self, input: usize) -> InputState {
-        self.inputs[input]
-    }
-
     /// Aligned mode: elements of `input` must be held now.
     pub fn is_held(&self, input: usize) -> bool {
         matches!(self.current, Some(Current { snapshot_taken: false, .. })) && self.inputs[input] == InputState::Barrier

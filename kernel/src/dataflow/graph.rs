@@ -419,11 +419,6 @@ impl JobGraph {
     pub fn subtasks(&self) -> impl Iterator<Item = SubtaskId> + '_ {
         self.vertices.iter().flat_map(|v| (0..v.parallelism).map(move |index| SubtaskId { vertex: v.id, index }))
     }
-
-    /// The largest parallelism of any vertex: the number of nodes the default placement uses.
-    pub fn parallelism_max(&self) -> u16 {
-        self.vertices.iter().map(|v| v.parallelism).max().unwrap_or(1)
-    }
 }
 
 /// A logical channel of the physical plan.

@@ -20,28 +20,6 @@ pub trait Clock {
     fn now(&self) -> Instant;
 }
 
-/// A clock moved by hand: the clock of tests and of the single-threaded harness.
-#[derive(Clone, Debug, Default)]
-pub struct ManualClock {
-    now: Instant,
-}
-
-impl ManualClock {
-    pub fn new(now: Instant) -> ManualClock {
-        ManualClock { now }
-    }
-
-    pub fn advance_ms(&mut self, ms: u64) {
-        self.now = self.now.saturating_add_ms(ms);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Instant {
-        self.now
-    }
-}
-
 /// A logical channel between two subtasks: FIFO, reliable until broken.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct ChannelId(pub u32);

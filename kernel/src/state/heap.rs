@@ -118,11 +118,6 @@ impl HeapBackend {
         }
     }
 
-    /// The number of entries held.
-    pub fn entry_count(&self) -> usize {
-        self.groups.iter().map(HashTable::len).sum()
-    }
-
     #[inline]
     fn group_mut(&mut self, key_group: KeyGroup) -> &mut HashTable<Entry> {
         assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
