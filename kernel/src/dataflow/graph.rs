@@ -10,7 +10,7 @@ use super::map::{Filter, Predicate, Project};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
 use super::source::GeneratorSource;
 use super::watermark::WatermarkAssigner;
-use super::window::{KeyType, TumblingWindowCountSum};
+use super::window::{KeyType, TumblingWindowCountSum, WindowSpec};
 use super::{Operator, Source};
 use crate::env::ChannelId;
 use crate::key_group::{KeyGroupRange, MaxParallelism};
@@ -131,13 +131,7 @@ pub enum OperatorSpec {
         indices: Vec<usize>,
         schema: SchemaRef,
     },
-    TumblingWindow {
-        key_index: usize,
-        key_type: KeyType,
-        event_time_index: usize,
-        value_index: usize,
-        size_ms: i64,
-    },
+    TumblingWindow(WindowSpec),
     Sink {
         name: String,
     },
@@ -160,14 +154,14 @@ impl OperatorSpec {
             OperatorSpec::Watermarks { .. } => "watermarks",
             OperatorSpec::Filter { name, .. } => name,
             OperatorSpec::Project { .. } => "project",
-            OperatorSpec::TumblingWindow { .. } => "tumbling-window",
+            OperatorSpec::TumblingWindow(_) => "tumbling-window",
             OperatorSpec::Sink { name } | OperatorSpec::TransactionalSink { name, .. } => name,
         }
     }
 
     /// Whether instances keep keyed state (and so need a [`StateBackend`]).
     pub fn is_stateful(&self) -> bool {
-        matches!(self, OperatorSpec::TumblingWindow { .. })
+        matches!(self, OperatorSpec::TumblingWindow(_))
     }
 
     /// Creates the instance for `subtask`; `state` is given exactly to stateful operators.
@@ -184,16 +178,8 @@ impl OperatorSpec {
             }
             OperatorSpec::Filter { name, predicate } => Box::new(Filter::new(name, predicate.clone())),
             OperatorSpec::Project { indices, schema } => Box::new(Project::new(indices.clone(), schema.clone())),
-            &OperatorSpec::TumblingWindow { key_index, key_type, event_time_index, value_index, size_ms } => {
-                Box::new(TumblingWindowCountSum::new(
-                    key_index,
-                    key_type,
-                    event_time_index,
-                    value_index,
-                    size_ms,
-                    max_parallelism,
-                    state.expect("checked above"),
-                ))
+            &OperatorSpec::TumblingWindow(spec) => {
+                Box::new(TumblingWindowCountSum::new(spec, max_parallelism, state.expect("checked above")))
             }
             OperatorSpec::Sink { name } => Box::new(FileSink::new_files(name, subtask)),
             OperatorSpec::TransactionalSink { factory, .. } => Box::new(TwoPhaseCommitSink::new((factory.0)(subtask))),
@@ -360,7 +346,13 @@ impl Stream {
             return Err(BuildError::Invalid { operator: operator.into(), reason: format!("size {size_ms} ms <= 0") });
         }
         let value_index = self.column_of_type(operator, value, &[DataType::Int64])?;
-        self.push(OperatorSpec::TumblingWindow { key_index, key_type, event_time_index, value_index, size_ms });
+        self.push(OperatorSpec::TumblingWindow(WindowSpec {
+            key_index,
+            key_type,
+            event_time_index,
+            value_index,
+            size_ms,
+        }));
         self.schema = TumblingWindowCountSum::schema(self.schema.field(key_index).clone());
         self.event_time = TumblingWindowCountSum::EVENT_TIME_INDEX;
         self.key = Some((0, key_type));

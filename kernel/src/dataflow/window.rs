@@ -84,12 +84,18 @@ fn decode_aggregate(bytes: &[u8]) -> Result<(u64, i64), StateError> {
     Ok((count, sum))
 }
 
+/// What a tumbling window reads, and how wide its windows are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub key_index: usize,
+    pub key_type: KeyType,
+    pub event_time_index: usize,
+    pub value_index: usize,
+    pub size_ms: i64,
+}
+
 pub struct TumblingWindowCountSum {
-    key_index: usize,
-    key_type: KeyType,
-    event_time_index: usize,
-    value_index: usize,
-    size_ms: i64,
+    spec: WindowSpec,
     max_parallelism: MaxParallelism,
     state: Box<dyn StateBackend>,
     /// The input watermark: windows ending at or before it have fired.
@@ -121,27 +127,14 @@ impl TumblingWindowCountSum {
         ])
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        key_index: usize,
-        key_type: KeyType,
-        event_time_index: usize,
-        value_index: usize,
-        size_ms: i64,
-        max_parallelism: MaxParallelism,
-        state: Box<dyn StateBackend>,
-    ) -> TumblingWindowCountSum {
-        assert!(size_ms > 0, "window size {size_ms} ms");
-        let key_field = match key_type {
+    pub fn new(spec: WindowSpec, max_parallelism: MaxParallelism, state: Box<dyn StateBackend>) -> Self {
+        assert!(spec.size_ms > 0, "window size {} ms", spec.size_ms);
+        let key_field = match spec.key_type {
             KeyType::UInt64 => field("key", DataType::UInt64),
             KeyType::Int64 => field("key", DataType::Int64),
         };
         TumblingWindowCountSum {
-            key_index,
-            key_type,
-            event_time_index,
-            value_index,
-            size_ms,
+            spec,
             max_parallelism,
             state,
             watermark: EventTime::MIN,
@@ -157,8 +150,8 @@ impl TumblingWindowCountSum {
     /// Adds one record to its window. `key_hash` is the key as `u64` for the key-group hash.
     #[inline]
     fn add(&mut self, key_hash: u64, ts: i64, value: i64) -> Result<(), OperatorError> {
-        let start = ts - ts.rem_euclid(self.size_ms);
-        let end = start.checked_add(self.size_ms).ok_or_else(|| {
+        let start = ts - ts.rem_euclid(self.spec.size_ms);
+        let end = start.checked_add(self.spec.size_ms).ok_or_else(|| {
             OperatorError::Malformed(format!("tumbling-window: event time {ts} has no window end below i64::MAX"))
         })?;
         if end <= self.watermark.0 {
@@ -166,7 +159,7 @@ impl TumblingWindowCountSum {
             return Ok(());
         }
         let key_group = self.max_parallelism.key_group_of_u64(key_hash);
-        match self.key_type {
+        match self.spec.key_type {
             KeyType::UInt64 => self.state_key.set_u64(key_hash),
             KeyType::Int64 => self.state_key.set_i64(key_hash as i64),
         }
@@ -215,7 +208,7 @@ impl TumblingWindowCountSum {
         while let Some(window) = self.windows_open.first_entry() {
             let start = *window.key();
             // `start + size` cannot overflow: `add` checked it before opening the window.
-            if start + self.size_ms > watermark.0 {
+            if start + self.spec.size_ms > watermark.0 {
                 break;
             }
             // Key group by key group (each group's table is small enough to stay in cache),
@@ -225,7 +218,7 @@ impl TumblingWindowCountSum {
             for (offset, keys) in window.remove().into_iter().enumerate() {
                 let key_group = KeyGroup(groups_first + offset as u16);
                 for key in keys {
-                    match self.key_type {
+                    match self.spec.key_type {
                         KeyType::UInt64 => self.state_key.set_u64(key),
                         KeyType::Int64 => self.state_key.set_i64(key as i64),
                     }
@@ -248,14 +241,14 @@ impl TumblingWindowCountSum {
         if fired.is_empty() {
             return Ok(());
         }
-        let key_column: ArrayRef = match self.key_type {
+        let key_column: ArrayRef = match self.spec.key_type {
             KeyType::UInt64 => Arc::new(fired.iter().map(|row| row.0).collect::<UInt64Array>()),
             KeyType::Int64 => Arc::new(fired.iter().map(|row| row.0 as i64).collect::<Int64Array>()),
         };
         let columns: Vec<ArrayRef> = vec![
             key_column,
             Arc::new(fired.iter().map(|row| row.1).collect::<Int64Array>()),
-            Arc::new(fired.iter().map(|row| row.1 + self.size_ms).collect::<Int64Array>()),
+            Arc::new(fired.iter().map(|row| row.1 + self.spec.size_ms).collect::<Int64Array>()),
             Arc::new(fired.iter().map(|row| row.2).collect::<UInt64Array>()),
             Arc::new(fired.iter().map(|row| row.3).collect::<Int64Array>()),
         ];
@@ -265,7 +258,7 @@ impl TumblingWindowCountSum {
     }
 
     fn values<'a>(&self, batch: &'a RecordBatch) -> Result<&'a [i64], OperatorError> {
-        let column = batch.column(self.value_index);
+        let column = batch.column(self.spec.value_index);
         if column.null_count() > 0 {
             return Err(OperatorError::Malformed(format!("tumbling-window: {} null values", column.null_count())));
         }
@@ -282,9 +275,9 @@ impl Operator for TumblingWindowCountSum {
     }
 
     fn on_batch(&mut self, _context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
-        let times = event_times(&batch, self.event_time_index, "tumbling-window")?;
+        let times = event_times(&batch, self.spec.event_time_index, "tumbling-window")?;
         let values = self.values(&batch)?;
-        match key_column(&batch, self.key_index, self.key_type)? {
+        match key_column(&batch, self.spec.key_index, self.spec.key_type)? {
             KeyColumn::UInt64(keys) => {
                 for row in 0..keys.len() {
                     self.add(keys[row], times[row], values[row])?;
@@ -357,7 +350,7 @@ impl Operator for TumblingWindowCountSum {
         self.state.restore(&writer.finish())?;
         self.watermark = EventTime(watermark.unwrap_or(i64::MIN));
         self.windows_open.clear();
-        let (group_count, key_type) = (range.count(), self.key_type);
+        let (group_count, key_type) = (range.count(), self.spec.key_type);
         for (offset, key_group) in range.iter().enumerate() {
             let windows_open = &mut self.windows_open;
             self.state.scan(key_group, &mut |state_key, _| {
@@ -396,10 +389,15 @@ mod tests {
     use crate::testing::window_rows;
     use crate::time::Instant;
 
+    /// Key in column 0, value in 1, event time in 2, windows of 10 ms.
+    fn spec(key_type: KeyType) -> WindowSpec {
+        WindowSpec { key_index: 0, key_type, event_time_index: 2, value_index: 1, size_ms: 10 }
+    }
+
     fn window() -> TumblingWindowCountSum {
         let max = MaxParallelism::default();
         let state = Box::new(HeapBackend::new(KeyGroupRange::all(max)));
-        TumblingWindowCountSum::new(0, KeyType::UInt64, 2, 1, 10, max, state)
+        TumblingWindowCountSum::new(spec(KeyType::UInt64), max, state)
     }
 
     fn batch(rows: &[(Option<u64>, i64, i64)]) -> RecordBatch {
@@ -463,7 +461,7 @@ mod tests {
     fn int64_keys_round_trip() {
         let max = MaxParallelism::default();
         let state = Box::new(HeapBackend::new(KeyGroupRange::all(max)));
-        let mut op = TumblingWindowCountSum::new(0, KeyType::Int64, 2, 1, 10, max, state);
+        let mut op = TumblingWindowCountSum::new(spec(KeyType::Int64), max, state);
         let schema = Arc::new(arrow_schema::Schema::new(vec![
             arrow_schema::Field::new("key", arrow_schema::DataType::Int64, false),
             arrow_schema::Field::new("value", arrow_schema::DataType::Int64, false),
@@ -514,7 +512,7 @@ mod tests {
         let mut restored_rows = Vec::new();
         for index in 0..3 {
             let state = Box::new(HeapBackend::new(max.range_of(index, 3)));
-            let mut restored = TumblingWindowCountSum::new(0, KeyType::UInt64, 2, 1, 10, max, state);
+            let mut restored = TumblingWindowCountSum::new(spec(KeyType::UInt64), max, state);
             let mut out = Vec::new();
             let mut context =
                 Context::new(Instant(0), &mut storage, SubtaskId { vertex: VertexId(1), index }, &mut out);
