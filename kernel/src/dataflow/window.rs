@@ -20,7 +20,7 @@ use super::{read_u64_file, u64_file_bytes, Context, Operator, OperatorError, Ope
 use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
 use crate::element::CheckpointId;
 use crate::element::Element;
-use crate::key_group::{KeyGroup, MaxParallelism};
+use crate::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
 use crate::state::snapshot::SnapshotWriter;
 use crate::state::{order_preserving_i64_inverse, StateBackend, StateError, StateKey};
 use crate::state::{read_u64_be, split_state_key, KeyGroupsSnapshot};
@@ -98,6 +98,8 @@ pub struct TumblingWindowCountSum {
     spec: WindowSpec,
     max_parallelism: MaxParallelism,
     state: Box<dyn StateBackend>,
+    /// The state's key groups (asked once: the backend is behind a virtual call).
+    key_groups: KeyGroupRange,
     /// The input watermark: windows ending at or before it have fired.
     watermark: EventTime,
     /// Open windows by start, with the keys of each of their entries in state, by key group
@@ -136,6 +138,7 @@ impl TumblingWindowCountSum {
         TumblingWindowCountSum {
             spec,
             max_parallelism,
+            key_groups: state.key_groups(),
             state,
             watermark: EventTime::MIN,
             windows_open: BTreeMap::new(),
@@ -187,12 +190,12 @@ impl TumblingWindowCountSum {
             )));
         }
         if created {
-            let offset = usize::from(key_group.0 - self.state.key_groups().start());
+            let offset = usize::from(key_group.0 - self.key_groups.start());
             // Nearly every new entry belongs to the newest window: look there before the map.
             let groups = match self.windows_open.last_entry() {
                 Some(newest) if *newest.key() == start => newest.into_mut(),
                 _ => {
-                    let group_count = self.state.key_groups().count();
+                    let group_count = self.key_groups.count();
                     self.windows_open.entry(start).or_insert_with(|| vec![Vec::new(); group_count])
                 }
             };
@@ -214,7 +217,7 @@ impl TumblingWindowCountSum {
             // Key group by key group (each group's table is small enough to stay in cache),
             // and within a group in the order the keys first arrived: a function of the input
             // sequence, so deterministic, and cheaper than sorting by key.
-            let groups_first = self.state.key_groups().start();
+            let groups_first = self.key_groups.start();
             for (offset, keys) in window.remove().into_iter().enumerate() {
                 let key_group = KeyGroup(groups_first + offset as u16);
                 for key in keys {
