@@ -19,7 +19,7 @@ use sabot_kernel::env::Storage;
 use sabot_kernel::env::{ChannelId, Clock, SendRefused, Transport, TransportError};
 use sabot_kernel::key_group::KeyGroupRange;
 use sabot_kernel::node::{Event, Node, NodeError, NodeMetrics, NodeOptions, Step};
-use sabot_kernel::state::{HeapBackend, StateBackend, StateError};
+use sabot_kernel::state::{HeapBackend, SnapshotWrite, StateBackend, StateError};
 use sabot_kernel::time::Instant;
 use tokio::sync::mpsc;
 
@@ -257,15 +257,11 @@ pub async fn run(
     }
 }
 
-/// Writes each file, syncs it, and syncs its directory.
-fn write_durably(data_dir: &std::path::Path, writes: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+/// Runs the asynchronous part of a snapshot against the job's directory.
+fn write_durably(data_dir: &std::path::Path, writes: Vec<Box<dyn SnapshotWrite>>) -> Result<(), String> {
     let mut storage = LocalFsStorage::open(data_dir).map_err(|error| format!("{}: {error}", data_dir.display()))?;
-    for (path, bytes) in writes {
-        let written = storage
-            .write(&path, &bytes)
-            .and_then(|()| storage.sync_file(&path))
-            .and_then(|()| storage.sync_dir(sabot_kernel::env::parent_dir(&path)));
-        written.map_err(|error| error.to_string())?;
+    for write in writes {
+        write.write(&mut storage).map_err(|error| error.to_string())?;
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::dataflow::{Context, Operator, OperatorError, OperatorMetrics, Operato
 use crate::element::{Barrier, BarrierKind, CheckpointId, Element};
 use crate::env::{ChannelId, Storage};
 use crate::key_group::KeyGroupRange;
-use crate::state::{StateBackend, StateError};
+use crate::state::{FileWrite, SnapshotWrite, StateBackend, StateError};
 use crate::time::{EventTime, Instant};
 
 /// Elements waiting to be sent before sources pause.
@@ -41,15 +41,26 @@ pub const STEP_ELEMENTS_MAX: usize = 32;
 pub type BackendFactory<'a> = dyn FnMut(SubtaskId, KeyGroupRange) -> Result<Box<dyn StateBackend>, StateError> + 'a;
 
 /// What a node tells its driver, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A subtask processed its end of input (and, without checkpoints, committed its output).
     TaskFinished { subtask: SubtaskId },
     /// A subtask took its part of `checkpoint`: the coordinator's acknowledgement.
     CheckpointAck { checkpoint: CheckpointId, snapshot: TaskSnapshot },
-    /// The asynchronous part of a task's snapshot: write each file durably (write, sync, sync its
-    /// directory), then call `handle_snapshot_written`; the acknowledgement follows.
-    SnapshotWrites { checkpoint: CheckpointId, subtask: SubtaskId, writes: Vec<(String, Vec<u8>)> },
+    /// The asynchronous part of a task's snapshot: run each write (off the task's thread, against
+    /// the job's storage), then call `handle_snapshot_written`; the acknowledgement follows.
+    SnapshotWrites { checkpoint: CheckpointId, subtask: SubtaskId, writes: Vec<Box<dyn SnapshotWrite>> },
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::TaskFinished { subtask } => write!(f, "TaskFinished({subtask})"),
+            Event::CheckpointAck { checkpoint, snapshot } => write!(f, "CheckpointAck({checkpoint:?}, {snapshot:?})"),
+            Event::SnapshotWrites { checkpoint, subtask, writes } => {
+                write!(f, "SnapshotWrites({checkpoint:?}, {subtask}, {} writes)", writes.len())
+            }
+        }
+    }
 }
 
 /// How a node runs its subtasks.
@@ -114,12 +125,22 @@ struct InputGate {
     unaligned: Option<UnalignedSnapshot>,
 }
 
-#[derive(Debug)]
 struct UnalignedSnapshot {
     checkpoint: CheckpointId,
     snapshot: TaskSnapshot,
-    writes: Vec<(String, Vec<u8>)>,
+    writes: Vec<Box<dyn SnapshotWrite>>,
     in_flight: Vec<(usize, Element)>,
+}
+
+impl std::fmt::Debug for UnalignedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnalignedSnapshot")
+            .field("checkpoint", &self.checkpoint)
+            .field("snapshot", &self.snapshot)
+            .field("writes", &self.writes.len())
+            .field("in_flight", &self.in_flight.len())
+            .finish()
+    }
 }
 
 impl InputGate {
@@ -821,7 +842,7 @@ impl Node {
             let path = format!("{}/inflight-{:05}-{:05}", checkpoint_dir(checkpoint), id.vertex.0, id.index);
             let bytes = inflight::encode(&unaligned.in_flight).map_err(|e| fail(e.into()))?;
             unaligned.snapshot.files.push(path.clone());
-            unaligned.writes.push((path, bytes));
+            unaligned.writes.push(FileWrite::boxed(path, bytes));
         }
         Self::acknowledge(&mut self.events, &mut self.acks_waiting, checkpoint, unaligned.snapshot, unaligned.writes);
         Ok(())
@@ -834,7 +855,7 @@ impl Node {
         acks_waiting: &mut BTreeMap<(CheckpointId, SubtaskId), TaskSnapshot>,
         checkpoint: CheckpointId,
         snapshot: TaskSnapshot,
-        writes: Vec<(String, Vec<u8>)>,
+        writes: Vec<Box<dyn SnapshotWrite>>,
     ) {
         if writes.is_empty() {
             events.push_back(Event::CheckpointAck { checkpoint, snapshot });

@@ -127,7 +127,8 @@ fn move_output(plan: &PhysicalPlan, nodes: &mut [Node], held: &mut [Held], index
 }
 
 /// Snapshot files being written: the step they are done at, and for which checkpoint and task.
-type PendingWrites = (u64, crate::element::CheckpointId, crate::dataflow::SubtaskId, Vec<(String, Vec<u8>)>);
+type PendingWrites =
+    (u64, crate::element::CheckpointId, crate::dataflow::SubtaskId, Vec<Box<dyn crate::state::SnapshotWrite>>);
 
 /// How a checkpointed in-memory run goes: checkpoints every `interval_steps` steps, and a crash
 /// (every node lost, storage losing what was not synced) at each of `crash_at_steps`.
@@ -315,13 +316,9 @@ pub fn run_checkpointed_with(
             }
             while writing.front().is_some_and(|(due, ..)| *due <= step) {
                 let (_, checkpoint, subtask, writes) = writing.pop_front().expect("checked above");
-                for (path, bytes) in writes {
+                for write in writes {
                     let mut disk = disk.clone();
-                    let written = disk
-                        .write(&path, &bytes)
-                        .and_then(|()| disk.sync_file(&path))
-                        .and_then(|()| disk.sync_dir(crate::env::parent_dir(&path)));
-                    or_restart!(written, 'attempt);
+                    or_restart!(write.write(&mut disk), 'attempt);
                 }
                 nodes[usize::from(plan.node_of(subtask))].handle_snapshot_written(checkpoint, subtask);
             }

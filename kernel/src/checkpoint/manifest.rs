@@ -73,6 +73,12 @@ pub fn checkpoint_dir(id: CheckpointId) -> String {
 }
 
 /// Where the manifest of checkpoint `id` lives.
+/// The directory of files that several checkpoints share (incremental state), each deleted once
+/// no retained checkpoint refers to it.
+pub fn shared_dir() -> String {
+    format!("{CHECKPOINTS_DIR}/shared")
+}
+
 pub fn manifest_path(id: CheckpointId) -> String {
     format!("{CHECKPOINTS_DIR}/{MANIFEST_PREFIX}{:020}", id.0)
 }

@@ -18,7 +18,7 @@ use arrow_schema::ArrowError;
 use crate::checkpoint::manifest::TaskSnapshot;
 use crate::element::{CheckpointId, Element};
 use crate::env::{Storage, StorageError};
-use crate::state::StateError;
+use crate::state::{SnapshotWrite, StateError};
 use crate::time::{EventTime, Instant};
 
 pub use graph::{JobBuilder, JobGraph, PhysicalPlan, Stream, SubtaskId, VertexId};
@@ -138,15 +138,25 @@ pub trait Operator: Send {
 }
 
 /// What an operator wrote for a checkpoint.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Default)]
 pub struct OperatorSnapshot {
     /// Files the checkpoint owns (deleted when it is discarded).
     pub files: Vec<String>,
     /// Pre-committed output, committed when the checkpoint completes.
     pub pending_output: Vec<String>,
-    /// The asynchronous part: captured bytes that the driver writes durably (write, sync file,
-    /// sync directory) while the task goes on; the task acknowledges once they are written.
-    pub writes: Vec<(String, Vec<u8>)>,
+    /// The asynchronous part: what the driver writes durably (write, sync file, sync directory)
+    /// while the task goes on; the task acknowledges once it is written.
+    pub writes: Vec<Box<dyn SnapshotWrite>>,
+}
+
+impl std::fmt::Debug for OperatorSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorSnapshot")
+            .field("files", &self.files)
+            .field("pending_output", &self.pending_output)
+            .field("writes", &self.writes.len())
+            .finish()
+    }
 }
 
 /// Writes a small integer durably, with a checksum: operator metadata of a checkpoint.

@@ -17,13 +17,12 @@ use arrow_schema::{DataType, Field, SchemaRef};
 use super::graph::{field, schema_of};
 use super::watermark::event_times;
 use super::{read_u64_file, u64_file_bytes, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
-use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
+use crate::checkpoint::manifest::{checkpoint_dir, shared_dir, TaskSnapshot};
 use crate::element::CheckpointId;
 use crate::element::Element;
 use crate::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
-use crate::state::snapshot::SnapshotWriter;
-use crate::state::{order_preserving_i64_inverse, StateBackend, StateError, StateKey};
-use crate::state::{read_u64_be, split_state_key, KeyGroupsSnapshot};
+use crate::state::{order_preserving_i64_inverse, CaptureTarget, FileWrite, StateBackend, StateError, StateKey};
+use crate::state::{read_u64_be, split_state_key};
 use crate::time::EventTime;
 
 /// The key column types a keyed stream may have.
@@ -319,38 +318,42 @@ impl Operator for TumblingWindowCountSum {
             assert!(self.windows_open.is_empty(), "windows open after the end of input");
             return Ok(OperatorSnapshot::default());
         }
-        let dir = checkpoint_dir(checkpoint);
         let subtask = context.subtask;
-        let state_path = format!("{dir}/window-{:05}-{:05}.state", subtask.vertex.0, subtask.index);
-        let watermark_path = format!("{dir}/window-{:05}-{:05}.watermark", subtask.vertex.0, subtask.index);
+        let name = format!("window-{:05}-{:05}", subtask.vertex.0, subtask.index);
+        let target = CaptureTarget {
+            checkpoint,
+            path: format!("{}/{name}", checkpoint_dir(checkpoint)),
+            shared_dir: format!("{}/{name}", shared_dir()),
+        };
+        let watermark_path = format!("{}.watermark", target.path);
         // The synchronous part captures the state; writing it is left to the driver.
-        let snapshot = self.state.snapshot()?;
-        let writes = vec![
-            (state_path.clone(), snapshot.into_bytes()),
-            (watermark_path.clone(), u64_file_bytes(self.watermark.0 as u64)),
-        ];
-        Ok(OperatorSnapshot { files: vec![state_path, watermark_path], pending_output: Vec::new(), writes })
+        let capture = self.state.capture(&target)?;
+        let mut files = capture.files;
+        files.push(watermark_path.clone());
+        let writes = vec![capture.write, FileWrite::boxed(watermark_path, u64_file_bytes(self.watermark.0 as u64))];
+        Ok(OperatorSnapshot { files, pending_output: Vec::new(), writes })
+    }
+
+    fn on_checkpoint_complete(
+        &mut self,
+        _context: &mut Context<'_>,
+        checkpoint: CheckpointId,
+    ) -> Result<(), OperatorError> {
+        self.state.checkpoint_complete(checkpoint);
+        Ok(())
     }
 
     /// Loads the entries of this subtask's key groups from every subtask's state file, takes the
     /// lowest of their watermarks (so none goes back), and rebuilds the open-window index.
     fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
         let range = self.state.key_groups();
-        let mut writer = SnapshotWriter::new();
         let mut watermark: Option<i64> = None;
-        // Subtasks in index order own ascending key-group ranges: their entries stay ordered.
-        for file in snapshots.iter().flat_map(|s| s.files.iter()) {
-            if file.ends_with(".state") {
-                let snapshot = KeyGroupsSnapshot::from_bytes(context.storage.read(file)?)?;
-                for (key_group, key, value) in snapshot.entries_in(range) {
-                    writer.add(key_group, key, value);
-                }
-            } else if file.ends_with(".watermark") {
-                let restored = read_u64_file(context.storage, file)? as i64;
-                watermark = Some(watermark.map_or(restored, |w| w.min(restored)));
-            }
+        let files: Vec<String> = snapshots.iter().flat_map(|s| s.files.iter().cloned()).collect();
+        for file in files.iter().filter(|file| file.ends_with(".watermark")) {
+            let restored = read_u64_file(context.storage, file)? as i64;
+            watermark = Some(watermark.map_or(restored, |w| w.min(restored)));
         }
-        self.state.restore(&writer.finish())?;
+        self.state.restore_files(context.storage, &files)?;
         self.watermark = EventTime(watermark.unwrap_or(i64::MIN));
         self.windows_open.clear();
         let (group_count, key_type) = (range.count(), self.spec.key_type);
@@ -503,11 +506,12 @@ mod tests {
         op.on_watermark(&mut context, EventTime(20)).unwrap();
         let written = op.on_barrier(&mut context, CheckpointId(3)).unwrap();
         assert!(written.files.iter().all(|f| f.starts_with("checkpoints/chk-00000000000000000003/")));
-        // The asynchronous part, as a driver does it.
-        for (path, bytes) in &written.writes {
-            context.storage.write(path, bytes).unwrap();
-        }
         op.on_end(&mut context).unwrap();
+        // The asynchronous part, as a driver does it: after the state changed (all windows fired),
+        // it still writes what the barrier captured.
+        for write in written.writes {
+            write.write(context.storage).unwrap();
+        }
         let expected = rows(&out);
         let snapshots =
             [TaskSnapshot { subtask, source_positions: vec![], files: written.files, pending_output: vec![] }];

@@ -1,12 +1,16 @@
 //! The heap state backend: one hash table per key group, values as bytes, scans sorted on demand.
 
 use std::hash::Hasher;
+use std::sync::Arc;
 
 use hashbrown::hash_table::{Entry as TableEntry, HashTable};
 use smallvec::SmallVec;
 
 use super::snapshot::{KeyGroupsSnapshot, SnapshotWriter};
-use super::{check_entry_size, Merge, StateBackend, StateError, Visit};
+use super::{
+    check_entry_size, write_durably, CaptureTarget, Merge, SnapshotWrite, StateBackend, StateCapture, StateError,
+    Visit, PORTABLE_EXTENSION,
+};
 use crate::key_group::{KeyGroup, KeyGroupRange};
 
 /// Keys up to this size live inline in the table, without a heap allocation of their own.
@@ -14,6 +18,7 @@ type KeyBytes = SmallVec<[u8; 24]>;
 /// Values up to this size live inline in the table.
 type ValueBytes = SmallVec<[u8; 16]>;
 
+#[derive(Clone)]
 struct Entry {
     /// The hash of `key`, kept so that growing the table never rehashes keys.
     hash: u64,
@@ -100,9 +105,18 @@ fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
 ///
 /// Tables keep the per-record cost of `get`/`put`/`merge` to one probe; their order never reaches
 /// output, because `scan` and `snapshot` sort a group's entries by key before visiting them.
+///
+/// A checkpoint's capture is copy-on-write by key group: it moves every table into an `Arc` that
+/// the asynchronous writer shares, which costs one move per key group whatever the state's size.
+/// The first access to a group afterwards takes its table back, copying it only if the writer
+/// still holds it. The hot path checks one counter.
 pub struct HeapBackend {
     range: KeyGroupRange,
     groups: Vec<HashTable<Entry>>,
+    /// Tables a capture froze (the live one in `groups` is empty meanwhile), per group.
+    frozen: Vec<Option<Arc<HashTable<Entry>>>>,
+    /// How many of `frozen` are `Some`.
+    frozen_count: usize,
     size_bytes: u64,
     /// Reused by `merge` for the value being computed.
     merged: Vec<u8>,
@@ -113,6 +127,8 @@ impl HeapBackend {
         HeapBackend {
             range,
             groups: (0..range.count()).map(|_| HashTable::new()).collect(),
+            frozen: (0..range.count()).map(|_| None).collect(),
+            frozen_count: 0,
             size_bytes: 0,
             merged: Vec::new(),
         }
@@ -121,7 +137,20 @@ impl HeapBackend {
     #[inline]
     fn group_mut(&mut self, key_group: KeyGroup) -> &mut HashTable<Entry> {
         assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
-        &mut self.groups[usize::from(key_group.0 - self.range.start())]
+        let index = usize::from(key_group.0 - self.range.start());
+        if self.frozen_count > 0 {
+            self.thaw(index);
+        }
+        &mut self.groups[index]
+    }
+
+    /// Takes group `index`'s table back from a capture: copied if the writer still reads it.
+    #[cold]
+    fn thaw(&mut self, index: usize) {
+        if let Some(frozen) = self.frozen[index].take() {
+            self.groups[index] = Arc::try_unwrap(frozen).unwrap_or_else(|shared| (*shared).clone());
+            self.frozen_count -= 1;
+        }
     }
 
     /// A group's entries in key order. The sort key is the first 16 bytes as a big-endian number,
@@ -140,6 +169,8 @@ impl HeapBackend {
 
     fn clear(&mut self) {
         self.groups.iter_mut().for_each(HashTable::clear);
+        self.frozen.iter_mut().for_each(|frozen| *frozen = None);
+        self.frozen_count = 0;
         self.size_bytes = 0;
     }
 
@@ -238,14 +269,24 @@ impl StateBackend for HeapBackend {
     }
 
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError> {
-        let mut writer = SnapshotWriter::new();
-        for (offset, table) in self.groups.iter().enumerate() {
-            let key_group = KeyGroup(self.range.start() + offset as u16);
-            for (_, entry) in Self::sorted_entries(table) {
-                writer.add(key_group, &entry.key, &entry.value);
-            }
+        (0..self.groups.len()).for_each(|index| self.thaw(index));
+        Ok(encode_groups(self.range, self.groups.iter()))
+    }
+
+    /// Freezes every table (a move per key group) for the writer, which encodes the portable format.
+    fn capture(&mut self, target: &CaptureTarget) -> Result<StateCapture, StateError> {
+        let mut tables = Vec::with_capacity(self.groups.len());
+        for (live, frozen) in self.groups.iter_mut().zip(self.frozen.iter_mut()) {
+            // A group still frozen by the previous capture has not changed since.
+            let table = frozen.get_or_insert_with(|| {
+                self.frozen_count += 1;
+                Arc::new(std::mem::take(live))
+            });
+            tables.push(Arc::clone(table));
         }
-        Ok(writer.finish())
+        let path = format!("{}{PORTABLE_EXTENSION}", target.path);
+        let write = Box::new(HeapCapture { path: path.clone(), range: self.range, tables });
+        Ok(StateCapture { files: vec![path], write })
     }
 
     fn restore(&mut self, snapshot: &KeyGroupsSnapshot) -> Result<(), StateError> {
@@ -258,6 +299,35 @@ impl StateBackend for HeapBackend {
 
     fn size_bytes(&self) -> u64 {
         self.size_bytes
+    }
+}
+
+/// A group's entries as a portable snapshot, sorted by key.
+fn encode_groups<'a>(range: KeyGroupRange, tables: impl Iterator<Item = &'a HashTable<Entry>>) -> KeyGroupsSnapshot {
+    let mut writer = SnapshotWriter::new();
+    for (offset, table) in tables.enumerate() {
+        let key_group = KeyGroup(range.start() + offset as u16);
+        for (_, entry) in HeapBackend::sorted_entries(table) {
+            writer.add(key_group, &entry.key, &entry.value);
+        }
+    }
+    writer.finish()
+}
+
+/// The asynchronous part of a heap checkpoint: the frozen tables, encoded and written off-thread.
+struct HeapCapture {
+    path: String,
+    range: KeyGroupRange,
+    tables: Vec<Arc<HashTable<Entry>>>,
+}
+
+impl SnapshotWrite for HeapCapture {
+    fn write(self: Box<Self>, storage: &mut dyn crate::env::Storage) -> Result<(), StateError> {
+        let snapshot = encode_groups(self.range, self.tables.iter().map(|table| table.as_ref()));
+        // Drop the tables first: the backend takes each back without a copy from now on.
+        drop(self.tables);
+        write_durably(storage, &self.path, snapshot.as_bytes())?;
+        Ok(())
     }
 }
 

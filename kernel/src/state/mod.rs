@@ -17,6 +17,8 @@ pub mod testing;
 pub use heap::{FxHasher, HeapBackend};
 pub use snapshot::KeyGroupsSnapshot;
 
+use crate::element::CheckpointId;
+use crate::env::{Storage, StorageError};
 use crate::key_group::{KeyGroup, KeyGroupRange};
 
 /// The longest encoded state key (key and namespace) a backend accepts, in bytes.
@@ -34,7 +36,63 @@ pub enum StateError {
     KeyTooLarge { size: usize },
     #[error("state value of {size} bytes is larger than the limit of {STATE_VALUE_SIZE_MAX} bytes")]
     ValueTooLarge { size: usize },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
+
+/// The asynchronous part of a snapshot: writes files to `Storage` off the task's thread, each one
+/// durable (written, synced, its directory synced) before `write` returns.
+pub trait SnapshotWrite: Send {
+    fn write(self: Box<Self>, storage: &mut dyn Storage) -> Result<(), StateError>;
+}
+
+/// A [`SnapshotWrite`] of bytes already captured.
+pub struct FileWrite {
+    pub path: String,
+    pub bytes: Vec<u8>,
+}
+
+impl FileWrite {
+    pub fn boxed(path: String, bytes: Vec<u8>) -> Box<dyn SnapshotWrite> {
+        Box::new(FileWrite { path, bytes })
+    }
+}
+
+impl SnapshotWrite for FileWrite {
+    fn write(self: Box<Self>, storage: &mut dyn Storage) -> Result<(), StateError> {
+        write_durably(storage, &self.path, &self.bytes)?;
+        Ok(())
+    }
+}
+
+/// Writes a file, syncs it and syncs its directory.
+pub fn write_durably(storage: &mut dyn Storage, path: &str, bytes: &[u8]) -> Result<(), StorageError> {
+    storage.write(path, bytes)?;
+    storage.sync_file(path)?;
+    storage.sync_dir(crate::env::parent_dir(path))
+}
+
+/// Where a checkpoint's state goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureTarget {
+    pub checkpoint: CheckpointId,
+    /// The path of this state's own files in the checkpoint, without an extension
+    /// (`checkpoints/chk-7/window-00001-00000`): backends add theirs.
+    pub path: String,
+    /// A directory for files that later checkpoints of the same state may share (RocksDB's SST
+    /// files); the coordinator deletes each once no retained checkpoint refers to it.
+    pub shared_dir: String,
+}
+
+/// What [`StateBackend::capture`] took: the files the checkpoint refers to and the asynchronous
+/// part that writes those storage does not hold yet.
+pub struct StateCapture {
+    pub files: Vec<String>,
+    pub write: Box<dyn SnapshotWrite>,
+}
+
+/// The extension of a state file in the portable format ([`snapshot`]).
+pub const PORTABLE_EXTENSION: &str = ".state";
 
 /// Visits one entry `(key, value)` of a scan.
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StateError> + 'a;
@@ -88,8 +146,56 @@ pub trait StateBackend: Send {
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError>;
     /// Replaces all entries by those of `snapshot` that fall into this backend's key groups.
     fn restore(&mut self, snapshot: &KeyGroupsSnapshot) -> Result<(), StateError>;
+    /// The synchronous part of a checkpoint: takes the entries as they are now and returns the
+    /// asynchronous part that writes them, while the backend goes on changing. The default is a
+    /// portable [`StateBackend::snapshot`] (a copy of everything, now) in `<path>.state`.
+    fn capture(&mut self, target: &CaptureTarget) -> Result<StateCapture, StateError> {
+        let path = format!("{}{PORTABLE_EXTENSION}", target.path);
+        let bytes = self.snapshot()?.into_bytes();
+        Ok(StateCapture { files: vec![path.clone()], write: FileWrite::boxed(path, bytes) })
+    }
+    /// Checkpoint `checkpoint` completed: files it captured are safe to share from now on.
+    fn checkpoint_complete(&mut self, _checkpoint: CheckpointId) {}
+    /// Replaces all entries by those of this backend's key groups found in `files`: what captures
+    /// of any subtask of the same state wrote (any parallelism). Files it does not know are
+    /// ignored. The default reads portable `.state` files.
+    fn restore_files(&mut self, storage: &mut dyn Storage, files: &[String]) -> Result<(), StateError> {
+        let snapshot = read_portable(storage, files, self.key_groups())?;
+        self.restore(&snapshot)
+    }
     /// The size of the live entries, in bytes (an estimate where the backend cannot know exactly).
     fn size_bytes(&self) -> u64;
+}
+
+/// The entries of `range` from the portable `.state` files among `files` (taken by subtasks of
+/// ascending key-group ranges, in order), as one snapshot.
+pub fn read_portable(
+    storage: &mut dyn Storage,
+    files: &[String],
+    range: KeyGroupRange,
+) -> Result<KeyGroupsSnapshot, StateError> {
+    let mut parts = Vec::new();
+    for file in files.iter().filter(|f| f.ends_with(PORTABLE_EXTENSION)) {
+        parts.push(KeyGroupsSnapshot::from_bytes(storage.read(file)?)?);
+    }
+    // Ranges are disjoint: order the parts by the first group of this range each holds.
+    let first = |part: &KeyGroupsSnapshot| part.entries_in(range).next().map(|(group, _, _)| group);
+    parts.sort_by_key(first);
+    let mut writer = snapshot::SnapshotWriter::new();
+    let mut group_last: Option<KeyGroup> = None;
+    for part in &parts {
+        if let (Some(first), Some(last)) = (first(part), group_last) {
+            if first <= last {
+                let what = format!("two state files both hold key group {}", first.0);
+                return Err(StateError::Corrupt { what });
+            }
+        }
+        for (key_group, key, value) in part.entries_in(range) {
+            writer.add(key_group, key, value);
+            group_last = Some(key_group);
+        }
+    }
+    Ok(writer.finish())
 }
 
 /// Checks a key and value against the limits every backend enforces.

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{StateBackend, WriteBatch};
+use super::{CaptureTarget, StateBackend, StateCapture, WriteBatch};
+use crate::element::CheckpointId;
+use crate::env::MemStorage;
 use crate::key_group::{KeyGroup, KeyGroupRange};
 
 /// A small, fixed PRNG (Knuth's MMIX LCG, high bits) for tests that must replay from a seed.
@@ -38,8 +40,29 @@ fn random_group(rng: &mut Lcg, range: KeyGroupRange) -> KeyGroup {
     KeyGroup(range.start() + rng.below(range.count() as u64) as u16)
 }
 
+/// Every entry of `backend`, by scanning each of its key groups.
+fn scan_all(backend: &mut dyn StateBackend) -> Vec<(KeyGroup, Vec<u8>, Vec<u8>)> {
+    let mut entries = Vec::new();
+    for group in backend.key_groups().iter() {
+        backend
+            .scan(group, &mut |key, value| {
+                entries.push((group, key.to_vec(), value.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+    }
+    entries
+}
+
+fn model_entries(model: &Model) -> Vec<(KeyGroup, Vec<u8>, Vec<u8>)> {
+    model.iter().map(|((g, k), v)| (*g, k.clone(), v.clone())).collect()
+}
+
 /// Applies `op_count` random operations to `backend` and to a model and compares every read.
-/// Snapshots are restored into a fresh backend from `fresh`, which then carries on.
+/// Snapshots are restored into a fresh backend from `fresh`, which then carries on. Captures
+/// (checkpoints) are written a few steps later, while the backend goes on changing, and must
+/// restore what the model held when they were taken; some complete (so a backend may share their
+/// files), some never do.
 pub fn check_backend_against_model(
     backend: &mut dyn StateBackend,
     rng: &mut Lcg,
@@ -51,6 +74,9 @@ pub fn check_backend_against_model(
     let mut model = Model::new();
     let mut current: Option<Box<dyn StateBackend>> = None;
     let mut value = Vec::new();
+    let mut storage = MemStorage::new();
+    // Captures taken, not yet written: the model when taken, and the capture.
+    let mut captures: Vec<(CheckpointId, Model, StateCapture)> = Vec::new();
     for step in 0..op_count {
         let backend: &mut dyn StateBackend = match current.as_mut() {
             Some(replaced) => replaced.as_mut(),
@@ -124,6 +150,34 @@ pub fn check_backend_against_model(
                     .map(|((_, k), v)| (k.clone(), v.clone()))
                     .collect();
                 assert_eq!(seen, expected, "step {step}: scan {group:?}");
+            }
+            98 => {
+                let checkpoint = CheckpointId(step as u64 + 1);
+                let target = CaptureTarget {
+                    checkpoint,
+                    path: format!("chk-{}/state", checkpoint.0),
+                    shared_dir: "shared/state".to_string(),
+                };
+                captures.push((checkpoint, model.clone(), backend.capture(&target).unwrap()));
+                if captures.len() < 3 {
+                    continue;
+                }
+                // The oldest capture is written now; it completes or not, and may be recovered from.
+                let (checkpoint, model_then, capture) = captures.remove(0);
+                capture.write.write(&mut storage).unwrap();
+                let mut restored = fresh();
+                restored.restore_files(&mut storage, &capture.files).unwrap();
+                assert_eq!(scan_all(restored.as_mut()), model_entries(&model_then), "step {step}: capture");
+                match rng.below(3) {
+                    0 => {}
+                    1 => backend.checkpoint_complete(checkpoint),
+                    _ => {
+                        // Recovery: the restored backend carries on, with the model of then.
+                        model = model_then;
+                        captures.clear();
+                        current = Some(restored);
+                    }
+                }
             }
             _ => {
                 let snapshot = backend.snapshot().unwrap();
