@@ -142,30 +142,40 @@ fn newest_file(dir: &std::path::Path, wanted: impl Fn(&str) -> bool) -> std::pat
 }
 
 // Goal: a corrupted checkpoint (a bit flipped in the latest manifest; the latest state file cut
-// short) never makes committed output wrong: the job either recovers (from an older checkpoint)
+// short; a bit flipped in a shared SST file) never makes committed output wrong: the job either recovers (from an older checkpoint)
 // and commits exactly the reference, or stops with an error that says what is corrupt, having
 // committed only correct rows, each once. Method: run until checkpoint 3, kill, damage, restart.
 #[test]
 fn corrupt_checkpoints_never_make_output_wrong() {
     let record_count: u64 = 600_000;
     let expected = w2_reference(record_count, W2_WINDOW_SIZE_MS);
-    for damage in ["flip a bit in the latest manifest", "truncate the latest window state file"] {
+    for damage in [
+        "flip a bit in the latest manifest",
+        "truncate the latest window state file",
+        "flip a bit in the newest shared SST file",
+    ] {
         println!("damage: {damage}");
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let args = run_args(record_count, 2, 20, &data_dir);
         run_until_checkpoint(&args, &data_dir, 3);
         let checkpoints = data_dir.join("checkpoints");
-        if damage.starts_with("flip") {
+        if damage.ends_with("manifest") {
             let manifest = newest_file(&checkpoints, |name| name.starts_with("_manifest-"));
             let mut bytes = std::fs::read(&manifest).unwrap();
             let middle = bytes.len() / 2;
             bytes[middle] ^= 0x04;
             std::fs::write(&manifest, bytes).unwrap();
-        } else {
-            let state = newest_file(&checkpoints, |name| name.ends_with(".state"));
+        } else if damage.starts_with("truncate") {
+            let state = newest_file(&checkpoints, |name| name.ends_with(".state-rocksdb"));
             let bytes = std::fs::read(&state).unwrap();
             std::fs::write(&state, &bytes[..bytes.len() / 2]).unwrap();
+        } else {
+            let sst = newest_file(&checkpoints.join("shared"), |name| name.ends_with(".sst"));
+            let mut bytes = std::fs::read(&sst).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x04;
+            std::fs::write(&sst, bytes).unwrap();
         }
         let output = Command::new(env!("CARGO_BIN_EXE_sabot")).args(&args).output().expect("restarting sabot");
         let log = String::from_utf8_lossy(&output.stderr);

@@ -2,9 +2,11 @@
 //! snapshots byte for byte, restores across backends and across parallelisms (rescaling).
 
 use sabot::rocks::RocksDbBackend;
+use sabot_kernel::element::CheckpointId;
+use sabot_kernel::env::{MemStorage, Storage, StorageError};
 use sabot_kernel::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
 use sabot_kernel::state::testing::{check_backend_against_model, Lcg};
-use sabot_kernel::state::{HeapBackend, KeyGroupsSnapshot, StateBackend};
+use sabot_kernel::state::{CaptureTarget, HeapBackend, KeyGroupsSnapshot, StateBackend};
 
 fn rocks(dir: &tempfile::TempDir, name: &str, range: KeyGroupRange, cache: usize) -> RocksDbBackend {
     RocksDbBackend::open_with_cache(dir.path().join(name), range, cache).expect("open rocksdb")
@@ -120,4 +122,111 @@ fn restore_replaces_previous_state() {
     assert!(!backend.get(KeyGroup(1), b"old", &mut value).unwrap());
     assert!(backend.get(KeyGroup(2), b"new", &mut value).unwrap());
     assert_eq!(value, b"2");
+}
+
+/// Storage that counts the bytes written through it.
+struct CountingStorage {
+    inner: MemStorage,
+    written: usize,
+}
+
+impl Storage for CountingStorage {
+    fn write(&mut self, path: &str, data: &[u8]) -> Result<(), StorageError> {
+        self.written += data.len();
+        self.inner.write(path, data)
+    }
+    fn sync_file(&mut self, path: &str) -> Result<(), StorageError> {
+        self.inner.sync_file(path)
+    }
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&mut self, dir: &str) -> Result<(), StorageError> {
+        self.inner.sync_dir(dir)
+    }
+    fn read(&mut self, path: &str) -> Result<Vec<u8>, StorageError> {
+        self.inner.read(path)
+    }
+    fn list(&mut self, dir: &str) -> Result<Vec<String>, StorageError> {
+        self.inner.list(dir)
+    }
+    fn delete(&mut self, path: &str) -> Result<(), StorageError> {
+        self.inner.delete(path)
+    }
+}
+
+fn target(checkpoint: u64) -> CaptureTarget {
+    CaptureTarget {
+        checkpoint: CheckpointId(checkpoint),
+        path: format!("checkpoints/chk-{checkpoint}/state"),
+        shared_dir: "checkpoints/shared/state".to_string(),
+    }
+}
+
+// Goal: RocksDB checkpoints are incremental: after a small change, a second checkpoint refers to
+// the first one's SST files and uploads only what is new; it restores exactly, at the same
+// parallelism (the files become the database) and at another (each subtask copies its key groups
+// out); a damaged shared file is refused, and the heap backend refuses the native format.
+// Method: the same seeded operations on RocksDB and on the heap backend (the reference).
+#[test]
+fn rocksdb_checkpoints_share_sst_files_and_rescale() {
+    println!("seeds 11 and 12");
+    let dir = tempfile::tempdir().unwrap();
+    let max = MaxParallelism::default();
+    let range = KeyGroupRange::all(max);
+    let mut heap = HeapBackend::new(range);
+    let mut db = rocks(&dir, "incremental", range, 1024);
+    apply_random_ops(&mut [&mut heap, &mut db], 11, 20_000);
+    let mut storage = CountingStorage { inner: MemStorage::new(), written: 0 };
+    let first = db.capture(&target(1)).unwrap();
+    let first_files = first.files.clone();
+    first.write.write(&mut storage).unwrap();
+    let written_first = storage.written;
+    db.checkpoint_complete(CheckpointId(1));
+
+    apply_random_ops(&mut [&mut heap, &mut db], 12, 200);
+    let second = db.capture(&target(2)).unwrap();
+    // Changes after the capture are not in it.
+    apply_random_ops(&mut [&mut db], 13, 200);
+    let second_files = second.files.clone();
+    second.write.write(&mut storage).unwrap();
+    let written_second = storage.written - written_first;
+    let shared = |files: &[String]| -> Vec<String> {
+        files.iter().filter(|f| f.starts_with("checkpoints/shared/")).cloned().collect()
+    };
+    assert!(!shared(&first_files).is_empty());
+    assert!(shared(&first_files).iter().all(|f| second_files.contains(f)), "{first_files:?} {second_files:?}");
+    assert!(shared(&second_files).len() > shared(&first_files).len(), "the change is a new SST file");
+    assert!(
+        written_second * 4 < written_first,
+        "second checkpoint wrote {written_second} bytes, first {written_first}"
+    );
+
+    let expected = entries(&heap.snapshot().unwrap());
+    for parallelism in [1_u16, 3] {
+        let mut restored = Vec::new();
+        for index in 0..parallelism {
+            let range = max.range_of(index, parallelism);
+            let mut backend = rocks(&dir, &format!("restored-{parallelism}-{index}"), range, 64);
+            backend.restore_files(&mut storage, &second_files).unwrap();
+            restored.extend(entries(&backend.snapshot().unwrap()));
+            // The restored database goes on, and checkpoints again.
+            backend.capture(&target(3)).unwrap().write.write(&mut storage).unwrap();
+        }
+        restored.sort();
+        assert_eq!(restored, expected, "restored at parallelism {parallelism}");
+    }
+
+    let mut heap_restored = HeapBackend::new(range);
+    let refused = heap_restored.restore_files(&mut storage, &second_files).unwrap_err();
+    assert!(refused.to_string().contains("only the backend that wrote it"), "{refused}");
+
+    let damaged = &shared(&second_files)[0];
+    let mut bytes = storage.read(damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    storage.write(damaged, &bytes).unwrap();
+    let mut backend = rocks(&dir, "from-damaged", range, 64);
+    let error = backend.restore_files(&mut storage, &second_files).unwrap_err();
+    assert!(error.to_string().contains(damaged.as_str()), "{error}");
 }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::manifest::{Manifest, TaskSnapshot, MANIFEST_VERSION};
+use super::manifest::{shared_dir, Manifest, TaskSnapshot, MANIFEST_VERSION};
 use crate::dataflow::SubtaskId;
 use crate::element::CheckpointId;
 use crate::time::Instant;
@@ -283,8 +283,12 @@ impl Coordinator {
         let pending = self.pending.remove(&checkpoint).expect("aborting a pending checkpoint");
         let files: Vec<String> = pending.acks.values().flat_map(|s| s.files.iter().cloned()).collect();
         self.push(Action::Abort { checkpoint, reason });
-        // What the aborted checkpoint wrote goes, except files a retained checkpoint shares.
-        let files = self.unreferenced(files);
+        // What the aborted checkpoint wrote goes, except files a retained checkpoint shares, and
+        // shared files: a later checkpoint, still in flight, may refer to them without having
+        // acknowledged yet. (Periodic discarding deletes them: a file no retained checkpoint
+        // refers to is out of the state for good, so no later checkpoint refers to it either.)
+        let shared = format!("{}/", shared_dir());
+        let files = self.unreferenced(files.into_iter().filter(|file| !file.starts_with(&shared)).collect());
         self.push(Action::Discard { checkpoint, files });
     }
 
@@ -380,6 +384,32 @@ mod tests {
         c.handle_persisted(CheckpointId(1)).unwrap();
         assert_eq!(drain(&mut c), vec![Action::NotifyComplete { checkpoint: CheckpointId(1) }]);
         assert_eq!(c.latest_completed().map(|m| m.checkpoint), Some(CheckpointId(1)));
+    }
+
+    // Goal: an aborted checkpoint's own files go; its files in the shared directory stay, since a
+    // later checkpoint still in flight may refer to them without having acknowledged yet. Once
+    // discarded beyond retention, a shared file goes if no retained checkpoint refers to it.
+    #[test]
+    fn aborts_keep_shared_files_retention_deletes_them() {
+        let mut c = coordinator();
+        c.handle_timeout(Instant(0));
+        drain(&mut c);
+        let (own, shared) = ("checkpoints/chk-1/state".to_string(), format!("{}/w/1.sst", shared_dir()));
+        c.handle_ack(CheckpointId(1), snapshot(0, &[&own, &shared])).unwrap();
+        c.handle_task_failure(task(1));
+        let actions = drain(&mut c);
+        assert!(actions.contains(&Action::Discard { checkpoint: CheckpointId(1), files: vec![own] }), "{actions:?}");
+
+        let older = format!("{}/w/2.sst", shared_dir());
+        for id in 2..=4 {
+            c.handle_timeout(Instant(id * 100));
+            drain(&mut c);
+            ack_all(&mut c, id, &[older.as_str(), shared.as_str()][..if id == 2 { 2 } else { 1 }]);
+            c.handle_persisted(CheckpointId(id)).unwrap();
+        }
+        let actions = drain(&mut c);
+        let discard = Action::Discard { checkpoint: CheckpointId(2), files: vec![shared.clone()] };
+        assert!(actions.contains(&discard), "2.sst is still in 3 and 4; 1.sst only was in 2: {actions:?}");
     }
 
     // Goal: timeouts, task failures and a newer completion abort pending checkpoints and discard

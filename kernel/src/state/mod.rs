@@ -160,6 +160,13 @@ pub trait StateBackend: Send {
     /// of any subtask of the same state wrote (any parallelism). Files it does not know are
     /// ignored. The default reads portable `.state` files.
     fn restore_files(&mut self, storage: &mut dyn Storage, files: &[String]) -> Result<(), StateError> {
+        // Backend-specific formats are `.state-<backend>`: only that backend reads them.
+        if let Some(file) = files.iter().find(|file| file.contains(&format!("{PORTABLE_EXTENSION}-"))) {
+            return Err(StateError::Backend(format!(
+                "{file} holds state in a format only the backend that wrote it restores: \
+                 restore with that backend"
+            )));
+        }
         let snapshot = read_portable(storage, files, self.key_groups())?;
         self.restore(&snapshot)
     }

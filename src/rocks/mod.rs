@@ -10,16 +10,30 @@
 //! default), and before every scan, snapshot or restore. State that lives briefly (a window's entries, created and deleted
 //! within one cache generation) never costs a RocksDB write at all: a delete of an entry RocksDB
 //! never held writes no tombstone.
+//!
+//! Checkpoints are RocksDB's own (see [`native`]): incremental, sharing SST files between
+//! checkpoints. A restore takes native checkpoints of any subtasks, and portable `.state` files.
 
-use std::collections::HashMap;
+mod native;
+
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{BlockBasedOptions, DBCompressionType, Options, ReadOptions, WriteOptions, DB};
+use sabot_kernel::env::Storage;
 use sabot_kernel::key_group::{KeyGroup, KeyGroupRange};
 use sabot_kernel::state::snapshot::SnapshotWriter;
-use sabot_kernel::state::{check_entry_size, FxHasher, KeyGroupsSnapshot, Merge, StateBackend, StateError, Visit};
+use sabot_kernel::state::{
+    check_entry_size, read_portable, CaptureTarget, FxHasher, KeyGroupsSnapshot, Merge, StateBackend, StateCapture,
+    StateError, Visit,
+};
 use smallvec::SmallVec;
+
+pub use native::NATIVE_EXTENSION;
+use native::{KnownSsts, NativeCheckpoint, Plan, RocksCapture};
 
 /// The size of one memtable, in bytes.
 const WRITE_BUFFER_SIZE: usize = 8 << 20;
@@ -40,7 +54,12 @@ struct Cached {
 type CacheKey = SmallVec<[u8; 32]>;
 
 pub struct RocksDbBackend {
-    db: DB,
+    /// Always open, except while a restore replaces the database's files.
+    db: Option<DB>,
+    options: Options,
+    /// Unique to this opening of the database: names the shared copies of its new SST files.
+    instance: String,
+    known: KnownSsts,
     cache: HashMap<CacheKey, Cached, BuildHasherDefault<FxHasher>>,
     cache_entries_max: usize,
     path: PathBuf,
@@ -58,6 +77,26 @@ fn backend_error(path: &Path, error: rocksdb::Error) -> StateError {
 
 fn prefix(key_group: KeyGroup) -> [u8; 2] {
     key_group.0.to_be_bytes()
+}
+
+/// The exclusive upper bound of the keys of groups below `end`: two bytes, or three past 0xffff.
+fn group_bound(end: u32) -> Vec<u8> {
+    if end > u32::from(u16::MAX) {
+        vec![0xff, 0xff, 0xff]
+    } else {
+        (end as u16).to_be_bytes().to_vec()
+    }
+}
+
+/// Entries an import writes per batch.
+const IMPORT_BATCH_ENTRIES: usize = 64 * 1024;
+
+/// An id no other opening of a database shares: process id, time and a counter.
+fn instance_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static OPENED: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{:x}-{:x}-{}", nanos, std::process::id(), OPENED.fetch_add(1, Ordering::Relaxed))
 }
 
 impl RocksDbBackend {
@@ -92,7 +131,10 @@ impl RocksDbBackend {
         let mut write_options = WriteOptions::default();
         write_options.disable_wal(true);
         Ok(RocksDbBackend {
-            db,
+            db: Some(db),
+            options,
+            instance: instance_id(),
+            known: Arc::new(Mutex::new(BTreeMap::new())),
             cache: HashMap::default(),
             cache_entries_max,
             path,
@@ -115,15 +157,77 @@ impl RocksDbBackend {
         backend_error(&self.path, error)
     }
 
+    fn db(&self) -> &DB {
+        self.db.as_ref().expect("the database is open outside a restore")
+    }
+
+    /// Closes the database, empties its directory, fills it with `checkpoint`'s files (or
+    /// nothing), and opens it again, as a new instance.
+    fn reopen_from(
+        &mut self,
+        storage: &mut dyn Storage,
+        checkpoint: Option<&NativeCheckpoint>,
+    ) -> Result<(), StateError> {
+        self.cache.clear();
+        drop(self.db.take());
+        let io = |error: std::io::Error| StateError::Backend(format!("restoring {}: {error}", self.path.display()));
+        match std::fs::remove_dir_all(&self.path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+            _ => {}
+        }
+        if let Some(checkpoint) = checkpoint {
+            checkpoint.materialize(storage, &self.path)?;
+        }
+        self.db = Some(DB::open(&self.options, &self.path).map_err(|e| self.error(e))?);
+        self.instance = instance_id();
+        let known = checkpoint.map(NativeCheckpoint::shared).unwrap_or_default();
+        self.known = Arc::new(Mutex::new(known));
+        Ok(())
+    }
+
+    /// Copies the entries of this backend's key groups out of another subtask's native checkpoint.
+    fn import(
+        &mut self,
+        storage: &mut dyn Storage,
+        checkpoint: &NativeCheckpoint,
+        index: usize,
+    ) -> Result<(), StateError> {
+        let dir = self.path.with_extension(format!("import-{index}"));
+        let io = |error: std::io::Error| StateError::Backend(format!("importing into {}: {error}", dir.display()));
+        match std::fs::remove_dir_all(&dir) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+            _ => {}
+        }
+        checkpoint.materialize(storage, &dir)?;
+        let result = self.import_from(&dir, checkpoint.range);
+        std::fs::remove_dir_all(&dir).map_err(io)?;
+        result
+    }
+
+    fn import_from(&mut self, dir: &Path, range: KeyGroupRange) -> Result<(), StateError> {
+        let source = DB::open_for_read_only(&self.options, dir, false).map_err(|e| backend_error(dir, e))?;
+        let (start, end) = (self.range.start().max(range.start()), self.range.end().min(range.end()));
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_upper_bound(group_bound(u32::from(end)));
+        let mut iterator = source.raw_iterator_opt(read_options);
+        iterator.seek(prefix(KeyGroup(start)));
+        let mut batch = rocksdb::WriteBatch::default();
+        while iterator.valid() {
+            batch.put(iterator.key().expect("valid"), iterator.value().expect("valid"));
+            if batch.len() >= IMPORT_BATCH_ENTRIES {
+                self.db().write_opt(std::mem::take(&mut batch), &self.write_options).map_err(|e| self.error(e))?;
+            }
+            iterator.next();
+        }
+        iterator.status().map_err(|e| backend_error(dir, e))?;
+        self.db().write_opt(batch, &self.write_options).map_err(|e| self.error(e))
+    }
+
     /// Visits `key_group`'s entries in key order, with the group prefix stripped.
     fn visit_group(&self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
         let mut read_options = ReadOptions::default();
-        read_options.set_iterate_upper_bound((u32::from(key_group.0) + 1).to_be_bytes()[2..].to_vec());
-        // The upper bound of the last possible group (0xffff) has no u16 successor: use 3 bytes.
-        if key_group.0 == u16::MAX {
-            read_options.set_iterate_upper_bound(vec![0xff, 0xff, 0xff]);
-        }
-        let mut iterator = self.db.raw_iterator_opt(read_options);
+        read_options.set_iterate_upper_bound(group_bound(u32::from(key_group.0) + 1));
+        let mut iterator = self.db().raw_iterator_opt(read_options);
         iterator.seek(prefix(key_group));
         while iterator.valid() {
             let (key, value) = (iterator.key().expect("valid"), iterator.value().expect("valid"));
@@ -185,7 +289,7 @@ impl RocksDbBackend {
     fn cached(&mut self) -> Result<&mut Cached, StateError> {
         if !self.cache.contains_key(self.key.as_slice()) {
             self.make_room()?;
-            let stored = self.db.get_pinned(&self.key).map_err(|e| backend_error(&self.path, e))?;
+            let stored = self.db().get_pinned(&self.key).map_err(|e| backend_error(&self.path, e))?;
             let value = stored.map(|stored| SmallVec::from_slice(&stored));
             let in_db = value.is_some();
             self.cache.insert(CacheKey::from_slice(&self.key), Cached { value, dirty: false, in_db });
@@ -232,7 +336,7 @@ impl RocksDbBackend {
             }
         }
         self.cache.clear();
-        self.db.write_opt(batch, &self.write_options).map_err(|e| self.error(e))
+        self.db().write_opt(batch, &self.write_options).map_err(|e| self.error(e))
     }
 }
 
@@ -318,20 +422,95 @@ impl StateBackend for RocksDbBackend {
         self.cache.clear();
         let mut batch = rocksdb::WriteBatch::default();
         // Everything of this backend's groups goes: [start, end) as two-byte prefixes.
-        let end = u32::from(self.range.end());
-        let end_key =
-            if end > u32::from(u16::MAX) { vec![0xff, 0xff, 0xff] } else { (end as u16).to_be_bytes().to_vec() };
-        batch.delete_range(prefix(KeyGroup(self.range.start())).to_vec(), end_key);
+        batch.delete_range(prefix(KeyGroup(self.range.start())).to_vec(), group_bound(u32::from(self.range.end())));
         for (key_group, key, value) in snapshot.entries_in(self.range) {
             check_entry_size(key, value)?;
             batch.put(self.full_key(key_group, key), value);
         }
-        self.db.write_opt(batch, &self.write_options).map_err(|e| self.error(e))
+        self.db().write_opt(batch, &self.write_options).map_err(|e| self.error(e))
+    }
+
+    /// Writes the cache out and takes a RocksDB checkpoint (memtables flushed, live files
+    /// hard-linked): the cost is the cache and the memtables, not the state. The SST files that
+    /// storage does not have yet are uploaded by the asynchronous part.
+    fn capture(&mut self, target: &CaptureTarget) -> Result<StateCapture, StateError> {
+        self.flush()?;
+        let local = PathBuf::from(format!("{}.chk-{}", self.path.display(), target.checkpoint.0));
+        let io = |error: std::io::Error| StateError::Backend(format!("checkpoint in {}: {error}", local.display()));
+        match std::fs::remove_dir_all(&local) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+            _ => {}
+        }
+        Checkpoint::new(self.db()).and_then(|c| c.create_checkpoint(&local)).map_err(|e| self.error(e))?;
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&local).map_err(io)? {
+            let name = entry.map_err(io)?.file_name().into_string();
+            names.push(name.map_err(|name| StateError::Backend(format!("rocksdb file name {name:?}")))?);
+        }
+        names.sort();
+        let metadata_path = format!("{}{NATIVE_EXTENSION}", target.path);
+        let mut files = vec![metadata_path.clone()];
+        let mut known = self.known.lock().expect("known ssts lock");
+        // A file RocksDB dropped never comes back (file numbers do not repeat).
+        known.retain(|name, _| names.binary_search(name).is_ok());
+        let plans: Vec<Plan> = names
+            .into_iter()
+            .map(|name| {
+                if !name.ends_with(".sst") {
+                    return Plan::Inline { name };
+                }
+                match known.get(&name) {
+                    Some(sst) => {
+                        files.push(sst.path.clone());
+                        Plan::Reuse { sst: sst.clone(), name }
+                    }
+                    None => {
+                        let path = format!("{}/{}-{name}", target.shared_dir, self.instance);
+                        files.push(path.clone());
+                        Plan::Upload { name, path }
+                    }
+                }
+            })
+            .collect();
+        drop(known);
+        let write =
+            Box::new(RocksCapture { local, metadata_path, range: self.range, plans, known: self.known.clone() });
+        Ok(StateCapture { files, write })
+    }
+
+    /// Restores native checkpoints and portable files. One native checkpoint of exactly this
+    /// backend's key groups becomes the database as it is (its files are shared again from
+    /// now on); otherwise (rescaling) the entries of this backend's groups are copied out of each.
+    fn restore_files(&mut self, storage: &mut dyn Storage, files: &[String]) -> Result<(), StateError> {
+        let mut natives = Vec::new();
+        for file in files.iter().filter(|f| f.ends_with(NATIVE_EXTENSION)) {
+            let checkpoint = NativeCheckpoint::decode(&storage.read(file)?)
+                .map_err(|error| StateError::Corrupt { what: format!("{file}: {error}") })?;
+            let overlaps =
+                checkpoint.range.start().max(self.range.start()) < checkpoint.range.end().min(self.range.end());
+            if overlaps {
+                natives.push(checkpoint);
+            }
+        }
+        let portable = read_portable(storage, files, self.range)?;
+        match natives.as_slice() {
+            [only] if only.range == self.range && portable.entries().next().is_none() => {
+                self.reopen_from(storage, Some(only))
+            }
+            _ => {
+                self.reopen_from(storage, None)?;
+                self.restore(&portable)?;
+                for (index, checkpoint) in natives.iter().enumerate() {
+                    self.import(storage, checkpoint, index)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// RocksDB's estimate of its live data and memtables, plus the cache's dirty values.
     fn size_bytes(&self) -> u64 {
-        let property = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        let property = |name: &str| self.db().property_int_value(name).ok().flatten().unwrap_or(0);
         let cached: usize =
             self.cache.iter().filter_map(|(key, c)| c.value.as_ref().map(|v| key.len() + v.len())).sum();
         property("rocksdb.estimate-live-data-size") + property("rocksdb.cur-size-all-mem-tables") + cached as u64
