@@ -14,4 +14,5 @@ pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod time;
+pub mod wire;
 pub mod workload;

@@ -1,0 +1,419 @@
+//! The wire format between processes: length-prefixed frames on one connection per pair of
+//! processes, multiplexing the logical channels between subtasks.
+//!
+//! Pure and synchronous: the driver's TCP transport feeds received bytes into a [`FrameDecoder`]
+//! and writes what [`Frame::encode`] gives. Bytes come from the network, so decoding checks all of
+//! it and returns a [`WireError`] naming what is wrong; it never panics, and it never allocates a
+//! size a peer claims before that many bytes arrived (a length above [`FRAME_SIZE_MAX`] is refused
+//! as soon as its four bytes are in).
+//!
+//! # Format, version 1 (integers little-endian)
+//! ```text
+//! frame     := length u32 (of what follows, at most FRAME_SIZE_MAX) | version u8 = 1 | kind u8
+//!              | attempt u64 | payload
+//! kind 0 Hello:     node u16 | secret length u16 | secret bytes
+//! kind 1 Element:   channel u32 | element
+//! kind 2 Credit:    channel u32 | credits u32
+//! kind 3 Heartbeat: sequence u64
+//! element   := 0 batch: Arrow IPC file bytes (the rest of the frame) | 1 watermark: i64
+//!              | 2 barrier: checkpoint u64, kind u8 (0 aligned, 1 unaligned) | 3 idle | 4 active | 5 end
+//! ```
+//! The attempt number fences off a peer with a stale view: every frame carries the job attempt
+//! its sender belongs to, and a receiver drops the connection on any other.
+
+use crate::dataflow::sink::{decode_ipc_file, encode_ipc_file};
+use crate::element::{Barrier, BarrierKind, CheckpointId, Element};
+use crate::env::ChannelId;
+use crate::time::EventTime;
+
+/// The version this build speaks.
+pub const WIRE_VERSION: u8 = 1;
+/// The largest frame accepted (after the length field), in bytes: a batch of 64 MiB.
+pub const FRAME_SIZE_MAX: usize = 64 << 20;
+/// The longest shared secret a hello may carry, in bytes.
+pub const SECRET_SIZE_MAX: usize = 1024;
+/// Version, kind and attempt.
+const HEADER_SIZE: usize = 1 + 1 + 8;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame of {size} bytes is larger than the limit of {FRAME_SIZE_MAX}")]
+    Oversized { size: usize },
+    #[error("wire version {0}, this build speaks {WIRE_VERSION}")]
+    Version(u8),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+fn malformed(what: impl Into<String>) -> WireError {
+    WireError::Malformed(what.into())
+}
+
+/// One message between two processes.
+#[derive(Clone, Debug)]
+pub enum Frame {
+    /// The first frame on a connection, from the side that connected.
+    Hello {
+        attempt: u64,
+        node: u16,
+        secret: Vec<u8>,
+    },
+    Element {
+        attempt: u64,
+        channel: ChannelId,
+        element: Element,
+    },
+    /// The receiver of `channel` has room for `credits` more elements.
+    Credit {
+        attempt: u64,
+        channel: ChannelId,
+        credits: u32,
+    },
+    Heartbeat {
+        attempt: u64,
+        sequence: u64,
+    },
+}
+
+impl Frame {
+    pub fn attempt(&self) -> u64 {
+        match self {
+            Frame::Hello { attempt, .. }
+            | Frame::Element { attempt, .. }
+            | Frame::Credit { attempt, .. }
+            | Frame::Heartbeat { attempt, .. } => *attempt,
+        }
+    }
+
+    /// Appends the frame, length first, to `out`. A batch that Arrow cannot encode, or a frame
+    /// above the limit, is an error (nothing is appended).
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        out.push(WIRE_VERSION);
+        let (kind, attempt) = match self {
+            Frame::Hello { attempt, .. } => (0, attempt),
+            Frame::Element { attempt, .. } => (1, attempt),
+            Frame::Credit { attempt, .. } => (2, attempt),
+            Frame::Heartbeat { attempt, .. } => (3, attempt),
+        };
+        out.push(kind);
+        out.extend_from_slice(&attempt.to_le_bytes());
+        let result = match self {
+            Frame::Hello { node, secret, .. } => {
+                if secret.len() > SECRET_SIZE_MAX {
+                    Err(malformed(format!("secret of {} bytes", secret.len())))
+                } else {
+                    out.extend_from_slice(&node.to_le_bytes());
+                    out.extend_from_slice(&(secret.len() as u16).to_le_bytes());
+                    out.extend_from_slice(secret);
+                    Ok(())
+                }
+            }
+            Frame::Element { channel, element, .. } => {
+                out.extend_from_slice(&channel.0.to_le_bytes());
+                encode_element(element, out)
+            }
+            Frame::Credit { channel, credits, .. } => {
+                out.extend_from_slice(&channel.0.to_le_bytes());
+                out.extend_from_slice(&credits.to_le_bytes());
+                Ok(())
+            }
+            Frame::Heartbeat { sequence, .. } => {
+                out.extend_from_slice(&sequence.to_le_bytes());
+                Ok(())
+            }
+        };
+        let size = out.len() - start - 4;
+        let result = result.and_then(|()| match size > FRAME_SIZE_MAX {
+            true => Err(WireError::Oversized { size }),
+            false => Ok(()),
+        });
+        match result {
+            Ok(()) => {
+                out[start..start + 4].copy_from_slice(&(size as u32).to_le_bytes());
+                Ok(())
+            }
+            Err(error) => {
+                out.truncate(start);
+                Err(error)
+            }
+        }
+    }
+
+    /// Decodes one frame's body (what follows the length field).
+    pub fn decode(body: &[u8]) -> Result<Frame, WireError> {
+        let mut reader = Reader { bytes: body };
+        let version = reader.u8("version")?;
+        if version != WIRE_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let kind = reader.u8("kind")?;
+        let attempt = reader.u64("attempt")?;
+        let frame = match kind {
+            0 => {
+                let node = reader.u16("node")?;
+                let length = usize::from(reader.u16("secret length")?);
+                if length > SECRET_SIZE_MAX {
+                    return Err(malformed(format!("secret of {length} bytes")));
+                }
+                Frame::Hello { attempt, node, secret: reader.take(length, "secret")?.to_vec() }
+            }
+            1 => {
+                let channel = ChannelId(reader.u32("channel")?);
+                let element = decode_element(&mut reader)?;
+                Frame::Element { attempt, channel, element }
+            }
+            2 => Frame::Credit { attempt, channel: ChannelId(reader.u32("channel")?), credits: reader.u32("credits")? },
+            3 => Frame::Heartbeat { attempt, sequence: reader.u64("sequence")? },
+            kind => return Err(malformed(format!("frame kind {kind}"))),
+        };
+        if !reader.bytes.is_empty() {
+            return Err(malformed(format!("{} bytes after the frame", reader.bytes.len())));
+        }
+        Ok(frame)
+    }
+}
+
+fn encode_element(element: &Element, out: &mut Vec<u8>) -> Result<(), WireError> {
+    match element {
+        Element::Batch(batch) => {
+            out.push(0);
+            let file = encode_ipc_file(&batch.schema(), std::slice::from_ref(batch))
+                .map_err(|error| malformed(format!("encoding a batch: {error}")))?;
+            out.extend_from_slice(&file);
+        }
+        Element::Watermark(watermark) => {
+            out.push(1);
+            out.extend_from_slice(&watermark.0.to_le_bytes());
+        }
+        Element::Barrier(barrier) => {
+            out.push(2);
+            out.extend_from_slice(&barrier.checkpoint.0.to_le_bytes());
+            out.push(match barrier.kind {
+                BarrierKind::Aligned => 0,
+                BarrierKind::Unaligned => 1,
+            });
+        }
+        Element::Idle => out.push(3),
+        Element::Active => out.push(4),
+        Element::End => out.push(5),
+    }
+    Ok(())
+}
+
+fn decode_element(reader: &mut Reader<'_>) -> Result<Element, WireError> {
+    Ok(match reader.u8("element kind")? {
+        0 => {
+            let bytes = std::mem::take(&mut reader.bytes);
+            let mut batches = decode_ipc_file(bytes.to_vec()).map_err(|e| malformed(format!("batch: {e}")))?;
+            if batches.len() != 1 {
+                return Err(malformed(format!("{} batches in one element", batches.len())));
+            }
+            Element::Batch(batches.remove(0))
+        }
+        1 => Element::Watermark(EventTime(reader.u64("watermark")? as i64)),
+        2 => {
+            let checkpoint = CheckpointId(reader.u64("checkpoint")?);
+            let kind = match reader.u8("barrier kind")? {
+                0 => BarrierKind::Aligned,
+                1 => BarrierKind::Unaligned,
+                kind => return Err(malformed(format!("barrier kind {kind}"))),
+            };
+            Element::Barrier(Barrier { checkpoint, kind })
+        }
+        3 => Element::Idle,
+        4 => Element::Active,
+        5 => Element::End,
+        kind => return Err(malformed(format!("element kind {kind}"))),
+    })
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, count: usize, what: &str) -> Result<&'a [u8], WireError> {
+        if self.bytes.len() < count {
+            return Err(malformed(format!("truncated in {what}")));
+        }
+        let (taken, rest) = self.bytes.split_at(count);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("two bytes")))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("four bytes")))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("eight bytes")))
+    }
+}
+
+/// Cuts a byte stream into frames. Holds at most one partial frame.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buffer: Vec<u8>,
+    /// Where the unread bytes of `buffer` start.
+    at: usize,
+}
+
+impl FrameDecoder {
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Takes bytes as they arrived.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.at > 0 && self.at == self.buffer.len() {
+            self.buffer.clear();
+            self.at = 0;
+        }
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, `None` until its last byte arrived. After an error the connection
+    /// must be closed: the stream cannot be resynchronized.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        let unread = &self.buffer[self.at..];
+        let Some(length) = unread.get(..4) else { return Ok(None) };
+        let size = u32::from_le_bytes(length.try_into().expect("four bytes")) as usize;
+        if size > FRAME_SIZE_MAX {
+            return Err(WireError::Oversized { size });
+        }
+        if size < HEADER_SIZE {
+            return Err(malformed(format!("frame of {size} bytes, shorter than its header")));
+        }
+        let Some(body) = unread.get(4..4 + size) else { return Ok(None) };
+        let frame = Frame::decode(body)?;
+        self.at += 4 + size;
+        // Keep the buffer from growing with consumed bytes.
+        if self.at > (1 << 20) && self.at * 2 > self.buffer.len() {
+            self.buffer.drain(..self.at);
+            self.at = 0;
+        }
+        Ok(Some(frame))
+    }
+
+    /// Bytes received and not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len() - self.at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataflow::source::GeneratorSource;
+    use crate::dataflow::Source;
+    use crate::time::Instant;
+
+    fn frames() -> Vec<Frame> {
+        let batch = GeneratorSource::new("g", 100, 50, 0, 1).poll_batch(Instant(0)).unwrap().unwrap();
+        let channel = ChannelId(7);
+        vec![
+            Frame::Hello { attempt: 3, node: 2, secret: b"s3cret".to_vec() },
+            Frame::Element { attempt: 3, channel, element: Element::Batch(batch) },
+            Frame::Element { attempt: 3, channel, element: Element::Watermark(EventTime(-9)) },
+            Frame::Element {
+                attempt: 3,
+                channel,
+                element: Element::Barrier(Barrier { checkpoint: CheckpointId(5), kind: BarrierKind::Unaligned }),
+            },
+            Frame::Element { attempt: 3, channel, element: Element::Idle },
+            Frame::Element { attempt: 3, channel, element: Element::Active },
+            Frame::Element { attempt: 3, channel, element: Element::End },
+            Frame::Credit { attempt: 3, channel, credits: 8 },
+            Frame::Heartbeat { attempt: 3, sequence: u64::MAX },
+        ]
+    }
+
+    /// A comparable rendering (batches compare by value through Debug of their columns).
+    fn render(frame: &Frame) -> String {
+        format!("{frame:?}")
+    }
+
+    // Goal: every frame kind reads back as written, also when the bytes arrive one at a time.
+    #[test]
+    fn frames_round_trip_in_any_chunking() {
+        let mut bytes = Vec::new();
+        for frame in frames() {
+            frame.encode(&mut bytes).unwrap();
+        }
+        for chunk in [1, 3, 64, bytes.len()] {
+            let mut decoder = FrameDecoder::new();
+            let mut decoded = Vec::new();
+            for piece in bytes.chunks(chunk) {
+                decoder.push(piece);
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    decoded.push(render(&frame));
+                }
+            }
+            assert_eq!(decoded, frames().iter().map(render).collect::<Vec<_>>(), "chunks of {chunk}");
+            assert_eq!(decoder.buffered(), 0);
+        }
+    }
+
+    // Goal: hostile frames are errors that name the fault, never panics: a wrong version, an
+    // oversized length (refused before its body arrives, so nothing of that size is allocated),
+    // a length shorter than the header, unknown kinds, trailing bytes, and every truncation and
+    // single-byte change of valid frames.
+    #[test]
+    fn hostile_frames_are_refused() {
+        let mut hello = Vec::new();
+        frames()[0].encode(&mut hello).unwrap();
+        let mut wrong_version = hello.clone();
+        wrong_version[4] = 9;
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&wrong_version);
+        assert_eq!(decoder.next_frame().unwrap_err(), WireError::Version(9));
+
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&u32::MAX.to_le_bytes());
+        assert_eq!(decoder.next_frame().unwrap_err(), WireError::Oversized { size: u32::MAX as usize });
+
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&3_u32.to_le_bytes());
+        assert!(matches!(decoder.next_frame(), Err(WireError::Malformed(m)) if m.contains("shorter than its header")));
+
+        let mut unknown_kind = hello.clone();
+        unknown_kind[5] = 77;
+        assert!(matches!(Frame::decode(&unknown_kind[4..]), Err(WireError::Malformed(m)) if m.contains("kind 77")));
+
+        let mut trailing = hello.clone();
+        trailing.push(0);
+        let size = (trailing.len() - 4) as u32;
+        trailing[..4].copy_from_slice(&size.to_le_bytes());
+        assert!(matches!(Frame::decode(&trailing[4..]), Err(WireError::Malformed(m)) if m.contains("after the frame")));
+
+        let long_secret = Frame::Hello { attempt: 1, node: 0, secret: vec![0; SECRET_SIZE_MAX + 1] };
+        assert!(long_secret.encode(&mut Vec::new()).is_err());
+
+        for frame in frames() {
+            let mut bytes = Vec::new();
+            frame.encode(&mut bytes).unwrap();
+            let body = &bytes[4..];
+            for cut in 0..body.len() {
+                // Truncated bodies are errors or, for batches, may not decode: never a panic.
+                if let Ok(decoded) = Frame::decode(&body[..cut]) {
+                    panic!("{frame:?} cut at {cut} decoded as {decoded:?}");
+                }
+            }
+            for at in 0..body.len().min(400) {
+                let mut changed = body.to_vec();
+                changed[at] ^= 0x41;
+                let _ = Frame::decode(&changed);
+            }
+        }
+    }
+}
