@@ -53,6 +53,20 @@ pub struct DriverConfig {
     pub restore: Option<Manifest>,
     /// With checkpoints: take a savepoint this long after the start, and stop once it completed.
     pub stop_with_savepoint_after_ms: Option<u64>,
+    /// How nodes reach each other.
+    pub transport: TransportKind,
+}
+
+/// How the nodes of a run reach each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Bounded in-process channels.
+    #[default]
+    InProcess,
+    /// TCP connections on loopback, in the wire format, with credit-based flow control
+    /// (`crate::tcp`): what separate worker processes use, in one process.
+    #[cfg(not(madsim))]
+    TcpLoopback,
 }
 
 /// How a run ended.
@@ -170,14 +184,70 @@ pub async fn run(
     stats: CheckpointStats,
 ) -> Result<RunOutcome, DriverError> {
     let nodes = build_nodes(&plan, &config)?;
+    match config.transport {
+        TransportKind::InProcess => {
+            let transports = InProcTransport::connect(&plan);
+            run_nodes(plan, config, progress, stats, nodes, transports).await
+        }
+        #[cfg(not(madsim))]
+        TransportKind::TcpLoopback => {
+            let transports = connect_loopback(&plan).await?;
+            run_nodes(plan, config, progress, stats, nodes, transports).await
+        }
+    }
+}
+
+/// TCP transports for every node of `plan`, connected on loopback (the job's attempt and a
+/// secret of this process's own).
+#[cfg(not(madsim))]
+async fn connect_loopback(plan: &Arc<PhysicalPlan>) -> Result<Vec<crate::tcp::TcpTransport>, DriverError> {
+    let lost = |node: u16, reason: String| DriverError::NodeLost { node, reason };
+    let mut listeners = Vec::new();
+    for node in 0..plan.node_count {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|error| lost(node, format!("binding a loopback port: {error}")))?;
+        listeners.push(listener);
+    }
+    let addresses: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.local_addr().expect("bound")).collect();
+    let secret = format!("{:x}", std::process::id()).into_bytes();
+    let connecting: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(node, listener)| {
+            let config = crate::tcp::TcpConfig {
+                node: node as u16,
+                attempt: 1,
+                addresses: addresses.clone(),
+                secret: secret.clone(),
+            };
+            tokio::spawn(crate::tcp::TcpTransport::connect(plan.clone(), config, listener))
+        })
+        .collect();
+    let mut transports = Vec::new();
+    for (node, handle) in connecting.into_iter().enumerate() {
+        let connected = handle.await.map_err(|error| lost(node as u16, error.to_string()))?;
+        transports.push(connected.map_err(|error| lost(node as u16, error.to_string()))?);
+    }
+    Ok(transports)
+}
+
+/// Runs `nodes`, each on its transport, with the coordinator when checkpointing.
+async fn run_nodes<T: AsyncTransport>(
+    plan: Arc<PhysicalPlan>,
+    config: DriverConfig,
+    progress: Progress,
+    stats: CheckpointStats,
+    nodes: Vec<Node>,
+    transports: Vec<T>,
+) -> Result<RunOutcome, DriverError> {
     let clock = TokioClock::new();
     let (report_sender, reports) = mpsc::unbounded_channel();
     let channels: Vec<_> = (0..plan.node_count).map(|_| mpsc::unbounded_channel::<Command>()).collect();
     let command_senders: Vec<_> = channels.iter().map(|(sender, _)| sender.clone()).collect();
     let mut handles = Vec::new();
     let failures: Arc<Mutex<Vec<DriverError>>> = Arc::default();
-    for ((node, transport), (sender, commands)) in nodes.into_iter().zip(InProcTransport::connect(&plan)).zip(channels)
-    {
+    for ((node, transport), (sender, commands)) in nodes.into_iter().zip(transports).zip(channels) {
         let control = config.checkpoints.as_ref().map(|_| NodeControl {
             commands_own: sender,
             reports: report_sender.clone(),
@@ -425,18 +495,46 @@ impl InProcTransport {
     fn sender(&self, channel: ChannelId) -> &mpsc::Sender<Envelope> {
         &self.senders[usize::from(self.plan.node_of(self.plan.channel(channel).to))]
     }
+}
 
-    /// Waits for the next element for this node. Never ends on its own: this transport holds a
-    /// sender to its own node.
-    async fn recv(&mut self) -> Option<Envelope> {
-        self.receiver.recv().await
-    }
-
+/// What a node's driver needs of a transport beyond the kernel's [`Transport`]: ways to wait.
+pub trait AsyncTransport: Transport + Send + 'static {
+    /// Waits for the next element for this node; an error once the transport broke.
+    fn recv(&mut self) -> impl std::future::Future<Output = Result<Envelope, TransportError>> + Send;
     /// Waits until `channel` has room for an element (another sender may take it first: callers
     /// retry `try_send`).
-    fn writable(&self, channel: ChannelId) -> impl std::future::Future<Output = Result<(), TransportError>> + 'static {
+    fn writable(
+        &self,
+        channel: ChannelId,
+    ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send + 'static;
+}
+
+impl AsyncTransport for InProcTransport {
+    /// Never ends on its own: this transport holds a sender to its own node.
+    async fn recv(&mut self) -> Result<Envelope, TransportError> {
+        Ok(self.receiver.recv().await.expect("the transport holds a sender to its own node"))
+    }
+
+    fn writable(
+        &self,
+        channel: ChannelId,
+    ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send + 'static {
         let sender = self.sender(channel).clone();
         async move { sender.reserve().await.map(drop).map_err(|_| TransportError::Broken(channel)) }
+    }
+}
+
+#[cfg(not(madsim))]
+impl AsyncTransport for crate::tcp::TcpTransport {
+    async fn recv(&mut self) -> Result<Envelope, TransportError> {
+        crate::tcp::TcpTransport::recv(self).await
+    }
+
+    fn writable(
+        &self,
+        channel: ChannelId,
+    ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send + 'static {
+        crate::tcp::TcpTransport::writable(self, channel)
     }
 }
 
@@ -458,9 +556,9 @@ impl Transport for InProcTransport {
 }
 
 /// The driver of one node: the loop that feeds it, steps it and moves its output.
-struct NodeDriver {
+struct NodeDriver<T> {
     node: Node,
-    transport: InProcTransport,
+    transport: T,
     clock: TokioClock,
     progress: Progress,
     /// With checkpoints: commands from the coordinator and reports to it.
@@ -481,7 +579,7 @@ struct NodeControl {
 /// How often a node reports its counters, in milliseconds.
 const PROGRESS_EVERY_MS: u64 = 200;
 
-impl NodeDriver {
+impl<T: AsyncTransport> NodeDriver<T> {
     async fn run(&mut self) -> Result<(), DriverError> {
         let index = self.node.index();
         // An element the node handed out that its receiver had no room for yet.
@@ -632,7 +730,7 @@ impl NodeDriver {
         let (writable, received, command) = tokio::select! {
             biased;
             command = next(commands) => (None, None, command),
-            received = self.transport.recv(), if can_take_input => (None, received, None),
+            received = self.transport.recv(), if can_take_input => (None, Some(received), None),
             writable = writable => (Some(writable), None, None),
         };
         if let Some(command) = command {
@@ -640,7 +738,8 @@ impl NodeDriver {
                 return Ok(false);
             }
         }
-        if let Some((channel, element)) = received {
+        if let Some(received) = received {
+            let (channel, element) = received.map_err(|e| self.broken(e))?;
             self.node.handle_element(self.clock.now(), channel, element);
         }
         writable.transpose().map_err(|e| self.broken(e))?;
@@ -657,7 +756,7 @@ impl NodeDriver {
         let (received, command) = tokio::select! {
             biased;
             command = next(commands) => (None, command),
-            received = self.transport.recv() => (received, None),
+            received = self.transport.recv() => (Some(received), None),
             _ = sleep, if timeout.is_some() => (None, None),
         };
         if let Some(command) = command {
@@ -665,7 +764,8 @@ impl NodeDriver {
                 return Ok(false);
             }
         }
-        if let Some((channel, element)) = received {
+        if let Some(received) = received {
+            let (channel, element) = received.map_err(|e| self.broken(e))?;
             self.node.handle_element(self.clock.now(), channel, element);
         }
         Ok(true)

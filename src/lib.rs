@@ -7,5 +7,6 @@ pub mod driver;
 pub mod fs_storage;
 #[cfg(not(madsim))]
 pub mod rocks;
+pub mod tcp;
 
 pub use sabot_kernel as kernel;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use sabot::driver::{self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, RunOutcome, StateKind};
+use sabot::driver::{
+    self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, RunOutcome, StateKind, TransportKind,
+};
 use sabot::fs_storage::LocalFsStorage;
 use sabot_kernel::checkpoint::manifest::{find_latest, load, Manifest};
 use sabot_kernel::dataflow::sink::read_committed;
@@ -26,6 +28,7 @@ flags of `sabot run`:
   --parallelism P       parallel subtasks, one node per worker thread (default: the number of cores, at most 8)
   --data-dir DIR        storage root: state under DIR/state, output under DIR/output (default ./sabot-data)
   --state KIND          keyed state: rocksdb (default) or heap
+  --transport KIND      between nodes: inproc (default) or tcp (loopback connections, wire format)
   --batch-size N        records per Arrow batch (default 4096)
   --checkpoint-interval-ms N
                         take a checkpoint every N ms and commit output exactly once (default 0: no
@@ -53,6 +56,7 @@ struct RunArgs {
     from_savepoint: Option<u64>,
     unaligned: bool,
     alignment_timeout_ms: Option<u64>,
+    transport: TransportKind,
 }
 
 /// A command-line mistake: printed with a pointer to the usage, exit code 2.
@@ -76,6 +80,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
         from_savepoint: None,
         unaligned: false,
         alignment_timeout_ms: None,
+        transport: TransportKind::InProcess,
     };
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
@@ -96,6 +101,13 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
             "--unaligned" => run.unaligned = true,
             "--alignment-timeout-ms" => run.alignment_timeout_ms = Some(parse_number(flag, &value()?)?),
             "--data-dir" => run.data_dir = PathBuf::from(value()?),
+            "--transport" => {
+                run.transport = match value()?.as_str() {
+                    "inproc" => TransportKind::InProcess,
+                    "tcp" => TransportKind::TcpLoopback,
+                    other => return Err(UsageError(format!("--transport is inproc or tcp, not {other:?}"))),
+                }
+            }
             "--state" => {
                 run.state = match value()?.as_str() {
                     "rocksdb" => StateKind::RocksDb,
@@ -228,10 +240,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         checkpoints,
         restore,
         stop_with_savepoint_after_ms: args.stop_with_savepoint_after_ms,
+        transport: args.transport,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(args.parallelism))
-        .enable_time()
+        .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     let progress = Progress::default();

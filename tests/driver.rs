@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use sabot::driver::{self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, StateKind};
+use sabot::driver::{self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, StateKind, TransportKind};
 use sabot::fs_storage::LocalFsStorage;
 use sabot_kernel::dataflow::sink::read_committed;
 use sabot_kernel::dataflow::PhysicalPlan;
@@ -10,10 +10,15 @@ use sabot_kernel::env::Storage;
 use sabot_kernel::testing::{run_in_memory, w1_reference, w1_rows, w2_reference, window_rows};
 use sabot_kernel::workload::{w1_job, w2_job, W2_WINDOW_SIZE_MS};
 
-fn run_driver(plan: PhysicalPlan, state: StateKind, dir: &std::path::Path) -> sabot_kernel::node::NodeMetrics {
+fn run_driver(
+    plan: PhysicalPlan,
+    state: StateKind,
+    transport: TransportKind,
+    dir: &std::path::Path,
+) -> sabot_kernel::node::NodeMetrics {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(plan.node_count))
-        .enable_time()
+        .enable_all()
         .build()
         .unwrap();
     let progress = Progress::default();
@@ -23,6 +28,7 @@ fn run_driver(plan: PhysicalPlan, state: StateKind, dir: &std::path::Path) -> sa
         checkpoints: None,
         restore: None,
         stop_with_savepoint_after_ms: None,
+        transport,
     };
     runtime
         .block_on(driver::run(Arc::new(plan), config, progress.clone(), CheckpointStats::default()))
@@ -31,14 +37,18 @@ fn run_driver(plan: PhysicalPlan, state: StateKind, dir: &std::path::Path) -> sa
 }
 
 // Goal: with checkpoints on tokio + RocksDB — aligned, unaligned, and aligned with a timeout into
-// unaligned — output is committed only through completed checkpoints, and it is exactly the
-// reference. Method: W2 at parallelism 3 with a checkpoint every 2 ms.
+// unaligned, in-process and over TCP (barriers and credits crossing real connections) — output
+// is committed only through completed checkpoints, and it is exactly the reference.
+// Method: W2 at parallelism 3 with a checkpoint every 2 ms.
 #[test]
 fn w2_with_checkpoints_equals_reference() {
     let record_count = 60_000;
-    for (unaligned, alignment_timeout_ms) in [(false, None), (true, None), (false, Some(0))] {
+    let (inproc, tcp) = (TransportKind::InProcess, TransportKind::TcpLoopback);
+    for (unaligned, alignment_timeout_ms, transport) in
+        [(false, None, inproc), (true, None, inproc), (false, Some(0), inproc), (false, None, tcp), (true, None, tcp)]
+    {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(3).enable_time().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(3).enable_all().build().unwrap();
         let checkpoints =
             Some(CheckpointSettings { interval_ms: 2, retained_count: 2, unaligned, alignment_timeout_ms });
         let config = DriverConfig {
@@ -47,6 +57,7 @@ fn w2_with_checkpoints_equals_reference() {
             checkpoints,
             restore: None,
             stop_with_savepoint_after_ms: None,
+            transport,
         };
         let plan = Arc::new(PhysicalPlan::new(w2_job(record_count, 3, 500).unwrap(), 3));
         let stats = CheckpointStats::default();
@@ -62,7 +73,7 @@ fn w2_with_checkpoints_equals_reference() {
         assert_eq!(
             rows,
             w2_reference(record_count, W2_WINDOW_SIZE_MS),
-            "unaligned {unaligned}, timeout {alignment_timeout_ms:?}"
+            "unaligned {unaligned}, timeout {alignment_timeout_ms:?}, {transport:?}"
         );
         let (completed, _) = stats.completed_aborted();
         assert!(completed >= 1, "the final output was committed by a checkpoint");
@@ -71,25 +82,31 @@ fn w2_with_checkpoints_equals_reference() {
 }
 
 // Goal: tokio + RocksDB + local disk commit exactly what the pure in-memory kernel run commits,
-// which is exactly the BTreeMap reference, at several parallelisms and batch sizes.
+// which is exactly the BTreeMap reference, at several parallelisms and batch sizes, in-process
+// and over TCP (where nodes that finish close their connections to peers still running).
 // Method: run W2 both ways on the same plan; compare the committed window rows.
 #[test]
 fn w2_on_tokio_and_rocksdb_equals_in_memory_run() {
     let record_count = 60_000;
     let reference = w2_reference(record_count, W2_WINDOW_SIZE_MS);
-    for (parallelism, batch_size, state) in
-        [(1, 1_000, StateKind::RocksDb), (2, 512, StateKind::RocksDb), (3, 4_096, StateKind::Heap)]
-    {
+    let (inproc, tcp) = (TransportKind::InProcess, TransportKind::TcpLoopback);
+    for (parallelism, batch_size, state, transport) in [
+        (1, 1_000, StateKind::RocksDb, inproc),
+        (2, 512, StateKind::RocksDb, inproc),
+        (3, 4_096, StateKind::Heap, inproc),
+        (3, 700, StateKind::Heap, tcp),
+        (2, 1_000, StateKind::RocksDb, tcp),
+    ] {
         let graph = w2_job(record_count, parallelism, batch_size).unwrap();
         let mut in_memory = run_in_memory(PhysicalPlan::new(graph.clone(), parallelism)).unwrap();
         let expected = window_rows(&in_memory.committed("w2").unwrap());
         assert_eq!(expected, reference);
 
         let dir = tempfile::tempdir().unwrap();
-        let metrics = run_driver(PhysicalPlan::new(graph, parallelism), state.clone(), dir.path());
+        let metrics = run_driver(PhysicalPlan::new(graph, parallelism), state.clone(), transport, dir.path());
         let mut storage = LocalFsStorage::open(dir.path()).unwrap();
         let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
-        assert_eq!(rows, expected, "parallelism {parallelism}, batch {batch_size}, {state:?}");
+        assert_eq!(rows, expected, "parallelism {parallelism}, batch {batch_size}, {state:?}, {transport:?}");
         assert_eq!(metrics.records_in, record_count);
         assert_eq!(metrics.records_out, reference.len() as u64);
         // Committed means moved out of the pending directory: nothing is left there.
@@ -104,7 +121,8 @@ fn w2_on_tokio_and_rocksdb_equals_in_memory_run() {
 #[test]
 fn w1_on_tokio_equals_reference() {
     let dir = tempfile::tempdir().unwrap();
-    run_driver(PhysicalPlan::new(w1_job(30_000, 2, 1_000).unwrap(), 2), StateKind::Heap, dir.path());
+    let plan = PhysicalPlan::new(w1_job(30_000, 2, 1_000).unwrap(), 2);
+    run_driver(plan, StateKind::Heap, TransportKind::InProcess, dir.path());
     let mut storage = LocalFsStorage::open(dir.path()).unwrap();
     assert_eq!(w1_rows(&read_committed(&mut storage, "w1").unwrap()), w1_reference(30_000));
 }
@@ -123,6 +141,7 @@ fn unusable_state_directory_is_an_error() {
         checkpoints: None,
         restore: None,
         stop_with_savepoint_after_ms: None,
+        transport: TransportKind::InProcess,
     };
     let error = driver::build_nodes(&plan, &config).err().expect("an error");
     assert!(error.to_string().contains("subtask 1.0 (state backend): state backend failed: rocksdb at"), "{error}");
