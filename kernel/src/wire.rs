@@ -125,10 +125,10 @@ impl Frame {
             }
         };
         let size = out.len() - start - 4;
-        let result = result.and_then(|()| match size > FRAME_SIZE_MAX {
-            true => Err(WireError::Oversized { size }),
-            false => Ok(()),
-        });
+        let result = match result {
+            Ok(()) if size > FRAME_SIZE_MAX => Err(WireError::Oversized { size }),
+            other => other,
+        };
         match result {
             Ok(()) => {
                 out[start..start + 4].copy_from_slice(&(size as u32).to_le_bytes());
