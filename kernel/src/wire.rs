@@ -148,6 +148,9 @@ impl Frame {
         if version != WIRE_VERSION {
             return Err(WireError::Version(version));
         }
+        if body.len() < HEADER_SIZE {
+            return Err(malformed(format!("frame of {} bytes, shorter than its header", body.len())));
+        }
         let kind = reader.u8("kind")?;
         let attempt = reader.u64("attempt")?;
         let frame = match kind {
@@ -285,17 +288,26 @@ impl FrameDecoder {
     /// The next whole frame, `None` until its last byte arrived. After an error the connection
     /// must be closed: the stream cannot be resynchronized.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        self.next_with(Frame::decode)
+    }
+
+    /// The next whole control message (the coordinator's connections), as [`Self::next_frame`].
+    pub fn next_control(&mut self) -> Result<Option<Control>, WireError> {
+        self.next_with(Control::decode)
+    }
+
+    fn next_with<T>(&mut self, decode: impl FnOnce(&[u8]) -> Result<T, WireError>) -> Result<Option<T>, WireError> {
         let unread = &self.buffer[self.at..];
         let Some(length) = unread.get(..4) else { return Ok(None) };
         let size = u32::from_le_bytes(length.try_into().expect("four bytes")) as usize;
         if size > FRAME_SIZE_MAX {
             return Err(WireError::Oversized { size });
         }
-        if size < HEADER_SIZE {
+        if size < 2 {
             return Err(malformed(format!("frame of {size} bytes, shorter than its header")));
         }
         let Some(body) = unread.get(4..4 + size) else { return Ok(None) };
-        let frame = Frame::decode(body)?;
+        let frame = decode(body)?;
         self.at += 4 + size;
         // Keep the buffer from growing with consumed bytes.
         if self.at > (1 << 20) && self.at * 2 > self.buffer.len() {
@@ -308,6 +320,276 @@ impl FrameDecoder {
     /// Bytes received and not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.buffer.len() - self.at
+    }
+}
+
+/// What a job runs: a workload of `crate::workload` and its size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobSpec {
+    /// `w2` (the keyed window of WORKLOADS.md).
+    pub name: String,
+    pub records: u64,
+    pub parallelism: u16,
+    pub batch_size: u32,
+}
+
+/// A worker's part of one attempt of the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub attempt: u64,
+    pub job: JobSpec,
+    /// This worker's node, of `addresses.len()` nodes.
+    pub node: u16,
+    /// Every node's data address (`host:port`), by node index.
+    pub addresses: Vec<String>,
+    /// Take checkpoints (the coordinator triggers them).
+    pub checkpointing: bool,
+    pub alignment_timeout_ms: Option<u64>,
+    /// Restore from this completed checkpoint of the data directory.
+    pub restore: Option<CheckpointId>,
+}
+
+/// Messages between the coordinator process and its workers, framed like [`Frame`]s (kinds
+/// from 16 on) on their own connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// A worker offers itself: the job's secret and where its node listens for peers.
+    Register {
+        secret: Vec<u8>,
+        address: String,
+    },
+    Assign(Assignment),
+    Trigger {
+        checkpoint: CheckpointId,
+        kind: BarrierKind,
+    },
+    Complete {
+        checkpoint: CheckpointId,
+    },
+    /// The attempt is over (done, failed elsewhere, or stopped): drop the node.
+    Stop,
+    /// A subtask's acknowledgement: its snapshot, as a one-task manifest's bytes.
+    Ack {
+        checkpoint: CheckpointId,
+        snapshot: Vec<u8>,
+    },
+    /// Every subtask of the worker's node processed its end of input.
+    Finished {
+        node: u16,
+    },
+    /// ... and its final output is committed.
+    Done {
+        node: u16,
+    },
+    /// The worker's node failed.
+    Failed {
+        reason: String,
+    },
+    Heartbeat,
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
+    let length = u32::try_from(s.len()).map_err(|_| malformed("string over 4 GiB"))?;
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), WireError> {
+    let length = u32::try_from(bytes.len()).map_err(|_| malformed("bytes over 4 GiB"))?;
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+impl Reader<'_> {
+    fn bytes(&mut self, what: &str) -> Result<Vec<u8>, WireError> {
+        let length = self.u32(what)? as usize;
+        Ok(self.take(length, what)?.to_vec())
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, WireError> {
+        String::from_utf8(self.bytes(what)?).map_err(|_| malformed(format!("{what} is not UTF-8")))
+    }
+
+    fn option_u64(&mut self, what: &str) -> Result<Option<u64>, WireError> {
+        match self.u8(what)? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64(what)?)),
+            flag => Err(malformed(format!("{what}: option flag {flag}"))),
+        }
+    }
+}
+
+fn put_option_u64(out: &mut Vec<u8>, value: Option<u64>) {
+    match value {
+        None => out.push(0),
+        Some(value) => {
+            out.push(1);
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+}
+
+/// Nodes an assignment may name, at most.
+const NODE_COUNT_MAX: usize = 4096;
+
+impl Control {
+    /// Appends the message, length first, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        out.push(WIRE_VERSION);
+        let result = self.encode_body(out);
+        let size = out.len() - start - 4;
+        let result = match result {
+            Ok(()) if size > FRAME_SIZE_MAX => Err(WireError::Oversized { size }),
+            other => other,
+        };
+        match result {
+            Ok(()) => {
+                out[start..start + 4].copy_from_slice(&(size as u32).to_le_bytes());
+                Ok(())
+            }
+            Err(error) => {
+                out.truncate(start);
+                Err(error)
+            }
+        }
+    }
+
+    fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        match self {
+            Control::Register { secret, address } => {
+                if secret.len() > SECRET_SIZE_MAX {
+                    return Err(malformed(format!("secret of {} bytes", secret.len())));
+                }
+                out.push(16);
+                put_bytes(out, secret)?;
+                put_string(out, address)?;
+            }
+            Control::Assign(assignment) => {
+                out.push(17);
+                out.extend_from_slice(&assignment.attempt.to_le_bytes());
+                put_string(out, &assignment.job.name)?;
+                out.extend_from_slice(&assignment.job.records.to_le_bytes());
+                out.extend_from_slice(&assignment.job.parallelism.to_le_bytes());
+                out.extend_from_slice(&assignment.job.batch_size.to_le_bytes());
+                out.extend_from_slice(&assignment.node.to_le_bytes());
+                out.extend_from_slice(&(assignment.addresses.len() as u32).to_le_bytes());
+                for address in &assignment.addresses {
+                    put_string(out, address)?;
+                }
+                out.push(u8::from(assignment.checkpointing));
+                put_option_u64(out, assignment.alignment_timeout_ms);
+                put_option_u64(out, assignment.restore.map(|c| c.0));
+            }
+            Control::Trigger { checkpoint, kind } => {
+                out.push(18);
+                out.extend_from_slice(&checkpoint.0.to_le_bytes());
+                out.push(match kind {
+                    BarrierKind::Aligned => 0,
+                    BarrierKind::Unaligned => 1,
+                });
+            }
+            Control::Complete { checkpoint } => {
+                out.push(19);
+                out.extend_from_slice(&checkpoint.0.to_le_bytes());
+            }
+            Control::Stop => out.push(20),
+            Control::Ack { checkpoint, snapshot } => {
+                out.push(21);
+                out.extend_from_slice(&checkpoint.0.to_le_bytes());
+                put_bytes(out, snapshot)?;
+            }
+            Control::Finished { node } => {
+                out.push(22);
+                out.extend_from_slice(&node.to_le_bytes());
+            }
+            Control::Done { node } => {
+                out.push(23);
+                out.extend_from_slice(&node.to_le_bytes());
+            }
+            Control::Failed { reason } => {
+                out.push(24);
+                put_string(out, reason)?;
+            }
+            Control::Heartbeat => out.push(25),
+        }
+        Ok(())
+    }
+
+    /// Decodes one message's body (what follows the length field); never panics.
+    pub fn decode(body: &[u8]) -> Result<Control, WireError> {
+        let mut reader = Reader { bytes: body };
+        let version = reader.u8("version")?;
+        if version != WIRE_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let control = match reader.u8("kind")? {
+            16 => {
+                let secret = reader.bytes("secret")?;
+                if secret.len() > SECRET_SIZE_MAX {
+                    return Err(malformed(format!("secret of {} bytes", secret.len())));
+                }
+                Control::Register { secret, address: reader.string("address")? }
+            }
+            17 => {
+                let attempt = reader.u64("attempt")?;
+                let job = JobSpec {
+                    name: reader.string("job name")?,
+                    records: reader.u64("records")?,
+                    parallelism: reader.u16("parallelism")?,
+                    batch_size: reader.u32("batch size")?,
+                };
+                let node = reader.u16("node")?;
+                let count = reader.u32("node count")? as usize;
+                if count == 0 || count > NODE_COUNT_MAX || usize::from(node) >= count {
+                    return Err(malformed(format!("node {node} of {count}")));
+                }
+                let addresses = (0..count).map(|_| reader.string("address")).collect::<Result<Vec<_>, _>>()?;
+                let checkpointing = match reader.u8("checkpointing")? {
+                    0 => false,
+                    1 => true,
+                    flag => return Err(malformed(format!("checkpointing flag {flag}"))),
+                };
+                let alignment_timeout_ms = reader.option_u64("alignment timeout")?;
+                let restore = reader.option_u64("restore")?.map(CheckpointId);
+                Control::Assign(Assignment {
+                    attempt,
+                    job,
+                    node,
+                    addresses,
+                    checkpointing,
+                    alignment_timeout_ms,
+                    restore,
+                })
+            }
+            18 => {
+                let checkpoint = CheckpointId(reader.u64("checkpoint")?);
+                let kind = match reader.u8("barrier kind")? {
+                    0 => BarrierKind::Aligned,
+                    1 => BarrierKind::Unaligned,
+                    kind => return Err(malformed(format!("barrier kind {kind}"))),
+                };
+                Control::Trigger { checkpoint, kind }
+            }
+            19 => Control::Complete { checkpoint: CheckpointId(reader.u64("checkpoint")?) },
+            20 => Control::Stop,
+            21 => Control::Ack {
+                checkpoint: CheckpointId(reader.u64("checkpoint")?),
+                snapshot: reader.bytes("snapshot")?,
+            },
+            22 => Control::Finished { node: reader.u16("node")? },
+            23 => Control::Done { node: reader.u16("node")? },
+            24 => Control::Failed { reason: reader.string("reason")? },
+            25 => Control::Heartbeat,
+            kind => return Err(malformed(format!("control kind {kind}"))),
+        };
+        if !reader.bytes.is_empty() {
+            return Err(malformed(format!("{} bytes after the message", reader.bytes.len())));
+        }
+        Ok(control)
     }
 }
 
@@ -384,6 +666,7 @@ mod tests {
 
         let mut decoder = FrameDecoder::new();
         decoder.push(&3_u32.to_le_bytes());
+        decoder.push(&[WIRE_VERSION, 1, 0]);
         assert!(matches!(decoder.next_frame(), Err(WireError::Malformed(m)) if m.contains("shorter than its header")));
 
         let mut unknown_kind = hello.clone();
@@ -413,6 +696,55 @@ mod tests {
                 let mut changed = body.to_vec();
                 changed[at] ^= 0x41;
                 let _ = Frame::decode(&changed);
+            }
+        }
+    }
+
+    // Goal: every control message reads back as written; truncations and byte changes are
+    // errors or other valid messages, never panics.
+    #[test]
+    fn control_messages_round_trip() {
+        let assignment = Assignment {
+            attempt: 4,
+            job: JobSpec { name: "w2".into(), records: 1_000, parallelism: 3, batch_size: 100 },
+            node: 1,
+            addresses: vec!["127.0.0.1:4000".into(), "127.0.0.1:4001".into()],
+            checkpointing: true,
+            alignment_timeout_ms: Some(50),
+            restore: Some(CheckpointId(9)),
+        };
+        let messages = vec![
+            Control::Register { secret: b"s".to_vec(), address: "127.0.0.1:1".into() },
+            Control::Assign(assignment),
+            Control::Trigger { checkpoint: CheckpointId(3), kind: BarrierKind::Aligned },
+            Control::Complete { checkpoint: CheckpointId(3) },
+            Control::Stop,
+            Control::Ack { checkpoint: CheckpointId(3), snapshot: vec![1, 2, 3] },
+            Control::Finished { node: 2 },
+            Control::Done { node: 2 },
+            Control::Failed { reason: "disk full".into() },
+            Control::Heartbeat,
+        ];
+        let mut bytes = Vec::new();
+        for message in &messages {
+            message.encode(&mut bytes).unwrap();
+        }
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&bytes);
+        for message in &messages {
+            assert_eq!(decoder.next_control().unwrap().as_ref(), Some(message));
+        }
+        for message in &messages {
+            let mut bytes = Vec::new();
+            message.encode(&mut bytes).unwrap();
+            let body = &bytes[4..];
+            for cut in 0..body.len() {
+                assert!(Control::decode(&body[..cut]).is_err(), "{message:?} cut at {cut}");
+            }
+            for at in 0..body.len() {
+                let mut changed = body.to_vec();
+                changed[at] ^= 0x41;
+                let _ = Control::decode(&changed);
             }
         }
     }
