@@ -26,6 +26,9 @@ use tokio::sync::mpsc;
 use crate::clock::TokioClock;
 use crate::fs_storage::LocalFsStorage;
 
+#[cfg(not(madsim))]
+pub mod cluster;
+
 /// Elements a channel between two nodes holds before the sender waits.
 pub const NODE_CHANNEL_CAPACITY: usize = 4;
 
@@ -154,25 +157,37 @@ fn open_backend(
 
 /// Builds every node of `plan` with its storage and state.
 pub fn build_nodes(plan: &Arc<PhysicalPlan>, config: &DriverConfig) -> Result<Vec<Node>, DriverError> {
+    (0..plan.node_count).map(|index| build_node(plan, index, config)).collect()
+}
+
+/// Builds node `index` of `plan` with its storage and state.
+pub fn build_node(plan: &Arc<PhysicalPlan>, index: u16, config: &DriverConfig) -> Result<Node, DriverError> {
     let job = plan.graph.name.clone();
-    (0..plan.node_count)
-        .map(|index| {
-            let storage = LocalFsStorage::open(&config.data_dir)
-                .map_err(|error| DriverError::DataDir { path: config.data_dir.clone(), error })?;
-            let mut backends = |subtask, range| open_backend(config, &job, subtask, range);
-            Ok(Node::new(
-                plan.clone(),
-                index,
-                Box::new(storage),
-                &mut backends,
-                NodeOptions {
-                    checkpointing: config.checkpoints.is_some(),
-                    restore: config.restore.clone().map(Arc::new),
-                    alignment_timeout_ms: config.checkpoints.as_ref().and_then(|c| c.alignment_timeout_ms),
-                },
-            )?)
-        })
-        .collect()
+    let storage = LocalFsStorage::open(&config.data_dir)
+        .map_err(|error| DriverError::DataDir { path: config.data_dir.clone(), error })?;
+    let mut backends = |subtask, range| open_backend(config, &job, subtask, range);
+    Ok(Node::new(
+        plan.clone(),
+        index,
+        Box::new(storage),
+        &mut backends,
+        NodeOptions {
+            checkpointing: config.checkpoints.is_some(),
+            restore: config.restore.clone().map(Arc::new),
+            alignment_timeout_ms: config.checkpoints.as_ref().and_then(|c| c.alignment_timeout_ms),
+        },
+    )?)
+}
+
+/// The job graph a job spec names (the workloads of WORKLOADS.md).
+pub fn job_graph(spec: &sabot_kernel::wire::JobSpec) -> Result<sabot_kernel::dataflow::JobGraph, DriverError> {
+    let batch_size = spec.batch_size as usize;
+    let graph = match spec.name.as_str() {
+        "w1" => sabot_kernel::workload::w1_job(spec.records, spec.parallelism, batch_size),
+        "w2" => sabot_kernel::workload::w2_job(spec.records, spec.parallelism, batch_size),
+        other => return Err(DriverError::Coordinator(format!("unknown job {other:?} (w1 or w2)"))),
+    };
+    graph.map_err(|error| DriverError::Coordinator(format!("building job {}: {error}", spec.name)))
 }
 
 /// Runs `plan` to the end: one tokio task per node on a runtime with one worker per node, and,
@@ -221,7 +236,8 @@ async fn connect_loopback(plan: &Arc<PhysicalPlan>) -> Result<Vec<crate::tcp::Tc
                 addresses: addresses.clone(),
                 secret: secret.clone(),
             };
-            tokio::spawn(crate::tcp::TcpTransport::connect(plan.clone(), config, listener))
+            let plan = plan.clone();
+            tokio::spawn(async move { crate::tcp::TcpTransport::connect(plan, config, &listener).await })
         })
         .collect();
     let mut transports = Vec::new();

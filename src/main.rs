@@ -21,7 +21,28 @@ sabot: a deterministic stream-processing kernel
 
 usage:
   sabot run [flags]     run the W2 keyed tumbling-window job (WORKLOADS.md) embedded in this process
+  sabot coordinator [flags]
+                        run W2 on workers in other processes: assign their subtasks, coordinate
+                        checkpoints, restart every subtask from the latest checkpoint when a worker
+                        fails, finish when the job is complete
+  sabot worker [flags]  offer this process's node to a coordinator, attempt after attempt
   sabot help            show this message
+
+flags of `sabot coordinator`:
+  --listen ADDR         where workers register (default 127.0.0.1:7100)
+  --workers N           workers each attempt waits for (default 1)
+  --records, --parallelism, --batch-size, --data-dir, --unaligned, --alignment-timeout-ms
+                        as for `sabot run`
+  --checkpoint-interval-ms N
+                        as for `sabot run` (default 1000; a cluster always checkpoints)
+  --secret-file FILE    the job's shared secret (or the environment variable SABOT_SECRET); never logged
+
+flags of `sabot worker`:
+  --coordinator ADDR    the coordinator to register with (default 127.0.0.1:7100)
+  --listen ADDR         where this worker's node accepts its peers (default 127.0.0.1:0, any port)
+  --data-dir DIR        as for `sabot run`; workers of one job share it (one machine)
+  --state KIND          rocksdb (default) or heap
+  --secret-file FILE    as for `sabot coordinator`
 
 flags of `sabot run`:
   --records N           records to generate (default 20000000, the published W2 size)
@@ -147,6 +168,10 @@ fn main() -> ExitCode {
             Ok(run_args) => run(run_args),
             Err(UsageError(message)) => return usage_error(&message),
         },
+        Some(command @ ("coordinator" | "worker")) => match cluster(command, &args[1..]) {
+            Ok(result) => result,
+            Err(UsageError(message)) => return usage_error(&message),
+        },
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -160,6 +185,102 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The job's secret: from `--secret-file`, else from `SABOT_SECRET`.
+fn read_secret(file: Option<PathBuf>) -> Result<Vec<u8>, UsageError> {
+    let secret = match file {
+        Some(path) => std::fs::read(&path)
+            .map_err(|error| UsageError(format!("--secret-file {}: {error}", path.display())))?
+            .trim_ascii()
+            .to_vec(),
+        None => std::env::var("SABOT_SECRET")
+            .map(String::into_bytes)
+            .map_err(|_| UsageError("a cluster needs the job's secret: --secret-file FILE or SABOT_SECRET".into()))?,
+    };
+    if secret.is_empty() || secret.len() > sabot_kernel::wire::SECRET_SIZE_MAX {
+        return Err(UsageError(format!("the secret must be 1 to {} bytes", sabot_kernel::wire::SECRET_SIZE_MAX)));
+    }
+    Ok(secret)
+}
+
+/// Parses and runs `sabot coordinator` or `sabot worker`.
+fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageError> {
+    use sabot::driver::cluster::{run_coordinator, run_worker, CoordinatorSettings, WorkerSettings};
+    let address = |flag: &str, value: String| {
+        value.parse::<std::net::SocketAddr>().map_err(|_| UsageError(format!("{flag} takes host:port, not {value:?}")))
+    };
+    let mut listen = None;
+    let mut coordinator = address("--coordinator", "127.0.0.1:7100".into())?;
+    let (mut workers, mut secret_file) = (1_u16, None);
+    let mut job = sabot_kernel::wire::JobSpec {
+        name: "w2".into(),
+        records: workload::RECORD_COUNT_DEFAULT,
+        parallelism: 2,
+        batch_size: 4096,
+    };
+    let mut checkpoints =
+        CheckpointSettings { interval_ms: 1000, retained_count: 3, unaligned: false, alignment_timeout_ms: None };
+    let (mut data_dir, mut state) = (PathBuf::from("sabot-data"), StateKind::RocksDb);
+    let mut iter = args.iter();
+    while let Some(flag) = iter.next() {
+        let (flag, inline) = match flag.split_once('=') {
+            Some((flag, value)) => (flag, Some(value.to_string())),
+            None => (flag.as_str(), None),
+        };
+        let mut value = || {
+            inline.clone().or_else(|| iter.next().cloned()).ok_or_else(|| UsageError(format!("{flag} needs a value")))
+        };
+        match (command, flag) {
+            (_, "--listen") => listen = Some(address(flag, value()?)?),
+            (_, "--data-dir") => data_dir = PathBuf::from(value()?),
+            (_, "--secret-file") => secret_file = Some(PathBuf::from(value()?)),
+            ("coordinator", "--workers") => workers = parse_number(flag, &value()?)?,
+            ("coordinator", "--records") => job.records = parse_number(flag, &value()?)?,
+            ("coordinator", "--parallelism") => job.parallelism = parse_number(flag, &value()?)?,
+            ("coordinator", "--batch-size") => job.batch_size = parse_number(flag, &value()?)?,
+            ("coordinator", "--checkpoint-interval-ms") => checkpoints.interval_ms = parse_number(flag, &value()?)?,
+            ("coordinator", "--unaligned") => checkpoints.unaligned = true,
+            ("coordinator", "--alignment-timeout-ms") => {
+                checkpoints.alignment_timeout_ms = Some(parse_number(flag, &value()?)?)
+            }
+            ("worker", "--coordinator") => coordinator = address(flag, value()?)?,
+            ("worker", "--state") => {
+                state = match value()?.as_str() {
+                    "rocksdb" => StateKind::RocksDb,
+                    "heap" => StateKind::Heap,
+                    other => return Err(UsageError(format!("--state is rocksdb or heap, not {other:?}"))),
+                }
+            }
+            (_, other) => return Err(UsageError(format!("unknown flag {other:?} for `sabot {command}`"))),
+        }
+    }
+    if workers == 0 || job.parallelism == 0 || job.batch_size == 0 || checkpoints.interval_ms == 0 {
+        return Err(UsageError(
+            "--workers, --parallelism, --batch-size and --checkpoint-interval-ms must be at least 1".into(),
+        ));
+    }
+    let secret = read_secret(secret_file)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => return Ok(Err(error).context("starting the runtime")),
+    };
+    Ok(match command {
+        "coordinator" => {
+            let listen = listen.unwrap_or(coordinator);
+            let settings = CoordinatorSettings { listen, workers, job, data_dir, checkpoints, secret };
+            runtime.block_on(run_coordinator(settings)).context("coordinating the job")
+        }
+        _ => {
+            let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("an address"));
+            let settings = WorkerSettings { coordinator, listen, data_dir, state, secret };
+            runtime.block_on(run_worker(settings)).context("running the worker")
+        }
+    })
 }
 
 fn usage_error(message: &str) -> ExitCode {

@@ -149,7 +149,7 @@ impl TcpTransport {
     pub async fn connect(
         plan: Arc<PhysicalPlan>,
         config: TcpConfig,
-        listener: TcpListener,
+        listener: &TcpListener,
     ) -> Result<TcpTransport, TransportError> {
         let node_count = plan.node_count;
         assert_eq!(config.addresses.len(), usize::from(node_count), "one address per node");
@@ -284,8 +284,12 @@ impl TcpTransport {
                 Ok(Some((channel, element)))
             }
             Incoming::Lost { peer, reason } => match self.open_inputs.get(&peer) {
+                // The peer sent the end of every channel to this node: it finished.
                 Some(open) if open.is_empty() => Ok(None),
-                _ => Err(lost(peer, reason)),
+                _ => {
+                    eprintln!("node {}: connection to node {peer} lost: {reason}", self.node);
+                    Err(lost(peer, reason))
+                }
             },
         }
     }
@@ -540,7 +544,6 @@ async fn read_loop(mut reader: tokio::net::tcp::OwnedReadHalf, context: ReadCont
             break reason;
         }
     };
-    eprintln!("node {}: connection to node {} lost: {reason}", context.me, context.peer);
     context.closed.notify_one();
     report_lost(&context.incoming, &context.credits, context.peer, reason);
 }

@@ -59,7 +59,10 @@ async fn hostile_peers_are_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let config = TcpConfig { node: 0, attempt: 7, addresses: vec![address, address], secret: SECRET.to_vec() };
-    let node0 = tokio::spawn(TcpTransport::connect(plan.clone(), config, listener));
+    let node0 = {
+        let plan = plan.clone();
+        tokio::spawn(async move { TcpTransport::connect(plan, config, &listener).await })
+    };
 
     let hello = |attempt, secret: &[u8]| frame_bytes(&Frame::Hello { attempt, node: 1, secret: secret.to_vec() });
     refused(address, &hello(7, b"wrong secret")).await;
@@ -105,7 +108,10 @@ async fn credits_bound_the_sender() {
     let node1_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let node1_address = node1_listener.local_addr().unwrap();
     let config = TcpConfig { node: 1, attempt: 3, addresses: vec![address, node1_address], secret: SECRET.to_vec() };
-    let node1 = tokio::spawn(TcpTransport::connect(plan.clone(), config, node1_listener));
+    let node1 = {
+        let plan = plan.clone();
+        tokio::spawn(async move { TcpTransport::connect(plan, config, &node1_listener).await })
+    };
     let (mut stream, _) = listener.accept().await.unwrap();
     let mut header = vec![0; 4];
     stream.read_exact(&mut header).await.unwrap();
@@ -137,7 +143,10 @@ async fn stale_attempt_frames_break_the_connection() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let config = TcpConfig { node: 0, attempt: 5, addresses: vec![address, address], secret: SECRET.to_vec() };
-    let node0 = tokio::spawn(TcpTransport::connect(plan.clone(), config, listener));
+    let node0 = {
+        let plan = plan.clone();
+        tokio::spawn(async move { TcpTransport::connect(plan, config, &listener).await })
+    };
     let mut stream = TcpStream::connect(address).await.unwrap();
     stream.write_all(&frame_bytes(&Frame::Hello { attempt: 5, node: 1, secret: SECRET.to_vec() })).await.unwrap();
     let mut node0 = node0.await.unwrap().expect("node 0 connected");

@@ -386,6 +386,8 @@ pub enum Control {
         reason: String,
     },
     Heartbeat,
+    /// The job is complete: the worker exits.
+    JobDone,
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
@@ -515,6 +517,7 @@ impl Control {
                 put_string(out, reason)?;
             }
             Control::Heartbeat => out.push(25),
+            Control::JobDone => out.push(26),
         }
         Ok(())
     }
@@ -584,6 +587,7 @@ impl Control {
             23 => Control::Done { node: reader.u16("node")? },
             24 => Control::Failed { reason: reader.string("reason")? },
             25 => Control::Heartbeat,
+            26 => Control::JobDone,
             kind => return Err(malformed(format!("control kind {kind}"))),
         };
         if !reader.bytes.is_empty() {
@@ -724,6 +728,7 @@ mod tests {
             Control::Done { node: 2 },
             Control::Failed { reason: "disk full".into() },
             Control::Heartbeat,
+            Control::JobDone,
         ];
         let mut bytes = Vec::new();
         for message in &messages {

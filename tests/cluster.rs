@@ -1,0 +1,207 @@
+//! Exactly once across processes: `sabot coordinator` and `sabot worker` on loopback, workers
+//! killed with SIGKILL and restarted, and the job rescaled between numbers of workers.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sabot::fs_storage::LocalFsStorage;
+use sabot_kernel::dataflow::sink::read_committed;
+use sabot_kernel::state::testing::Lcg;
+use sabot_kernel::testing::{w2_reference, window_rows};
+use sabot_kernel::workload::W2_WINDOW_SIZE_MS;
+
+/// The seed of the kill schedule; printed for replay.
+const SEED: u64 = 4_2026_11_24;
+/// Worker kills in the kill test; the issue asks for at least 10.
+const KILL_COUNT: u32 = 10;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    records: u64,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    fn new(records: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), b"cluster test secret").unwrap();
+        Cluster { dir, port: free_port(), records }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn secret(&self) -> PathBuf {
+        self.dir.path().join("secret")
+    }
+
+    fn coordinator(&self, workers: u16) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_sabot"))
+            .args(["coordinator", "--workers", &workers.to_string(), "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--records", &self.records.to_string(), "--parallelism", "3", "--batch-size", "1000"])
+            .args(["--checkpoint-interval-ms", "50", "--data-dir", self.data_dir().to_str().unwrap()])
+            .arg("--secret-file")
+            .arg(self.secret())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the coordinator")
+    }
+
+    fn worker(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_sabot"))
+            .args(["worker", "--coordinator", &format!("127.0.0.1:{}", self.port)])
+            .args(["--data-dir", self.data_dir().to_str().unwrap()])
+            .arg("--secret-file")
+            .arg(self.secret())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a worker")
+    }
+
+    /// The id the latest-checkpoint pointer names, 0 before the first.
+    fn latest_checkpoint(&self) -> u64 {
+        std::fs::read(self.data_dir().join("checkpoints/_latest"))
+            .ok()
+            .filter(|b| b.len() == 16)
+            .map_or(0, |b| u64::from_le_bytes(b[4..12].try_into().unwrap()))
+    }
+
+    /// Waits until the pointer names a checkpoint newer than `than`; `false` if the coordinator
+    /// ended first.
+    fn wait_for_checkpoint_after(&self, than: u64, coordinator: &mut Child) -> bool {
+        let started = Instant::now();
+        while self.latest_checkpoint() <= than {
+            if coordinator.try_wait().unwrap().is_some() {
+                return false;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint after {than} in two minutes");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Checks the committed output against the reference.
+    fn check_output(&self) {
+        let mut storage = LocalFsStorage::open(self.data_dir()).unwrap();
+        // Duplicated rows fail inside window_rows.
+        let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
+        let expected = w2_reference(self.records, W2_WINDOW_SIZE_MS);
+        assert_eq!(rows.len(), expected.len());
+        assert!(rows == expected, "committed output differs from the uninterrupted run's");
+    }
+}
+
+/// Waits for the coordinator to end; its log, and whether it succeeded.
+fn finish(coordinator: Child) -> (bool, String) {
+    let output = coordinator.wait_with_output().expect("waiting for the coordinator");
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+fn kill(child: &mut Child) {
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaping");
+}
+
+fn reap(workers: Vec<Child>) {
+    for mut worker in workers {
+        // Workers exit once the coordinator says the job is complete (or is gone).
+        let started = Instant::now();
+        while worker.try_wait().unwrap().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(30), "a worker did not exit after the job");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+// Goal: W2 on a coordinator and three worker processes over loopback TCP commits exactly the
+// reference output, and every process exits by itself at the end.
+#[test]
+fn three_workers_commit_the_reference() {
+    let cluster = Cluster::new(300_000);
+    let coordinator = cluster.coordinator(3);
+    let workers: Vec<Child> = (0..3).map(|_| cluster.worker()).collect();
+    let (ok, log) = finish(coordinator);
+    assert!(ok, "the coordinator failed: {log}");
+    reap(workers);
+    cluster.check_output();
+}
+
+// Goal: a worker killed with SIGKILL at random points (10 times, seeded, the seed printed) and
+// restarted fails the attempt; every subtask restarts from the latest completed checkpoint, and
+// the committed output equals the uninterrupted run's exactly. Method: each kill waits for a
+// checkpoint newer than the one before the previous kill (so the job progresses), then a seeded
+// delay, then kills a seeded choice among the three workers.
+#[test]
+fn worker_kills_keep_exactly_once() {
+    println!("seed {SEED} (replay: set SEED in tests/cluster.rs)");
+    let mut rng = Lcg::new(SEED);
+    let cluster = Cluster::new(3_000_000);
+    let mut coordinator = cluster.coordinator(3);
+    let mut workers: Vec<Child> = (0..3).map(|_| cluster.worker()).collect();
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut seen = 0;
+    while kills < KILL_COUNT {
+        if !cluster.wait_for_checkpoint_after(seen, &mut coordinator) {
+            break;
+        }
+        seen = cluster.latest_checkpoint();
+        std::thread::sleep(Duration::from_millis(rng.below(300)));
+        let victim = rng.below(3) as usize;
+        kill(&mut workers[victim]);
+        workers[victim] = cluster.worker();
+        kills += 1;
+    }
+    let (ok, log) = finish(coordinator);
+    println!("{kills} kills in {:?}", started.elapsed());
+    assert_eq!(kills, KILL_COUNT, "the job ended before {KILL_COUNT} kills: make it longer; {log}");
+    assert!(ok, "the coordinator failed: {log}");
+    let attempts = log.lines().filter(|line| line.contains("attempt") && line.contains("with 3 workers")).count();
+    assert!(attempts > usize::try_from(KILL_COUNT).unwrap() / 2, "kills failed attempts: {log}");
+    reap(workers);
+    cluster.check_output();
+}
+
+/// Kills the coordinator and every worker (the whole cluster goes down).
+fn kill_all(coordinator: &mut Child, workers: &mut Vec<Child>) {
+    kill(coordinator);
+    for worker in workers.iter_mut() {
+        kill(worker);
+    }
+    workers.clear();
+}
+
+// Goal: the job rescales through its checkpoints: it runs on 3 workers, the cluster goes down,
+// comes back with 2 workers (subtasks and key groups move between processes), goes down again,
+// and finishes on 4; the committed output equals the uninterrupted run's exactly.
+#[test]
+fn rescaling_three_to_two_to_four_workers() {
+    let cluster = Cluster::new(2_000_000);
+    let mut workers = Vec::new();
+    let mut coordinator = cluster.coordinator(3);
+    workers.extend((0..3).map(|_| cluster.worker()));
+    assert!(cluster.wait_for_checkpoint_after(2, &mut coordinator), "the job ended before its 3rd checkpoint");
+    kill_all(&mut coordinator, &mut workers);
+
+    let before = cluster.latest_checkpoint();
+    let mut coordinator = cluster.coordinator(2);
+    workers.extend((0..2).map(|_| cluster.worker()));
+    assert!(cluster.wait_for_checkpoint_after(before + 2, &mut coordinator), "the job ended on 2 workers");
+    kill_all(&mut coordinator, &mut workers);
+
+    let coordinator = cluster.coordinator(4);
+    workers.extend((0..4).map(|_| cluster.worker()));
+    let (ok, log) = finish(coordinator);
+    assert!(ok, "the coordinator failed: {log}");
+    assert!(log.contains("attempt 1 with 4 workers, from checkpoint"), "{log}");
+    reap(workers);
+    cluster.check_output();
+}
