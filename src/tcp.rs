@@ -154,16 +154,17 @@ impl TcpTransport {
         let node_count = plan.node_count;
         assert_eq!(config.addresses.len(), usize::from(node_count), "one address per node");
         let me = config.node;
-        let mut streams: BTreeMap<u16, TcpStream> = BTreeMap::new();
+        let mut streams: BTreeMap<u16, (TcpStream, FrameDecoder)> = BTreeMap::new();
         for peer in 0..me {
             let stream = connect_with_retry(config.addresses[usize::from(peer)])
                 .await
                 .map_err(|reason| lost(peer, format!("connecting: {reason}")))?;
-            let (stream, hello) = handshake_connect(stream, &config).await.map_err(|reason| lost(peer, reason))?;
+            let (stream, hello, decoder) =
+                handshake_connect(stream, &config).await.map_err(|reason| lost(peer, reason))?;
             if hello != peer {
                 return Err(lost(peer, format!("the node at its address says it is node {hello}")));
             }
-            streams.insert(peer, stream);
+            streams.insert(peer, (stream, decoder));
         }
         while streams.len() < usize::from(node_count) - 1 {
             let accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()).await;
@@ -177,7 +178,7 @@ impl TcpTransport {
             };
             match handshake_accept(stream, &config, node_count).await {
                 Ok((stream, peer)) if peer > me && !streams.contains_key(&peer) => {
-                    streams.insert(peer, stream);
+                    streams.insert(peer, (stream, FrameDecoder::new()));
                 }
                 Ok((_, peer)) => eprintln!("node {me}: refused a connection from {from}: node {peer} is not expected"),
                 Err(reason) => eprintln!("node {me}: refused a connection from {from}: {reason}"),
@@ -186,7 +187,11 @@ impl TcpTransport {
         Ok(Self::start(plan, config, streams))
     }
 
-    fn start(plan: Arc<PhysicalPlan>, config: TcpConfig, streams: BTreeMap<u16, TcpStream>) -> TcpTransport {
+    fn start(
+        plan: Arc<PhysicalPlan>,
+        config: TcpConfig,
+        streams: BTreeMap<u16, (TcpStream, FrameDecoder)>,
+    ) -> TcpTransport {
         let (incoming_sender, incoming) = mpsc::unbounded_channel();
         let credits = Arc::new(Credits::default());
         let mut writers: Vec<Option<mpsc::UnboundedSender<Frame>>> = vec![None; usize::from(plan.node_count)];
@@ -203,7 +208,7 @@ impl TcpTransport {
                 }
             }
         }
-        for (peer, stream) in streams {
+        for (peer, (stream, decoder)) in streams {
             stream.set_nodelay(true).ok();
             let (reader, writer) = stream.into_split();
             let (frames, queue) = mpsc::unbounded_channel();
@@ -220,6 +225,7 @@ impl TcpTransport {
             tokio::spawn(write_loop(writer, queue, writing));
             tokio::spawn(read_loop(
                 reader,
+                decoder,
                 ReadContext {
                     closed,
                     plan: plan.clone(),
@@ -399,8 +405,12 @@ async fn connect_with_retry(address: SocketAddr) -> Result<TcpStream, String> {
     }
 }
 
-/// The connecting side: send our hello, check the answer; the peer's node index.
-async fn handshake_connect(mut stream: TcpStream, config: &TcpConfig) -> Result<(TcpStream, u16), String> {
+/// The connecting side: send our hello, check the answer; the peer's node index, and the decoder
+/// holding whatever the peer sent right after its answer.
+async fn handshake_connect(
+    mut stream: TcpStream,
+    config: &TcpConfig,
+) -> Result<(TcpStream, u16, FrameDecoder), String> {
     let hello = Frame::Hello { attempt: config.attempt, node: config.node, secret: config.secret.clone() };
     write_frame(&mut stream, &hello).await?;
     let mut decoder = FrameDecoder::new();
@@ -412,10 +422,7 @@ async fn handshake_connect(mut stream: TcpStream, config: &TcpConfig) -> Result<
         Frame::Hello { attempt, node, secret }
             if attempt == config.attempt && constant_time_eq(&secret, &config.secret) =>
         {
-            if decoder.buffered() > 0 {
-                return Err("data after the hello".into());
-            }
-            Ok((stream, node))
+            Ok((stream, node, decoder))
         }
         Frame::Hello { attempt, .. } if attempt != config.attempt => {
             Err(format!("it is in attempt {attempt}, this node in {}", config.attempt))
@@ -530,8 +537,7 @@ struct ReadContext {
     credits: Arc<Credits>,
 }
 
-async fn read_loop(mut reader: tokio::net::tcp::OwnedReadHalf, context: ReadContext) {
-    let mut decoder = FrameDecoder::new();
+async fn read_loop(mut reader: tokio::net::tcp::OwnedReadHalf, mut decoder: FrameDecoder, context: ReadContext) {
     let mut buffer = vec![0; READ_CHUNK];
     let reason = loop {
         let frame =

@@ -167,6 +167,7 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
     let mut storage = LocalFsStorage::open(&settings.data_dir)
         .map_err(|error| DriverError::DataDir { path: settings.data_dir.clone(), error })?;
     let graph = super::job_graph(&settings.job)?;
+    let started = std::time::Instant::now();
     let mut attempt = 0_u64;
     loop {
         attempt += 1;
@@ -188,13 +189,20 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
             clear_previous(&settings.data_dir, &graph.name)?;
         }
         eprintln!(
-            "coordinator: attempt {attempt} with {} workers, {}",
+            "coordinator: [{:.3} s] attempt {attempt} with {} workers, {}",
+            started.elapsed().as_secs_f64(),
             workers.len(),
             restore.as_ref().map_or("from the start".to_string(), |m| format!("from checkpoint {}", m.checkpoint.0))
         );
         match run_attempt(&settings, &graph, attempt, workers, restore).await? {
-            true => return Ok(()),
-            false => tokio::time::sleep(Duration::from_millis(50)).await,
+            true => {
+                eprintln!("coordinator: [{:.3} s] the job is complete", started.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            false => {
+                eprintln!("coordinator: [{:.3} s] attempt {attempt} ended", started.elapsed().as_secs_f64());
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
         }
     }
 }
@@ -470,11 +478,6 @@ async fn run_assignment(
         let _ = outbox.send(Control::Failed { reason: error.to_string() });
         error
     };
-    let node = build_node(&plan, node_index, &config).map_err(|error| fail(&outbox, error))?;
-    let tcp = TcpConfig { node: node_index, attempt: assignment.attempt, addresses, secret: settings.secret.clone() };
-    let transport = TcpTransport::connect(plan.clone(), tcp, listener)
-        .await
-        .map_err(|error| fail(&outbox, DriverError::NodeLost { node: node_index, reason: error.to_string() }))?;
     let (command_sender, commands) = mpsc::unbounded_channel::<Command>();
     let (report_sender, mut reports) = mpsc::unbounded_channel::<Report>();
     // Reports of the node become control messages.
@@ -519,6 +522,14 @@ async fn run_assignment(
         let _ = commands_in.send(Command::Stop);
         let _ = job_done_sender.send(done);
     });
+    let node = build_node(&plan, node_index, &config).map_err(|error| fail(&outbox, error))?;
+    let tcp = TcpConfig { node: node_index, attempt: assignment.attempt, addresses, secret: settings.secret.clone() };
+    // The attempt may end while peers connect (another worker failed): stop waiting for them then.
+    let transport = tokio::select! {
+        connected = TcpTransport::connect(plan.clone(), tcp, listener) => connected
+            .map_err(|error| fail(&outbox, DriverError::NodeLost { node: node_index, reason: error.to_string() }))?,
+        done = &mut job_done => return Ok(done.unwrap_or(false)),
+    };
     let control = NodeControl {
         commands_own: command_sender,
         reports: report_sender,
