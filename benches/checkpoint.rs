@@ -148,9 +148,9 @@ fn bench_backend(
                 change(backend.as_mut(), entries, round);
                 let target = checkpoints.target();
                 let capture = backend.capture(&target).unwrap();
-                files = capture.files.clone();
+                files = capture.files;
                 let start = Instant::now();
-                capture.write.write(&mut storage).unwrap();
+                files.extend(capture.write.write(&mut storage).unwrap());
                 total += start.elapsed();
                 backend.checkpoint_complete(target.checkpoint);
             }

@@ -344,12 +344,13 @@ async fn run_nodes<T: AsyncTransport>(
 }
 
 /// Runs the asynchronous part of a snapshot against the job's directory.
-fn write_durably(data_dir: &std::path::Path, writes: Vec<Box<dyn SnapshotWrite>>) -> Result<(), String> {
+fn write_durably(data_dir: &std::path::Path, writes: Vec<Box<dyn SnapshotWrite>>) -> Result<Vec<String>, String> {
     let mut storage = LocalFsStorage::open(data_dir).map_err(|error| format!("{}: {error}", data_dir.display()))?;
+    let mut files = Vec::new();
     for write in writes {
-        write.write(&mut storage).map_err(|error| error.to_string())?;
+        files.extend(write.write(&mut storage).map_err(|error| error.to_string())?);
     }
-    Ok(())
+    Ok(files)
 }
 
 /// A checkpoint not complete this long after its trigger is aborted.
@@ -361,7 +362,7 @@ enum Command {
     Trigger(CheckpointId, BarrierKind),
     Complete(CheckpointId),
     /// The asynchronous part of a snapshot was written (or failed, with the reason).
-    Written(CheckpointId, SubtaskId, Result<(), String>),
+    Written(CheckpointId, SubtaskId, Result<Vec<String>, String>),
     /// Every node is done (or one failed): stop.
     Stop,
 }
@@ -648,7 +649,9 @@ impl<T: AsyncTransport> NodeDriver<T> {
         match command {
             Command::Trigger(checkpoint, kind) => self.node.handle_checkpoint_trigger(now, checkpoint, kind)?,
             Command::Complete(checkpoint) => self.node.handle_checkpoint_complete(now, checkpoint)?,
-            Command::Written(checkpoint, subtask, Ok(())) => self.node.handle_snapshot_written(checkpoint, subtask),
+            Command::Written(checkpoint, subtask, Ok(files)) => {
+                self.node.handle_snapshot_written(checkpoint, subtask, files)
+            }
             Command::Written(checkpoint, subtask, Err(reason)) => {
                 let reason = format!("writing the snapshot of {subtask} for checkpoint {}: {reason}", checkpoint.0);
                 return Err(DriverError::NodeLost { node: self.node.index(), reason });

@@ -179,8 +179,8 @@ fn rocksdb_checkpoints_share_sst_files_and_rescale() {
     apply_random_ops(&mut [&mut heap, &mut db], 11, 20_000);
     let mut storage = CountingStorage { inner: MemStorage::new(), written: 0 };
     let first = db.capture(&target(1)).unwrap();
-    let first_files = first.files.clone();
-    first.write.write(&mut storage).unwrap();
+    let mut first_files = first.files;
+    first_files.extend(first.write.write(&mut storage).unwrap());
     let written_first = storage.written;
     db.checkpoint_complete(CheckpointId(1));
 
@@ -188,8 +188,8 @@ fn rocksdb_checkpoints_share_sst_files_and_rescale() {
     let second = db.capture(&target(2)).unwrap();
     // Changes after the capture are not in it.
     apply_random_ops(&mut [&mut db], 13, 200);
-    let second_files = second.files.clone();
-    second.write.write(&mut storage).unwrap();
+    let mut second_files = second.files;
+    second_files.extend(second.write.write(&mut storage).unwrap());
     let written_second = storage.written - written_first;
     let shared = |files: &[String]| -> Vec<String> {
         files.iter().filter(|f| f.starts_with("checkpoints/shared/")).cloned().collect()

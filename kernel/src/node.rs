@@ -871,12 +871,14 @@ impl Node {
         events.push_back(Event::SnapshotWrites { checkpoint, subtask, writes });
     }
 
-    /// The driver wrote what `Event::SnapshotWrites` asked for: the task acknowledges.
-    pub fn handle_snapshot_written(&mut self, checkpoint: CheckpointId, subtask: SubtaskId) {
-        let snapshot = self
+    /// The driver wrote what `Event::SnapshotWrites` asked for (`files`: what the writes returned):
+    /// the task acknowledges.
+    pub fn handle_snapshot_written(&mut self, checkpoint: CheckpointId, subtask: SubtaskId, files: Vec<String>) {
+        let mut snapshot = self
             .acks_waiting
             .remove(&(checkpoint, subtask))
             .unwrap_or_else(|| panic!("{subtask}: no snapshot of {checkpoint:?} was waiting for its writes"));
+        snapshot.files.extend(files);
         self.events.push_back(Event::CheckpointAck { checkpoint, snapshot });
     }
 

@@ -316,11 +316,12 @@ pub fn run_checkpointed_with(
             }
             while writing.front().is_some_and(|(due, ..)| *due <= step) {
                 let (_, checkpoint, subtask, writes) = writing.pop_front().expect("checked above");
+                let mut files = Vec::new();
                 for write in writes {
                     let mut disk = disk.clone();
-                    or_restart!(write.write(&mut disk), 'attempt);
+                    files.extend(or_restart!(write.write(&mut disk), 'attempt));
                 }
-                nodes[usize::from(plan.node_of(subtask))].handle_snapshot_written(checkpoint, subtask);
+                nodes[usize::from(plan.node_of(subtask))].handle_snapshot_written(checkpoint, subtask, files);
             }
             coordinator.handle_timeout(now);
             while let Some(action) = coordinator.poll_action() {

@@ -21,7 +21,6 @@ use std::hash::BuildHasherDefault;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{BlockBasedOptions, DBCompressionType, Options, ReadOptions, WriteOptions, DB};
 use sabot_kernel::env::Storage;
 use sabot_kernel::key_group::{KeyGroup, KeyGroupRange};
@@ -33,7 +32,7 @@ use sabot_kernel::state::{
 use smallvec::SmallVec;
 
 pub use native::NATIVE_EXTENSION;
-use native::{KnownSsts, NativeCheckpoint, Plan, RocksCapture};
+use native::{KnownSsts, NativeCheckpoint, RocksCapture};
 
 /// The size of one memtable, in bytes.
 const WRITE_BUFFER_SIZE: usize = 8 << 20;
@@ -52,15 +51,19 @@ struct Cached {
 }
 
 type CacheKey = SmallVec<[u8; 32]>;
+type Cache = HashMap<CacheKey, Cached, BuildHasherDefault<FxHasher>>;
 
 pub struct RocksDbBackend {
     /// Always open, except while a restore replaces the database's files.
-    db: Option<DB>,
+    db: Option<Arc<DB>>,
     options: Options,
+    /// The cache the latest capture froze, until its writer has put it into RocksDB and taken
+    /// the RocksDB checkpoint: reads look here after the cache; nothing is written to RocksDB.
+    frozen: Option<(Arc<Cache>, Arc<native::Pending>)>,
     /// Unique to this opening of the database: names the shared copies of its new SST files.
     instance: String,
     known: KnownSsts,
-    cache: HashMap<CacheKey, Cached, BuildHasherDefault<FxHasher>>,
+    cache: Cache,
     cache_entries_max: usize,
     path: PathBuf,
     range: KeyGroupRange,
@@ -85,6 +88,27 @@ fn group_bound(end: u32) -> Vec<u8> {
         vec![0xff, 0xff, 0xff]
     } else {
         (end as u16).to_be_bytes().to_vec()
+    }
+}
+
+/// How long opening a database waits for another holder of its lock to let go (a killed
+/// process whose exit the kernel is still completing, or a checkpoint writer of this process).
+const LOCK_WAIT_MS: u64 = 5_000;
+
+/// Opens the database at `path`, retrying while its lock is held.
+fn open_waiting_for_lock(options: &Options, path: &Path) -> Result<DB, StateError> {
+    let started = std::time::Instant::now();
+    loop {
+        match DB::open(options, path) {
+            Ok(db) => return Ok(db),
+            Err(error)
+                if error.to_string().contains("lock file")
+                    && started.elapsed() < std::time::Duration::from_millis(LOCK_WAIT_MS) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => return Err(backend_error(path, error)),
+        }
     }
 }
 
@@ -127,12 +151,13 @@ impl RocksDbBackend {
         let mut table = BlockBasedOptions::default();
         table.set_bloom_filter(10.0, false);
         options.set_block_based_table_factory(&table);
-        let db = DB::open(&options, &path).map_err(|e| backend_error(&path, e))?;
+        let db = open_waiting_for_lock(&options, &path)?;
         let mut write_options = WriteOptions::default();
         write_options.disable_wal(true);
         Ok(RocksDbBackend {
-            db: Some(db),
+            db: Some(Arc::new(db)),
             options,
+            frozen: None,
             instance: instance_id(),
             known: Arc::new(Mutex::new(BTreeMap::new())),
             cache: HashMap::default(),
@@ -161,6 +186,18 @@ impl RocksDbBackend {
         self.db.as_ref().expect("the database is open outside a restore")
     }
 
+    /// Makes sure the latest capture's RocksDB part is done (normally its writer did it long
+    /// ago; otherwise this does it, or waits for the writer doing it); from then on the backend
+    /// may write to RocksDB again.
+    fn settle(&mut self) -> Result<(), StateError> {
+        if let Some((_, pending)) = self.frozen.take() {
+            pending
+                .settle()
+                .map_err(|reason| StateError::Backend(format!("rocksdb at {}: {reason}", self.path.display())))?;
+        }
+        Ok(())
+    }
+
     /// Closes the database, empties its directory, fills it with `checkpoint`'s files (or
     /// nothing), and opens it again, as a new instance.
     fn reopen_from(
@@ -168,8 +205,12 @@ impl RocksDbBackend {
         storage: &mut dyn Storage,
         checkpoint: Option<&NativeCheckpoint>,
     ) -> Result<(), StateError> {
+        self.settle()?;
         self.cache.clear();
-        drop(self.db.take());
+        let db = self.db.take().expect("the database is open");
+        // Writers hold the database only until their RocksDB part is done, which `settle` awaited.
+        assert_eq!(Arc::strong_count(&db), 1, "a checkpoint writer still holds the database");
+        drop(db);
         let io = |error: std::io::Error| StateError::Backend(format!("restoring {}: {error}", self.path.display()));
         match std::fs::remove_dir_all(&self.path) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
@@ -178,7 +219,7 @@ impl RocksDbBackend {
         if let Some(checkpoint) = checkpoint {
             checkpoint.materialize(storage, &self.path)?;
         }
-        self.db = Some(DB::open(&self.options, &self.path).map_err(|e| self.error(e))?);
+        self.db = Some(Arc::new(open_waiting_for_lock(&self.options, &self.path)?));
         self.instance = instance_id();
         let known = checkpoint.map(NativeCheckpoint::shared).unwrap_or_default();
         self.known = Arc::new(Mutex::new(known));
@@ -289,10 +330,19 @@ impl RocksDbBackend {
     fn cached(&mut self) -> Result<&mut Cached, StateError> {
         if !self.cache.contains_key(self.key.as_slice()) {
             self.make_room()?;
-            let stored = self.db().get_pinned(&self.key).map_err(|e| backend_error(&self.path, e))?;
-            let value = stored.map(|stored| SmallVec::from_slice(&stored));
-            let in_db = value.is_some();
-            self.cache.insert(CacheKey::from_slice(&self.key), Cached { value, dirty: false, in_db });
+            let frozen = self.frozen.as_ref().and_then(|(frozen, _)| frozen.get(self.key.as_slice()));
+            let cached = match frozen {
+                // RocksDB will hold the frozen value once the capture's writer is done, and no
+                // write reaches RocksDB before: relative to it, the entry is clean.
+                Some(frozen) => Cached { value: frozen.value.clone(), dirty: false, in_db: true },
+                None => {
+                    let stored = self.db().get_pinned(&self.key).map_err(|e| backend_error(&self.path, e))?;
+                    let value = stored.map(|stored| SmallVec::from_slice(&stored));
+                    let in_db = value.is_some();
+                    Cached { value, dirty: false, in_db }
+                }
+            };
+            self.cache.insert(CacheKey::from_slice(&self.key), cached);
         }
         Ok(self.cache.get_mut(self.key.as_slice()).expect("inserted above"))
     }
@@ -328,6 +378,7 @@ impl RocksDbBackend {
 
     /// Writes every dirty cached entry to RocksDB in one batch and empties the cache.
     fn flush(&mut self) -> Result<(), StateError> {
+        self.settle()?;
         let mut batch = rocksdb::WriteBatch::default();
         for (key, cached) in self.cache.iter().filter(|(_, cached)| cached.dirty) {
             match &cached.value {
@@ -395,6 +446,7 @@ impl StateBackend for RocksDbBackend {
     }
 
     fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
+        self.settle()?;
         assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
         let cached = self.cached_sorted(Some(key_group));
         self.visit_merged(key_group, &cached, visit)
@@ -403,6 +455,7 @@ impl StateBackend for RocksDbBackend {
     /// Merges RocksDB's entries with the cache's, without writing the cache out: a checkpoint
     /// costs reading the state, not rewriting it.
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError> {
+        self.settle()?;
         let cached = self.cached_sorted(None);
         let mut writer = SnapshotWriter::new();
         let mut from = 0;
@@ -419,6 +472,7 @@ impl StateBackend for RocksDbBackend {
     }
 
     fn restore(&mut self, snapshot: &KeyGroupsSnapshot) -> Result<(), StateError> {
+        self.settle()?;
         self.cache.clear();
         let mut batch = rocksdb::WriteBatch::default();
         // Everything of this backend's groups goes: [start, end) as two-byte prefixes.
@@ -430,52 +484,31 @@ impl StateBackend for RocksDbBackend {
         self.db().write_opt(batch, &self.write_options).map_err(|e| self.error(e))
     }
 
-    /// Writes the cache out and takes a RocksDB checkpoint (memtables flushed, live files
-    /// hard-linked): the cost is the cache and the memtables, not the state. The SST files that
-    /// storage does not have yet are uploaded by the asynchronous part.
+    /// Freezes the write-back cache (a move, whatever the state's size) and hands it to the
+    /// asynchronous part, which writes it into RocksDB, takes a RocksDB checkpoint and uploads the
+    /// SST files storage does not have yet. Until the RocksDB part is done, reads look into the
+    /// frozen cache and nothing is written to RocksDB (a full cache waits for it). A backend's
+    /// checkpoints all go to one storage: it remembers which SST files that storage holds.
     fn capture(&mut self, target: &CaptureTarget) -> Result<StateCapture, StateError> {
-        self.flush()?;
+        // At most one capture's RocksDB part is in flight.
+        self.settle()?;
+        let capacity = self.cache.len();
+        let frozen =
+            Arc::new(std::mem::replace(&mut self.cache, Cache::with_capacity_and_hasher(capacity, Default::default())));
         let local = PathBuf::from(format!("{}.chk-{}", self.path.display(), target.checkpoint.0));
-        let io = |error: std::io::Error| StateError::Backend(format!("checkpoint in {}: {error}", local.display()));
-        match std::fs::remove_dir_all(&local) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
-            _ => {}
-        }
-        Checkpoint::new(self.db()).and_then(|c| c.create_checkpoint(&local)).map_err(|e| self.error(e))?;
-        let mut names = Vec::new();
-        for entry in std::fs::read_dir(&local).map_err(io)? {
-            let name = entry.map_err(io)?.file_name().into_string();
-            names.push(name.map_err(|name| StateError::Backend(format!("rocksdb file name {name:?}")))?);
-        }
-        names.sort();
+        let db = self.db.clone().expect("the database is open");
+        let pending = Arc::new(native::Pending::new(db, frozen.clone(), local.clone()));
+        self.frozen = Some((frozen, pending.clone()));
         let metadata_path = format!("{}{NATIVE_EXTENSION}", target.path);
-        let mut files = vec![metadata_path.clone()];
-        let mut known = self.known.lock().expect("known ssts lock");
-        // A file RocksDB dropped never comes back (file numbers do not repeat).
-        known.retain(|name, _| names.binary_search(name).is_ok());
-        let plans: Vec<Plan> = names
-            .into_iter()
-            .map(|name| {
-                if !name.ends_with(".sst") {
-                    return Plan::Inline { name };
-                }
-                match known.get(&name) {
-                    Some(sst) => {
-                        files.push(sst.path.clone());
-                        Plan::Reuse { sst: sst.clone(), name }
-                    }
-                    None => {
-                        let path = format!("{}/{}-{name}", target.shared_dir, self.instance);
-                        files.push(path.clone());
-                        Plan::Upload { name, path }
-                    }
-                }
-            })
-            .collect();
-        drop(known);
-        let write =
-            Box::new(RocksCapture { local, metadata_path, range: self.range, plans, known: self.known.clone() });
-        Ok(StateCapture { files, write })
+        let write = Box::new(RocksCapture {
+            pending,
+            local,
+            metadata_path: metadata_path.clone(),
+            shared_prefix: format!("{}/{}-", target.shared_dir, self.instance),
+            range: self.range,
+            known: self.known.clone(),
+        });
+        Ok(StateCapture { files: vec![metadata_path], write })
     }
 
     /// Restores native checkpoints and portable files. One native checkpoint of exactly this

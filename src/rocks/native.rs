@@ -1,8 +1,11 @@
 //! Native RocksDB checkpoints: RocksDB's own files, SST files shared between checkpoints.
 //!
-//! A capture asks RocksDB for a checkpoint (it flushes the memtables and hard-links the live
-//! files into a local directory: no copy, whatever the state's size). The asynchronous part then
-//! uploads the SST files that storage does not hold yet into the state's shared directory, and
+//! A capture freezes the backend's write-back cache (a move, whatever the state's size); from then
+//! on the backend writes nothing to RocksDB until the asynchronous part has written the frozen
+//! cache into RocksDB and asked RocksDB for a checkpoint (memtables flushed, live files
+//! hard-linked into a local directory), so that checkpoint is exactly the state at the barrier.
+//! The asynchronous part then uploads the SST files that storage does not hold yet into the
+//! state's shared directory, and
 //! writes one metadata file (`<path>.state-rocksdb`) that holds RocksDB's small files (`CURRENT`,
 //! `MANIFEST-*`, `OPTIONS-*`) inline and names each SST file's shared copy, with its size and
 //! CRC-32. SST files are immutable and their numbers never repeat within one database, so one
@@ -22,6 +25,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use rocksdb::checkpoint::Checkpoint;
+use rocksdb::{WriteOptions, DB};
 
 use sabot_kernel::env::Storage;
 use sabot_kernel::key_group::KeyGroupRange;
@@ -222,54 +228,126 @@ impl<'a> Reader<'a> {
 /// database, or restored. Shared with the asynchronous writers, which add what they upload.
 pub type KnownSsts = Arc<Mutex<BTreeMap<String, SharedSst>>>;
 
-/// What the asynchronous part does with one file of the local checkpoint.
-#[derive(Debug)]
-pub enum Plan {
-    /// A small RocksDB file (`CURRENT`, `MANIFEST-*`, `OPTIONS-*`): kept in the metadata.
-    Inline { name: String },
-    /// An SST file storage does not have yet: copy it to `path`.
-    Upload { name: String, path: String },
-    /// An SST file storage already has.
-    Reuse { name: String, sst: SharedSst },
+/// The RocksDB part of a capture: the frozen cache goes into RocksDB, then RocksDB takes its
+/// checkpoint (memtables flushed, live files hard-linked into a local directory). Until it is
+/// done the backend must not write to RocksDB: the checkpoint would see writes from after its
+/// barrier. Whoever needs it first does it — the asynchronous writer, or the backend itself when
+/// it must write (a full cache, a scan, the next capture) before the writer ran — and the other
+/// waits for it or finds it done, so neither can wait for the other forever.
+pub struct Pending {
+    state: Mutex<PendingState>,
 }
 
-/// The asynchronous part of a native checkpoint. Removes the local checkpoint when dropped.
+struct PendingState {
+    /// The work, until someone takes it: the database, the frozen cache (its dirty entries are
+    /// what RocksDB does not hold yet), and where the RocksDB checkpoint goes.
+    work: Option<(Arc<DB>, Arc<super::Cache>, PathBuf)>,
+    result: Option<Result<(), String>>,
+}
+
+impl Pending {
+    pub fn new(db: Arc<DB>, frozen: Arc<super::Cache>, local: PathBuf) -> Pending {
+        Pending { state: Mutex::new(PendingState { work: Some((db, frozen, local)), result: None }) }
+    }
+
+    /// Does the RocksDB part unless it is done; its result either way.
+    pub fn settle(&self) -> Result<(), String> {
+        let mut state = self.state.lock().expect("pending lock");
+        if let Some((db, frozen, local)) = state.work.take() {
+            state.result = Some(checkpoint(&db, &frozen, &local));
+        }
+        state.result.clone().expect("settled above")
+    }
+}
+
+fn checkpoint(db: &DB, frozen: &super::Cache, local: &Path) -> Result<(), String> {
+    let mut batch = rocksdb::WriteBatch::default();
+    for (key, cached) in frozen.iter().filter(|(_, cached)| cached.dirty) {
+        match &cached.value {
+            Some(value) => batch.put(key, value),
+            None => batch.delete(key),
+        }
+    }
+    let mut options = WriteOptions::default();
+    options.disable_wal(true);
+    db.write_opt(batch, &options).map_err(|error| format!("writing the cache: {error}"))?;
+    match std::fs::remove_dir_all(local) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {error}", local.display()));
+        }
+        _ => {}
+    }
+    Checkpoint::new(db)
+        .and_then(|c| c.create_checkpoint(local))
+        .map_err(|error| format!("rocksdb checkpoint in {}: {error}", local.display()))
+}
+
+/// What the asynchronous part of a native checkpoint needs.
 pub struct RocksCapture {
+    pub pending: Arc<Pending>,
     pub local: PathBuf,
     pub metadata_path: String,
+    pub shared_prefix: String,
     pub range: KeyGroupRange,
-    pub plans: Vec<Plan>,
     pub known: KnownSsts,
 }
 
 impl SnapshotWrite for RocksCapture {
-    fn write(self: Box<Self>, storage: &mut dyn Storage) -> Result<(), StateError> {
+    fn write(self: Box<Self>, storage: &mut dyn Storage) -> Result<Vec<String>, StateError> {
+        self.pending.settle().map_err(StateError::Backend)?;
+        let io = |error: std::io::Error| StateError::Backend(format!("{}: {error}", self.local.display()));
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.local).map_err(io)? {
+            let name = entry.map_err(io)?.file_name().into_string();
+            names.push(name.map_err(|name| StateError::Backend(format!("rocksdb file name {name:?}")))?);
+        }
+        names.sort();
         let read = |name: &str| {
             let path = self.local.join(name);
             std::fs::read(&path).map_err(|error| StateError::Backend(format!("reading {}: {error}", path.display())))
         };
-        let mut files = Vec::with_capacity(self.plans.len());
-        for plan in &self.plans {
-            files.push(match plan {
-                Plan::Inline { name } => NativeFile::Inline { name: name.clone(), bytes: read(name)? },
-                Plan::Upload { name, path } => {
-                    let bytes = read(name)?;
-                    write_durably(storage, path, &bytes)?;
-                    let sst = SharedSst { path: path.clone(), size: bytes.len() as u64, crc: crc32fast::hash(&bytes) };
+        let mut files = Vec::with_capacity(names.len());
+        let mut shared = Vec::new();
+        for name in names {
+            if !name.ends_with(".sst") {
+                files.push(NativeFile::Inline { bytes: read(&name)?, name });
+                continue;
+            }
+            // One local file has one shared copy: reuse it if storage has it.
+            let known = self.known.lock().expect("known ssts lock").get(&name).cloned();
+            let sst = match known {
+                Some(sst) => sst,
+                None => {
+                    let bytes = read(&name)?;
+                    let path = format!("{}{name}", self.shared_prefix);
+                    write_durably(storage, &path, &bytes)?;
+                    let sst = SharedSst { path, size: bytes.len() as u64, crc: crc32fast::hash(&bytes) };
                     self.known.lock().expect("known ssts lock").insert(name.clone(), sst.clone());
-                    NativeFile::Shared { name: name.clone(), sst }
+                    sst
                 }
-                Plan::Reuse { name, sst } => NativeFile::Shared { name: name.clone(), sst: sst.clone() },
-            });
+            };
+            shared.push(sst.path.clone());
+            files.push(NativeFile::Shared { name, sst });
         }
+        let live: std::collections::BTreeSet<&str> = files
+            .iter()
+            .filter_map(|f| match f {
+                NativeFile::Shared { name, .. } => Some(name.as_str()),
+                NativeFile::Inline { .. } => None,
+            })
+            .collect();
+        // A file RocksDB dropped never comes back (file numbers do not repeat).
+        self.known.lock().expect("known ssts lock").retain(|name, _| live.contains(name.as_str()));
         let metadata = NativeCheckpoint { range: self.range, files };
         write_durably(storage, &self.metadata_path, &metadata.encode())?;
-        Ok(())
+        Ok(shared)
     }
 }
 
 impl Drop for RocksCapture {
     fn drop(&mut self) {
+        // Never written: the frozen cache still goes into RocksDB, or the backend would lose it.
+        let _ = self.pending.settle();
         // Hard links only: removing them frees nothing RocksDB still uses.
         let _ = std::fs::remove_dir_all(&self.local);
     }

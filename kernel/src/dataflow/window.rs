@@ -509,12 +509,12 @@ mod tests {
         op.on_end(&mut context).unwrap();
         // The asynchronous part, as a driver does it: after the state changed (all windows fired),
         // it still writes what the barrier captured.
+        let mut files = written.files;
         for write in written.writes {
-            write.write(context.storage).unwrap();
+            files.extend(write.write(context.storage).unwrap());
         }
         let expected = rows(&out);
-        let snapshots =
-            [TaskSnapshot { subtask, source_positions: vec![], files: written.files, pending_output: vec![] }];
+        let snapshots = [TaskSnapshot { subtask, source_positions: vec![], files, pending_output: vec![] }];
         let max = MaxParallelism::default();
         let mut restored_rows = Vec::new();
         for index in 0..3 {

@@ -322,12 +322,12 @@ struct HeapCapture {
 }
 
 impl SnapshotWrite for HeapCapture {
-    fn write(self: Box<Self>, storage: &mut dyn crate::env::Storage) -> Result<(), StateError> {
+    fn write(self: Box<Self>, storage: &mut dyn crate::env::Storage) -> Result<Vec<String>, StateError> {
         let snapshot = encode_groups(self.range, self.tables.iter().map(|table| table.as_ref()));
         // Drop the tables first: the backend takes each back without a copy from now on.
         drop(self.tables);
         write_durably(storage, &self.path, snapshot.as_bytes())?;
-        Ok(())
+        Ok(Vec::new())
     }
 }
 

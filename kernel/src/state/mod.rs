@@ -41,9 +41,11 @@ pub enum StateError {
 }
 
 /// The asynchronous part of a snapshot: writes files to `Storage` off the task's thread, each one
-/// durable (written, synced, its directory synced) before `write` returns.
+/// durable (written, synced, its directory synced) before `write` returns. It returns the files
+/// the checkpoint refers to beyond those named when it was captured (a RocksDB checkpoint learns
+/// its SST files only once it is taken).
 pub trait SnapshotWrite: Send {
-    fn write(self: Box<Self>, storage: &mut dyn Storage) -> Result<(), StateError>;
+    fn write(self: Box<Self>, storage: &mut dyn Storage) -> Result<Vec<String>, StateError>;
 }
 
 /// A [`SnapshotWrite`] of bytes already captured.
@@ -59,9 +61,9 @@ impl FileWrite {
 }
 
 impl SnapshotWrite for FileWrite {
-    fn write(self: Box<Self>, storage: &mut dyn Storage) -> Result<(), StateError> {
+    fn write(self: Box<Self>, storage: &mut dyn Storage) -> Result<Vec<String>, StateError> {
         write_durably(storage, &self.path, &self.bytes)?;
-        Ok(())
+        Ok(Vec::new())
     }
 }
 
@@ -84,8 +86,8 @@ pub struct CaptureTarget {
     pub shared_dir: String,
 }
 
-/// What [`StateBackend::capture`] took: the files the checkpoint refers to and the asynchronous
-/// part that writes those storage does not hold yet.
+/// What [`StateBackend::capture`] took: the files the checkpoint refers to (as far as known now)
+/// and the asynchronous part that writes what storage does not hold yet.
 pub struct StateCapture {
     pub files: Vec<String>,
     pub write: Box<dyn SnapshotWrite>,

@@ -164,9 +164,10 @@ pub fn check_backend_against_model(
                 }
                 // The oldest capture is written now; it completes or not, and may be recovered from.
                 let (checkpoint, model_then, capture) = captures.remove(0);
-                capture.write.write(&mut storage).unwrap();
+                let mut files = capture.files;
+                files.extend(capture.write.write(&mut storage).unwrap());
                 let mut restored = fresh();
-                restored.restore_files(&mut storage, &capture.files).unwrap();
+                restored.restore_files(&mut storage, &files).unwrap();
                 assert_eq!(scan_all(restored.as_mut()), model_entries(&model_then), "step {step}: capture");
                 match rng.below(3) {
                     0 => {}
