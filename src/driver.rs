@@ -150,7 +150,10 @@ fn open_backend(
         #[cfg(not(madsim))]
         StateKind::RocksDb => {
             let path = config.data_dir.join("state").join(job).join(format!("{}-{}", subtask.vertex.0, subtask.index));
-            Ok(Box::new(crate::rocks::RocksDbBackend::open(path, range)?))
+            // A tuning knob, also for tests that want state to reach RocksDB's files quickly.
+            let cache = std::env::var("SABOT_ROCKSDB_CACHE_ENTRIES").ok().and_then(|v| v.parse().ok());
+            let cache = cache.unwrap_or(crate::rocks::CACHE_ENTRIES_MAX).max(2);
+            Ok(Box::new(crate::rocks::RocksDbBackend::open_with_cache(path, range, cache)?))
         }
     }
 }

@@ -20,14 +20,16 @@ const SEED: u64 = 20_261_124;
 // the real binary as a child process, and the BTreeMap reference of the same input.
 #[test]
 fn w2_exactly_once_through_sigkill() {
-    sigkill_run(&[]);
+    sigkill_run(&[], None);
 }
 
 // Goal: the same with unaligned checkpoints (their in-flight data stored and replayed) at
-// parallelism 3, so that windows have several inputs to overtake.
+// parallelism 3, so that windows have several inputs to overtake, and with a write-back cache
+// of 1,000 entries, so that state lives in RocksDB's SST files (shared between checkpoints)
+// rather than in checkpoint deltas.
 #[test]
 fn w2_exactly_once_through_sigkill_unaligned() {
-    sigkill_run(&["--unaligned", "--parallelism", "3"]);
+    sigkill_run(&["--unaligned", "--parallelism", "3"], Some("1000"));
 }
 
 /// The flags of `sabot run` for W2 with checkpoints in `data_dir`.
@@ -50,7 +52,7 @@ fn run_args(record_count: u64, parallelism: u16, interval_ms: u64, data_dir: &st
 
 /// Kills `sabot run` (with `extra` flags, which override earlier ones) KILL_COUNT times at seeded
 /// points, lets it finish, and compares the committed output with the reference.
-fn sigkill_run(extra: &[&str]) {
+fn sigkill_run(extra: &[&str], cache_entries: Option<&str>) {
     println!("seed {SEED} (replay: set SEED in tests/crash.rs to this value), flags {extra:?}");
     let record_count: u64 = 1_000_000;
     let dir = tempfile::tempdir().unwrap();
@@ -60,6 +62,9 @@ fn sigkill_run(extra: &[&str]) {
     let sabot = || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sabot"));
         command.args(&args).stdout(Stdio::null()).stderr(Stdio::null());
+        if let Some(entries) = cache_entries {
+            command.env("SABOT_ROCKSDB_CACHE_ENTRIES", entries);
+        }
         command
     };
     let mut rng = Lcg::new(SEED);
@@ -101,6 +106,8 @@ fn sigkill_run(extra: &[&str]) {
 fn run_until_checkpoint(args: &[String], data_dir: &std::path::Path, checkpoints: u64) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sabot"))
         .args(args)
+        // A small write-back cache, so that state reaches RocksDB's SST files between checkpoints.
+        .env("SABOT_ROCKSDB_CACHE_ENTRIES", "1000")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -159,6 +166,10 @@ fn corrupt_checkpoints_never_make_output_wrong() {
         let data_dir = dir.path().join("data");
         let args = run_args(record_count, 2, 20, &data_dir);
         run_until_checkpoint(&args, &data_dir, 3);
+        assert!(
+            data_dir.join("checkpoints/shared").is_dir(),
+            "state reached RocksDB's files (SABOT_ROCKSDB_CACHE_ENTRIES)"
+        );
         let checkpoints = data_dir.join("checkpoints");
         if damage.ends_with("manifest") {
             let manifest = newest_file(&checkpoints, |name| name.starts_with("_manifest-"));
@@ -321,6 +332,8 @@ fn failure_without_checkpoints_stops_every_node() {
     let args = ["run", "--records", "300000", "--parallelism", "2", "--state", "heap", "--data-dir"];
     let mut child = Command::new(env!("CARGO_BIN_EXE_sabot"))
         .args(args)
+        // A small write-back cache, so that state reaches RocksDB's SST files between checkpoints.
+        .env("SABOT_ROCKSDB_CACHE_ENTRIES", "1000")
         .arg(disk.path.join("data"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

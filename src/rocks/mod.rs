@@ -57,9 +57,12 @@ pub struct RocksDbBackend {
     /// Always open, except while a restore replaces the database's files.
     db: Option<Arc<DB>>,
     options: Options,
-    /// The cache the latest capture froze, until its writer has put it into RocksDB and taken
-    /// the RocksDB checkpoint: reads look here after the cache; nothing is written to RocksDB.
-    frozen: Option<(Arc<Cache>, Arc<native::Pending>)>,
+    /// Caches that captures froze, oldest first, not yet written to RocksDB: reads look into
+    /// them (newest first) after the cache; the next write-out writes them, then the cache.
+    frozen: Vec<Arc<Cache>>,
+    /// RocksDB checkpoints of captures that may not be taken yet: nothing is written to RocksDB
+    /// before they are.
+    pending: Vec<Arc<native::Pending>>,
     /// Unique to this opening of the database: names the shared copies of its new SST files.
     instance: String,
     known: KnownSsts,
@@ -112,6 +115,9 @@ fn open_waiting_for_lock(options: &Options, path: &Path) -> Result<DB, StateErro
     }
 }
 
+/// Frozen caches kept as overlays at most; a capture beyond writes them out first.
+const FROZEN_MAX: usize = 8;
+
 /// Entries an import writes per batch.
 const IMPORT_BATCH_ENTRIES: usize = 64 * 1024;
 
@@ -157,7 +163,8 @@ impl RocksDbBackend {
         Ok(RocksDbBackend {
             db: Some(Arc::new(db)),
             options,
-            frozen: None,
+            frozen: Vec::new(),
+            pending: Vec::new(),
             instance: instance_id(),
             known: Arc::new(Mutex::new(BTreeMap::new())),
             cache: HashMap::default(),
@@ -190,7 +197,7 @@ impl RocksDbBackend {
     /// ago; otherwise this does it, or waits for the writer doing it); from then on the backend
     /// may write to RocksDB again.
     fn settle(&mut self) -> Result<(), StateError> {
-        if let Some((_, pending)) = self.frozen.take() {
+        for pending in std::mem::take(&mut self.pending) {
             pending
                 .settle()
                 .map_err(|reason| StateError::Backend(format!("rocksdb at {}: {reason}", self.path.display())))?;
@@ -207,6 +214,7 @@ impl RocksDbBackend {
     ) -> Result<(), StateError> {
         self.settle()?;
         self.cache.clear();
+        self.frozen.clear();
         let db = self.db.take().expect("the database is open");
         // Writers hold the database only until their RocksDB part is done, which `settle` awaited.
         assert_eq!(Arc::strong_count(&db), 1, "a checkpoint writer still holds the database");
@@ -227,6 +235,23 @@ impl RocksDbBackend {
     }
 
     /// Copies the entries of this backend's key groups out of another subtask's native checkpoint.
+    /// Writes a native checkpoint's delta (what its cache held) over RocksDB, for this backend's
+    /// key groups.
+    fn apply_delta(&mut self, checkpoint: &NativeCheckpoint) -> Result<(), StateError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (key, value) in &checkpoint.delta {
+            let key_group = KeyGroup(u16::from_be_bytes([key[0], key[1]]));
+            if !self.range.contains(key_group) || !checkpoint.range.contains(key_group) {
+                continue;
+            }
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        self.db().write_opt(batch, &self.write_options).map_err(|e| self.error(e))
+    }
+
     fn import(
         &mut self,
         storage: &mut dyn Storage,
@@ -330,11 +355,12 @@ impl RocksDbBackend {
     fn cached(&mut self) -> Result<&mut Cached, StateError> {
         if !self.cache.contains_key(self.key.as_slice()) {
             self.make_room()?;
-            let frozen = self.frozen.as_ref().and_then(|(frozen, _)| frozen.get(self.key.as_slice()));
+            let frozen = self.frozen.iter().rev().find_map(|frozen| frozen.get(self.key.as_slice()));
             let cached = match frozen {
-                // RocksDB will hold the frozen value once the capture's writer is done, and no
-                // write reaches RocksDB before: relative to it, the entry is clean.
-                Some(frozen) => Cached { value: frozen.value.clone(), dirty: false, in_db: true },
+                // Taken over from the frozen cache: what it differs from RocksDB in is written out
+                // with the live cache, which shadows the frozen entry. A later delete must shadow
+                // it too (`in_db`), or the frozen value would show through again.
+                Some(frozen) => Cached { value: frozen.value.clone(), dirty: frozen.dirty, in_db: true },
                 None => {
                     let stored = self.db().get_pinned(&self.key).map_err(|e| backend_error(&self.path, e))?;
                     let value = stored.map(|stored| SmallVec::from_slice(&stored));
@@ -380,6 +406,15 @@ impl RocksDbBackend {
     fn flush(&mut self) -> Result<(), StateError> {
         self.settle()?;
         let mut batch = rocksdb::WriteBatch::default();
+        // Oldest first: within one batch a later write of a key wins.
+        for frozen in std::mem::take(&mut self.frozen) {
+            for (key, cached) in frozen.iter().filter(|(_, cached)| cached.dirty) {
+                match &cached.value {
+                    Some(value) => batch.put(key, value),
+                    None => batch.delete(key),
+                }
+            }
+        }
         for (key, cached) in self.cache.iter().filter(|(_, cached)| cached.dirty) {
             match &cached.value {
                 Some(value) => batch.put(key, value),
@@ -446,16 +481,20 @@ impl StateBackend for RocksDbBackend {
     }
 
     fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
-        self.settle()?;
+        if !self.frozen.is_empty() {
+            self.flush()?;
+        }
         assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
         let cached = self.cached_sorted(Some(key_group));
         self.visit_merged(key_group, &cached, visit)
     }
 
-    /// Merges RocksDB's entries with the cache's, without writing the cache out: a checkpoint
-    /// costs reading the state, not rewriting it.
+    /// Merges RocksDB's entries with the cache's, without writing the cache out (frozen caches
+    /// are written out first).
     fn snapshot(&mut self) -> Result<KeyGroupsSnapshot, StateError> {
-        self.settle()?;
+        if !self.frozen.is_empty() {
+            self.flush()?;
+        }
         let cached = self.cached_sorted(None);
         let mut writer = SnapshotWriter::new();
         let mut from = 0;
@@ -474,6 +513,7 @@ impl StateBackend for RocksDbBackend {
     fn restore(&mut self, snapshot: &KeyGroupsSnapshot) -> Result<(), StateError> {
         self.settle()?;
         self.cache.clear();
+        self.frozen.clear();
         let mut batch = rocksdb::WriteBatch::default();
         // Everything of this backend's groups goes: [start, end) as two-byte prefixes.
         batch.delete_range(prefix(KeyGroup(self.range.start())).to_vec(), group_bound(u32::from(self.range.end())));
@@ -484,24 +524,27 @@ impl StateBackend for RocksDbBackend {
         self.db().write_opt(batch, &self.write_options).map_err(|e| self.error(e))
     }
 
-    /// Freezes the write-back cache (a move, whatever the state's size) and hands it to the
-    /// asynchronous part, which writes it into RocksDB, takes a RocksDB checkpoint and uploads the
-    /// SST files storage does not have yet. Until the RocksDB part is done, reads look into the
-    /// frozen cache and nothing is written to RocksDB (a full cache waits for it). A backend's
-    /// checkpoints all go to one storage: it remembers which SST files that storage holds.
+    /// Freezes the write-back cache (a move, whatever the state's size): it becomes the newest
+    /// frozen overlay, and the asynchronous part takes a RocksDB checkpoint (before anything is
+    /// written to RocksDB again), uploads the SST files storage does not have yet, and stores the
+    /// overlays' changes as the checkpoint's delta. A backend's checkpoints all go to one
+    /// storage: it remembers which SST files that storage holds.
     fn capture(&mut self, target: &CaptureTarget) -> Result<StateCapture, StateError> {
-        // At most one capture's RocksDB part is in flight.
-        self.settle()?;
+        if self.frozen.len() >= FROZEN_MAX {
+            // Many checkpoints and no write-out between: the caches are small, write them out.
+            self.flush()?;
+        }
         let capacity = self.cache.len();
-        let frozen =
-            Arc::new(std::mem::replace(&mut self.cache, Cache::with_capacity_and_hasher(capacity, Default::default())));
+        let live = Cache::with_capacity_and_hasher(capacity, Default::default());
+        self.frozen.push(Arc::new(std::mem::replace(&mut self.cache, live)));
         let local = PathBuf::from(format!("{}.chk-{}", self.path.display(), target.checkpoint.0));
         let db = self.db.clone().expect("the database is open");
-        let pending = Arc::new(native::Pending::new(db, frozen.clone(), local.clone()));
-        self.frozen = Some((frozen, pending.clone()));
+        let pending = Arc::new(native::Pending::new(db, local.clone()));
+        self.pending.push(pending.clone());
         let metadata_path = format!("{}{NATIVE_EXTENSION}", target.path);
         let write = Box::new(RocksCapture {
             pending,
+            frozen: self.frozen.clone(),
             local,
             metadata_path: metadata_path.clone(),
             shared_prefix: format!("{}/{}-", target.shared_dir, self.instance),
@@ -528,13 +571,15 @@ impl StateBackend for RocksDbBackend {
         let portable = read_portable(storage, files, self.range)?;
         match natives.as_slice() {
             [only] if only.range == self.range && portable.entries().next().is_none() => {
-                self.reopen_from(storage, Some(only))
+                self.reopen_from(storage, Some(only))?;
+                self.apply_delta(only)
             }
             _ => {
                 self.reopen_from(storage, None)?;
                 self.restore(&portable)?;
                 for (index, checkpoint) in natives.iter().enumerate() {
                     self.import(storage, checkpoint, index)?;
+                    self.apply_delta(checkpoint)?;
                 }
                 Ok(())
             }

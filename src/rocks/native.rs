@@ -1,14 +1,15 @@
 //! Native RocksDB checkpoints: RocksDB's own files, SST files shared between checkpoints.
 //!
 //! A capture freezes the backend's write-back cache (a move, whatever the state's size); from then
-//! on the backend writes nothing to RocksDB until the asynchronous part has written the frozen
-//! cache into RocksDB and asked RocksDB for a checkpoint (memtables flushed, live files
-//! hard-linked into a local directory), so that checkpoint is exactly the state at the barrier.
+//! on the backend writes nothing to RocksDB until the asynchronous part has asked RocksDB for a
+//! checkpoint (memtables flushed, live files hard-linked into a local directory). That
+//! checkpoint plus the frozen cache's changes (the *delta*) is exactly the state at the barrier.
+//! The frozen cache stays an overlay that reads look into, and reaches RocksDB only with the
+//! backend's next write-out: state that lives briefly still never costs a RocksDB write.
 //! The asynchronous part then uploads the SST files that storage does not hold yet into the
-//! state's shared directory, and
-//! writes one metadata file (`<path>.state-rocksdb`) that holds RocksDB's small files (`CURRENT`,
-//! `MANIFEST-*`, `OPTIONS-*`) inline and names each SST file's shared copy, with its size and
-//! CRC-32. SST files are immutable and their numbers never repeat within one database, so one
+//! state's shared directory, and writes one metadata file (`<path>.state-rocksdb`) that holds
+//! RocksDB's small files (`CURRENT`, `MANIFEST-*`, `OPTIONS-*`) inline, names each SST file's
+//! shared copy with its size and CRC-32, and holds the delta. SST files are immutable and their numbers never repeat within one database, so one
 //! local file always has one shared copy: `<shared dir>/<instance>-<number>.sst`, where the
 //! instance is unique to each opening of a database (restored files keep the names they had).
 //!
@@ -18,6 +19,8 @@
 //! per file: name (u16 length, UTF-8) | kind u8
 //!     kind 0 (inline): length u32 | bytes
 //!     kind 1 (shared SST): shared path (u16 length, UTF-8) | size u64 | crc32 u32
+//! delta count u32
+//! per entry, full keys strictly ascending: key (u32 length) | present u8 | [value (u32 length)]
 //! crc32 (IEEE) of every byte before it, u32
 //! ```
 //! Decoding checks all of it and names what is wrong; it never panics.
@@ -27,11 +30,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rocksdb::checkpoint::Checkpoint;
-use rocksdb::{WriteOptions, DB};
+use rocksdb::DB;
 
 use sabot_kernel::env::Storage;
 use sabot_kernel::key_group::KeyGroupRange;
-use sabot_kernel::state::{write_durably, SnapshotWrite, StateError};
+use sabot_kernel::state::{write_durably, SnapshotWrite, StateError, STATE_KEY_SIZE_MAX, STATE_VALUE_SIZE_MAX};
 
 /// The extension of a native checkpoint's metadata file.
 pub const NATIVE_EXTENSION: &str = ".state-rocksdb";
@@ -61,6 +64,9 @@ pub enum NativeFile {
 pub struct NativeCheckpoint {
     pub range: KeyGroupRange,
     pub files: Vec<NativeFile>,
+    /// Entries the backend's write-back cache held and RocksDB did not, at the capture: applied
+    /// over the database on restore (`None`: a delete). Full keys (`key group | state key`), ascending.
+    pub delta: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 fn corrupt(what: impl Into<String>) -> StateError {
@@ -97,6 +103,19 @@ impl NativeCheckpoint {
                     bytes.extend_from_slice(&sst.size.to_le_bytes());
                     bytes.extend_from_slice(&sst.crc.to_le_bytes());
                 }
+            }
+        }
+        bytes.extend_from_slice(&(self.delta.len() as u32).to_le_bytes());
+        for (key, value) in &self.delta {
+            bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(key);
+            match value {
+                Some(value) => {
+                    bytes.push(1);
+                    bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+                    bytes.extend_from_slice(value);
+                }
+                None => bytes.push(0),
             }
         }
         let crc = crc32fast::hash(&bytes);
@@ -142,10 +161,34 @@ impl NativeCheckpoint {
                 kind => return Err(corrupt(format!("file kind {kind}"))),
             });
         }
-        if !reader.bytes.is_empty() {
-            return Err(corrupt(format!("{} bytes after the last file", reader.bytes.len())));
+        let delta_count = reader.u32("delta count")?;
+        let mut delta: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for _ in 0..delta_count {
+            let key_size = reader.u32("delta key size")? as usize;
+            let key = reader.take(key_size, "delta key")?.to_vec();
+            if key.len() < 2 || key.len() - 2 > STATE_KEY_SIZE_MAX {
+                return Err(corrupt(format!("delta key of {} bytes", key.len())));
+            }
+            if delta.last().is_some_and(|(last, _)| *last >= key) {
+                return Err(corrupt("delta keys out of order"));
+            }
+            let value = match reader.u8("delta flag")? {
+                0 => None,
+                1 => {
+                    let size = reader.u32("delta value size")? as usize;
+                    if size > STATE_VALUE_SIZE_MAX {
+                        return Err(corrupt(format!("delta value of {size} bytes")));
+                    }
+                    Some(reader.take(size, "delta value")?.to_vec())
+                }
+                flag => return Err(corrupt(format!("delta flag {flag}"))),
+            };
+            delta.push((key, value));
         }
-        Ok(NativeCheckpoint { range: KeyGroupRange::new(start, end), files })
+        if !reader.bytes.is_empty() {
+            return Err(corrupt(format!("{} bytes after the delta", reader.bytes.len())));
+        }
+        Ok(NativeCheckpoint { range: KeyGroupRange::new(start, end), files, delta })
     }
 
     /// Writes every file into the empty directory `dir`, checking each shared SST's size and CRC.
@@ -239,38 +282,27 @@ pub struct Pending {
 }
 
 struct PendingState {
-    /// The work, until someone takes it: the database, the frozen cache (its dirty entries are
-    /// what RocksDB does not hold yet), and where the RocksDB checkpoint goes.
-    work: Option<(Arc<DB>, Arc<super::Cache>, PathBuf)>,
+    /// The work, until someone takes it: the database and where its checkpoint goes.
+    work: Option<(Arc<DB>, PathBuf)>,
     result: Option<Result<(), String>>,
 }
 
 impl Pending {
-    pub fn new(db: Arc<DB>, frozen: Arc<super::Cache>, local: PathBuf) -> Pending {
-        Pending { state: Mutex::new(PendingState { work: Some((db, frozen, local)), result: None }) }
+    pub fn new(db: Arc<DB>, local: PathBuf) -> Pending {
+        Pending { state: Mutex::new(PendingState { work: Some((db, local)), result: None }) }
     }
 
     /// Does the RocksDB part unless it is done; its result either way.
     pub fn settle(&self) -> Result<(), String> {
         let mut state = self.state.lock().expect("pending lock");
-        if let Some((db, frozen, local)) = state.work.take() {
-            state.result = Some(checkpoint(&db, &frozen, &local));
+        if let Some((db, local)) = state.work.take() {
+            state.result = Some(checkpoint(&db, &local));
         }
         state.result.clone().expect("settled above")
     }
 }
 
-fn checkpoint(db: &DB, frozen: &super::Cache, local: &Path) -> Result<(), String> {
-    let mut batch = rocksdb::WriteBatch::default();
-    for (key, cached) in frozen.iter().filter(|(_, cached)| cached.dirty) {
-        match &cached.value {
-            Some(value) => batch.put(key, value),
-            None => batch.delete(key),
-        }
-    }
-    let mut options = WriteOptions::default();
-    options.disable_wal(true);
-    db.write_opt(batch, &options).map_err(|error| format!("writing the cache: {error}"))?;
+fn checkpoint(db: &DB, local: &Path) -> Result<(), String> {
     match std::fs::remove_dir_all(local) {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
             return Err(format!("{}: {error}", local.display()));
@@ -285,6 +317,9 @@ fn checkpoint(db: &DB, frozen: &super::Cache, local: &Path) -> Result<(), String
 /// What the asynchronous part of a native checkpoint needs.
 pub struct RocksCapture {
     pub pending: Arc<Pending>,
+    /// The caches frozen and not yet written to RocksDB at the capture, oldest first: their
+    /// dirty entries (the newest of each key) are the delta.
+    pub frozen: Vec<Arc<super::Cache>>,
     pub local: PathBuf,
     pub metadata_path: String,
     pub shared_prefix: String,
@@ -338,7 +373,15 @@ impl SnapshotWrite for RocksCapture {
             .collect();
         // A file RocksDB dropped never comes back (file numbers do not repeat).
         self.known.lock().expect("known ssts lock").retain(|name, _| live.contains(name.as_str()));
-        let metadata = NativeCheckpoint { range: self.range, files };
+        let mut newest: BTreeMap<&[u8], Option<&[u8]>> = BTreeMap::new();
+        for frozen in &self.frozen {
+            for (key, cached) in frozen.iter().filter(|(_, cached)| cached.dirty) {
+                newest.insert(key.as_slice(), cached.value.as_deref());
+            }
+        }
+        let delta: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            newest.into_iter().map(|(key, value)| (key.to_vec(), value.map(<[u8]>::to_vec))).collect();
+        let metadata = NativeCheckpoint { range: self.range, files, delta };
         write_durably(storage, &self.metadata_path, &metadata.encode())?;
         Ok(shared)
     }
@@ -346,7 +389,7 @@ impl SnapshotWrite for RocksCapture {
 
 impl Drop for RocksCapture {
     fn drop(&mut self) {
-        // Never written: the frozen cache still goes into RocksDB, or the backend would lose it.
+        // Never written: the backend must still be free to write to RocksDB.
         let _ = self.pending.settle();
         // Hard links only: removing them frees nothing RocksDB still uses.
         let _ = std::fs::remove_dir_all(&self.local);
@@ -369,6 +412,7 @@ mod tests {
                     sst: SharedSst { path: "checkpoints/shared/w/abc-000012.sst".into(), size: 1234, crc: 99 },
                 },
             ],
+            delta: vec![(vec![0, 3, 1], Some(b"v".to_vec())), (vec![0, 3, 2], None)],
         };
         let bytes = checkpoint.encode();
         assert_eq!(NativeCheckpoint::decode(&bytes).unwrap(), checkpoint);
