@@ -44,10 +44,13 @@ pub const CACHE_ENTRIES_MAX: usize = 256 * 1024;
 #[derive(Debug)]
 struct Cached {
     value: Option<SmallVec<[u8; 16]>>,
-    /// The value differs from what RocksDB holds.
+    /// The value differs from what RocksDB (under the frozen caches) holds.
     dirty: bool,
     /// RocksDB may hold a value for the key (so removing it needs a tombstone).
     in_db: bool,
+    /// A frozen cache holds the key: a delete must stay in the cache to shadow it, though
+    /// RocksDB needs no tombstone unless `in_db`.
+    shadows: bool,
 }
 
 type CacheKey = SmallVec<[u8; 32]>;
@@ -357,15 +360,15 @@ impl RocksDbBackend {
             self.make_room()?;
             let frozen = self.frozen.iter().rev().find_map(|frozen| frozen.get(self.key.as_slice()));
             let cached = match frozen {
-                // Taken over from the frozen cache: what it differs from RocksDB in is written out
-                // with the live cache, which shadows the frozen entry. A later delete must shadow
-                // it too (`in_db`), or the frozen value would show through again.
-                Some(frozen) => Cached { value: frozen.value.clone(), dirty: frozen.dirty, in_db: true },
+                // Taken over from the frozen cache; the live entry shadows it from now on.
+                Some(frozen) => {
+                    Cached { value: frozen.value.clone(), dirty: frozen.dirty, in_db: frozen.in_db, shadows: true }
+                }
                 None => {
                     let stored = self.db().get_pinned(&self.key).map_err(|e| backend_error(&self.path, e))?;
                     let value = stored.map(|stored| SmallVec::from_slice(&stored));
                     let in_db = value.is_some();
-                    Cached { value, dirty: false, in_db }
+                    Cached { value, dirty: false, in_db, shadows: false }
                 }
             };
             self.cache.insert(CacheKey::from_slice(&self.key), cached);
@@ -383,9 +386,11 @@ impl RocksDbBackend {
             dirty: false,
             // Not read: RocksDB may hold it.
             in_db: true,
+            // Not read: a frozen cache may hold it.
+            shadows: true,
         });
         entry.value = value.map(SmallVec::from_slice);
-        entry.dirty = entry.value.is_some() || entry.in_db;
+        entry.dirty = entry.value.is_some() || entry.in_db || entry.shadows;
         Ok(())
     }
 
@@ -395,32 +400,41 @@ impl RocksDbBackend {
         if self.cache.len() < self.cache_entries_max {
             return Ok(());
         }
-        self.cache.retain(|_, cached| cached.dirty || cached.value.is_some());
-        if self.cache.len() >= self.cache_entries_max / 2 {
-            self.flush()?;
+        let keep = |cached: &Cached| cached.dirty || cached.value.is_some();
+        if self.cache.values().filter(|cached| keep(cached)).count() >= self.cache_entries_max / 2 {
+            return self.flush();
         }
+        // Rebuilt rather than `retain`ed: erasing in place leaves tombstones that every later
+        // lookup of an absent key (the common case) would have to probe past.
+        let old = std::mem::replace(
+            &mut self.cache,
+            Cache::with_capacity_and_hasher(self.cache_entries_max, Default::default()),
+        );
+        self.cache.extend(old.into_iter().filter(|(_, cached)| keep(cached)));
         Ok(())
     }
 
-    /// Writes every dirty cached entry to RocksDB in one batch and empties the cache.
+    /// Writes every dirty cached entry (frozen caches first, the newest entry of each key) to
+    /// RocksDB in one batch and empties the caches. A delete of a key RocksDB never held writes
+    /// nothing: state that lived only in caches never costs a RocksDB write.
     fn flush(&mut self) -> Result<(), StateError> {
         self.settle()?;
         let mut batch = rocksdb::WriteBatch::default();
-        // Oldest first: within one batch a later write of a key wins.
-        for frozen in std::mem::take(&mut self.frozen) {
-            for (key, cached) in frozen.iter().filter(|(_, cached)| cached.dirty) {
+        let frozen = std::mem::take(&mut self.frozen);
+        let caches: Vec<&Cache> = frozen.iter().map(Arc::as_ref).chain(std::iter::once(&self.cache)).collect();
+        for (index, cache) in caches.iter().enumerate() {
+            for (key, cached) in cache.iter().filter(|(_, cached)| cached.dirty) {
+                if caches[index + 1..].iter().any(|newer| newer.contains_key(key)) {
+                    continue;
+                }
                 match &cached.value {
                     Some(value) => batch.put(key, value),
-                    None => batch.delete(key),
+                    None if cached.in_db => batch.delete(key),
+                    None => {}
                 }
             }
         }
-        for (key, cached) in self.cache.iter().filter(|(_, cached)| cached.dirty) {
-            match &cached.value {
-                Some(value) => batch.put(key, value),
-                None => batch.delete(key),
-            }
-        }
+        drop(caches);
         self.cache.clear();
         self.db().write_opt(batch, &self.write_options).map_err(|e| self.error(e))
     }
@@ -476,7 +490,7 @@ impl StateBackend for RocksDbBackend {
             return Ok(false);
         };
         value.extend_from_slice(&stored);
-        cached.dirty = cached.in_db;
+        cached.dirty = cached.in_db || cached.shadows;
         Ok(true)
     }
 

@@ -373,14 +373,17 @@ impl SnapshotWrite for RocksCapture {
             .collect();
         // A file RocksDB dropped never comes back (file numbers do not repeat).
         self.known.lock().expect("known ssts lock").retain(|name, _| live.contains(name.as_str()));
-        let mut newest: BTreeMap<&[u8], Option<&[u8]>> = BTreeMap::new();
-        for frozen in &self.frozen {
+        // The newest entry of each key, ascending.
+        let mut delta: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for (index, frozen) in self.frozen.iter().enumerate() {
             for (key, cached) in frozen.iter().filter(|(_, cached)| cached.dirty) {
-                newest.insert(key.as_slice(), cached.value.as_deref());
+                if self.frozen[index + 1..].iter().any(|newer| newer.contains_key(key)) {
+                    continue;
+                }
+                delta.push((key.to_vec(), cached.value.as_ref().map(|v| v.to_vec())));
             }
         }
-        let delta: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-            newest.into_iter().map(|(key, value)| (key.to_vec(), value.map(<[u8]>::to_vec))).collect();
+        delta.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let metadata = NativeCheckpoint { range: self.range, files, delta };
         write_durably(storage, &self.metadata_path, &metadata.encode())?;
         Ok(shared)
