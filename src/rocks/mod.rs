@@ -12,7 +12,8 @@
 //! never held writes no tombstone.
 //!
 //! Checkpoints are RocksDB's own (see [`native`]): incremental, sharing SST files between
-//! checkpoints. A restore takes native checkpoints of any subtasks, and portable `.state` files.
+//! checkpoints. A capture freezes the cache as an overlay (reads look into it; it reaches
+//! RocksDB with the next write-out) and its changes travel as the checkpoint's delta. A restore takes native checkpoints of any subtasks, and portable `.state` files.
 
 mod native;
 
