@@ -31,6 +31,8 @@ usage:
 flags of `sabot coordinator`:
   --listen ADDR         where workers register (default 127.0.0.1:7100)
   --workers N           workers each attempt waits for (default 1)
+  --min-workers M       after a failure, go on with M or more workers if no replacement registered
+                        within 2 s (default: N, always wait for replacements)
   --records, --parallelism, --batch-size, --data-dir, --unaligned, --alignment-timeout-ms
                         as for `sabot run`
   --checkpoint-interval-ms N
@@ -212,7 +214,7 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
     };
     let mut listen = None;
     let mut coordinator = address("--coordinator", "127.0.0.1:7100".into())?;
-    let (mut workers, mut secret_file) = (1_u16, None);
+    let (mut workers, mut min_workers, mut secret_file) = (1_u16, None::<u16>, None);
     let mut job = sabot_kernel::wire::JobSpec {
         name: "w2".into(),
         records: workload::RECORD_COUNT_DEFAULT,
@@ -236,6 +238,7 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
             (_, "--data-dir") => data_dir = PathBuf::from(value()?),
             (_, "--secret-file") => secret_file = Some(PathBuf::from(value()?)),
             ("coordinator", "--workers") => workers = parse_number(flag, &value()?)?,
+            ("coordinator", "--min-workers") => min_workers = Some(parse_number(flag, &value()?)?),
             ("coordinator", "--records") => job.records = parse_number(flag, &value()?)?,
             ("coordinator", "--parallelism") => job.parallelism = parse_number(flag, &value()?)?,
             ("coordinator", "--batch-size") => job.batch_size = parse_number(flag, &value()?)?,
@@ -272,7 +275,8 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
     Ok(match command {
         "coordinator" => {
             let listen = listen.unwrap_or(coordinator);
-            let settings = CoordinatorSettings { listen, workers, job, data_dir, checkpoints, secret };
+            let min_workers = min_workers.unwrap_or(workers).clamp(1, workers);
+            let settings = CoordinatorSettings { listen, workers, min_workers, job, data_dir, checkpoints, secret };
             runtime.block_on(run_coordinator(settings)).context("coordinating the job")
         }
         _ => {

@@ -42,8 +42,13 @@ impl Cluster {
     }
 
     fn coordinator(&self, workers: u16) -> Child {
+        self.coordinator_with(workers, &[])
+    }
+
+    fn coordinator_with(&self, workers: u16, extra: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_sabot"))
             .args(["coordinator", "--workers", &workers.to_string(), "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(extra)
             .args(["--records", &self.records.to_string(), "--parallelism", "3", "--batch-size", "1000"])
             .args(["--checkpoint-interval-ms", "50", "--data-dir", self.data_dir().to_str().unwrap()])
             .arg("--secret-file")
@@ -202,6 +207,23 @@ fn rescaling_three_to_two_to_four_workers() {
     let (ok, log) = finish(coordinator);
     assert!(ok, "the coordinator failed: {log}");
     assert!(log.contains("attempt 1 with 4 workers, from checkpoint"), "{log}");
+    reap(workers);
+    cluster.check_output();
+}
+
+// Goal: with --min-workers, a job whose worker dies for good goes on with the workers that
+// remain (after the grace period for a replacement) and still commits exactly the reference.
+#[test]
+fn lost_worker_not_replaced_the_rest_finish() {
+    let cluster = Cluster::new(500_000);
+    let mut coordinator = cluster.coordinator_with(3, &["--min-workers", "2"]);
+    let mut workers: Vec<Child> = (0..3).map(|_| cluster.worker()).collect();
+    assert!(cluster.wait_for_checkpoint_after(1, &mut coordinator), "the job ended before its 2nd checkpoint");
+    kill(&mut workers[1]);
+    let (ok, log) = finish(coordinator);
+    assert!(ok, "the coordinator failed: {log}");
+    assert!(log.contains("attempt 2 with 2 workers"), "{log}");
+    workers.remove(1);
     reap(workers);
     cluster.check_output();
 }

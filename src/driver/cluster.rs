@@ -44,6 +44,9 @@ pub struct CoordinatorSettings {
     pub listen: SocketAddr,
     /// Workers an attempt waits for.
     pub workers: u16,
+    /// After a failure, the attempt goes on with this many workers (at least 1) if no more
+    /// registered within `REGROUP_GRACE`: the workers that remain carry the job.
+    pub min_workers: u16,
     pub job: JobSpec,
     pub data_dir: PathBuf,
     pub checkpoints: CheckpointSettings,
@@ -146,6 +149,9 @@ async fn accept_worker(listener: &TcpListener, secret: &[u8]) -> Result<Register
     }
 }
 
+/// How long a new attempt waits for replacements of lost workers before it goes on without them.
+pub const REGROUP_GRACE: Duration = Duration::from_secs(2);
+
 /// Attempts after which the coordinator gives up on a job that keeps failing.
 pub const ATTEMPTS_MAX: u64 = 100;
 
@@ -177,8 +183,20 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
             )));
         }
         let mut workers = Vec::new();
+        // The first attempt waits for every worker; later ones wait a grace period for
+        // replacements, then go on with the workers that remain (at least `min_workers`).
+        let grace = (attempt > 1).then(|| tokio::time::Instant::now() + REGROUP_GRACE);
         while workers.len() < usize::from(settings.workers) {
-            workers.push(accept_worker(&listener, &settings.secret).await?);
+            let enough = workers.len() >= usize::from(settings.min_workers.max(1));
+            match grace {
+                Some(deadline) if enough => {
+                    match tokio::time::timeout_at(deadline, accept_worker(&listener, &settings.secret)).await {
+                        Ok(worker) => workers.push(worker?),
+                        Err(_) => break,
+                    }
+                }
+                _ => workers.push(accept_worker(&listener, &settings.secret).await?),
+            }
         }
         let recovery = find_latest(&mut storage, &graph.name).map_err(|e| DriverError::Coordinator(e.to_string()))?;
         for (id, reason) in &recovery.skipped {
