@@ -223,7 +223,7 @@ fn lost_worker_not_replaced_the_rest_finish() {
     let (ok, log) = finish(coordinator);
     assert!(ok, "the coordinator failed: {log}");
     assert!(log.contains("attempt 2 with 2 workers"), "{log}");
-    workers.remove(1);
+    workers.remove(1).wait().expect("the killed worker was reaped");
     reap(workers);
     cluster.check_output();
 }
