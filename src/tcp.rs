@@ -114,8 +114,8 @@ fn lost(peer: u16, reason: impl Into<String>) -> TransportError {
     TransportError::PeerLost { peer, reason: reason.into() }
 }
 
-/// Byte equality that takes the same time wherever the first difference is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Byte equality that takes the same time wherever the first difference is (secrets).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

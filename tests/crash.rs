@@ -70,13 +70,16 @@ fn sigkill_run(extra: &[&str], cache_entries: Option<&str>) {
     let mut rng = Lcg::new(SEED);
     let (mut kills, mut finished_early) = (0, 0);
     let started = Instant::now();
+    let log_path = dir.path().join("run.log");
     while kills < KILL_COUNT {
-        let mut child = sabot().spawn().expect("starting sabot");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = sabot().stderr(log).spawn().expect("starting sabot");
         let wait = Duration::from_millis(30 + rng.below(400));
         std::thread::sleep(wait);
         match child.try_wait().expect("polling sabot") {
             Some(status) => {
-                assert!(status.success(), "a run that was not killed failed: {status}");
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                assert!(status.success(), "a run that was not killed failed: {status}: {log}");
                 finished_early += 1;
                 assert!(finished_early < 5, "the job keeps finishing before the kill: make it longer");
             }

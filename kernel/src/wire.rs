@@ -124,21 +124,7 @@ impl Frame {
                 Ok(())
             }
         };
-        let size = out.len() - start - 4;
-        let result = match result {
-            Ok(()) if size > FRAME_SIZE_MAX => Err(WireError::Oversized { size }),
-            other => other,
-        };
-        match result {
-            Ok(()) => {
-                out[start..start + 4].copy_from_slice(&(size as u32).to_le_bytes());
-                Ok(())
-            }
-            Err(error) => {
-                out.truncate(start);
-                Err(error)
-            }
-        }
+        finish_frame(out, start, result)
     }
 
     /// Decodes one frame's body (what follows the length field).
@@ -433,6 +419,26 @@ fn put_option_u64(out: &mut Vec<u8>, value: Option<u64>) {
     }
 }
 
+/// Writes the length of the frame begun at `start` (its body written, with `result`), or
+/// removes the frame if writing it failed or it is above the limit.
+fn finish_frame(out: &mut Vec<u8>, start: usize, result: Result<(), WireError>) -> Result<(), WireError> {
+    let size = out.len() - start - 4;
+    let result = match result {
+        Ok(()) if size > FRAME_SIZE_MAX => Err(WireError::Oversized { size }),
+        other => other,
+    };
+    match result {
+        Ok(()) => {
+            out[start..start + 4].copy_from_slice(&(size as u32).to_le_bytes());
+            Ok(())
+        }
+        Err(error) => {
+            out.truncate(start);
+            Err(error)
+        }
+    }
+}
+
 /// Nodes an assignment may name, at most.
 const NODE_COUNT_MAX: usize = 4096;
 
@@ -443,21 +449,7 @@ impl Control {
         out.extend_from_slice(&[0; 4]);
         out.push(WIRE_VERSION);
         let result = self.encode_body(out);
-        let size = out.len() - start - 4;
-        let result = match result {
-            Ok(()) if size > FRAME_SIZE_MAX => Err(WireError::Oversized { size }),
-            other => other,
-        };
-        match result {
-            Ok(()) => {
-                out[start..start + 4].copy_from_slice(&(size as u32).to_le_bytes());
-                Ok(())
-            }
-            Err(error) => {
-                out.truncate(start);
-                Err(error)
-            }
-        }
+        finish_frame(out, start, result)
     }
 
     fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), WireError> {

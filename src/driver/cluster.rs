@@ -36,7 +36,7 @@ use super::{
 };
 use crate::clock::TokioClock;
 use crate::fs_storage::LocalFsStorage;
-use crate::tcp::{TcpConfig, TcpTransport, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT};
+use crate::tcp::{constant_time_eq, TcpConfig, TcpTransport, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT};
 
 /// How `sabot coordinator` runs a job.
 #[derive(Clone)]
@@ -119,11 +119,6 @@ async fn write_loop(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiv
     }
 }
 
-/// Byte equality that takes the same time wherever the first difference is.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// A registered worker of the attempt being formed.
 struct Registered {
     address: String,
@@ -139,7 +134,7 @@ async fn accept_worker(listener: &TcpListener, secret: &[u8]) -> Result<Register
         let (reader, writer) = stream.into_split();
         let mut reader = ControlReader::new(reader);
         match reader.next(HANDSHAKE_TIMEOUT).await {
-            Ok(Control::Register { secret: presented, address }) if same_secret(&presented, secret) => {
+            Ok(Control::Register { secret: presented, address }) if constant_time_eq(&presented, secret) => {
                 return Ok(Registered { address, reader, writer });
             }
             Ok(Control::Register { .. }) => eprintln!("coordinator: refused {from}: it presented the wrong secret"),
