@@ -153,7 +153,7 @@ fn open_backend(
             // A tuning knob, also for tests that want state to reach RocksDB's files quickly.
             let cache = std::env::var("SABOT_ROCKSDB_CACHE_ENTRIES").ok().and_then(|v| v.parse().ok());
             let cache = cache.unwrap_or(crate::rocks::CACHE_ENTRIES_MAX).max(2);
-            Ok(Box::new(crate::rocks::RocksDbBackend::open_with_cache(path, range, cache)?))
+            Ok(Box::new(crate::rocks::RocksDbBackend::open_empty(path, range, cache)?))
         }
     }
 }

@@ -119,6 +119,25 @@ fn open_waiting_for_lock(options: &Options, path: &Path) -> Result<DB, StateErro
     }
 }
 
+/// Removes the directory `path` (if present) so that a kill meanwhile leaves it whole or absent:
+/// renamed away first, then removed.
+fn discard_dir(path: &Path) -> std::io::Result<()> {
+    let discarded = path.with_extension("discarded");
+    remove_dir_if_present(&discarded)?;
+    match std::fs::rename(path, &discarded) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
+        Ok(()) => remove_dir_if_present(&discarded),
+    }
+}
+
+fn remove_dir_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// Frozen caches kept as overlays at most; a capture beyond writes them out first.
 const FROZEN_MAX: usize = 8;
 
@@ -137,6 +156,21 @@ impl RocksDbBackend {
     /// Opens (creating it if missing) the database at `path` for the key groups in `range`.
     pub fn open(path: impl Into<PathBuf>, range: KeyGroupRange) -> Result<RocksDbBackend, StateError> {
         Self::open_with_cache(path, range, CACHE_ENTRIES_MAX)
+    }
+
+    /// A backend with no entries in a new database at `path`, whatever the directory held: a
+    /// job's local state is scratch (it comes from checkpoints), and a process killed while
+    /// RocksDB created or restored a database may leave one that does not open. The old
+    /// directory is renamed away before it is removed, so a kill meanwhile leaves it whole or
+    /// absent.
+    pub fn open_empty(
+        path: impl Into<PathBuf>,
+        range: KeyGroupRange,
+        cache_entries_max: usize,
+    ) -> Result<RocksDbBackend, StateError> {
+        let path = path.into();
+        discard_dir(&path).map_err(|error| StateError::Backend(format!("clearing {}: {error}", path.display())))?;
+        Self::open_with_cache(path, range, cache_entries_max)
     }
 
     /// As [`RocksDbBackend::open`], with a write-back cache of `cache_entries_max` entries (at least 2).
@@ -223,13 +257,16 @@ impl RocksDbBackend {
         // Writers hold the database only until their RocksDB part is done, which `settle` awaited.
         assert_eq!(Arc::strong_count(&db), 1, "a checkpoint writer still holds the database");
         drop(db);
+        // The directory is always a whole database or absent, also if the process is killed
+        // meanwhile: the old one is renamed away before it is removed, the new one is built
+        // beside it and renamed into place.
         let io = |error: std::io::Error| StateError::Backend(format!("restoring {}: {error}", self.path.display()));
-        match std::fs::remove_dir_all(&self.path) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
-            _ => {}
-        }
+        let staging = self.path.with_extension("restoring");
+        discard_dir(&self.path).map_err(io)?;
         if let Some(checkpoint) = checkpoint {
-            checkpoint.materialize(storage, &self.path)?;
+            remove_dir_if_present(&staging).map_err(io)?;
+            checkpoint.materialize(storage, &staging)?;
+            std::fs::rename(&staging, &self.path).map_err(io)?;
         }
         self.db = Some(Arc::new(open_waiting_for_lock(&self.options, &self.path)?));
         self.instance = instance_id();
@@ -238,7 +275,6 @@ impl RocksDbBackend {
         Ok(())
     }
 
-    /// Copies the entries of this backend's key groups out of another subtask's native checkpoint.
     /// Writes a native checkpoint's delta (what its cache held) over RocksDB, for this backend's
     /// key groups.
     fn apply_delta(&mut self, checkpoint: &NativeCheckpoint) -> Result<(), StateError> {
@@ -256,6 +292,7 @@ impl RocksDbBackend {
         self.db().write_opt(batch, &self.write_options).map_err(|e| self.error(e))
     }
 
+    /// Copies the entries of this backend's key groups out of another subtask's native checkpoint.
     fn import(
         &mut self,
         storage: &mut dyn Storage,
