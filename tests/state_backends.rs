@@ -230,3 +230,28 @@ fn rocksdb_checkpoints_share_sst_files_and_rescale() {
     let error = backend.restore_files(&mut storage, &second_files).unwrap_err();
     assert!(error.to_string().contains(damaged.as_str()), "{error}");
 }
+
+// Goal: a subtask's local RocksDB directory starts empty whatever a killed process left: a
+// database that does not open (a log without CURRENT), local checkpoints and a restore in
+// progress beside it. Nothing else in the parent directory is touched.
+#[test]
+fn open_empty_clears_what_a_killed_process_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("1-0");
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::write(path.join("000004.log"), b"half a database").unwrap();
+    for leftover in ["1-0.chk-7", "1-0.restoring", "1-0.discarded"] {
+        std::fs::create_dir_all(dir.path().join(leftover)).unwrap();
+        std::fs::write(dir.path().join(leftover).join("000009.sst"), b"x").unwrap();
+    }
+    std::fs::create_dir_all(dir.path().join("1-1")).unwrap();
+    let range = KeyGroupRange::new(0, 4);
+    assert!(RocksDbBackend::open_with_cache(&path, range, 8).is_err(), "the damaged database does not open");
+    let mut backend = RocksDbBackend::open_empty(&path, range, 8).unwrap();
+    let mut value = Vec::new();
+    assert!(!backend.get(KeyGroup(1), b"k", &mut value).unwrap());
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["1-0", "1-1"]);
+}

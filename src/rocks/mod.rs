@@ -169,7 +169,20 @@ impl RocksDbBackend {
         cache_entries_max: usize,
     ) -> Result<RocksDbBackend, StateError> {
         let path = path.into();
-        discard_dir(&path).map_err(|error| StateError::Backend(format!("clearing {}: {error}", path.display())))?;
+        let clear = |error: std::io::Error| StateError::Backend(format!("clearing {}: {error}", path.display()));
+        discard_dir(&path).map_err(clear)?;
+        // What a killed process left beside it: local checkpoints (hard links that keep old
+        // SST files alive), imports, a restore in progress.
+        if let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+            if let Ok(entries) = std::fs::read_dir(parent) {
+                for entry in entries.flatten() {
+                    let leftover = entry.file_name().to_str().is_some_and(|n| n.starts_with(&format!("{name}.")));
+                    if leftover {
+                        remove_dir_if_present(&entry.path()).map_err(clear)?;
+                    }
+                }
+            }
+        }
         Self::open_with_cache(path, range, cache_entries_max)
     }
 
