@@ -10,7 +10,7 @@ use sabot::driver::{
     self, CheckpointSettings, CheckpointStats, DriverConfig, Progress, RunOutcome, StateKind, TransportKind,
 };
 use sabot::fs_storage::LocalFsStorage;
-use sabot_kernel::checkpoint::manifest::{find_latest, load, Manifest};
+use sabot_kernel::checkpoint::manifest::{find_latest, load, sweep_before, Manifest};
 use sabot_kernel::dataflow::sink::read_committed;
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::element::CheckpointId;
@@ -304,6 +304,14 @@ fn find_checkpoint(data_dir: &std::path::Path, job: &str) -> anyhow::Result<Opti
     }
     if let Some(manifest) = &recovery.manifest {
         eprintln!("resuming from checkpoint {} in {}", manifest.checkpoint.0, data_dir.display());
+        let deleted = sweep_before(&mut storage, job, manifest).context("deleting older checkpoints")?;
+        if !deleted.is_empty() {
+            eprintln!(
+                "deleted {} files of checkpoints older than {} that nothing names",
+                deleted.len(),
+                manifest.checkpoint.0
+            );
+        }
     }
     Ok(recovery.manifest)
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sabot_kernel::checkpoint::coordinator::{Coordinator, CoordinatorConfig};
-use sabot_kernel::checkpoint::manifest::{find_latest, load, Manifest, TaskSnapshot};
+use sabot_kernel::checkpoint::manifest::{find_latest, load, sweep_before, Manifest, TaskSnapshot};
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::wire::{Assignment, Control, FrameDecoder, JobSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -198,8 +198,14 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
             eprintln!("coordinator: skipping checkpoint {}: {reason}", id.0);
         }
         let restore = recovery.manifest;
-        if attempt == 1 && restore.is_none() {
-            clear_previous(&settings.data_dir, &graph.name)?;
+        match &restore {
+            None if attempt == 1 => clear_previous(&settings.data_dir, &graph.name)?,
+            None => {}
+            Some(manifest) => {
+                // What the previous attempt's retention would have deleted, and its orphans.
+                sweep_before(&mut storage, &graph.name, manifest)
+                    .map_err(|e| DriverError::Coordinator(e.to_string()))?;
+            }
         }
         eprintln!(
             "coordinator: [{:.3} s] attempt {attempt} with {} workers, {}",

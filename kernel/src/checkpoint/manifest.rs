@@ -358,6 +358,61 @@ fn check_candidate(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Re
     Ok(manifest)
 }
 
+/// Deletes what retention would have deleted had the previous process lived on: the periodic
+/// checkpoints of `job` older than `restored` (their manifests and the files no other remaining
+/// checkpoint names), and the files in the shared directories of the remaining checkpoints that
+/// none of them names (uploads of checkpoints that never completed). Savepoints, newer
+/// checkpoints (kept for inspection when the newest could not be used), other jobs' checkpoints
+/// and unreadable manifests are left alone. Call it before any task runs. Returns what it deleted.
+pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -> Result<Vec<String>, StorageError> {
+    let mut remaining = vec![restored.clone()];
+    let mut discarded = Vec::new();
+    for name in storage.list(CHECKPOINTS_DIR)? {
+        let Some(id) = name.strip_prefix(MANIFEST_PREFIX).and_then(|id| id.parse().ok()).map(CheckpointId) else {
+            continue;
+        };
+        if id == restored.checkpoint {
+            continue;
+        }
+        let Ok(manifest) =
+            storage.read(&manifest_path(id)).map_err(|_| ()).and_then(|b| Manifest::decode(&b).map_err(|_| ()))
+        else {
+            continue;
+        };
+        if manifest.job == job && !manifest.savepoint && id < restored.checkpoint {
+            discarded.push(manifest);
+        } else {
+            remaining.push(manifest);
+        }
+    }
+    let named: std::collections::BTreeSet<&String> =
+        remaining.iter().flat_map(|m| m.tasks.iter()).flat_map(|t| t.files.iter()).collect();
+    let mut deleted = Vec::new();
+    for manifest in &discarded {
+        for file in manifest.tasks.iter().flat_map(|t| t.files.iter()).filter(|f| !named.contains(f)) {
+            if storage.delete(file).is_ok() {
+                deleted.push(file.clone());
+            }
+        }
+        let path = manifest_path(manifest.checkpoint);
+        storage.delete(&path)?;
+        deleted.push(path);
+    }
+    let shared = format!("{}/", shared_dir());
+    let dirs: std::collections::BTreeSet<&str> =
+        named.iter().filter(|f| f.starts_with(&shared)).map(|f| crate::env::parent_dir(f)).collect();
+    for dir in dirs {
+        for name in storage.list(dir)? {
+            let path = format!("{dir}/{name}");
+            if !named.contains(&path) {
+                storage.delete(&path)?;
+                deleted.push(path);
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 /// Finds the latest completed checkpoint of `job` that is intact, passing over corrupt or partial
 /// ones. Checkpoints newer than the pointer never completed and are passed over; if the pointer
 /// itself is unreadable, every checkpoint with a valid manifest is a candidate. With no
@@ -506,5 +561,48 @@ mod tests {
         assert!(recovery.pointer_problem.is_some());
         let error = find_latest(&mut storage, "other-job").unwrap_err().to_string();
         assert!(error.contains("belongs to job \"w2\""), "{error}");
+    }
+
+    // Goal: after a restart, what the previous process's retention would have deleted goes:
+    // older periodic checkpoints and their unshared files, and shared files nothing names; a
+    // savepoint, a newer checkpoint and the files they name stay.
+    #[test]
+    fn sweep_before_deletes_what_retention_would_have() {
+        let mut storage = MemStorage::new();
+        let shared = |n: &str| format!("{}/w/{n}.sst", shared_dir());
+        let checkpoint = |id: u64, savepoint: bool, files: Vec<String>| Manifest {
+            version: MANIFEST_VERSION,
+            job: "job".into(),
+            checkpoint: CheckpointId(id),
+            savepoint,
+            max_parallelism: 128,
+            tasks: vec![TaskSnapshot {
+                subtask: SubtaskId { vertex: VertexId(1), index: 0 },
+                source_positions: vec![],
+                files,
+                pending_output: vec![],
+            }],
+        };
+        let manifests = [
+            checkpoint(1, true, vec![shared("a"), "checkpoints/chk-1/s".into()]),
+            checkpoint(2, false, vec![shared("a"), shared("b"), "checkpoints/chk-2/s".into()]),
+            checkpoint(3, false, vec![shared("b"), shared("c"), "checkpoints/chk-3/s".into()]),
+            checkpoint(4, false, vec![shared("c"), shared("d"), "checkpoints/chk-4/s".into()]),
+        ];
+        for manifest in &manifests {
+            for file in &manifest.tasks[0].files {
+                storage.write(file, b"x").unwrap();
+            }
+            storage.write(&manifest_path(manifest.checkpoint), &manifest.encode()).unwrap();
+        }
+        storage.write(&shared("orphan"), b"x").unwrap();
+        let mut deleted = sweep_before(&mut storage, "job", &manifests[2]).unwrap();
+        deleted.sort();
+        let mut expected = vec!["checkpoints/chk-2/s".to_string(), manifest_path(CheckpointId(2)), shared("orphan")];
+        expected.sort();
+        assert_eq!(deleted, expected);
+        for kept in [shared("a"), shared("b"), shared("c"), shared("d"), manifest_path(CheckpointId(4))] {
+            assert!(storage.read(&kept).is_ok(), "{kept} stays");
+        }
     }
 }
