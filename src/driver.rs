@@ -182,6 +182,41 @@ pub fn build_node(plan: &Arc<PhysicalPlan>, index: u16, config: &DriverConfig) -
     )?)
 }
 
+/// The checkpoint coordinator of a job run by this driver: one checkpoint in flight at a time.
+fn job_coordinator(
+    graph: &sabot_kernel::dataflow::JobGraph,
+    settings: &CheckpointSettings,
+    restore: Option<Manifest>,
+) -> Coordinator {
+    Coordinator::new(
+        CoordinatorConfig {
+            interval_ms: settings.interval_ms,
+            timeout_ms: CHECKPOINT_TIMEOUT_MS,
+            concurrent_max: 1,
+            retained_count: settings.retained_count,
+        },
+        &graph.name,
+        graph.max_parallelism.get(),
+        graph.subtasks(),
+        restore,
+    )
+}
+
+/// Removes what an earlier run of `job` left in `data_dir` (output, state, checkpoints that would
+/// no longer match them), so that a run with no checkpoint to resume from starts fresh. Returns
+/// the directories it removed.
+pub fn clear_previous(data_dir: &std::path::Path, job: &str) -> Result<Vec<PathBuf>, DriverError> {
+    let mut removed = Vec::new();
+    for dir in [data_dir.join("output").join(job), data_dir.join("state").join(job), data_dir.join("checkpoints")] {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => removed.push(dir),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(DriverError::DataDir { path: dir, error }),
+        }
+    }
+    Ok(removed)
+}
+
 /// The job graph a job spec names (the workloads of WORKLOADS.md).
 pub fn job_graph(spec: &sabot_kernel::wire::JobSpec) -> Result<sabot_kernel::dataflow::JobGraph, DriverError> {
     let batch_size = spec.batch_size as usize;
@@ -293,18 +328,7 @@ async fn run_nodes<T: AsyncTransport>(
     drop(report_sender);
     let coordinator = match &config.checkpoints {
         Some(settings) => {
-            let coordinator = Coordinator::new(
-                CoordinatorConfig {
-                    interval_ms: settings.interval_ms,
-                    timeout_ms: CHECKPOINT_TIMEOUT_MS,
-                    concurrent_max: 1,
-                    retained_count: settings.retained_count,
-                },
-                &plan.graph.name,
-                plan.graph.max_parallelism.get(),
-                plan.graph.subtasks(),
-                config.restore.clone(),
-            );
+            let coordinator = job_coordinator(&plan.graph, settings, config.restore.clone());
             let storage = LocalFsStorage::open(&config.data_dir)
                 .map_err(|error| DriverError::DataDir { path: config.data_dir.clone(), error })?;
             let savepoint_at = config.stop_with_savepoint_after_ms.map(|ms| clock.now().saturating_add_ms(ms));
@@ -755,6 +779,20 @@ impl<T: AsyncTransport> NodeDriver<T> {
             received = self.transport.recv(), if can_take_input => (None, Some(received), None),
             writable = writable => (Some(writable), None, None),
         };
+        if !self.woken(command, received)? {
+            return Ok(false);
+        }
+        writable.transpose().map_err(|e| self.broken(e))?;
+        self.send_output(held)?;
+        Ok(true)
+    }
+
+    /// Handles what a wait woke up with: a command (`false` for Stop) or a received element.
+    fn woken(
+        &mut self,
+        command: Option<Command>,
+        received: Option<Result<Envelope, TransportError>>,
+    ) -> Result<bool, DriverError> {
         if let Some(command) = command {
             if !self.obey(command)? {
                 return Ok(false);
@@ -764,8 +802,6 @@ impl<T: AsyncTransport> NodeDriver<T> {
             let (channel, element) = received.map_err(|e| self.broken(e))?;
             self.node.handle_element(self.clock.now(), channel, element);
         }
-        writable.transpose().map_err(|e| self.broken(e))?;
-        self.send_output(held)?;
         Ok(true)
     }
 
@@ -781,16 +817,7 @@ impl<T: AsyncTransport> NodeDriver<T> {
             received = self.transport.recv() => (Some(received), None),
             _ = sleep, if timeout.is_some() => (None, None),
         };
-        if let Some(command) = command {
-            if !self.obey(command)? {
-                return Ok(false);
-            }
-        }
-        if let Some(received) = received {
-            let (channel, element) = received.map_err(|e| self.broken(e))?;
-            self.node.handle_element(self.clock.now(), channel, element);
-        }
-        Ok(true)
+        self.woken(command, received)
     }
 }
 

@@ -325,20 +325,6 @@ fn load_savepoint(data_dir: &std::path::Path, job: &str, id: u64) -> anyhow::Res
     Ok(manifest)
 }
 
-/// Removes what an earlier run of the job left (output, state, and checkpoints that would no
-/// longer match them), so that this run starts fresh.
-fn clear_previous(data_dir: &std::path::Path, job: &str) -> anyhow::Result<()> {
-    let dirs = [data_dir.join("output").join(job), data_dir.join("state").join(job), data_dir.join("checkpoints")];
-    for dir in dirs {
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => eprintln!("removed the previous run's {}", dir.display()),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(error).with_context(|| format!("removing {}", dir.display())),
-        }
-    }
-    Ok(())
-}
-
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let graph = workload::w2_job(args.records, args.parallelism, args.batch_size).context("building the W2 job")?;
     let plan = Arc::new(PhysicalPlan::new(graph, args.parallelism));
@@ -348,7 +334,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, false) => None,
     };
     if restore.is_none() {
-        clear_previous(&args.data_dir, &plan.graph.name)?;
+        for dir in driver::clear_previous(&args.data_dir, &plan.graph.name).context("clearing the previous run")? {
+            eprintln!("removed the previous run's {}", dir.display());
+        }
     }
     let state_name = match args.state {
         StateKind::RocksDb => format!("rocksdb under {}", args.data_dir.join("state").display()),

@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sabot_kernel::checkpoint::coordinator::{Coordinator, CoordinatorConfig};
 use sabot_kernel::checkpoint::manifest::{find_latest, load, sweep_before, Manifest, TaskSnapshot};
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::wire::{Assignment, Control, FrameDecoder, JobSpec};
@@ -32,7 +31,7 @@ use tokio::sync::mpsc;
 
 use super::{
     build_node, coordinate, CheckpointSettings, CheckpointStats, Command, CoordinatorTask, DriverConfig, DriverError,
-    NodeControl, NodeDriver, Progress, Report, StateKind, TransportKind, CHECKPOINT_TIMEOUT_MS,
+    NodeControl, NodeDriver, Progress, Report, StateKind, TransportKind,
 };
 use crate::clock::TokioClock;
 use crate::fs_storage::LocalFsStorage;
@@ -199,7 +198,11 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
         }
         let restore = recovery.manifest;
         match &restore {
-            None if attempt == 1 => clear_previous(&settings.data_dir, &graph.name)?,
+            None if attempt == 1 => {
+                for dir in super::clear_previous(&settings.data_dir, &graph.name)? {
+                    eprintln!("coordinator: removed the previous run's {}", dir.display());
+                }
+            }
             None => {}
             Some(manifest) => {
                 // What the previous attempt's retention would have deleted, and its orphans.
@@ -224,20 +227,6 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
             }
         }
     }
-}
-
-/// Removes what an earlier run of the job left (output, state, unusable checkpoints), so that a
-/// job with no checkpoint to resume from starts fresh, as `sabot run` does.
-fn clear_previous(data_dir: &std::path::Path, job: &str) -> Result<(), DriverError> {
-    for dir in [data_dir.join("output").join(job), data_dir.join("state").join(job), data_dir.join("checkpoints")] {
-        match std::fs::remove_dir_all(&dir) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(DriverError::DataDir { path: dir, error });
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 fn io(error: std::io::Error) -> DriverError {
@@ -329,18 +318,7 @@ async fn run_attempt(
     }
     drop(report_sender);
     let clock = TokioClock::new();
-    let coordinator = Coordinator::new(
-        CoordinatorConfig {
-            interval_ms: settings.checkpoints.interval_ms,
-            timeout_ms: CHECKPOINT_TIMEOUT_MS,
-            concurrent_max: 1,
-            retained_count: settings.checkpoints.retained_count,
-        },
-        &graph.name,
-        graph.max_parallelism.get(),
-        graph.subtasks(),
-        restore,
-    );
+    let coordinator = super::job_coordinator(graph, &settings.checkpoints, restore);
     let storage = LocalFsStorage::open(&settings.data_dir)
         .map_err(|error| DriverError::DataDir { path: settings.data_dir.clone(), error })?;
     let task = coordinate(CoordinatorTask {

@@ -314,10 +314,7 @@ impl RocksDbBackend {
     ) -> Result<(), StateError> {
         let dir = self.path.with_extension(format!("import-{index}"));
         let io = |error: std::io::Error| StateError::Backend(format!("importing into {}: {error}", dir.display()));
-        match std::fs::remove_dir_all(&dir) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
-            _ => {}
-        }
+        remove_dir_if_present(&dir).map_err(io)?;
         checkpoint.materialize(storage, &dir)?;
         let result = self.import_from(&dir, checkpoint.range);
         std::fs::remove_dir_all(&dir).map_err(io)?;

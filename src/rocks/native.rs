@@ -303,12 +303,7 @@ impl Pending {
 }
 
 fn checkpoint(db: &DB, local: &Path) -> Result<(), String> {
-    match std::fs::remove_dir_all(local) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-            return Err(format!("{}: {error}", local.display()));
-        }
-        _ => {}
-    }
+    super::remove_dir_if_present(local).map_err(|error| format!("{}: {error}", local.display()))?;
     Checkpoint::new(db)
         .and_then(|c| c.create_checkpoint(local))
         .map_err(|error| format!("rocksdb checkpoint in {}: {error}", local.display()))
