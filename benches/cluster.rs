@@ -1,6 +1,6 @@
 //! W2 across processes: records per second of the whole job run by the `sabot` binary, in one
 //! process (in-process channels, and loopback TCP between its nodes) and on a coordinator with
-//! one and with two worker processes.
+//! one worker process of one node, one worker of two nodes, and two workers of one node each.
 //!
 //! Machine: the project's 2-core machine (see README "Benchmarks"). Run:
 //! `cargo bench --bench cluster`. Every run: 2,000,000 records, parallelism 2, batches of 4,096,
@@ -48,8 +48,8 @@ fn one_process(transport: &str) {
     assert!(status.success());
 }
 
-/// One job on a coordinator and `workers` worker processes.
-fn cluster(workers: u16) {
+/// One job on a coordinator and `workers` worker processes of `nodes` nodes each.
+fn cluster(workers: u16, nodes: u16) {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, b"bench secret").unwrap();
@@ -68,7 +68,8 @@ fn cluster(workers: u16) {
     let mut children: Vec<_> = (0..workers)
         .map(|_| {
             sabot()
-                .args(["worker", "--coordinator", &address, "--state", "heap", "--data-dir"])
+                .args(["worker", "--coordinator", &address, "--nodes", &nodes.to_string()])
+                .args(["--state", "heap", "--data-dir"])
                 .arg(&data_dir)
                 .arg("--secret-file")
                 .arg(&secret)
@@ -88,8 +89,9 @@ fn benches(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("one_process_inproc_channels", |b| b.iter(|| one_process("inproc")));
     group.bench_function("one_process_tcp_loopback", |b| b.iter(|| one_process("tcp")));
-    group.bench_function("coordinator_1_worker", |b| b.iter(|| cluster(1)));
-    group.bench_function("coordinator_2_workers", |b| b.iter(|| cluster(2)));
+    group.bench_function("coordinator_1_worker", |b| b.iter(|| cluster(1, 1)));
+    group.bench_function("coordinator_1_worker_2_nodes", |b| b.iter(|| cluster(1, 2)));
+    group.bench_function("coordinator_2_workers", |b| b.iter(|| cluster(2, 1)));
     group.finish();
 }
 

@@ -392,6 +392,12 @@ enum Command {
     Written(CheckpointId, SubtaskId, Result<Vec<String>, String>),
     /// Every node is done (or one failed): stop.
     Stop,
+    /// Queryable state: answer with `Report::Answer` (the cluster's workers only).
+    Query {
+        id: u64,
+        operator: String,
+        key: u64,
+    },
 }
 
 /// What a node tells the coordinator.
@@ -402,6 +408,8 @@ enum Report {
     Finished(u16),
     /// Every subtask of the node finished and its final output is committed.
     Done(u16),
+    /// The answer to `Command::Query`: the rows as an Arrow IPC file, or why there are none.
+    Answer(u64, Result<Vec<u8>, String>),
 }
 
 /// The checkpoint coordinator's task: runs the pure `Coordinator` against real time and disk.
@@ -510,6 +518,8 @@ async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, Drive
                 Some(Report::Done(node)) => {
                     done.insert(node);
                 }
+                // Queries reach nodes only through a cluster's workers, which forward the answers.
+                Some(Report::Answer(..)) => {}
                 None => return Ok(None),
             },
             _ = tokio::time::sleep(Duration::from_millis(wake)) => {}
@@ -684,6 +694,15 @@ impl<T: AsyncTransport> NodeDriver<T> {
                 return Err(DriverError::NodeLost { node: self.node.index(), reason });
             }
             Command::Stop => return Ok(false),
+            Command::Query { id, operator, key } => {
+                let rows = self.node.query(&operator, key).and_then(|rows| {
+                    sabot_kernel::dataflow::sink::encode_ipc_file(&rows.schema(), &[rows])
+                        .map_err(|error| format!("encoding the rows: {error}"))
+                });
+                if let Some(control) = &self.control {
+                    let _ = control.reports.send(Report::Answer(id, rows));
+                }
+            }
         }
         self.forward_events();
         Ok(true)

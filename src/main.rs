@@ -25,7 +25,8 @@ usage:
                         run W2 on workers in other processes: assign their subtasks, coordinate
                         checkpoints, restart every subtask from the latest checkpoint when a worker
                         fails, finish when the job is complete
-  sabot worker [flags]  offer this process's node to a coordinator, attempt after attempt
+  sabot worker [flags]  offer this process's nodes to a coordinator, attempt after attempt
+  sabot query [flags]   ask a running coordinator for the live state of a key
   sabot help            show this message
 
 flags of `sabot coordinator`:
@@ -41,10 +42,20 @@ flags of `sabot coordinator`:
 
 flags of `sabot worker`:
   --coordinator ADDR    the coordinator to register with (default 127.0.0.1:7100)
-  --listen ADDR         where this worker's node accepts its peers (default 127.0.0.1:0, any port)
+  --listen ADDR         where this worker's first node accepts its peers, the next nodes on the next
+                        ports (default 127.0.0.1:0: any free ports)
+  --nodes N             kernel nodes this worker runs, one per core (default: the number of cores)
   --data-dir DIR        as for `sabot run`; workers of one job share it (one machine)
   --state KIND          rocksdb (default) or heap
   --secret-file FILE    as for `sabot coordinator`
+
+flags of `sabot query`:
+  --coordinator ADDR    the coordinator of the job (default 127.0.0.1:7100)
+  --operator NAME       the keyed operator (default tumbling-window)
+  --key K               the key (an integer)
+  --secret-file FILE    as for `sabot coordinator`
+  It prints the key's open windows as the live state holds them: the effect of every record
+  processed so far, including records whose output no checkpoint committed yet.
 
 flags of `sabot run`:
   --records N           records to generate (default 20000000, the published W2 size)
@@ -170,7 +181,7 @@ fn main() -> ExitCode {
             Ok(run_args) => run(run_args),
             Err(UsageError(message)) => return usage_error(&message),
         },
-        Some(command @ ("coordinator" | "worker")) => match cluster(command, &args[1..]) {
+        Some(command @ ("coordinator" | "worker" | "query")) => match cluster(command, &args[1..]) {
             Ok(result) => result,
             Err(UsageError(message)) => return usage_error(&message),
         },
@@ -224,6 +235,8 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
     let mut checkpoints =
         CheckpointSettings { interval_ms: 1000, retained_count: 3, unaligned: false, alignment_timeout_ms: None };
     let (mut data_dir, mut state) = (PathBuf::from("sabot-data"), StateKind::RocksDb);
+    let mut nodes = std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16);
+    let (mut operator, mut key) = ("tumbling-window".to_string(), None::<u64>);
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
         let (flag, inline) = match flag.split_once('=') {
@@ -247,7 +260,17 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
             ("coordinator", "--alignment-timeout-ms") => {
                 checkpoints.alignment_timeout_ms = Some(parse_number(flag, &value()?)?)
             }
-            ("worker", "--coordinator") => coordinator = address(flag, value()?)?,
+            ("worker" | "query", "--coordinator") => coordinator = address(flag, value()?)?,
+            ("worker", "--nodes") => nodes = parse_number(flag, &value()?)?,
+            ("query", "--operator") => operator = value()?,
+            ("query", "--key") => {
+                let text = value()?;
+                let parsed = match text.strip_prefix('-') {
+                    Some(_) => text.parse::<i64>().map(|k| k as u64).ok(),
+                    None => text.parse::<u64>().ok(),
+                };
+                key = Some(parsed.ok_or_else(|| UsageError(format!("--key takes an integer, not {text:?}")))?);
+            }
             ("worker", "--state") => {
                 state = match value()?.as_str() {
                     "rocksdb" => StateKind::RocksDb,
@@ -258,10 +281,13 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
             (_, other) => return Err(UsageError(format!("unknown flag {other:?} for `sabot {command}`"))),
         }
     }
-    if workers == 0 || job.parallelism == 0 || job.batch_size == 0 || checkpoints.interval_ms == 0 {
+    if workers == 0 || nodes == 0 || job.parallelism == 0 || job.batch_size == 0 || checkpoints.interval_ms == 0 {
         return Err(UsageError(
-            "--workers, --parallelism, --batch-size and --checkpoint-interval-ms must be at least 1".into(),
+            "--workers, --nodes, --parallelism, --batch-size and --checkpoint-interval-ms must be at least 1".into(),
         ));
+    }
+    if command == "query" && key.is_none() {
+        return Err(UsageError("`sabot query` needs --key".into()));
     }
     let secret = read_secret(secret_file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -279,12 +305,45 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
             let settings = CoordinatorSettings { listen, workers, min_workers, job, data_dir, checkpoints, secret };
             runtime.block_on(run_coordinator(settings)).context("coordinating the job")
         }
-        _ => {
+        "worker" => {
             let listen = listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("an address"));
-            let settings = WorkerSettings { coordinator, listen, data_dir, state, secret };
+            let settings = WorkerSettings { coordinator, listen, nodes, data_dir, state, secret };
             runtime.block_on(run_worker(settings)).context("running the worker")
         }
+        _ => {
+            let key = key.expect("checked above");
+            let answer = runtime.block_on(sabot::driver::cluster::query(coordinator, &secret, &operator, key));
+            answer.context("querying the coordinator").map(|batches| print_rows(&batches))
+        }
     })
+}
+
+/// Prints rows as a table, one line a row.
+fn print_rows(batches: &[arrow_array::RecordBatch]) {
+    let Some(first) = batches.first() else { return };
+    let names: Vec<&str> = first.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+    println!("{}", names.join("\t"));
+    let mut count = 0;
+    for batch in batches {
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = batch
+                .columns()
+                .iter()
+                .map(|column| {
+                    use arrow_array::{Array, Int64Array, UInt64Array};
+                    let any = column.as_any();
+                    match (any.downcast_ref::<UInt64Array>(), any.downcast_ref::<Int64Array>()) {
+                        (Some(values), _) => values.value(row).to_string(),
+                        (_, Some(values)) => values.value(row).to_string(),
+                        _ => format!("<{}>", column.data_type()),
+                    }
+                })
+                .collect();
+            println!("{}", cells.join("\t"));
+            count += 1;
+        }
+    }
+    eprintln!("{count} rows (live state: it includes records whose output is not committed yet)");
 }
 
 fn usage_error(message: &str) -> ExitCode {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sabot::driver::cluster::query;
 use sabot::fs_storage::LocalFsStorage;
 use sabot_kernel::dataflow::sink::read_committed;
 use sabot_kernel::state::testing::Lcg;
@@ -42,14 +43,15 @@ impl Cluster {
     }
 
     fn coordinator(&self, workers: u16) -> Child {
-        self.coordinator_with(workers, &[])
+        self.coordinator_with(workers, &["--parallelism", "3"])
     }
 
+    /// A coordinator waiting for `workers`; `extra` must give `--parallelism`.
     fn coordinator_with(&self, workers: u16, extra: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_sabot"))
             .args(["coordinator", "--workers", &workers.to_string(), "--listen", &format!("127.0.0.1:{}", self.port)])
             .args(extra)
-            .args(["--records", &self.records.to_string(), "--parallelism", "3", "--batch-size", "1000"])
+            .args(["--records", &self.records.to_string(), "--batch-size", "1000"])
             .args(["--checkpoint-interval-ms", "50", "--data-dir", self.data_dir().to_str().unwrap()])
             .arg("--secret-file")
             .arg(self.secret())
@@ -59,9 +61,14 @@ impl Cluster {
             .expect("starting the coordinator")
     }
 
+    /// A worker running one node.
     fn worker(&self) -> Child {
+        self.worker_with_nodes(1)
+    }
+
+    fn worker_with_nodes(&self, nodes: u16) -> Child {
         Command::new(env!("CARGO_BIN_EXE_sabot"))
-            .args(["worker", "--coordinator", &format!("127.0.0.1:{}", self.port)])
+            .args(["worker", "--coordinator", &format!("127.0.0.1:{}", self.port), "--nodes", &nodes.to_string()])
             .args(["--data-dir", self.data_dir().to_str().unwrap()])
             .arg("--secret-file")
             .arg(self.secret())
@@ -206,9 +213,99 @@ fn rescaling_three_to_two_to_four_workers() {
     workers.extend((0..4).map(|_| cluster.worker()));
     let (ok, log) = finish(coordinator);
     assert!(ok, "the coordinator failed: {log}");
-    assert!(log.contains("attempt 1 with 4 workers, from checkpoint"), "{log}");
+    assert!(log.contains("attempt 1 with 4 workers (4 nodes), from checkpoint"), "{log}");
     reap(workers);
     cluster.check_output();
+}
+
+// Goal: the parallelism changes through the cluster too, and workers run several nodes: P=3 on
+// 3 one-node workers, then P=4 on 2 workers of 2 nodes each, then P=2 on one worker of 3 nodes
+// (a node without subtasks); exact output.
+#[test]
+fn rescaling_parallelism_three_to_four_to_two_on_multi_node_workers() {
+    let cluster = Cluster::new(2_000_000);
+    let mut workers = Vec::new();
+    let mut coordinator = cluster.coordinator_with(3, &["--parallelism", "3"]);
+    workers.extend((0..3).map(|_| cluster.worker()));
+    assert!(cluster.wait_for_checkpoint_after(2, &mut coordinator), "the job ended before its 3rd checkpoint");
+    kill_all(&mut coordinator, &mut workers);
+
+    let before = cluster.latest_checkpoint();
+    let mut coordinator = cluster.coordinator_with(2, &["--parallelism", "4"]);
+    workers.extend((0..2).map(|_| cluster.worker_with_nodes(2)));
+    assert!(cluster.wait_for_checkpoint_after(before + 2, &mut coordinator), "the job ended at parallelism 4");
+    kill_all(&mut coordinator, &mut workers);
+
+    let coordinator = cluster.coordinator_with(1, &["--parallelism", "2"]);
+    workers.push(cluster.worker_with_nodes(3));
+    let (ok, log) = finish(coordinator);
+    assert!(ok, "the coordinator failed: {log}");
+    assert!(log.contains("attempt 1 with 1 workers (3 nodes), from checkpoint"), "{log}");
+    reap(workers);
+    cluster.check_output();
+}
+
+// Goal: the coordinator serves queryable state while the job runs: every answer is the live
+// state of a key's open windows, so each row's window appears in the final output with at least
+// the count seen live (a row can only grow until its window fires); unknown operators, wrong
+// secrets and queries at no running attempt get clear refusals; the `sabot query` command prints
+// the rows.
+#[test]
+fn coordinator_answers_queries_from_live_state() {
+    let cluster = Cluster::new(3_000_000);
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.port).parse().unwrap();
+    let secret = b"cluster test secret".to_vec();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ask = |operator: &str, key: u64| runtime.block_on(query(address, &secret, operator, key));
+    let mut coordinator = cluster.coordinator_with(2, &["--parallelism", "3"]);
+    // Before the workers registered, there is no attempt to ask.
+    let mut early = None;
+    for _ in 0..250 {
+        match ask("tumbling-window", 1) {
+            Err(error) if error.to_string().contains("no attempt") => {
+                early = Some(error);
+                break;
+            }
+            // Not listening yet.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(_) => panic!("an answer before any worker registered"),
+        }
+    }
+    assert!(early.is_some(), "no refusal while waiting for workers");
+    let workers: Vec<Child> = (0..2).map(|_| cluster.worker_with_nodes(2)).collect();
+    assert!(cluster.wait_for_checkpoint_after(0, &mut coordinator), "the job ended before its first checkpoint");
+    let mut live = Vec::new();
+    for key in 0..400 {
+        match ask("tumbling-window", key) {
+            Ok(batches) => live.extend(window_rows(&batches)),
+            // The attempt may end between the query and its answer only through a failure.
+            Err(error) => panic!("query for key {key}: {error}"),
+        }
+    }
+    let error = ask("no-such-operator", 1).unwrap_err().to_string();
+    assert!(error.contains("no operator \"no-such-operator\""), "{error}");
+    let error = runtime.block_on(query(address, b"wrong", "tumbling-window", 1)).unwrap_err().to_string();
+    assert!(error.contains("connection closed"), "{error}");
+    let output = Command::new(env!("CARGO_BIN_EXE_sabot"))
+        .args(["query", "--coordinator", &address.to_string(), "--key", &live[0].0 .0.to_string()])
+        .arg("--secret-file")
+        .arg(cluster.secret())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(printed.starts_with("key\twindow_start\twindow_end\tcount\tsum\n"), "{printed}");
+    let (ok, log) = finish(coordinator);
+    assert!(ok, "the coordinator failed: {log}");
+    assert!(log.contains("presented the wrong secret"), "{log}");
+    reap(workers);
+    cluster.check_output();
+    assert!(live.len() >= 10, "only {} live rows for 400 keys", live.len());
+    let expected = w2_reference(cluster.records, W2_WINDOW_SIZE_MS);
+    for ((key, start), (count, _)) in live {
+        let (count_final, _) = expected.get(&(key, start)).unwrap_or_else(|| panic!("live window {start} of {key}"));
+        assert!(count <= *count_final, "key {key} window {start}: {count} live, {count_final} in the end");
+    }
 }
 
 // Goal: with --min-workers, a job whose worker dies for good goes on with the workers that

@@ -8,7 +8,7 @@ use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::element::Element;
 use sabot_kernel::env::{ChannelId, SendRefused, Transport, TransportError};
 use sabot_kernel::time::EventTime;
-use sabot_kernel::wire::Frame;
+use sabot_kernel::wire::{Frame, WIRE_VERSION};
 use sabot_kernel::workload::w2_job;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -67,7 +67,7 @@ async fn hostile_peers_are_refused() {
     let hello = |attempt, secret: &[u8]| frame_bytes(&Frame::Hello { attempt, node: 1, secret: secret.to_vec() });
     refused(address, &hello(7, b"wrong secret")).await;
     let mut wrong_version = hello(7, SECRET);
-    wrong_version[4] = 2;
+    wrong_version[4] = WIRE_VERSION + 1;
     refused(address, &wrong_version).await;
     refused(address, &(u32::MAX).to_le_bytes()).await;
     let truncated = hello(7, SECRET);

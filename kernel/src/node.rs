@@ -902,6 +902,27 @@ impl Node {
         Ok(())
     }
 
+    /// Queryable state: the live state of `operator` for `key` in this node's subtask that holds
+    /// the key's group (see [`PhysicalPlan::locate_key`]), read between steps without
+    /// disturbing them. It may include the effect of records no checkpoint committed yet.
+    pub fn query(&mut self, operator: &str, key: u64) -> Result<RecordBatch, String> {
+        let (subtask, node) = self.plan.locate_key(operator, key)?;
+        if node != self.index {
+            return Err(format!("{subtask} runs on node {node}, not on node {}", self.index));
+        }
+        let task = self.tasks.iter_mut().find(|task| task.id == subtask).expect("the plan placed the subtask here");
+        let instance = task
+            .chain
+            .iter_mut()
+            .find(|instance| instance.name() == operator)
+            .ok_or_else(|| format!("{subtask} has no operator {operator:?}"))?;
+        match instance.query(key) {
+            Ok(Some(rows)) => Ok(rows),
+            Ok(None) => Err(format!("operator {operator:?} has no queryable state")),
+            Err(error) => Err(format!("{subtask} {operator}: {error}")),
+        }
+    }
+
     /// Every subtask finished and, with checkpoints, a completed checkpoint covered its end.
     pub fn is_done(&self) -> bool {
         self.tasks.iter().all(|task| task.finished && (!self.checkpointing || task.final_committed))

@@ -27,7 +27,7 @@ use crate::env::ChannelId;
 use crate::time::EventTime;
 
 /// The version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// The largest frame accepted (after the length field), in bytes: a batch of 64 MiB.
 pub const FRAME_SIZE_MAX: usize = 64 << 20;
 /// The longest shared secret a hello may carry, in bytes.
@@ -324,8 +324,9 @@ pub struct JobSpec {
 pub struct Assignment {
     pub attempt: u64,
     pub job: JobSpec,
-    /// This worker's node, of `addresses.len()` nodes.
-    pub node: u16,
+    /// This worker's nodes, of `addresses.len()` nodes: as many as it offered, in the order of
+    /// the addresses it registered.
+    pub nodes: Vec<u16>,
     /// Every node's data address (`host:port`), by node index.
     pub addresses: Vec<String>,
     /// Take checkpoints (the coordinator triggers them).
@@ -339,10 +340,11 @@ pub struct Assignment {
 /// from 16 on) on their own connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Control {
-    /// A worker offers itself: the job's secret and where its node listens for peers.
+    /// A worker offers itself: the job's secret and where each of its nodes listens for peers
+    /// (one address per node it can run).
     Register {
         secret: Vec<u8>,
-        address: String,
+        addresses: Vec<String>,
     },
     Assign(Assignment),
     Trigger {
@@ -374,6 +376,26 @@ pub enum Control {
     Heartbeat,
     /// The job is complete: the worker exits.
     JobDone,
+    /// A client asks the coordinator for the live state of `operator` for `key` (the key as
+    /// the key-group hash takes it: a `u64`, or an `i64`'s two's complement).
+    Query {
+        secret: Vec<u8>,
+        operator: String,
+        key: u64,
+    },
+    /// The coordinator asks the worker running `node` (which holds the key's group).
+    QueryNode {
+        id: u64,
+        node: u16,
+        operator: String,
+        key: u64,
+    },
+    /// The answer to a query (`id` 0 towards a client): the rows as an Arrow IPC stream, or why
+    /// there are none.
+    Answer {
+        id: u64,
+        rows: Result<Vec<u8>, String>,
+    },
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
@@ -381,6 +403,14 @@ fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
     out.extend_from_slice(&length.to_le_bytes());
     out.extend_from_slice(s.as_bytes());
     Ok(())
+}
+
+fn put_strings(out: &mut Vec<u8>, strings: &[String]) -> Result<(), WireError> {
+    if strings.len() > NODE_COUNT_MAX {
+        return Err(malformed(format!("{} strings, at most {NODE_COUNT_MAX}", strings.len())));
+    }
+    out.extend_from_slice(&(strings.len() as u32).to_le_bytes());
+    strings.iter().try_for_each(|s| put_string(out, s))
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), WireError> {
@@ -398,6 +428,15 @@ impl Reader<'_> {
 
     fn string(&mut self, what: &str) -> Result<String, WireError> {
         String::from_utf8(self.bytes(what)?).map_err(|_| malformed(format!("{what} is not UTF-8")))
+    }
+
+    /// A count (at most `NODE_COUNT_MAX`, checked before anything is read) and as many strings.
+    fn strings(&mut self, what: &str) -> Result<Vec<String>, WireError> {
+        let count = self.u32(what)? as usize;
+        if count > NODE_COUNT_MAX {
+            return Err(malformed(format!("{count} of {what}")));
+        }
+        (0..count).map(|_| self.string(what)).collect()
     }
 
     fn option_u64(&mut self, what: &str) -> Result<Option<u64>, WireError> {
@@ -454,13 +493,13 @@ impl Control {
 
     fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
         match self {
-            Control::Register { secret, address } => {
+            Control::Register { secret, addresses } => {
                 if secret.len() > SECRET_SIZE_MAX {
                     return Err(malformed(format!("secret of {} bytes", secret.len())));
                 }
                 out.push(16);
                 put_bytes(out, secret)?;
-                put_string(out, address)?;
+                put_strings(out, addresses)?;
             }
             Control::Assign(assignment) => {
                 out.push(17);
@@ -469,11 +508,11 @@ impl Control {
                 out.extend_from_slice(&assignment.job.records.to_le_bytes());
                 out.extend_from_slice(&assignment.job.parallelism.to_le_bytes());
                 out.extend_from_slice(&assignment.job.batch_size.to_le_bytes());
-                out.extend_from_slice(&assignment.node.to_le_bytes());
-                out.extend_from_slice(&(assignment.addresses.len() as u32).to_le_bytes());
-                for address in &assignment.addresses {
-                    put_string(out, address)?;
+                out.extend_from_slice(&(assignment.nodes.len() as u32).to_le_bytes());
+                for node in &assignment.nodes {
+                    out.extend_from_slice(&node.to_le_bytes());
                 }
+                put_strings(out, &assignment.addresses)?;
                 out.push(u8::from(assignment.checkpointing));
                 put_option_u64(out, assignment.alignment_timeout_ms);
                 put_option_u64(out, assignment.restore.map(|c| c.0));
@@ -510,6 +549,36 @@ impl Control {
             }
             Control::Heartbeat => out.push(25),
             Control::JobDone => out.push(26),
+            Control::Query { secret, operator, key } => {
+                if secret.len() > SECRET_SIZE_MAX {
+                    return Err(malformed(format!("secret of {} bytes", secret.len())));
+                }
+                out.push(27);
+                put_bytes(out, secret)?;
+                put_string(out, operator)?;
+                out.extend_from_slice(&key.to_le_bytes());
+            }
+            Control::QueryNode { id, node, operator, key } => {
+                out.push(28);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&node.to_le_bytes());
+                put_string(out, operator)?;
+                out.extend_from_slice(&key.to_le_bytes());
+            }
+            Control::Answer { id, rows } => {
+                out.push(29);
+                out.extend_from_slice(&id.to_le_bytes());
+                match rows {
+                    Ok(rows) => {
+                        out.push(0);
+                        put_bytes(out, rows)?;
+                    }
+                    Err(reason) => {
+                        out.push(1);
+                        put_string(out, reason)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -527,7 +596,11 @@ impl Control {
                 if secret.len() > SECRET_SIZE_MAX {
                     return Err(malformed(format!("secret of {} bytes", secret.len())));
                 }
-                Control::Register { secret, address: reader.string("address")? }
+                let addresses = reader.strings("address")?;
+                if addresses.is_empty() {
+                    return Err(malformed("a registration without addresses"));
+                }
+                Control::Register { secret, addresses }
             }
             17 => {
                 let attempt = reader.u64("attempt")?;
@@ -537,12 +610,15 @@ impl Control {
                     parallelism: reader.u16("parallelism")?,
                     batch_size: reader.u32("batch size")?,
                 };
-                let node = reader.u16("node")?;
-                let count = reader.u32("node count")? as usize;
-                if count == 0 || count > NODE_COUNT_MAX || usize::from(node) >= count {
-                    return Err(malformed(format!("node {node} of {count}")));
+                let own = reader.u32("own node count")? as usize;
+                if own == 0 || own > NODE_COUNT_MAX {
+                    return Err(malformed(format!("an assignment of {own} nodes")));
                 }
-                let addresses = (0..count).map(|_| reader.string("address")).collect::<Result<Vec<_>, _>>()?;
+                let nodes = (0..own).map(|_| reader.u16("node")).collect::<Result<Vec<_>, _>>()?;
+                let addresses = reader.strings("address")?;
+                if let Some(node) = nodes.iter().find(|&&node| usize::from(node) >= addresses.len()) {
+                    return Err(malformed(format!("node {node} of {}", addresses.len())));
+                }
                 let checkpointing = match reader.u8("checkpointing")? {
                     0 => false,
                     1 => true,
@@ -553,7 +629,7 @@ impl Control {
                 Control::Assign(Assignment {
                     attempt,
                     job,
-                    node,
+                    nodes,
                     addresses,
                     checkpointing,
                     alignment_timeout_ms,
@@ -580,6 +656,28 @@ impl Control {
             24 => Control::Failed { reason: reader.string("reason")? },
             25 => Control::Heartbeat,
             26 => Control::JobDone,
+            27 => {
+                let secret = reader.bytes("secret")?;
+                if secret.len() > SECRET_SIZE_MAX {
+                    return Err(malformed(format!("secret of {} bytes", secret.len())));
+                }
+                Control::Query { secret, operator: reader.string("operator")?, key: reader.u64("key")? }
+            }
+            28 => Control::QueryNode {
+                id: reader.u64("query id")?,
+                node: reader.u16("node")?,
+                operator: reader.string("operator")?,
+                key: reader.u64("key")?,
+            },
+            29 => {
+                let id = reader.u64("query id")?;
+                let rows = match reader.u8("answer kind")? {
+                    0 => Ok(reader.bytes("rows")?),
+                    1 => Err(reader.string("reason")?),
+                    kind => return Err(malformed(format!("answer kind {kind}"))),
+                };
+                Control::Answer { id, rows }
+            }
             kind => return Err(malformed(format!("control kind {kind}"))),
         };
         if !reader.bytes.is_empty() {
@@ -703,14 +801,14 @@ mod tests {
         let assignment = Assignment {
             attempt: 4,
             job: JobSpec { name: "w2".into(), records: 1_000, parallelism: 3, batch_size: 100 },
-            node: 1,
-            addresses: vec!["127.0.0.1:4000".into(), "127.0.0.1:4001".into()],
+            nodes: vec![1, 2],
+            addresses: vec!["127.0.0.1:4000".into(), "127.0.0.1:4001".into(), "127.0.0.1:4002".into()],
             checkpointing: true,
             alignment_timeout_ms: Some(50),
             restore: Some(CheckpointId(9)),
         };
         let messages = vec![
-            Control::Register { secret: b"s".to_vec(), address: "127.0.0.1:1".into() },
+            Control::Register { secret: b"s".to_vec(), addresses: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()] },
             Control::Assign(assignment),
             Control::Trigger { checkpoint: CheckpointId(3), kind: BarrierKind::Aligned },
             Control::Complete { checkpoint: CheckpointId(3) },
@@ -721,6 +819,10 @@ mod tests {
             Control::Failed { reason: "disk full".into() },
             Control::Heartbeat,
             Control::JobDone,
+            Control::Query { secret: b"s".to_vec(), operator: "window".into(), key: u64::MAX },
+            Control::QueryNode { id: 7, node: 2, operator: "window".into(), key: 42 },
+            Control::Answer { id: 7, rows: Ok(vec![1, 2, 3]) },
+            Control::Answer { id: 0, rows: Err("the job is restarting".into()) },
         ];
         let mut bytes = Vec::new();
         for message in &messages {
@@ -744,5 +846,33 @@ mod tests {
                 let _ = Control::decode(&changed);
             }
         }
+    }
+
+    // Goal: counts are checked before anything is read or allocated, and an assignment names
+    // only nodes that exist.
+    #[test]
+    fn control_counts_are_bounded() {
+        let mut body = vec![WIRE_VERSION, 16];
+        put_bytes(&mut body, b"s").unwrap();
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Control::decode(&body), Err(WireError::Malformed(m)) if m.contains("4294967295 of address")));
+
+        let mut body = vec![WIRE_VERSION, 16];
+        put_bytes(&mut body, b"s").unwrap();
+        put_strings(&mut body, &[]).unwrap();
+        assert!(matches!(Control::decode(&body), Err(WireError::Malformed(m)) if m.contains("without addresses")));
+
+        let outside = Control::Assign(Assignment {
+            attempt: 1,
+            job: JobSpec { name: "w2".into(), records: 1, parallelism: 1, batch_size: 1 },
+            nodes: vec![0, 2],
+            addresses: vec!["a".into(), "b".into()],
+            checkpointing: false,
+            alignment_timeout_ms: None,
+            restore: None,
+        });
+        let mut bytes = Vec::new();
+        outside.encode(&mut bytes).unwrap();
+        assert!(matches!(Control::decode(&bytes[4..]), Err(WireError::Malformed(m)) if m.contains("node 2 of 2")));
     }
 }

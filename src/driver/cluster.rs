@@ -16,6 +16,7 @@
 //! a heartbeat after `HEARTBEAT_INTERVAL` of silence and declares the other lost after
 //! `HEARTBEAT_TIMEOUT`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,8 +57,11 @@ pub struct CoordinatorSettings {
 #[derive(Clone)]
 pub struct WorkerSettings {
     pub coordinator: SocketAddr,
-    /// Where this worker's node listens for its peers.
+    /// Where this worker's first node listens for its peers; node `i` listens on the next
+    /// `i`-th port (or on any free port, when this port is 0).
     pub listen: SocketAddr,
+    /// Kernel nodes this worker runs, each on its own task (so on its own core, given cores).
+    pub nodes: u16,
     pub data_dir: PathBuf,
     pub state: StateKind,
     pub secret: Vec<u8>,
@@ -118,41 +122,100 @@ async fn write_loop(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiv
     }
 }
 
-/// A registered worker of the attempt being formed.
+/// A registered worker, waiting for an attempt.
 struct Registered {
-    address: String,
+    /// Where each node it offers listens.
+    addresses: Vec<String>,
     reader: ControlReader,
     writer: OwnedWriteHalf,
 }
 
-/// Accepts connections until one registers with the right secret.
-async fn accept_worker(listener: &TcpListener, secret: &[u8]) -> Result<Registered, DriverError> {
+/// What a new connection to the coordinator turned out to be.
+enum Incoming {
+    Worker(Registered),
+    /// A client's query, answered on `writer`.
+    Query {
+        operator: String,
+        key: u64,
+        writer: OwnedWriteHalf,
+    },
+}
+
+/// Accepts connections for the coordinator's lifetime; each must present the secret in its
+/// first message (a registration or a query) within `HANDSHAKE_TIMEOUT`, or it is refused.
+async fn accept_loop(listener: TcpListener, secret: Arc<Vec<u8>>, incoming: mpsc::UnboundedSender<Incoming>) {
     loop {
-        let (stream, from) = listener.accept().await.map_err(|error| DriverError::Coordinator(error.to_string()))?;
-        stream.set_nodelay(true).ok();
-        let (reader, writer) = stream.into_split();
-        let mut reader = ControlReader::new(reader);
-        match reader.next(HANDSHAKE_TIMEOUT).await {
-            Ok(Control::Register { secret: presented, address }) if constant_time_eq(&presented, secret) => {
-                return Ok(Registered { address, reader, writer });
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                eprintln!("coordinator: accepting: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-            Ok(Control::Register { .. }) => eprintln!("coordinator: refused {from}: it presented the wrong secret"),
-            Ok(other) => eprintln!("coordinator: refused {from}: it began with {other:?} instead of registering"),
-            Err(reason) => eprintln!("coordinator: refused {from}: {reason}"),
-        }
+        };
+        stream.set_nodelay(true).ok();
+        let (secret, incoming) = (secret.clone(), incoming.clone());
+        // Each handshake on its own task: a silent client delays nobody.
+        tokio::spawn(async move {
+            let (reader, writer) = stream.into_split();
+            let mut reader = ControlReader::new(reader);
+            let arrived = match reader.next(HANDSHAKE_TIMEOUT).await {
+                Ok(Control::Register { secret: presented, addresses }) if constant_time_eq(&presented, &secret) => {
+                    Incoming::Worker(Registered { addresses, reader, writer })
+                }
+                Ok(Control::Query { secret: presented, operator, key }) if constant_time_eq(&presented, &secret) => {
+                    Incoming::Query { operator, key, writer }
+                }
+                Ok(Control::Register { .. } | Control::Query { .. }) => {
+                    return eprintln!("coordinator: refused {from}: it presented the wrong secret");
+                }
+                Ok(other) => {
+                    return eprintln!("coordinator: refused {from}: it began with {other:?}");
+                }
+                Err(reason) => return eprintln!("coordinator: refused {from}: {reason}"),
+            };
+            let _ = incoming.send(arrived);
+        });
     }
 }
+
+/// Answers a client on its own task (a slow client delays nobody), then closes the connection.
+fn answer(mut writer: OwnedWriteHalf, rows: Result<Vec<u8>, String>) {
+    tokio::spawn(async move {
+        let _ = send(&mut writer, &Control::Answer { id: 0, rows }).await;
+        let _ = writer.shutdown().await;
+    });
+}
+
+/// Asks the coordinator at `coordinator` for the live state of `operator` for `key`.
+pub async fn query(
+    coordinator: SocketAddr,
+    secret: &[u8],
+    operator: &str,
+    key: u64,
+) -> Result<Vec<arrow_array::RecordBatch>, DriverError> {
+    let failed = |reason: String| DriverError::Coordinator(format!("query: {reason}"));
+    let stream = connect(coordinator).await.map_err(failed)?;
+    let (reader, mut writer) = stream.into_split();
+    let message = Control::Query { secret: secret.to_vec(), operator: operator.into(), key };
+    send(&mut writer, &message).await.map_err(failed)?;
+    match ControlReader::new(reader).next(QUERY_TIMEOUT).await.map_err(failed)? {
+        Control::Answer { rows: Ok(bytes), .. } => {
+            sabot_kernel::dataflow::sink::decode_ipc_file(bytes).map_err(|error| failed(format!("the rows: {error}")))
+        }
+        Control::Answer { rows: Err(reason), .. } => Err(failed(reason)),
+        other => Err(failed(format!("the coordinator answered {other:?}"))),
+    }
+}
+
+/// How long a query waits for its answer.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a new attempt waits for replacements of lost workers before it goes on without them.
 pub const REGROUP_GRACE: Duration = Duration::from_secs(2);
 
 /// Attempts after which the coordinator gives up on a job that keeps failing.
 pub const ATTEMPTS_MAX: u64 = 100;
-
-/// What ends an attempt early.
-enum Failure {
-    Worker { node: u16, reason: String },
-}
 
 /// Runs the job to its end through as many attempts as failures need.
 pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), DriverError> {
@@ -167,7 +230,23 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
     let mut storage = LocalFsStorage::open(&settings.data_dir)
         .map_err(|error| DriverError::DataDir { path: settings.data_dir.clone(), error })?;
     let graph = super::job_graph(&settings.job)?;
+    let (incoming_sender, mut incoming) = mpsc::unbounded_channel();
+    let accepting = tokio::spawn(accept_loop(listener, Arc::new(settings.secret.clone()), incoming_sender));
+    let result = attempts(&settings, &graph, &mut storage, &mut incoming).await;
+    accepting.abort();
+    result
+}
+
+/// The attempts of the job, until it completes or keeps failing.
+async fn attempts(
+    settings: &CoordinatorSettings,
+    graph: &sabot_kernel::dataflow::JobGraph,
+    storage: &mut LocalFsStorage,
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+) -> Result<(), DriverError> {
     let started = std::time::Instant::now();
+    // Workers that registered while an attempt ran: the next attempt takes them first.
+    let mut waiting: Vec<Registered> = Vec::new();
     let mut attempt = 0_u64;
     loop {
         attempt += 1;
@@ -176,23 +255,27 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
                 "the job failed {ATTEMPTS_MAX} attempts in a row; giving up"
             )));
         }
-        let mut workers = Vec::new();
+        let mut workers: Vec<Registered> = std::mem::take(&mut waiting);
         // The first attempt waits for every worker; later ones wait a grace period for
         // replacements, then go on with the workers that remain (at least `min_workers`).
         let grace = (attempt > 1).then(|| tokio::time::Instant::now() + REGROUP_GRACE);
         while workers.len() < usize::from(settings.workers) {
             let enough = workers.len() >= usize::from(settings.min_workers.max(1));
-            match grace {
-                Some(deadline) if enough => {
-                    match tokio::time::timeout_at(deadline, accept_worker(&listener, &settings.secret)).await {
-                        Ok(worker) => workers.push(worker?),
-                        Err(_) => break,
-                    }
+            let arrived = match grace {
+                Some(deadline) if enough => match tokio::time::timeout_at(deadline, incoming.recv()).await {
+                    Ok(arrived) => arrived,
+                    Err(_) => break,
+                },
+                _ => incoming.recv().await,
+            };
+            match arrived.ok_or_else(|| DriverError::Coordinator("the listener stopped".into()))? {
+                Incoming::Worker(worker) => workers.push(worker),
+                Incoming::Query { writer, .. } => {
+                    answer(writer, Err("no attempt of the job is running (waiting for workers); ask again".into()))
                 }
-                _ => workers.push(accept_worker(&listener, &settings.secret).await?),
             }
         }
-        let recovery = find_latest(&mut storage, &graph.name).map_err(|e| DriverError::Coordinator(e.to_string()))?;
+        let recovery = find_latest(storage, &graph.name).map_err(|e| DriverError::Coordinator(e.to_string()))?;
         for (id, reason) in &recovery.skipped {
             eprintln!("coordinator: skipping checkpoint {}: {reason}", id.0);
         }
@@ -206,17 +289,17 @@ pub async fn run_coordinator(settings: CoordinatorSettings) -> Result<(), Driver
             None => {}
             Some(manifest) => {
                 // What the previous attempt's retention would have deleted, and its orphans.
-                sweep_before(&mut storage, &graph.name, manifest)
-                    .map_err(|e| DriverError::Coordinator(e.to_string()))?;
+                sweep_before(storage, &graph.name, manifest).map_err(|e| DriverError::Coordinator(e.to_string()))?;
             }
         }
+        let node_count: usize = workers.iter().map(|worker| worker.addresses.len()).sum();
         eprintln!(
-            "coordinator: [{:.3} s] attempt {attempt} with {} workers, {}",
+            "coordinator: [{:.3} s] attempt {attempt} with {} workers ({node_count} nodes), {}",
             started.elapsed().as_secs_f64(),
             workers.len(),
             restore.as_ref().map_or("from the start".to_string(), |m| format!("from checkpoint {}", m.checkpoint.0))
         );
-        match run_attempt(&settings, &graph, attempt, workers, restore).await? {
+        match run_attempt(settings, graph, attempt, workers, restore, incoming, &mut waiting).await? {
             true => {
                 eprintln!("coordinator: [{:.3} s] the job is complete", started.elapsed().as_secs_f64());
                 return Ok(());
@@ -233,6 +316,12 @@ fn io(error: std::io::Error) -> DriverError {
     DriverError::Coordinator(error.to_string())
 }
 
+/// What a worker's connection tells the attempt besides the checkpoint coordinator's reports.
+enum FromWorker {
+    Failed { worker: usize, reason: String },
+    Answer { id: u64, rows: Result<Vec<u8>, String> },
+}
+
 /// One attempt: `true` when the job completed, `false` when a failure ended it.
 async fn run_attempt(
     settings: &CoordinatorSettings,
@@ -240,32 +329,37 @@ async fn run_attempt(
     attempt: u64,
     workers: Vec<Registered>,
     restore: Option<Manifest>,
+    incoming: &mut mpsc::UnboundedReceiver<Incoming>,
+    waiting: &mut Vec<Registered>,
 ) -> Result<bool, DriverError> {
-    let node_count = workers.len() as u16;
-    let plan = PhysicalPlan::new(graph.clone(), node_count);
-    let addresses: Vec<String> = workers.iter().map(|w| w.address.clone()).collect();
+    // Nodes go to workers in registration order, as many to each as it offered.
+    let addresses: Vec<String> = workers.iter().flat_map(|w| w.addresses.iter().cloned()).collect();
+    let plan = PhysicalPlan::new(graph.clone(), addresses.len() as u16);
+    let mut worker_of_node = Vec::new();
     let (report_sender, reports) = mpsc::unbounded_channel::<Report>();
-    let (failure_sender, mut failures) = mpsc::unbounded_channel::<Failure>();
+    let (from_workers_sender, mut from_workers) = mpsc::unbounded_channel::<FromWorker>();
     let mut command_senders = Vec::new();
     let mut outboxes = Vec::new();
-    for (node, worker) in workers.into_iter().enumerate() {
-        let node = node as u16;
-        let Registered { mut reader, mut writer, .. } = worker;
+    for (worker, registered) in workers.into_iter().enumerate() {
+        let Registered { addresses: offered, mut reader, mut writer } = registered;
+        let first = worker_of_node.len() as u16;
+        let nodes: Vec<u16> = (first..first + offered.len() as u16).collect();
+        worker_of_node.extend(nodes.iter().map(|_| worker));
         let assignment = Assignment {
             attempt,
             job: settings.job.clone(),
-            node,
+            nodes,
             addresses: addresses.clone(),
             checkpointing: true,
             alignment_timeout_ms: settings.checkpoints.alignment_timeout_ms,
             restore: restore.as_ref().map(|m| m.checkpoint),
         };
         if let Err(reason) = send(&mut writer, &Control::Assign(assignment)).await {
-            let _ = failure_sender.send(Failure::Worker { node, reason });
+            let _ = from_workers_sender.send(FromWorker::Failed { worker, reason });
         }
         let (outbox, queue) = mpsc::unbounded_channel::<Control>();
         tokio::spawn(write_loop(writer, queue));
-        // Coordinator commands for this worker become control messages.
+        // Coordinator commands for this worker (for all its nodes) become control messages.
         let (commands, mut command_queue) = mpsc::unbounded_channel::<Command>();
         let forward = outbox.clone();
         tokio::spawn(async move {
@@ -273,8 +367,8 @@ async fn run_attempt(
                 let message = match command {
                     Command::Trigger(checkpoint, kind) => Control::Trigger { checkpoint, kind },
                     Command::Complete(checkpoint) => Control::Complete { checkpoint },
-                    // The attempt's end (Stop or JobDone) is sent below, once.
-                    Command::Stop | Command::Written(..) => continue,
+                    // The attempt's end (Stop or JobDone) is sent below, once; queries go apart.
+                    Command::Stop | Command::Written(..) | Command::Query { .. } => continue,
                 };
                 if forward.send(message).is_err() {
                     return;
@@ -283,32 +377,27 @@ async fn run_attempt(
         });
         command_senders.push(commands);
         outboxes.push(outbox);
-        let (reports, failures) = (report_sender.clone(), failure_sender.clone());
+        let (reports, from_workers) = (report_sender.clone(), from_workers_sender.clone());
         tokio::spawn(async move {
+            let failed = |reason: String| FromWorker::Failed { worker, reason };
             loop {
                 let report = match reader.next(HEARTBEAT_TIMEOUT).await {
                     Ok(Control::Ack { checkpoint, snapshot }) => match decode_snapshot(&snapshot) {
                         Ok(snapshot) => Report::Ack(checkpoint, snapshot),
-                        Err(reason) => {
-                            let _ = failures.send(Failure::Worker { node, reason });
-                            return;
-                        }
+                        Err(reason) => return drop(from_workers.send(failed(reason))),
                     },
-                    Ok(Control::Finished { .. }) => Report::Finished(node),
-                    Ok(Control::Done { .. }) => Report::Done(node),
-                    Ok(Control::Failed { reason }) => {
-                        let _ = failures.send(Failure::Worker { node, reason });
-                        return;
+                    Ok(Control::Finished { node }) => Report::Finished(node),
+                    Ok(Control::Done { node }) => Report::Done(node),
+                    Ok(Control::Answer { id, rows }) => {
+                        let _ = from_workers.send(FromWorker::Answer { id, rows });
+                        continue;
                     }
+                    Ok(Control::Failed { reason }) => return drop(from_workers.send(failed(reason))),
                     Ok(other) => {
                         let reason = format!("sent {other:?}, which workers do not send");
-                        let _ = failures.send(Failure::Worker { node, reason });
-                        return;
+                        return drop(from_workers.send(failed(reason)));
                     }
-                    Err(reason) => {
-                        let _ = failures.send(Failure::Worker { node, reason });
-                        return;
-                    }
+                    Err(reason) => return drop(from_workers.send(failed(reason))),
                 };
                 if reports.send(report).is_err() {
                     return;
@@ -332,16 +421,44 @@ async fn run_attempt(
         savepoint_at: None,
         unaligned: settings.checkpoints.unaligned,
     });
-    let completed = tokio::select! {
-        result = task => {
-            result?;
-            true
-        }
-        Some(Failure::Worker { node, reason }) = failures.recv() => {
-            eprintln!("coordinator: attempt {attempt} failed: node {node}: {reason}");
-            false
+    tokio::pin!(task);
+    // Queries on their way to a node, by id.
+    let mut queries: BTreeMap<u64, OwnedWriteHalf> = BTreeMap::new();
+    let mut query_next = 1_u64;
+    let completed = loop {
+        tokio::select! {
+            result = &mut task => {
+                result?;
+                break true;
+            }
+            Some(from_worker) = from_workers.recv() => match from_worker {
+                FromWorker::Failed { worker, reason } => {
+                    eprintln!("coordinator: attempt {attempt} failed: worker {worker}: {reason}");
+                    break false;
+                }
+                FromWorker::Answer { id, rows } => {
+                    if let Some(writer) = queries.remove(&id) {
+                        answer(writer, rows);
+                    }
+                }
+            },
+            Some(arrived) = incoming.recv() => match arrived {
+                Incoming::Worker(worker) => waiting.push(worker),
+                Incoming::Query { operator, key, writer } => match plan.locate_key(&operator, key) {
+                    Ok((_, node)) => {
+                        let (id, worker) = (query_next, worker_of_node[usize::from(node)]);
+                        query_next += 1;
+                        queries.insert(id, writer);
+                        let _ = outboxes[worker].send(Control::QueryNode { id, node, operator, key });
+                    }
+                    Err(reason) => answer(writer, Err(reason)),
+                },
+            },
         }
     };
+    for (_, writer) in queries {
+        answer(writer, Err(format!("attempt {attempt} ended before the node answered; ask again")));
+    }
     let last = if completed { Control::JobDone } else { Control::Stop };
     for outbox in &outboxes {
         let _ = outbox.send(last.clone());
@@ -373,25 +490,44 @@ fn decode_snapshot(bytes: &[u8]) -> Result<TaskSnapshot, String> {
 
 /// Serves attempts of the job until the coordinator says it is complete (or is gone).
 pub async fn run_worker(settings: WorkerSettings) -> Result<(), DriverError> {
-    let listener = TcpListener::bind(settings.listen).await.map_err(|error| DriverError::NodeLost {
-        node: u16::MAX,
-        reason: format!("binding {}: {error}", settings.listen),
-    })?;
-    let address = listener.local_addr().map_err(io)?.to_string();
+    if settings.nodes == 0 {
+        return Err(DriverError::Coordinator("a worker runs at least one node".into()));
+    }
+    let mut listeners = Vec::new();
+    for index in 0..settings.nodes {
+        let mut address = settings.listen;
+        if address.port() != 0 {
+            let port = address.port().checked_add(index).ok_or_else(|| {
+                DriverError::Coordinator(format!(
+                    "{} nodes from port {} pass port 65535",
+                    settings.nodes,
+                    address.port()
+                ))
+            })?;
+            address.set_port(port);
+        }
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|error| DriverError::NodeLost { node: u16::MAX, reason: format!("binding {address}: {error}") })?;
+        listeners.push(Arc::new(listener));
+    }
+    let addresses: Vec<String> =
+        listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>().map_err(io)?;
+    let name = addresses[0].clone();
     loop {
         let stream = match connect(settings.coordinator).await {
             Ok(stream) => stream,
             Err(reason) => {
-                eprintln!("worker {address}: no coordinator at {}: {reason}; exiting", settings.coordinator);
+                eprintln!("worker {name}: no coordinator at {}: {reason}; exiting", settings.coordinator);
                 return Ok(());
             }
         };
         stream.set_nodelay(true).ok();
         let (reader, mut writer) = stream.into_split();
         let mut reader = ControlReader::new(reader);
-        let register = Control::Register { secret: settings.secret.clone(), address: address.clone() };
+        let register = Control::Register { secret: settings.secret.clone(), addresses: addresses.clone() };
         if let Err(reason) = send(&mut writer, &register).await {
-            eprintln!("worker {address}: registering: {reason}");
+            eprintln!("worker {name}: registering: {reason}");
             continue;
         }
         // Waiting for the other workers may take long: no timeout but the connection's.
@@ -399,19 +535,19 @@ pub async fn run_worker(settings: WorkerSettings) -> Result<(), DriverError> {
             Ok(Control::Assign(assignment)) => assignment,
             Ok(Control::JobDone) => return Ok(()),
             Ok(other) => {
-                eprintln!("worker {address}: expected an assignment, got {other:?}");
+                eprintln!("worker {name}: expected an assignment, got {other:?}");
                 continue;
             }
             Err(reason) => {
-                eprintln!("worker {address}: coordinator lost before the assignment: {reason}");
+                eprintln!("worker {name}: coordinator lost before the assignment: {reason}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        match run_assignment(&settings, &listener, assignment, reader, writer).await {
+        match run_assignment(&settings, &listeners, assignment, reader, writer).await {
             Ok(true) => return Ok(()),
             Ok(false) => {}
-            Err(error) => eprintln!("worker {address}: attempt failed: {error}"),
+            Err(error) => eprintln!("worker {name}: attempt failed: {error}"),
         }
     }
 }
@@ -427,18 +563,26 @@ async fn connect(address: SocketAddr) -> Result<TcpStream, String> {
     }
 }
 
-/// Runs this worker's node for one attempt: `true` once the job is complete.
+/// Runs this worker's nodes for one attempt, each on its own task: `true` once the job is complete.
 async fn run_assignment(
     settings: &WorkerSettings,
-    listener: &TcpListener,
+    listeners: &[Arc<TcpListener>],
     assignment: Assignment,
     mut reader: ControlReader,
     writer: OwnedWriteHalf,
 ) -> Result<bool, DriverError> {
-    let node_index = assignment.node;
     let graph = super::job_graph(&assignment.job)?;
-    let node_count = assignment.addresses.len() as u16;
-    let plan = Arc::new(PhysicalPlan::new(graph, node_count));
+    let plan = Arc::new(PhysicalPlan::new(graph, assignment.addresses.len() as u16));
+    let (outbox, queue) = mpsc::unbounded_channel::<Control>();
+    tokio::spawn(write_loop(writer, queue));
+    let fail = |error: DriverError| {
+        let _ = outbox.send(Control::Failed { reason: error.to_string() });
+        error
+    };
+    if assignment.nodes.len() > listeners.len() {
+        let reason = format!("assigned {} nodes, offered {}", assignment.nodes.len(), listeners.len());
+        return Err(fail(DriverError::Coordinator(reason)));
+    }
     let mut addresses = Vec::new();
     for address in &assignment.addresses {
         let parsed = address.parse().map_err(|_| DriverError::Coordinator(format!("peer address {address:?}")))?;
@@ -449,7 +593,7 @@ async fn run_assignment(
             let mut storage = LocalFsStorage::open(&settings.data_dir)
                 .map_err(|error| DriverError::DataDir { path: settings.data_dir.clone(), error })?;
             let manifest = load(&mut storage, &plan.graph.name, id).map_err(|reason| DriverError::NodeLost {
-                node: node_index,
+                node: assignment.nodes[0],
                 reason: format!("checkpoint {} {reason}", id.0),
             })?;
             Some(manifest)
@@ -469,15 +613,8 @@ async fn run_assignment(
         stop_with_savepoint_after_ms: None,
         transport: TransportKind::InProcess,
     };
-    let (outbox, queue) = mpsc::unbounded_channel::<Control>();
-    tokio::spawn(write_loop(writer, queue));
-    let fail = |outbox: &mpsc::UnboundedSender<Control>, error: DriverError| {
-        let _ = outbox.send(Control::Failed { reason: error.to_string() });
-        error
-    };
-    let (command_sender, commands) = mpsc::unbounded_channel::<Command>();
+    // Reports of the nodes become control messages.
     let (report_sender, mut reports) = mpsc::unbounded_channel::<Report>();
-    // Reports of the node become control messages.
     let forward = outbox.clone();
     tokio::spawn(async move {
         while let Some(report) = reports.recv().await {
@@ -487,20 +624,40 @@ async fn run_assignment(
                 }
                 Report::Finished(node) => Control::Finished { node },
                 Report::Done(node) => Control::Done { node },
+                Report::Answer(id, rows) => Control::Answer { id, rows },
             };
             if forward.send(message).is_err() {
                 return;
             }
         }
     });
-    // Control messages become commands; the end of the attempt (or of the coordinator) is Stop.
+    // Every node's commands: from the coordinator (through the dispatcher below) and from its
+    // snapshot writers.
+    let mut command_senders = BTreeMap::new();
+    let mut command_receivers = Vec::new();
+    for &node in &assignment.nodes {
+        let (sender, receiver) = mpsc::unbounded_channel::<Command>();
+        command_senders.insert(node, sender);
+        command_receivers.push(receiver);
+    }
+    // Control messages become commands, for every node (a query for its node only); the end of
+    // the attempt (or of the coordinator) is Stop.
     let (job_done_sender, mut job_done) = tokio::sync::oneshot::channel::<bool>();
-    let commands_in = command_sender.clone();
+    let (stopped_sender, stopped) = tokio::sync::watch::channel(false);
+    let dispatch = command_senders.clone();
     tokio::spawn(async move {
+        let broadcast = |command: Command| dispatch.values().all(|sender| sender.send(command.clone()).is_ok());
         let done = loop {
-            let command = match reader.next(HEARTBEAT_TIMEOUT).await {
-                Ok(Control::Trigger { checkpoint, kind }) => Command::Trigger(checkpoint, kind),
-                Ok(Control::Complete { checkpoint }) => Command::Complete(checkpoint),
+            let delivered = match reader.next(HEARTBEAT_TIMEOUT).await {
+                Ok(Control::Trigger { checkpoint, kind }) => broadcast(Command::Trigger(checkpoint, kind)),
+                Ok(Control::Complete { checkpoint }) => broadcast(Command::Complete(checkpoint)),
+                Ok(Control::QueryNode { id, node, operator, key }) => match dispatch.get(&node) {
+                    Some(sender) => sender.send(Command::Query { id, operator, key }).is_ok(),
+                    None => {
+                        eprintln!("worker: a query for node {node}, which does not run here");
+                        true
+                    }
+                },
                 Ok(Control::Stop) => break false,
                 Ok(Control::JobDone) => break true,
                 Ok(other) => {
@@ -512,40 +669,64 @@ async fn run_assignment(
                     break false;
                 }
             };
-            if commands_in.send(command).is_err() {
+            if !delivered {
                 break false;
             }
         };
-        let _ = commands_in.send(Command::Stop);
+        broadcast(Command::Stop);
+        let _ = stopped_sender.send(true);
         let _ = job_done_sender.send(done);
     });
-    let node = build_node(&plan, node_index, &config).map_err(|error| fail(&outbox, error))?;
-    let tcp = TcpConfig { node: node_index, attempt: assignment.attempt, addresses, secret: settings.secret.clone() };
-    // The attempt may end while peers connect (another worker failed): stop waiting for them then.
-    let transport = tokio::select! {
-        connected = TcpTransport::connect(plan.clone(), tcp, listener) => connected
-            .map_err(|error| fail(&outbox, DriverError::NodeLost { node: node_index, reason: error.to_string() }))?,
-        done = &mut job_done => return Ok(done.unwrap_or(false)),
-    };
-    let control = NodeControl {
-        commands_own: command_sender,
-        reports: report_sender,
-        data_dir: settings.data_dir.clone(),
-        finished_reported: false,
-        done_reported: false,
-    };
-    let mut driver = NodeDriver {
-        node,
-        transport,
-        clock: TokioClock::new(),
-        progress: Progress::default(),
-        commands,
-        control: Some(control),
-    };
-    let result = driver.run().await;
-    drop(driver);
-    if let Err(error) = result {
-        let _ = outbox.send(Control::Failed { reason: error.to_string() });
+    // Each node connects to its peers and runs on its own task; the first failure is reported.
+    let mut tasks = tokio::task::JoinSet::new();
+    for ((&node_index, commands), listener) in assignment.nodes.iter().zip(command_receivers).zip(listeners) {
+        let node = build_node(&plan, node_index, &config).map_err(&fail)?;
+        let tcp = TcpConfig {
+            node: node_index,
+            attempt: assignment.attempt,
+            addresses: addresses.clone(),
+            secret: settings.secret.clone(),
+        };
+        let control = NodeControl {
+            commands_own: command_senders[&node_index].clone(),
+            reports: report_sender.clone(),
+            data_dir: settings.data_dir.clone(),
+            finished_reported: false,
+            done_reported: false,
+        };
+        let (plan, listener, mut stopped) = (plan.clone(), listener.clone(), stopped.clone());
+        tasks.spawn(async move {
+            // The attempt may end while peers connect (another worker failed): stop waiting then.
+            // Commands wait in their queue meanwhile.
+            let transport = tokio::select! {
+                connected = TcpTransport::connect(plan, tcp, &listener) => connected
+                    .map_err(|error| DriverError::NodeLost { node: node_index, reason: error.to_string() })?,
+                _ = stopped.wait_for(|stopped| *stopped) => return Ok(()),
+            };
+            let mut driver = NodeDriver {
+                node,
+                transport,
+                clock: TokioClock::new(),
+                progress: Progress::default(),
+                commands,
+                control: Some(control),
+            };
+            let result = driver.run().await;
+            drop(driver);
+            result
+        });
+    }
+    drop((report_sender, command_senders));
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result =
+            joined.unwrap_or_else(|error| Err(DriverError::NodeLost { node: u16::MAX, reason: error.to_string() }));
+        if let (Err(error), None) = (result, &first_error) {
+            let _ = outbox.send(Control::Failed { reason: error.to_string() });
+            first_error = Some(error);
+        }
+    }
+    if let Some(error) = first_error {
         return Err(error);
     }
     // Stopped: by the end of the job or of the attempt.

@@ -484,6 +484,24 @@ impl PhysicalPlan {
         subtask.index % self.node_count
     }
 
+    /// Where the state of `operator` for `key` lives: the subtask of its (keyed) vertex that
+    /// holds the key's group, and that subtask's node.
+    pub fn locate_key(&self, operator: &str, key: u64) -> Result<(SubtaskId, u16), String> {
+        let vertex = self
+            .graph
+            .vertices
+            .iter()
+            .find(|vertex| vertex.chain.iter().any(|spec| spec.name() == operator))
+            .ok_or_else(|| format!("the job has no operator {operator:?}"))?;
+        if !vertex.chain.iter().any(|spec| spec.name() == operator && spec.is_stateful()) {
+            return Err(format!("operator {operator:?} keeps no keyed state"));
+        }
+        let key_group = self.graph.max_parallelism.key_group_of_u64(key);
+        let index = self.graph.max_parallelism.subtask_of(key_group, vertex.parallelism);
+        let subtask = SubtaskId { vertex: vertex.id, index };
+        Ok((subtask, self.node_of(subtask)))
+    }
+
     pub fn channel(&self, id: ChannelId) -> &ChannelSpec {
         &self.channels[id.0 as usize]
     }

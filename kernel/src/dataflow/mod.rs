@@ -134,6 +134,13 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// Queryable state: the rows of the live state this operator holds for `key` (as the
+    /// key-group hash takes it), including the effect of records whose output no checkpoint
+    /// committed yet; `None` if the operator has no queryable state. It only reads.
+    fn query(&mut self, _key: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        Ok(None)
+    }
+
     fn metrics(&self) -> OperatorMetrics;
 }
 

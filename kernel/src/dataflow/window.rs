@@ -243,6 +243,13 @@ impl TumblingWindowCountSum {
         if fired.is_empty() {
             return Ok(());
         }
+        context.emit(Element::Batch(self.rows_batch(fired)?));
+        self.metrics.records_out += fired.len() as u64;
+        Ok(())
+    }
+
+    /// Rows `(key, window start, count, sum)` as a batch of the output schema.
+    fn rows_batch(&self, fired: &[(u64, i64, u64, i64)]) -> Result<RecordBatch, OperatorError> {
         let key_column: ArrayRef = match self.spec.key_type {
             KeyType::UInt64 => Arc::new(fired.iter().map(|row| row.0).collect::<UInt64Array>()),
             KeyType::Int64 => Arc::new(fired.iter().map(|row| row.0 as i64).collect::<Int64Array>()),
@@ -254,9 +261,7 @@ impl TumblingWindowCountSum {
             Arc::new(fired.iter().map(|row| row.2).collect::<UInt64Array>()),
             Arc::new(fired.iter().map(|row| row.3).collect::<Int64Array>()),
         ];
-        context.emit(Element::Batch(RecordBatch::try_new(self.schema.clone(), columns)?));
-        self.metrics.records_out += fired.len() as u64;
-        Ok(())
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 
     fn values<'a>(&self, batch: &'a RecordBatch) -> Result<&'a [i64], OperatorError> {
@@ -376,6 +381,31 @@ impl Operator for TumblingWindowCountSum {
         Ok(())
     }
 
+    /// The open windows of `key`, by start: `key, window_start, window_end, count, sum` so far.
+    fn query(&mut self, key: u64) -> Result<Option<RecordBatch>, OperatorError> {
+        let key_group = self.max_parallelism.key_group_of_u64(key);
+        if !self.key_groups.contains(key_group) {
+            return Err(OperatorError::Protocol(format!(
+                "key {key} is in key group {}, not held by this subtask",
+                key_group.0
+            )));
+        }
+        let mut rows = Vec::new();
+        let starts: Vec<i64> = self.windows_open.keys().copied().collect();
+        for start in starts {
+            match self.spec.key_type {
+                KeyType::UInt64 => self.state_key.set_u64(key),
+                KeyType::Int64 => self.state_key.set_i64(key as i64),
+            }
+            .push_namespace_i64(start);
+            if self.state.get(key_group, self.state_key.as_bytes(), &mut self.value)? {
+                let (count, sum) = decode_aggregate(&self.value)?;
+                rows.push((key, start, count, sum));
+            }
+        }
+        Ok(Some(self.rows_batch(&rows)?))
+    }
+
     fn metrics(&self) -> OperatorMetrics {
         OperatorMetrics { state_size_bytes: self.state.size_bytes(), ..self.metrics }
     }
@@ -460,6 +490,52 @@ mod tests {
         assert_eq!(rows(&out), vec![(1, 10, 2, 3)]);
         assert_eq!(op.metrics().windows_fired, 2);
         assert_eq!(op.metrics().state_size_bytes, 0);
+    }
+
+    // Goal: a query answers a key's open windows as they stand (fired windows are gone), equal
+    // to a model that sums the on-time records of the key per window; other keys are not seen.
+    // Method: random records (seed printed), queries after every batch and after a watermark.
+    #[test]
+    fn query_answers_open_windows_of_a_key() {
+        let seed = 0x5eed_0007_u64;
+        println!("seed {seed}");
+        let mut random = seed;
+        let mut next = |bound: u64| {
+            random = random.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (random >> 33) % bound
+        };
+        let mut op = window();
+        let mut model: BTreeMap<(u64, i64), (u64, i64)> = BTreeMap::new();
+        let mut watermark = i64::MIN;
+        for round in 0..20 {
+            let records: Vec<(Option<u64>, i64, i64)> =
+                (0..30).map(|_| (Some(next(4)), next(100) as i64 - 50, next(60) as i64)).collect();
+            emitted(|c| op.on_batch(c, batch(&records))).unwrap();
+            for &(key, value, time) in &records {
+                let start = time - time.rem_euclid(10);
+                if start + 10 > watermark {
+                    let entry = model.entry((key.unwrap(), start)).or_default();
+                    *entry = (entry.0 + 1, entry.1 + value);
+                }
+            }
+            if round % 5 == 4 {
+                watermark = 10 * (round as i64 / 5 + 1);
+                emitted(|c| op.on_watermark(c, EventTime(watermark))).unwrap();
+                model.retain(|&(_, start), _| start + 10 > watermark);
+            }
+            for key in 0..5 {
+                let answer = op.query(key).unwrap().expect("the window is queryable");
+                let expected: Vec<(u64, i64, u64, i64)> =
+                    model.range((key, i64::MIN)..=(key, i64::MAX)).map(|(&(k, s), &(c, v))| (k, s, c, v)).collect();
+                assert_eq!(rows(&[Element::Batch(answer)]), expected, "seed {seed}, round {round}, key {key}");
+            }
+        }
+        // A key of a group this subtask does not hold is refused.
+        let max = MaxParallelism::default();
+        let half = KeyGroupRange::new(0, max.get() / 2);
+        let mut op = TumblingWindowCountSum::new(spec(KeyType::UInt64), max, Box::new(HeapBackend::new(half)));
+        let outside = (0..).find(|&key| !half.contains(max.key_group_of_u64(key))).unwrap();
+        assert!(matches!(op.query(outside), Err(OperatorError::Protocol(m)) if m.contains("not held")));
     }
 
     // Goal: Int64 keys, negative ones included, come out as they went in.
