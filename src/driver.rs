@@ -26,7 +26,6 @@ use tokio::sync::mpsc;
 use crate::clock::TokioClock;
 use crate::fs_storage::LocalFsStorage;
 
-#[cfg(not(madsim))]
 pub mod cluster;
 
 /// Elements a channel between two nodes holds before the sender waits.
@@ -68,7 +67,6 @@ pub enum TransportKind {
     InProcess,
     /// TCP connections on loopback, in the wire format, with credit-based flow control
     /// (`crate::tcp`): what separate worker processes use, in one process.
-    #[cfg(not(madsim))]
     TcpLoopback,
 }
 
@@ -139,6 +137,7 @@ impl Progress {
 }
 
 /// Creates the state backend of one subtask.
+#[cfg_attr(madsim, allow(unused_variables))]
 fn open_backend(
     config: &DriverConfig,
     job: &str,
@@ -242,7 +241,6 @@ pub async fn run(
             let transports = InProcTransport::connect(&plan);
             run_nodes(plan, config, progress, stats, nodes, transports).await
         }
-        #[cfg(not(madsim))]
         TransportKind::TcpLoopback => {
             let transports = connect_loopback(&plan).await?;
             run_nodes(plan, config, progress, stats, nodes, transports).await
@@ -252,7 +250,6 @@ pub async fn run(
 
 /// TCP transports for every node of `plan`, connected on loopback (the job's attempt and a
 /// secret of this process's own).
-#[cfg(not(madsim))]
 async fn connect_loopback(plan: &Arc<PhysicalPlan>) -> Result<Vec<crate::tcp::TcpTransport>, DriverError> {
     let lost = |node: u16, reason: String| DriverError::NodeLost { node, reason };
     let mut listeners = Vec::new();
@@ -358,15 +355,18 @@ async fn run_nodes<T: AsyncTransport>(
     drop(command_senders);
     let first_error = std::mem::take(&mut *failures.lock().expect("failures lock")).into_iter().next();
     // Every node is gone, so the coordinator's reports ended: it returns.
-    let savepoint = match coordinator {
+    let ended = match coordinator {
         Some(coordinator) => coordinator.await.map_err(|error| DriverError::Coordinator(error.to_string()))??,
-        None => None,
+        None => Ended::Complete,
     };
-    match (savepoint, first_error) {
+    match (ended, first_error) {
         // Stopped on purpose: a node that found its peer already stopped is no failure.
-        (Some(savepoint), _) => Ok(RunOutcome::StoppedWithSavepoint(savepoint)),
-        (None, Some(error)) => Err(error),
-        (None, None) => Ok(RunOutcome::Finished),
+        (Ended::Savepoint(savepoint), _) => Ok(RunOutcome::StoppedWithSavepoint(savepoint)),
+        (_, Some(error)) => Err(error),
+        (Ended::Complete, None) => Ok(RunOutcome::Finished),
+        (Ended::NodesGone, None) => {
+            Err(DriverError::Coordinator("every node stopped before the job was complete".into()))
+        }
     }
 }
 
@@ -437,7 +437,19 @@ fn barrier_kind(kind: CheckpointKind, unaligned: bool) -> BarrierKind {
     }
 }
 
-async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, DriverError> {
+/// How the coordinator's task ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// Every node is done: the job is complete, its output committed.
+    Complete,
+    /// The savepoint that stops the job is complete.
+    Savepoint(CheckpointId),
+    /// Every node stopped reporting before the job was complete (they failed, or their process
+    /// or connection is gone): never a completion.
+    NodesGone,
+}
+
+async fn coordinate(task: CoordinatorTask) -> Result<Ended, DriverError> {
     let CoordinatorTask {
         mut coordinator,
         mut reports,
@@ -484,7 +496,7 @@ async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, Drive
                     broadcast(Command::Complete(checkpoint));
                     if savepoint == Some(checkpoint) && done.len() < usize::from(node_count) {
                         broadcast(Command::Stop);
-                        return Ok(Some(checkpoint));
+                        return Ok(Ended::Savepoint(checkpoint));
                     }
                 }
                 Action::Abort { .. } => stats.inner.lock().expect("stats lock").1 += 1,
@@ -498,7 +510,7 @@ async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, Drive
         }
         if done.len() == usize::from(node_count) {
             broadcast(Command::Stop);
-            return Ok(None);
+            return Ok(Ended::Complete);
         }
         let wake = coordinator.poll_timeout().into_iter().chain(savepoint_at).min();
         let wake = wake.map_or(u64::MAX / 4, |at| at.saturating_sub(clock.now()));
@@ -520,7 +532,7 @@ async fn coordinate(task: CoordinatorTask) -> Result<Option<CheckpointId>, Drive
                 }
                 // Queries reach nodes only through a cluster's workers, which forward the answers.
                 Some(Report::Answer(..)) => {}
-                None => return Ok(None),
+                None => return Ok(Ended::NodesGone),
             },
             _ = tokio::time::sleep(Duration::from_millis(wake)) => {}
         }
@@ -578,7 +590,6 @@ impl AsyncTransport for InProcTransport {
     }
 }
 
-#[cfg(not(madsim))]
 impl AsyncTransport for crate::tcp::TcpTransport {
     async fn recv(&mut self) -> Result<Envelope, TransportError> {
         crate::tcp::TcpTransport::recv(self).await
@@ -720,6 +731,8 @@ impl<T: AsyncTransport> NodeDriver<T> {
                 }
                 Event::SnapshotWrites { checkpoint, subtask, writes } => {
                     let (done, data_dir) = (control.commands_own.clone(), control.data_dir.clone());
+                    // In a `--cfg madsim` build this runs as a simulated task (madsim has no threads).
+                    #[cfg_attr(madsim, allow(deprecated))]
                     tokio::task::spawn_blocking(move || {
                         let result = write_durably(&data_dir, writes);
                         let _ = done.send(Command::Written(checkpoint, subtask, result));

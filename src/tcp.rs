@@ -122,7 +122,9 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn write_frame(stream: &mut (impl AsyncWriteExt + Unpin), frame: &Frame) -> Result<(), String> {
     let mut bytes = Vec::new();
     frame.encode(&mut bytes).map_err(|error| error.to_string())?;
-    stream.write_all(&bytes).await.map_err(|error| error.to_string())
+    stream.write_all(&bytes).await.map_err(|error| error.to_string())?;
+    // A no-op on a real socket; madsim's streams send only what is flushed.
+    stream.flush().await.map_err(|error| error.to_string())
 }
 
 /// Reads frames until one whole frame is decoded.
@@ -210,7 +212,7 @@ impl TcpTransport {
         }
         for (peer, (stream, decoder)) in streams {
             stream.set_nodelay(true).ok();
-            let (reader, writer) = stream.into_split();
+            let (reader, writer) = split(stream);
             let (frames, queue) = mpsc::unbounded_channel();
             writers[usize::from(peer)] = Some(frames);
             // Set when the reader ends: the writer then ends too, which closes the connection.
@@ -487,11 +489,7 @@ struct WriteContext {
     closed: Arc<Notify>,
 }
 
-async fn write_loop(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
-    mut queue: mpsc::UnboundedReceiver<Frame>,
-    context: WriteContext,
-) {
+async fn write_loop(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Frame>, context: WriteContext) {
     let WriteContext { attempt, peer, incoming, credits, closed } = context;
     let mut bytes = Vec::new();
     let mut sequence = 0_u64;
@@ -521,7 +519,13 @@ async fn write_loop(
                 return report_lost(&incoming, &credits, peer, format!("encoding a frame: {error}"));
             }
         }
-        if let Err(error) = writer.write_all(&bytes).await {
+        // The flush is a no-op on a real socket; madsim's streams send only what is flushed.
+        if let Err(error) = async {
+            writer.write_all(&bytes).await?;
+            writer.flush().await
+        }
+        .await
+        {
             return report_lost(&incoming, &credits, peer, format!("writing: {error}"));
         }
     }
@@ -537,7 +541,7 @@ struct ReadContext {
     credits: Arc<Credits>,
 }
 
-async fn read_loop(mut reader: tokio::net::tcp::OwnedReadHalf, mut decoder: FrameDecoder, context: ReadContext) {
+async fn read_loop(mut reader: OwnedReadHalf, mut decoder: FrameDecoder, context: ReadContext) {
     let mut buffer = vec![0; READ_CHUNK];
     let reason = loop {
         let frame =
@@ -596,4 +600,23 @@ impl ReadContext {
             Frame::Hello { .. } => Err("a second hello".into()),
         }
     }
+}
+
+/// The reading half of a connection: tokio's owned half in the real world; madsim's streams have
+/// no owned halves, so a `--cfg madsim` build splits them with `tokio::io::split`.
+#[cfg(not(madsim))]
+pub type OwnedReadHalf = tokio::net::tcp::OwnedReadHalf;
+#[cfg(not(madsim))]
+pub type OwnedWriteHalf = tokio::net::tcp::OwnedWriteHalf;
+#[cfg(madsim)]
+pub type OwnedReadHalf = tokio::io::ReadHalf<TcpStream>;
+#[cfg(madsim)]
+pub type OwnedWriteHalf = tokio::io::WriteHalf<TcpStream>;
+
+/// Splits a connection into halves that two tasks own.
+pub fn split(stream: TcpStream) -> (OwnedReadHalf, OwnedWriteHalf) {
+    #[cfg(not(madsim))]
+    return stream.into_split();
+    #[cfg(madsim)]
+    return tokio::io::split(stream);
 }

@@ -324,3 +324,22 @@ fn lost_worker_not_replaced_the_rest_finish() {
     reap(workers);
     cluster.check_output();
 }
+
+// Regression (found by the madsim simulator, seed 3): when the only worker of an attempt dies,
+// the checkpoint coordinator's reports end with its connection, and the coordinator took that
+// for the job's completion (exit 0, output incomplete). Now it is a failed attempt: the next
+// worker to register resumes the job from the latest checkpoint, and the output is exact.
+#[test]
+fn lone_worker_killed_the_job_waits_for_the_next() {
+    let cluster = Cluster::new(500_000);
+    let mut coordinator = cluster.coordinator(1);
+    let mut worker = cluster.worker();
+    assert!(cluster.wait_for_checkpoint_after(0, &mut coordinator), "the job ended before its first checkpoint");
+    kill(&mut worker);
+    let worker = cluster.worker();
+    let (ok, log) = finish(coordinator);
+    assert!(ok, "the coordinator failed: {log}");
+    assert!(log.contains("attempt 2 with 1 workers (1 nodes), from checkpoint"), "{log}");
+    reap(vec![worker]);
+    cluster.check_output();
+}

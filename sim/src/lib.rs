@@ -10,3 +10,6 @@
 //! workspace so that it builds (and stays buildable) from the first commit.
 
 pub use sabot_kernel::testing::{run_checkpointed, run_in_memory};
+
+#[cfg(madsim)]
+pub mod madsim_level;

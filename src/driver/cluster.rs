@@ -26,17 +26,19 @@ use sabot_kernel::checkpoint::manifest::{find_latest, load, sweep_before, Manife
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::wire::{Assignment, Control, FrameDecoder, JobSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::{
     build_node, coordinate, CheckpointSettings, CheckpointStats, Command, CoordinatorTask, DriverConfig, DriverError,
-    NodeControl, NodeDriver, Progress, Report, StateKind, TransportKind,
+    Ended, NodeControl, NodeDriver, Progress, Report, StateKind, TransportKind,
 };
 use crate::clock::TokioClock;
 use crate::fs_storage::LocalFsStorage;
-use crate::tcp::{constant_time_eq, TcpConfig, TcpTransport, HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT};
+use crate::tcp::{
+    constant_time_eq, split, OwnedReadHalf, OwnedWriteHalf, TcpConfig, TcpTransport, HANDSHAKE_TIMEOUT,
+    HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT,
+};
 
 /// How `sabot coordinator` runs a job.
 #[derive(Clone)]
@@ -74,7 +76,9 @@ type Lost = String;
 async fn send(writer: &mut OwnedWriteHalf, message: &Control) -> Result<(), Lost> {
     let mut bytes = Vec::new();
     message.encode(&mut bytes).map_err(|error| error.to_string())?;
-    writer.write_all(&bytes).await.map_err(|error| format!("writing: {error}"))
+    writer.write_all(&bytes).await.map_err(|error| format!("writing: {error}"))?;
+    // A no-op on a real socket; madsim's streams send only what is flushed.
+    writer.flush().await.map_err(|error| format!("writing: {error}"))
 }
 
 /// Reads control messages; heartbeats are skipped, silence past the timeout is a loss.
@@ -157,7 +161,7 @@ async fn accept_loop(listener: TcpListener, secret: Arc<Vec<u8>>, incoming: mpsc
         let (secret, incoming) = (secret.clone(), incoming.clone());
         // Each handshake on its own task: a silent client delays nobody.
         tokio::spawn(async move {
-            let (reader, writer) = stream.into_split();
+            let (reader, writer) = split(stream);
             let mut reader = ControlReader::new(reader);
             let arrived = match reader.next(HANDSHAKE_TIMEOUT).await {
                 Ok(Control::Register { secret: presented, addresses }) if constant_time_eq(&presented, &secret) => {
@@ -196,7 +200,7 @@ pub async fn query(
 ) -> Result<Vec<arrow_array::RecordBatch>, DriverError> {
     let failed = |reason: String| DriverError::Coordinator(format!("query: {reason}"));
     let stream = connect(coordinator).await.map_err(failed)?;
-    let (reader, mut writer) = stream.into_split();
+    let (reader, mut writer) = split(stream);
     let message = Control::Query { secret: secret.to_vec(), operator: operator.into(), key };
     send(&mut writer, &message).await.map_err(failed)?;
     match ControlReader::new(reader).next(QUERY_TIMEOUT).await.map_err(failed)? {
@@ -262,7 +266,12 @@ async fn attempts(
         while workers.len() < usize::from(settings.workers) {
             let enough = workers.len() >= usize::from(settings.min_workers.max(1));
             let arrived = match grace {
-                Some(deadline) if enough => match tokio::time::timeout_at(deadline, incoming.recv()).await {
+                Some(deadline) if enough => match tokio::time::timeout(
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
+                    incoming.recv(),
+                )
+                .await
+                {
                     Ok(arrived) => arrived,
                     Err(_) => break,
                 },
@@ -427,10 +436,15 @@ async fn run_attempt(
     let mut query_next = 1_u64;
     let completed = loop {
         tokio::select! {
-            result = &mut task => {
-                result?;
-                break true;
-            }
+            // Complete only when every node said it is done: reports that end because every
+            // worker's connection is gone are a failure (found by the simulator, seed 3).
+            result = &mut task => match result? {
+                Ended::Complete => break true,
+                ended => {
+                    eprintln!("coordinator: attempt {attempt} failed: every worker stopped reporting ({ended:?})");
+                    break false;
+                }
+            },
             Some(from_worker) = from_workers.recv() => match from_worker {
                 FromWorker::Failed { worker, reason } => {
                     eprintln!("coordinator: attempt {attempt} failed: worker {worker}: {reason}");
@@ -523,7 +537,7 @@ pub async fn run_worker(settings: WorkerSettings) -> Result<(), DriverError> {
             }
         };
         stream.set_nodelay(true).ok();
-        let (reader, mut writer) = stream.into_split();
+        let (reader, mut writer) = split(stream);
         let mut reader = ControlReader::new(reader);
         let register = Control::Register { secret: settings.secret.clone(), addresses: addresses.clone() };
         if let Err(reason) = send(&mut writer, &register).await {
@@ -677,8 +691,9 @@ async fn run_assignment(
         let _ = stopped_sender.send(true);
         let _ = job_done_sender.send(done);
     });
-    // Each node connects to its peers and runs on its own task; the first failure is reported.
-    let mut tasks = tokio::task::JoinSet::new();
+    // Each node connects to its peers and runs on its own task, and reports its failure at once
+    // (the coordinator then stops the attempt, and so the other nodes).
+    let mut tasks = Vec::new();
     for ((&node_index, commands), listener) in assignment.nodes.iter().zip(command_receivers).zip(listeners) {
         let node = build_node(&plan, node_index, &config).map_err(&fail)?;
         let tcp = TcpConfig {
@@ -694,37 +709,43 @@ async fn run_assignment(
             finished_reported: false,
             done_reported: false,
         };
-        let (plan, listener, mut stopped) = (plan.clone(), listener.clone(), stopped.clone());
-        tasks.spawn(async move {
+        let (plan, listener, mut stopped, outbox) = (plan.clone(), listener.clone(), stopped.clone(), outbox.clone());
+        tasks.push(tokio::spawn(async move {
             // The attempt may end while peers connect (another worker failed): stop waiting then.
             // Commands wait in their queue meanwhile.
             let transport = tokio::select! {
                 connected = TcpTransport::connect(plan, tcp, &listener) => connected
-                    .map_err(|error| DriverError::NodeLost { node: node_index, reason: error.to_string() })?,
+                    .map_err(|error| DriverError::NodeLost { node: node_index, reason: error.to_string() }),
                 _ = stopped.wait_for(|stopped| *stopped) => return Ok(()),
             };
-            let mut driver = NodeDriver {
-                node,
-                transport,
-                clock: TokioClock::new(),
-                progress: Progress::default(),
-                commands,
-                control: Some(control),
+            let result = match transport {
+                Ok(transport) => {
+                    let mut driver = NodeDriver {
+                        node,
+                        transport,
+                        clock: TokioClock::new(),
+                        progress: Progress::default(),
+                        commands,
+                        control: Some(control),
+                    };
+                    let result = driver.run().await;
+                    drop(driver);
+                    result
+                }
+                Err(error) => Err(error),
             };
-            let result = driver.run().await;
-            drop(driver);
+            if let Err(error) = &result {
+                let _ = outbox.send(Control::Failed { reason: error.to_string() });
+            }
             result
-        });
+        }));
     }
     drop((report_sender, command_senders));
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
+    for task in tasks {
         let result =
-            joined.unwrap_or_else(|error| Err(DriverError::NodeLost { node: u16::MAX, reason: error.to_string() }));
-        if let (Err(error), None) = (result, &first_error) {
-            let _ = outbox.send(Control::Failed { reason: error.to_string() });
-            first_error = Some(error);
-        }
+            task.await.unwrap_or_else(|error| Err(DriverError::NodeLost { node: u16::MAX, reason: error.to_string() }));
+        first_error = first_error.or(result.err());
     }
     if let Some(error) = first_error {
         return Err(error);
