@@ -66,7 +66,8 @@ pub enum TransportKind {
     #[default]
     InProcess,
     /// TCP connections on loopback, in the wire format, with credit-based flow control
-    /// (`crate::tcp`): what separate worker processes use, in one process.
+    /// (`crate::tcp`): what separate worker processes use, in one process (each node plays a
+    /// process of its own, so every channel between nodes crosses TCP).
     TcpLoopback,
 }
 
@@ -249,7 +250,9 @@ pub async fn run(
 }
 
 /// TCP transports for every node of `plan`, connected on loopback (the job's attempt and a
-/// secret of this process's own).
+/// secret of this process's own). Each node plays a process of its own, with its own listener,
+/// so that every channel between nodes crosses TCP (`sabot run --transport tcp` exercises the
+/// wire; a real worker process shares one connection per peer process among its nodes).
 async fn connect_loopback(plan: &Arc<PhysicalPlan>) -> Result<Vec<crate::tcp::TcpTransport>, DriverError> {
     let lost = |node: u16, reason: String| DriverError::NodeLost { node, reason };
     let mut listeners = Vec::new();
@@ -265,20 +268,23 @@ async fn connect_loopback(plan: &Arc<PhysicalPlan>) -> Result<Vec<crate::tcp::Tc
         .into_iter()
         .enumerate()
         .map(|(node, listener)| {
-            let config = crate::tcp::TcpConfig {
-                node: node as u16,
+            let config = crate::tcp::ProcessConfig {
+                process: node as u16,
                 attempt: 1,
                 addresses: addresses.clone(),
+                node_processes: (0..plan.node_count).collect(),
                 secret: secret.clone(),
             };
             let plan = plan.clone();
-            tokio::spawn(async move { crate::tcp::TcpTransport::connect(plan, config, &listener).await })
+            tokio::spawn(async move { crate::tcp::TcpTransport::connect_process(plan, config, &listener).await })
         })
         .collect();
     let mut transports = Vec::new();
     for (node, handle) in connecting.into_iter().enumerate() {
         let connected = handle.await.map_err(|error| lost(node as u16, error.to_string()))?;
-        transports.push(connected.map_err(|error| lost(node as u16, error.to_string()))?);
+        let endpoints = connected.map_err(|error| lost(node as u16, error.to_string()))?;
+        assert_eq!(endpoints.len(), 1, "one node per loopback process");
+        transports.extend(endpoints);
     }
     Ok(transports)
 }

@@ -42,8 +42,8 @@ flags of `sabot coordinator`:
 
 flags of `sabot worker`:
   --coordinator ADDR    the coordinator to register with (default 127.0.0.1:7100)
-  --listen ADDR         where this worker's first node accepts its peers, the next nodes on the next
-                        ports (default 127.0.0.1:0: any free ports)
+  --listen ADDR         where this worker accepts its peer workers: one connection per pair of
+                        workers carries all their nodes' channels (default 127.0.0.1:0: any free port)
   --nodes N             kernel nodes this worker runs, one per core (default: the number of cores)
   --data-dir DIR        as for `sabot run`; workers of one job share it (one machine)
   --state KIND          rocksdb (default) or heap

@@ -1,30 +1,51 @@
-//! The TCP transport: one connection per pair of nodes, multiplexing every logical channel
-//! between their subtasks, in the frames of `sabot_kernel::wire`, with credit-based flow control.
+//! The TCP transport: one connection per pair of processes, multiplexing every logical channel
+//! between their nodes' subtasks, in the frames of `sabot_kernel::wire`, with credit-based flow
+//! control.
+//!
+//! A process runs several kernel nodes; [`TcpTransport::connect_process`] connects it to the
+//! other processes of the job and returns one endpoint per node it runs. An endpoint is a
+//! `TcpTransport`, the kernel's `env::Transport` (and the driver's `AsyncTransport`) of one node;
+//! the endpoints of a process share its connections.
 //!
 //! # Connections
-//! Node `i` listens; it connects to every node below it and accepts every node above it. The
-//! connecting side sends `Hello { attempt, node, secret }` first; the accepting side checks the
-//! shared secret (compared in constant time, never logged), the job attempt and the node index,
-//! and answers with its own hello. A connection that presents anything else is closed with a
-//! logged reason. Every later frame must carry the same attempt: a peer from an older attempt of
-//! the job is fenced off.
+//! Each process has one listener. Process `p` connects to every process below it and accepts
+//! every process above it. The connecting side sends `Hello { attempt, process, secret }` first;
+//! the accepting side checks the shared secret (compared in constant time, never logged), the
+//! job attempt and the process index, and answers with its own hello. A connection that presents
+//! anything else is closed with a logged reason. Every later frame must carry the same attempt: a
+//! peer from an older attempt of the job is fenced off.
+//!
+//! # Routing
+//! A channel between two nodes of the same process (or within one node) goes through a bounded
+//! in-process queue into the receiving node ([`LOCAL_CAPACITY`] elements, shared by the local
+//! senders to that node), never through TCP. A channel between nodes of two processes goes over
+//! their one connection: the connection's reader hands an element frame to the endpoint of the
+//! node that consumes the channel, and a credit frame to the send credits of the process (which
+//! its endpoints share, each sending only on its own channels). One writer per connection and
+//! TCP's order keep every channel FIFO; so do the in-process queues (FIFO per sender).
 //!
 //! # Flow control and bounds
 //! A sender may have at most [`CHANNEL_CREDITS`] elements of one remote channel that the
 //! receiving node has not taken yet; the receiver grants credits back as its node takes elements
-//! (in batches of half the window). So, per node: elements received and not yet taken are at most
-//! `CHANNEL_CREDITS × remote input channels`, and frames queued for one peer's writer at most
-//! `CHANNEL_CREDITS × channels to it` elements plus their credit and heartbeat frames. Channels
-//! between subtasks of the same node go through a bounded in-process queue
-//! ([`LOCAL_CAPACITY`]), as in the in-process transport.
+//! (in batches of half the window), and a reader refuses a peer that sends beyond the window. So,
+//! per process, at most:
+//! - elements received and not yet taken: `CHANNEL_CREDITS ×` the channels into its nodes from
+//!   other processes (per node: `CHANNEL_CREDITS ×` its own such channels);
+//! - frames queued for one connection's writer: `CHANNEL_CREDITS ×` the channels from this process
+//!   to that peer elements, plus two credit frames per channel from that peer (a grant covers
+//!   half a window); heartbeats are made by the writer when its queue is empty, never queued;
+//! - elements in in-process queues: `LOCAL_CAPACITY ×` its nodes.
 //!
 //! # Failure detection
 //! Each writer sends a heartbeat after [`HEARTBEAT_INTERVAL`] without other frames; a reader that
-//! hears nothing for [`HEARTBEAT_TIMEOUT`] declares the peer lost. A lost peer, a closed
-//! connection or a malformed frame breaks the transport: the node's next receive fails with
-//! `TransportError::PeerLost`, and the job rolls back to its last checkpoint.
+//! hears nothing for [`HEARTBEAT_TIMEOUT`] declares the peer process lost. A lost peer, a closed
+//! connection or a malformed frame breaks the connection for every local node: a node's next
+//! receive fails with `TransportError::PeerLost` (naming the peer process), and the job rolls back
+//! to its last checkpoint — unless every channel from that process into the node already
+//! delivered its end (the peer finished: it closes the connection once all its nodes dropped
+//! their endpoints). A connection closes when every local endpoint is dropped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +60,7 @@ use tokio::sync::{mpsc, Notify};
 
 /// Elements of one remote channel in flight or queued at the receiver, at most.
 pub const CHANNEL_CREDITS: u32 = 8;
-/// Elements queued between subtasks of the same node, at most.
+/// Elements queued into one node from the nodes of its own process (itself included), at most.
 pub const LOCAL_CAPACITY: usize = 4;
 /// A writer with nothing else to send sends a heartbeat this often.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
@@ -54,58 +75,97 @@ const READ_CHUNK: usize = 256 * 1024;
 
 type Envelope = (ChannelId, Element);
 
-/// What reader tasks hand to their node.
+/// What reader tasks hand to a node's endpoint.
 enum Incoming {
     Element(ChannelId, Element),
     Lost { peer: u16, reason: String },
 }
 
-/// Send credits per remote channel, shared with the readers that receive grants.
+/// The flow control of one process, shared by its endpoints and its connections' readers.
 #[derive(Default)]
 struct Credits {
+    /// Send credits per channel from a local node to another process.
     available: Mutex<BTreeMap<ChannelId, u32>>,
+    /// Per channel from another process into a local node: elements received and not granted
+    /// back yet (at most `CHANNEL_CREDITS`, or the sender broke the protocol).
+    outstanding: Mutex<BTreeMap<ChannelId, u32>>,
     /// Woken when credits arrive or a peer is lost.
     granted: Notify,
-    /// Peers lost, with the reason: waiting for their credits is over.
+    /// Peer processes lost, with the reason: waiting for their credits is over.
     lost: Mutex<BTreeMap<u16, String>>,
 }
 
-/// How a node reaches the others: its index, the job attempt, every node's address, the secret.
+/// How a process reaches the others: its index, the job attempt, every process's address, the
+/// process of every node, the secret.
 #[derive(Clone)]
-pub struct TcpConfig {
-    pub node: u16,
+pub struct ProcessConfig {
+    pub process: u16,
     pub attempt: u64,
+    /// Where each process listens, by process index.
     pub addresses: Vec<SocketAddr>,
+    /// The process that runs each node, by node index (one entry per node of the plan).
+    pub node_processes: Vec<u16>,
     pub secret: Vec<u8>,
 }
 
-impl std::fmt::Debug for TcpConfig {
+impl ProcessConfig {
+    /// The nodes this process runs, in increasing order.
+    pub fn nodes(&self) -> Vec<u16> {
+        let owned = self.node_processes.iter().enumerate().filter(|(_, &process)| process == self.process);
+        owned.map(|(node, _)| node as u16).collect()
+    }
+}
+
+impl std::fmt::Debug for ProcessConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The secret is never printed.
-        f.debug_struct("TcpConfig")
-            .field("node", &self.node)
+        f.debug_struct("ProcessConfig")
+            .field("process", &self.process)
             .field("attempt", &self.attempt)
             .field("addresses", &self.addresses)
+            .field("node_processes", &self.node_processes)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where channels run: what every endpoint and reader of a process needs to route a frame.
+struct Routes {
+    plan: Arc<PhysicalPlan>,
+    /// This process.
+    process: u16,
+    attempt: u64,
+    node_processes: Vec<u16>,
+}
+
+impl Routes {
+    fn process_of(&self, node: u16) -> u16 {
+        self.node_processes[usize::from(node)]
+    }
+
+    /// The nodes a channel runs from and to, if the plan has it.
+    fn ends(&self, channel: ChannelId) -> Option<(u16, u16)> {
+        let spec = self.plan.channels.get(channel.0 as usize)?;
+        Some((self.plan.node_of(spec.from), self.plan.node_of(spec.to)))
     }
 }
 
 /// One node's end of the TCP transport.
 pub struct TcpTransport {
-    plan: Arc<PhysicalPlan>,
+    routes: Arc<Routes>,
     node: u16,
-    attempt: u64,
     incoming: mpsc::UnboundedReceiver<Incoming>,
-    local_sender: mpsc::Sender<Envelope>,
     local: mpsc::Receiver<Envelope>,
-    /// Frames to each peer's writer (`None` for this node).
+    /// The in-process queue into each node of this process, this node's own included (`None`
+    /// for the nodes of other processes).
+    local_senders: Vec<Option<mpsc::Sender<Envelope>>>,
+    /// Frames to each peer process's writer (`None` for this process).
     writers: Vec<Option<mpsc::UnboundedSender<Frame>>>,
     credits: Arc<Credits>,
     /// Elements of each remote input channel taken since the last grant.
     taken: BTreeMap<ChannelId, u32>,
-    /// The remote input channels that have not delivered `End` yet, by the node they come from:
-    /// a peer that closes its connection once all of them ended has finished, not failed.
-    open_inputs: BTreeMap<u16, std::collections::BTreeSet<ChannelId>>,
+    /// The remote input channels that have not delivered `End` yet, by the process they come
+    /// from: a peer that closes its connection once all of them ended has finished, not failed.
+    open_inputs: BTreeMap<u16, BTreeSet<ChannelId>>,
     /// Whether the local queue or the remote one goes first next (fairness).
     local_first: bool,
 }
@@ -146,16 +206,22 @@ async fn read_frame(
 }
 
 impl TcpTransport {
-    /// Connects node `config.node` to every other node of `plan`: accepts on `listener` the
-    /// nodes above it, connects to those below. Returns once every connection is up.
-    pub async fn connect(
+    /// Connects process `config.process` to every other process of the job: accepts on
+    /// `listener` the processes above it, connects to those below. Returns once every connection
+    /// is up, with one endpoint per node this process runs, in increasing node order.
+    pub async fn connect_process(
         plan: Arc<PhysicalPlan>,
-        config: TcpConfig,
+        config: ProcessConfig,
         listener: &TcpListener,
-    ) -> Result<TcpTransport, TransportError> {
-        let node_count = plan.node_count;
-        assert_eq!(config.addresses.len(), usize::from(node_count), "one address per node");
-        let me = config.node;
+    ) -> Result<Vec<TcpTransport>, TransportError> {
+        let process_count = u16::try_from(config.addresses.len()).expect("at most 65535 processes");
+        assert_eq!(config.node_processes.len(), usize::from(plan.node_count), "a process for every node");
+        assert!(config.process < process_count, "process {} of {process_count}", config.process);
+        if let Some(node) = config.node_processes.iter().position(|&process| process >= process_count) {
+            panic!("node {node} runs on process {} of {process_count}", config.node_processes[node]);
+        }
+        assert!(!config.nodes().is_empty(), "process {} runs no node", config.process);
+        let me = config.process;
         let mut streams: BTreeMap<u16, (TcpStream, FrameDecoder)> = BTreeMap::new();
         for peer in 0..me {
             let stream = connect_with_retry(config.addresses[usize::from(peer)])
@@ -164,52 +230,77 @@ impl TcpTransport {
             let (stream, hello, decoder) =
                 handshake_connect(stream, &config).await.map_err(|reason| lost(peer, reason))?;
             if hello != peer {
-                return Err(lost(peer, format!("the node at its address says it is node {hello}")));
+                return Err(lost(peer, format!("the process at its address says it is process {hello}")));
             }
             streams.insert(peer, (stream, decoder));
         }
-        while streams.len() < usize::from(node_count) - 1 {
+        while streams.len() < usize::from(process_count) - 1 {
             let accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()).await;
             let (stream, from) = match accepted {
                 Ok(Ok(accepted)) => accepted,
                 Ok(Err(error)) => return Err(lost(me, format!("accepting: {error}"))),
                 Err(_) => {
-                    let missing: Vec<u16> = (me + 1..node_count).filter(|p| !streams.contains_key(p)).collect();
-                    return Err(lost(missing[0], "it did not connect in time"));
+                    let missing = (me + 1..process_count).find(|p| !streams.contains_key(p));
+                    return Err(lost(missing.expect("a process is missing"), "it did not connect in time"));
                 }
             };
-            match handshake_accept(stream, &config, node_count).await {
+            match handshake_accept(stream, &config, process_count).await {
                 Ok((stream, peer)) if peer > me && !streams.contains_key(&peer) => {
                     streams.insert(peer, (stream, FrameDecoder::new()));
                 }
-                Ok((_, peer)) => eprintln!("node {me}: refused a connection from {from}: node {peer} is not expected"),
-                Err(reason) => eprintln!("node {me}: refused a connection from {from}: {reason}"),
+                Ok((_, peer)) => {
+                    eprintln!("process {me}: refused a connection from {from}: process {peer} is not expected")
+                }
+                Err(reason) => eprintln!("process {me}: refused a connection from {from}: {reason}"),
             }
         }
         Ok(Self::start(plan, config, streams))
     }
 
+    /// Starts a reader and a writer per connection and makes the endpoints of the local nodes.
     fn start(
         plan: Arc<PhysicalPlan>,
-        config: TcpConfig,
+        config: ProcessConfig,
         streams: BTreeMap<u16, (TcpStream, FrameDecoder)>,
-    ) -> TcpTransport {
-        let (incoming_sender, incoming) = mpsc::unbounded_channel();
+    ) -> Vec<TcpTransport> {
+        let nodes = config.nodes();
+        let node_count = usize::from(plan.node_count);
+        let routes = Arc::new(Routes {
+            plan,
+            process: config.process,
+            attempt: config.attempt,
+            node_processes: config.node_processes,
+        });
         let credits = Arc::new(Credits::default());
-        let mut writers: Vec<Option<mpsc::UnboundedSender<Frame>>> = vec![None; usize::from(plan.node_count)];
-        let mut open_inputs: BTreeMap<u16, std::collections::BTreeSet<ChannelId>> = BTreeMap::new();
+        let mut open_inputs: BTreeMap<u16, BTreeMap<u16, BTreeSet<ChannelId>>> = BTreeMap::new();
         {
             let mut available = credits.available.lock().expect("credits lock");
-            for (index, spec) in plan.channels.iter().enumerate() {
-                let (from, to) = (plan.node_of(spec.from), plan.node_of(spec.to));
-                if from == config.node && to != config.node {
-                    available.insert(ChannelId(index as u32), CHANNEL_CREDITS);
+            let mut outstanding = credits.outstanding.lock().expect("credits lock");
+            for index in 0..routes.plan.channels.len() {
+                let channel = ChannelId(index as u32);
+                let (from, to) = routes.ends(channel).expect("a channel of the plan");
+                let (from_process, to_process) = (routes.process_of(from), routes.process_of(to));
+                if from_process == routes.process && to_process != routes.process {
+                    available.insert(channel, CHANNEL_CREDITS);
                 }
-                if to == config.node && from != config.node {
-                    open_inputs.entry(from).or_default().insert(ChannelId(index as u32));
+                if to_process == routes.process && from_process != routes.process {
+                    outstanding.insert(channel, 0);
+                    open_inputs.entry(to).or_default().entry(from_process).or_default().insert(channel);
                 }
             }
         }
+        let mut incoming_senders: Vec<Option<mpsc::UnboundedSender<Incoming>>> = vec![None; node_count];
+        let mut local_senders: Vec<Option<mpsc::Sender<Envelope>>> = vec![None; node_count];
+        let mut receivers = Vec::new();
+        for &node in &nodes {
+            let (incoming_sender, incoming) = mpsc::unbounded_channel();
+            let (local_sender, local) = mpsc::channel(LOCAL_CAPACITY);
+            incoming_senders[usize::from(node)] = Some(incoming_sender);
+            local_senders[usize::from(node)] = Some(local_sender);
+            receivers.push((node, incoming, local));
+        }
+        let incoming_senders = Arc::new(incoming_senders);
+        let mut writers: Vec<Option<mpsc::UnboundedSender<Frame>>> = vec![None; config.addresses.len()];
         for (peer, (stream, decoder)) in streams {
             stream.set_nodelay(true).ok();
             let (reader, writer) = split(stream);
@@ -217,63 +308,56 @@ impl TcpTransport {
             writers[usize::from(peer)] = Some(frames);
             // Set when the reader ends: the writer then ends too, which closes the connection.
             let closed = Arc::new(Notify::new());
-            let writing = WriteContext {
-                attempt: config.attempt,
-                peer,
-                incoming: incoming_sender.clone(),
-                credits: credits.clone(),
-                closed: closed.clone(),
-            };
+            let endpoints = Endpoints { peer, incoming: incoming_senders.clone(), credits: credits.clone() };
+            let writing = WriteContext { attempt: config.attempt, closed: closed.clone(), endpoints };
             tokio::spawn(write_loop(writer, queue, writing));
-            tokio::spawn(read_loop(
-                reader,
-                decoder,
-                ReadContext {
-                    closed,
-                    plan: plan.clone(),
-                    me: config.node,
-                    peer,
-                    attempt: config.attempt,
-                    incoming: incoming_sender.clone(),
-                    credits: credits.clone(),
-                },
-            ));
+            let endpoints = Endpoints { peer, incoming: incoming_senders.clone(), credits: credits.clone() };
+            tokio::spawn(read_loop(reader, decoder, ReadContext { closed, routes: routes.clone(), endpoints }));
         }
-        let (local_sender, local) = mpsc::channel(LOCAL_CAPACITY);
-        TcpTransport {
-            plan,
-            node: config.node,
-            attempt: config.attempt,
-            incoming,
-            local_sender,
-            local,
-            writers,
-            credits,
-            taken: BTreeMap::new(),
-            open_inputs,
-            local_first: false,
-        }
+        receivers
+            .into_iter()
+            .map(|(node, incoming, local)| TcpTransport {
+                routes: routes.clone(),
+                node,
+                incoming,
+                local,
+                local_senders: local_senders.clone(),
+                writers: writers.clone(),
+                credits: credits.clone(),
+                taken: BTreeMap::new(),
+                open_inputs: open_inputs.remove(&node).unwrap_or_default(),
+                local_first: false,
+            })
+            .collect()
     }
 
     fn node_to(&self, channel: ChannelId) -> Result<u16, TransportError> {
-        let spec = self.plan.channels.get(channel.0 as usize).ok_or(TransportError::Unknown(channel))?;
-        Ok(self.plan.node_of(spec.to))
+        self.routes.ends(channel).map(|(_, to)| to).ok_or(TransportError::Unknown(channel))
     }
 
-    /// Counts an element taken from a remote channel and grants credits back in batches.
+    /// Counts an element taken from a channel of another process and grants credits back in
+    /// batches.
     fn taken_from(&mut self, channel: ChannelId) {
-        let spec = &self.plan.channels[channel.0 as usize];
-        let sender = self.plan.node_of(spec.from);
-        if sender == self.node {
+        let (from, to) = self.routes.ends(channel).expect("a channel the reader checked");
+        assert_eq!(to, self.node, "channel {} is taken by node {}", channel.0, self.node);
+        let sender = self.routes.process_of(from);
+        if sender == self.routes.process {
             return;
         }
         let taken = self.taken.entry(channel).or_insert(0);
         *taken += 1;
+        assert!(*taken <= CHANNEL_CREDITS, "{} elements of channel {} taken without a grant", *taken, channel.0);
         if *taken >= CHANNEL_CREDITS / 2 {
             let credits = std::mem::take(taken);
+            {
+                let mut outstanding = self.credits.outstanding.lock().expect("credits lock");
+                let entry = outstanding.get_mut(&channel).expect("a remote input channel of this process");
+                assert!(*entry >= credits, "channel {}: granting {credits} of {} received", channel.0, *entry);
+                *entry -= credits;
+            }
             if let Some(writer) = &self.writers[usize::from(sender)] {
                 // A writer that is gone reports the loss through the readers.
-                let _ = writer.send(Frame::Credit { attempt: self.attempt, channel, credits });
+                let _ = writer.send(Frame::Credit { attempt: self.routes.attempt, channel, credits });
             }
         }
     }
@@ -284,18 +368,19 @@ impl TcpTransport {
             Incoming::Element(channel, element) => {
                 self.taken_from(channel);
                 if matches!(element, Element::End) {
-                    let from = self.plan.node_of(self.plan.channels[channel.0 as usize].from);
-                    if let Some(open) = self.open_inputs.get_mut(&from) {
+                    let (from, _) = self.routes.ends(channel).expect("a channel the reader checked");
+                    if let Some(open) = self.open_inputs.get_mut(&self.routes.process_of(from)) {
                         open.remove(&channel);
                     }
                 }
                 Ok(Some((channel, element)))
             }
             Incoming::Lost { peer, reason } => match self.open_inputs.get(&peer) {
-                // The peer sent the end of every channel to this node: it finished.
+                // The peer process sent the end of every channel to this node: it finished.
                 Some(open) if open.is_empty() => Ok(None),
                 _ => {
-                    eprintln!("node {}: connection to node {peer} lost: {reason}", self.node);
+                    let (process, node) = (self.routes.process, self.node);
+                    eprintln!("process {process}, node {node}: connection to process {peer} lost: {reason}");
                     Err(lost(peer, reason))
                 }
             },
@@ -325,23 +410,26 @@ impl TcpTransport {
         }
     }
 
-    /// Waits until `channel` can take an element (another sender of this node may take the room
-    /// first: callers retry `try_send`).
+    /// Waits until `channel` can take an element (another sender of this process may take the
+    /// room first: callers retry `try_send`).
     pub fn writable(
         &self,
         channel: ChannelId,
     ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send + 'static {
         let to = self.node_to(channel);
-        let (node, sender, credits) = (self.node, self.local_sender.clone(), self.credits.clone());
+        let local = to.as_ref().ok().and_then(|&to| self.local_senders[usize::from(to)].clone());
+        let peer = to.as_ref().ok().map(|&to| self.routes.process_of(to));
+        let credits = self.credits.clone();
         async move {
-            let to = to?;
-            if to == node {
+            to?;
+            if let Some(sender) = local {
                 return sender.reserve().await.map(drop).map_err(|_| TransportError::Broken(channel));
             }
+            let peer = peer.expect("the channel is known");
             loop {
                 let granted = credits.granted.notified();
-                if let Some(reason) = credits.lost.lock().expect("lost lock").get(&to).cloned() {
-                    return Err(TransportError::PeerLost { peer: to, reason });
+                if let Some(reason) = credits.lost.lock().expect("lost lock").get(&peer).cloned() {
+                    return Err(TransportError::PeerLost { peer, reason });
                 }
                 if credits.available.lock().expect("credits lock").get(&channel).copied().unwrap_or(0) > 0 {
                     return Ok(());
@@ -358,8 +446,8 @@ impl Transport for TcpTransport {
             Ok(to) => to,
             Err(error) => return Err(SendRefused::Failed(error)),
         };
-        if to == self.node {
-            return match self.local_sender.try_send((channel, element)) {
+        if let Some(sender) = &self.local_senders[usize::from(to)] {
+            return match sender.try_send((channel, element)) {
                 Ok(()) => Ok(()),
                 Err(mpsc::error::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
                 Err(mpsc::error::TrySendError::Closed(_)) => Err(SendRefused::Failed(TransportError::Broken(channel))),
@@ -367,16 +455,17 @@ impl Transport for TcpTransport {
         }
         {
             let mut available = self.credits.available.lock().expect("credits lock");
-            let credits = available.get_mut(&channel).expect("a remote output channel of this node");
+            let credits = available.get_mut(&channel).expect("a channel from this process to another");
             if *credits == 0 {
                 return Err(SendRefused::Full(element));
             }
             *credits -= 1;
         }
-        let frame = Frame::Element { attempt: self.attempt, channel, element };
-        match self.writers[usize::from(to)].as_ref().map(|writer| writer.send(frame)) {
+        let peer = self.routes.process_of(to);
+        let frame = Frame::Element { attempt: self.routes.attempt, channel, element };
+        match self.writers[usize::from(peer)].as_ref().map(|writer| writer.send(frame)) {
             Some(Ok(())) => Ok(()),
-            _ => Err(SendRefused::Failed(lost(to, "its connection is closed"))),
+            _ => Err(SendRefused::Failed(lost(peer, "its connection is closed"))),
         }
     }
 
@@ -407,13 +496,13 @@ async fn connect_with_retry(address: SocketAddr) -> Result<TcpStream, String> {
     }
 }
 
-/// The connecting side: send our hello, check the answer; the peer's node index, and the decoder
-/// holding whatever the peer sent right after its answer.
+/// The connecting side: send our hello, check the answer; the peer's process index, and the
+/// decoder holding whatever the peer sent right after its answer.
 async fn handshake_connect(
     mut stream: TcpStream,
-    config: &TcpConfig,
+    config: &ProcessConfig,
 ) -> Result<(TcpStream, u16, FrameDecoder), String> {
-    let hello = Frame::Hello { attempt: config.attempt, node: config.node, secret: config.secret.clone() };
+    let hello = Frame::Hello { attempt: config.attempt, process: config.process, secret: config.secret.clone() };
     write_frame(&mut stream, &hello).await?;
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0; 4096];
@@ -421,48 +510,48 @@ async fn handshake_connect(
         .await
         .map_err(|_| "no answer to the hello in time".to_string())??;
     match answer {
-        Frame::Hello { attempt, node, secret }
+        Frame::Hello { attempt, process, secret }
             if attempt == config.attempt && constant_time_eq(&secret, &config.secret) =>
         {
-            Ok((stream, node, decoder))
+            Ok((stream, process, decoder))
         }
         Frame::Hello { attempt, .. } if attempt != config.attempt => {
-            Err(format!("it is in attempt {attempt}, this node in {}", config.attempt))
+            Err(format!("it is in attempt {attempt}, this process in {}", config.attempt))
         }
         Frame::Hello { .. } => Err("it answered with the wrong secret".into()),
         other => Err(format!("it answered the hello with {}", frame_name(&other))),
     }
 }
 
-/// The accepting side: check the hello, answer it; the peer's node index.
+/// The accepting side: check the hello, answer it; the peer's process index.
 async fn handshake_accept(
     mut stream: TcpStream,
-    config: &TcpConfig,
-    node_count: u16,
+    config: &ProcessConfig,
+    process_count: u16,
 ) -> Result<(TcpStream, u16), String> {
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0; 4096];
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream, &mut decoder, &mut buffer))
         .await
         .map_err(|_| "no hello in time".to_string())??;
-    let Frame::Hello { attempt, node, secret } = hello else {
+    let Frame::Hello { attempt, process, secret } = hello else {
         return Err(format!("it began with {} instead of a hello", frame_name(&hello)));
     };
     if !constant_time_eq(&secret, &config.secret) {
         return Err("it presented the wrong secret".into());
     }
     if attempt != config.attempt {
-        return Err(format!("it is in attempt {attempt}, this node in {}", config.attempt));
+        return Err(format!("it is in attempt {attempt}, this process in {}", config.attempt));
     }
-    if node >= node_count {
-        return Err(format!("it says it is node {node} of {node_count}"));
+    if process >= process_count {
+        return Err(format!("it says it is process {process} of {process_count}"));
     }
     if decoder.buffered() > 0 {
         return Err("data before the hello was answered".into());
     }
-    let answer = Frame::Hello { attempt: config.attempt, node: config.node, secret: config.secret.clone() };
+    let answer = Frame::Hello { attempt: config.attempt, process: config.process, secret: config.secret.clone() };
     write_frame(&mut stream, &answer).await?;
-    Ok((stream, node))
+    Ok((stream, process))
 }
 
 fn frame_name(frame: &Frame) -> &'static str {
@@ -474,23 +563,36 @@ fn frame_name(frame: &Frame) -> &'static str {
     }
 }
 
-/// Marks the transport broken: wakes credit waiters and tells the node.
-fn report_lost(incoming: &mpsc::UnboundedSender<Incoming>, credits: &Credits, peer: u16, reason: String) {
-    credits.lost.lock().expect("lost lock").entry(peer).or_insert_with(|| reason.clone());
-    credits.granted.notify_waiters();
-    let _ = incoming.send(Incoming::Lost { peer, reason });
+/// What one connection's tasks reach of the local endpoints.
+struct Endpoints {
+    /// The peer process of the connection.
+    peer: u16,
+    /// Into each local node's endpoint, by node index (`None` for nodes of other processes).
+    incoming: Arc<Vec<Option<mpsc::UnboundedSender<Incoming>>>>,
+    credits: Arc<Credits>,
+}
+
+impl Endpoints {
+    /// Marks the connection broken: wakes credit waiters and tells every local node (each
+    /// decides whether the peer finished or failed; an endpoint already dropped hears nothing).
+    fn report_lost(&self, reason: String) {
+        let peer = self.peer;
+        self.credits.lost.lock().expect("lost lock").entry(peer).or_insert_with(|| reason.clone());
+        self.credits.granted.notify_waiters();
+        for sender in self.incoming.iter().flatten() {
+            let _ = sender.send(Incoming::Lost { peer, reason: reason.clone() });
+        }
+    }
 }
 
 struct WriteContext {
     attempt: u64,
-    peer: u16,
-    incoming: mpsc::UnboundedSender<Incoming>,
-    credits: Arc<Credits>,
     closed: Arc<Notify>,
+    endpoints: Endpoints,
 }
 
 async fn write_loop(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Frame>, context: WriteContext) {
-    let WriteContext { attempt, peer, incoming, credits, closed } = context;
+    let WriteContext { attempt, closed, endpoints } = context;
     let mut bytes = Vec::new();
     let mut sequence = 0_u64;
     loop {
@@ -501,7 +603,7 @@ async fn write_loop(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiv
         };
         let frame = match next {
             Ok(Some(frame)) => frame,
-            // The transport is gone: close the connection.
+            // Every local endpoint is gone: close the connection.
             Ok(None) => return,
             Err(_) => {
                 sequence += 1;
@@ -510,13 +612,13 @@ async fn write_loop(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiv
         };
         bytes.clear();
         if let Err(error) = frame.encode(&mut bytes) {
-            return report_lost(&incoming, &credits, peer, format!("encoding a frame: {error}"));
+            return endpoints.report_lost(format!("encoding a frame: {error}"));
         }
         // Frames queued meanwhile go in the same write.
         while bytes.len() < READ_CHUNK {
             let Ok(frame) = queue.try_recv() else { break };
             if let Err(error) = frame.encode(&mut bytes) {
-                return report_lost(&incoming, &credits, peer, format!("encoding a frame: {error}"));
+                return endpoints.report_lost(format!("encoding a frame: {error}"));
             }
         }
         // The flush is a no-op on a real socket; madsim's streams send only what is flushed.
@@ -526,19 +628,15 @@ async fn write_loop(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiv
         }
         .await
         {
-            return report_lost(&incoming, &credits, peer, format!("writing: {error}"));
+            return endpoints.report_lost(format!("writing: {error}"));
         }
     }
 }
 
 struct ReadContext {
     closed: Arc<Notify>,
-    plan: Arc<PhysicalPlan>,
-    me: u16,
-    peer: u16,
-    attempt: u64,
-    incoming: mpsc::UnboundedSender<Incoming>,
-    credits: Arc<Credits>,
+    routes: Arc<Routes>,
+    endpoints: Endpoints,
 }
 
 async fn read_loop(mut reader: OwnedReadHalf, mut decoder: FrameDecoder, context: ReadContext) {
@@ -555,45 +653,58 @@ async fn read_loop(mut reader: OwnedReadHalf, mut decoder: FrameDecoder, context
         }
     };
     context.closed.notify_one();
-    report_lost(&context.incoming, &context.credits, context.peer, reason);
+    context.endpoints.report_lost(reason);
 }
 
 impl ReadContext {
-    /// Checks one frame from the peer and hands it on.
+    /// Checks one frame from the peer process and hands it on: an element to the endpoint of the
+    /// node that consumes its channel, a credit to the process's send credits.
     fn accept(&self, frame: Frame) -> Result<(), String> {
-        if frame.attempt() != self.attempt {
-            return Err(format!("a frame of attempt {}, this node is in {}", frame.attempt(), self.attempt));
+        let (me, peer) = (self.routes.process, self.endpoints.peer);
+        if frame.attempt() != self.routes.attempt {
+            return Err(format!("a frame of attempt {}, this process is in {}", frame.attempt(), self.routes.attempt));
         }
         match frame {
             Frame::Element { channel, element, .. } => {
-                let spec =
-                    self.plan.channels.get(channel.0 as usize).ok_or(format!("unknown channel {}", channel.0))?;
-                let (from, to) = (self.plan.node_of(spec.from), self.plan.node_of(spec.to));
-                if from != self.peer || to != self.me {
+                let (from, to) = self.routes.ends(channel).ok_or(format!("unknown channel {}", channel.0))?;
+                if self.routes.process_of(from) != peer || self.routes.process_of(to) != me {
                     return Err(format!(
-                        "channel {} does not run from node {} to node {}",
-                        channel.0, self.peer, self.me
+                        "channel {} does not run from process {peer} to process {me} (it runs from node {from} to \
+                         node {to})",
+                        channel.0
                     ));
                 }
-                self.incoming.send(Incoming::Element(channel, element)).map_err(|_| "the node is gone".to_string())
+                {
+                    let mut outstanding = self.endpoints.credits.outstanding.lock().expect("credits lock");
+                    let entry = outstanding.get_mut(&channel).expect("every remote input channel is counted");
+                    if *entry >= CHANNEL_CREDITS {
+                        return Err(format!(
+                            "channel {}: an element beyond its window of {CHANNEL_CREDITS}",
+                            channel.0
+                        ));
+                    }
+                    *entry += 1;
+                }
+                let endpoint = self.endpoints.incoming[usize::from(to)].as_ref().expect("a local node's endpoint");
+                endpoint.send(Incoming::Element(channel, element)).map_err(|_| format!("node {to} is gone"))
             }
             Frame::Credit { channel, credits, .. } => {
-                let spec = self
-                    .plan
-                    .channels
-                    .get(channel.0 as usize)
-                    .ok_or(format!("credit for unknown channel {}", channel.0))?;
-                if self.plan.node_of(spec.from) != self.me || self.plan.node_of(spec.to) != self.peer {
-                    return Err(format!("credit for channel {}, which does not run to node {}", channel.0, self.peer));
+                let (from, to) =
+                    self.routes.ends(channel).ok_or(format!("credit for unknown channel {}", channel.0))?;
+                if self.routes.process_of(from) != me || self.routes.process_of(to) != peer {
+                    return Err(format!(
+                        "credit for channel {}, which does not run from process {me} to process {peer}",
+                        channel.0
+                    ));
                 }
-                let mut available = self.credits.available.lock().expect("credits lock");
+                let mut available = self.endpoints.credits.available.lock().expect("credits lock");
                 let entry = available.get_mut(&channel).expect("credits of every remote output channel");
                 *entry = entry
                     .checked_add(credits)
                     .filter(|c| *c <= CHANNEL_CREDITS)
                     .ok_or(format!("credits for channel {} beyond its window of {CHANNEL_CREDITS}", channel.0))?;
                 drop(available);
-                self.credits.granted.notify_waiters();
+                self.endpoints.credits.granted.notify_waiters();
                 Ok(())
             }
             Frame::Heartbeat { .. } => Ok(()),

@@ -7,11 +7,11 @@
 //! size a peer claims before that many bytes arrived (a length above [`FRAME_SIZE_MAX`] is refused
 //! as soon as its four bytes are in).
 //!
-//! # Format, version 1 (integers little-endian)
+//! # Format, version 3 (integers little-endian)
 //! ```text
-//! frame     := length u32 (of what follows, at most FRAME_SIZE_MAX) | version u8 = 1 | kind u8
+//! frame     := length u32 (of what follows, at most FRAME_SIZE_MAX) | version u8 = 3 | kind u8
 //!              | attempt u64 | payload
-//! kind 0 Hello:     node u16 | secret length u16 | secret bytes
+//! kind 0 Hello:     process u16 | secret length u16 | secret bytes
 //! kind 1 Element:   channel u32 | element
 //! kind 2 Credit:    channel u32 | credits u32
 //! kind 3 Heartbeat: sequence u64
@@ -27,7 +27,9 @@ use crate::env::ChannelId;
 use crate::time::EventTime;
 
 /// The version this build speaks.
-pub const WIRE_VERSION: u8 = 2;
+/// Version 3: a worker registers one data address and its node count; an assignment names each
+/// process's address and the process of each node.
+pub const WIRE_VERSION: u8 = 3;
 /// The largest frame accepted (after the length field), in bytes: a batch of 64 MiB.
 pub const FRAME_SIZE_MAX: usize = 64 << 20;
 /// The longest shared secret a hello may carry, in bytes.
@@ -52,10 +54,11 @@ fn malformed(what: impl Into<String>) -> WireError {
 /// One message between two processes.
 #[derive(Clone, Debug)]
 pub enum Frame {
-    /// The first frame on a connection, from the side that connected.
+    /// The first frame on a connection, from the side that connected; the answer of the side
+    /// that accepted. `process` is the sender's process index in the job's attempt.
     Hello {
         attempt: u64,
-        node: u16,
+        process: u16,
         secret: Vec<u8>,
     },
     Element {
@@ -100,11 +103,11 @@ impl Frame {
         out.push(kind);
         out.extend_from_slice(&attempt.to_le_bytes());
         let result = match self {
-            Frame::Hello { node, secret, .. } => {
+            Frame::Hello { process, secret, .. } => {
                 if secret.len() > SECRET_SIZE_MAX {
                     Err(malformed(format!("secret of {} bytes", secret.len())))
                 } else {
-                    out.extend_from_slice(&node.to_le_bytes());
+                    out.extend_from_slice(&process.to_le_bytes());
                     out.extend_from_slice(&(secret.len() as u16).to_le_bytes());
                     out.extend_from_slice(secret);
                     Ok(())
@@ -141,12 +144,12 @@ impl Frame {
         let attempt = reader.u64("attempt")?;
         let frame = match kind {
             0 => {
-                let node = reader.u16("node")?;
+                let process = reader.u16("process")?;
                 let length = usize::from(reader.u16("secret length")?);
                 if length > SECRET_SIZE_MAX {
                     return Err(malformed(format!("secret of {length} bytes")));
                 }
-                Frame::Hello { attempt, node, secret: reader.take(length, "secret")?.to_vec() }
+                Frame::Hello { attempt, process, secret: reader.take(length, "secret")?.to_vec() }
             }
             1 => {
                 let channel = ChannelId(reader.u32("channel")?);
@@ -319,16 +322,18 @@ pub struct JobSpec {
     pub batch_size: u32,
 }
 
-/// A worker's part of one attempt of the job.
+/// A worker's part of one attempt of the job. The worker is process `process` of the attempt;
+/// the job has `node_processes.len()` nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {
     pub attempt: u64,
     pub job: JobSpec,
-    /// This worker's nodes, of `addresses.len()` nodes: as many as it offered, in the order of
-    /// the addresses it registered.
-    pub nodes: Vec<u16>,
-    /// Every node's data address (`host:port`), by node index.
+    /// This worker's index among the attempt's processes.
+    pub process: u16,
+    /// Every process's data address (`host:port`), by process index.
     pub addresses: Vec<String>,
+    /// The process that runs each node, by node index (every process runs at least one).
+    pub node_processes: Vec<u16>,
     /// Take checkpoints (the coordinator triggers them).
     pub checkpointing: bool,
     pub alignment_timeout_ms: Option<u64>,
@@ -336,15 +341,24 @@ pub struct Assignment {
     pub restore: Option<CheckpointId>,
 }
 
+impl Assignment {
+    /// The nodes this worker runs, in increasing order.
+    pub fn nodes(&self) -> Vec<u16> {
+        let owned = self.node_processes.iter().enumerate().filter(|(_, &process)| process == self.process);
+        owned.map(|(node, _)| node as u16).collect()
+    }
+}
+
 /// Messages between the coordinator process and its workers, framed like [`Frame`]s (kinds
 /// from 16 on) on their own connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Control {
-    /// A worker offers itself: the job's secret and where each of its nodes listens for peers
-    /// (one address per node it can run).
+    /// A worker offers itself: the job's secret, where it listens for its peer processes, and
+    /// how many nodes it runs (at least 1).
     Register {
         secret: Vec<u8>,
-        addresses: Vec<String>,
+        address: String,
+        nodes: u16,
     },
     Assign(Assignment),
     Trigger {
@@ -493,13 +507,14 @@ impl Control {
 
     fn encode_body(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
         match self {
-            Control::Register { secret, addresses } => {
+            Control::Register { secret, address, nodes } => {
                 if secret.len() > SECRET_SIZE_MAX {
                     return Err(malformed(format!("secret of {} bytes", secret.len())));
                 }
                 out.push(16);
                 put_bytes(out, secret)?;
-                put_strings(out, addresses)?;
+                put_string(out, address)?;
+                out.extend_from_slice(&nodes.to_le_bytes());
             }
             Control::Assign(assignment) => {
                 out.push(17);
@@ -508,11 +523,18 @@ impl Control {
                 out.extend_from_slice(&assignment.job.records.to_le_bytes());
                 out.extend_from_slice(&assignment.job.parallelism.to_le_bytes());
                 out.extend_from_slice(&assignment.job.batch_size.to_le_bytes());
-                out.extend_from_slice(&(assignment.nodes.len() as u32).to_le_bytes());
-                for node in &assignment.nodes {
-                    out.extend_from_slice(&node.to_le_bytes());
-                }
+                out.extend_from_slice(&assignment.process.to_le_bytes());
                 put_strings(out, &assignment.addresses)?;
+                if assignment.node_processes.len() > NODE_COUNT_MAX {
+                    return Err(malformed(format!(
+                        "{} nodes, at most {NODE_COUNT_MAX}",
+                        assignment.node_processes.len()
+                    )));
+                }
+                out.extend_from_slice(&(assignment.node_processes.len() as u32).to_le_bytes());
+                for process in &assignment.node_processes {
+                    out.extend_from_slice(&process.to_le_bytes());
+                }
                 out.push(u8::from(assignment.checkpointing));
                 put_option_u64(out, assignment.alignment_timeout_ms);
                 put_option_u64(out, assignment.restore.map(|c| c.0));
@@ -596,11 +618,12 @@ impl Control {
                 if secret.len() > SECRET_SIZE_MAX {
                     return Err(malformed(format!("secret of {} bytes", secret.len())));
                 }
-                let addresses = reader.strings("address")?;
-                if addresses.is_empty() {
-                    return Err(malformed("a registration without addresses"));
+                let address = reader.string("address")?;
+                let nodes = reader.u16("node count")?;
+                if nodes == 0 {
+                    return Err(malformed("a registration of 0 nodes"));
                 }
-                Control::Register { secret, addresses }
+                Control::Register { secret, address, nodes }
             }
             17 => {
                 let attempt = reader.u64("attempt")?;
@@ -610,14 +633,25 @@ impl Control {
                     parallelism: reader.u16("parallelism")?,
                     batch_size: reader.u32("batch size")?,
                 };
-                let own = reader.u32("own node count")? as usize;
-                if own == 0 || own > NODE_COUNT_MAX {
-                    return Err(malformed(format!("an assignment of {own} nodes")));
-                }
-                let nodes = (0..own).map(|_| reader.u16("node")).collect::<Result<Vec<_>, _>>()?;
+                let process = reader.u16("process")?;
                 let addresses = reader.strings("address")?;
-                if let Some(node) = nodes.iter().find(|&&node| usize::from(node) >= addresses.len()) {
-                    return Err(malformed(format!("node {node} of {}", addresses.len())));
+                if usize::from(process) >= addresses.len() {
+                    return Err(malformed(format!("process {process} of {}", addresses.len())));
+                }
+                let node_count = reader.u32("node count")? as usize;
+                if node_count == 0 || node_count > NODE_COUNT_MAX {
+                    return Err(malformed(format!("an assignment of {node_count} nodes")));
+                }
+                let node_processes = (0..node_count).map(|_| reader.u16("process")).collect::<Result<Vec<_>, _>>()?;
+                let mut owned = vec![false; addresses.len()];
+                for &owner in &node_processes {
+                    let slot = owned
+                        .get_mut(usize::from(owner))
+                        .ok_or_else(|| malformed(format!("a node of process {owner} of {}", addresses.len())))?;
+                    *slot = true;
+                }
+                if let Some(idle) = owned.iter().position(|owns| !owns) {
+                    return Err(malformed(format!("process {idle} runs no node")));
                 }
                 let checkpointing = match reader.u8("checkpointing")? {
                     0 => false,
@@ -629,8 +663,9 @@ impl Control {
                 Control::Assign(Assignment {
                     attempt,
                     job,
-                    nodes,
+                    process,
                     addresses,
+                    node_processes,
                     checkpointing,
                     alignment_timeout_ms,
                     restore,
@@ -698,7 +733,7 @@ mod tests {
         let batch = GeneratorSource::new("g", 100, 50, 0, 1).poll_batch(Instant(0)).unwrap().unwrap();
         let channel = ChannelId(7);
         vec![
-            Frame::Hello { attempt: 3, node: 2, secret: b"s3cret".to_vec() },
+            Frame::Hello { attempt: 3, process: 2, secret: b"s3cret".to_vec() },
             Frame::Element { attempt: 3, channel, element: Element::Batch(batch) },
             Frame::Element { attempt: 3, channel, element: Element::Watermark(EventTime(-9)) },
             Frame::Element {
@@ -773,7 +808,7 @@ mod tests {
         trailing[..4].copy_from_slice(&size.to_le_bytes());
         assert!(matches!(Frame::decode(&trailing[4..]), Err(WireError::Malformed(m)) if m.contains("after the frame")));
 
-        let long_secret = Frame::Hello { attempt: 1, node: 0, secret: vec![0; SECRET_SIZE_MAX + 1] };
+        let long_secret = Frame::Hello { attempt: 1, process: 0, secret: vec![0; SECRET_SIZE_MAX + 1] };
         assert!(long_secret.encode(&mut Vec::new()).is_err());
 
         for frame in frames() {
@@ -801,14 +836,15 @@ mod tests {
         let assignment = Assignment {
             attempt: 4,
             job: JobSpec { name: "w2".into(), records: 1_000, parallelism: 3, batch_size: 100 },
-            nodes: vec![1, 2],
-            addresses: vec!["127.0.0.1:4000".into(), "127.0.0.1:4001".into(), "127.0.0.1:4002".into()],
+            process: 1,
+            addresses: vec!["127.0.0.1:4000".into(), "127.0.0.1:4001".into()],
+            node_processes: vec![0, 1, 1],
             checkpointing: true,
             alignment_timeout_ms: Some(50),
             restore: Some(CheckpointId(9)),
         };
         let messages = vec![
-            Control::Register { secret: b"s".to_vec(), addresses: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()] },
+            Control::Register { secret: b"s".to_vec(), address: "127.0.0.1:1".into(), nodes: 4 },
             Control::Assign(assignment),
             Control::Trigger { checkpoint: CheckpointId(3), kind: BarrierKind::Aligned },
             Control::Complete { checkpoint: CheckpointId(3) },
@@ -849,30 +885,56 @@ mod tests {
     }
 
     // Goal: counts are checked before anything is read or allocated, and an assignment names
-    // only nodes that exist.
+    // only processes that exist, each running a node.
     #[test]
     fn control_counts_are_bounded() {
-        let mut body = vec![WIRE_VERSION, 16];
-        put_bytes(&mut body, b"s").unwrap();
+        // An assignment's head up to its addresses: attempt, job, process 0.
+        let head = || {
+            let mut body = vec![WIRE_VERSION, 17];
+            body.extend_from_slice(&1_u64.to_le_bytes());
+            put_string(&mut body, "w2").unwrap();
+            body.extend_from_slice(&1_u64.to_le_bytes());
+            body.extend_from_slice(&1_u16.to_le_bytes());
+            body.extend_from_slice(&1_u32.to_le_bytes());
+            body.extend_from_slice(&0_u16.to_le_bytes());
+            body
+        };
+        let mut body = head();
         body.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(Control::decode(&body), Err(WireError::Malformed(m)) if m.contains("4294967295 of address")));
 
+        let mut body = head();
+        put_strings(&mut body, &["a".into()]).unwrap();
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Control::decode(&body), Err(WireError::Malformed(m)) if m.contains("4294967295 nodes")));
+
         let mut body = vec![WIRE_VERSION, 16];
         put_bytes(&mut body, b"s").unwrap();
-        put_strings(&mut body, &[]).unwrap();
-        assert!(matches!(Control::decode(&body), Err(WireError::Malformed(m)) if m.contains("without addresses")));
+        put_string(&mut body, "a").unwrap();
+        body.extend_from_slice(&0_u16.to_le_bytes());
+        assert!(matches!(Control::decode(&body), Err(WireError::Malformed(m)) if m.contains("0 nodes")));
 
-        let outside = Control::Assign(Assignment {
-            attempt: 1,
-            job: JobSpec { name: "w2".into(), records: 1, parallelism: 1, batch_size: 1 },
-            nodes: vec![0, 2],
-            addresses: vec!["a".into(), "b".into()],
-            checkpointing: false,
-            alignment_timeout_ms: None,
-            restore: None,
-        });
-        let mut bytes = Vec::new();
-        outside.encode(&mut bytes).unwrap();
-        assert!(matches!(Control::decode(&bytes[4..]), Err(WireError::Malformed(m)) if m.contains("node 2 of 2")));
+        let assignment = |process, node_processes| {
+            let mut bytes = Vec::new();
+            let assignment = Control::Assign(Assignment {
+                attempt: 1,
+                job: JobSpec { name: "w2".into(), records: 1, parallelism: 1, batch_size: 1 },
+                process,
+                addresses: vec!["a".into(), "b".into()],
+                node_processes,
+                checkpointing: false,
+                alignment_timeout_ms: None,
+                restore: None,
+            });
+            assignment.encode(&mut bytes).unwrap();
+            Control::decode(&bytes[4..])
+        };
+        assert!(matches!(assignment(0, vec![0, 2]), Err(WireError::Malformed(m)) if m.contains("process 2 of 2")));
+        assert!(matches!(assignment(2, vec![0, 1]), Err(WireError::Malformed(m)) if m.contains("process 2 of 2")));
+        assert!(
+            matches!(assignment(0, vec![0, 0]), Err(WireError::Malformed(m)) if m.contains("process 1 runs no node"))
+        );
+        let Ok(Control::Assign(valid)) = assignment(1, vec![1, 0, 1]) else { panic!("a valid assignment") };
+        assert_eq!(valid.nodes(), vec![0, 2]);
     }
 }

@@ -1,10 +1,12 @@
 //! Beyond one process: `sabot coordinator` and `sabot worker`.
 //!
-//! Workers register with the coordinator (the job's secret, and the address their node listens
-//! on for peers). Once the configured number registered, the coordinator opens an *attempt*: it
-//! finds the latest completed checkpoint, assigns node `i` to the `i`-th worker, and runs the
-//! checkpoint coordinator over their control connections; the workers connect to each other
-//! (`crate::tcp`) and run their nodes. Any failure — a worker that dies (its connection closes
+//! Workers register with the coordinator (the job's secret, the one address they listen on for
+//! peer processes, and how many nodes they run). Once the configured number registered, the
+//! coordinator opens an *attempt*: it finds the latest completed checkpoint, makes the `w`-th
+//! worker process `w` and numbers the nodes in registration order (each worker gets as many
+//! consecutive node indices as it offered), and runs the checkpoint coordinator over their control
+//! connections; the workers connect to each other, one connection per pair of workers
+//! (`crate::tcp`), and run their nodes. Any failure — a worker that dies (its connection closes
 //! or falls silent past the heartbeat timeout), a node that fails, a lost peer connection — ends
 //! the attempt: the coordinator tells every worker to stop, workers drop their nodes and register
 //! again, and the next attempt restores every subtask from the latest completed checkpoint, at
@@ -36,7 +38,7 @@ use super::{
 use crate::clock::TokioClock;
 use crate::fs_storage::LocalFsStorage;
 use crate::tcp::{
-    constant_time_eq, split, OwnedReadHalf, OwnedWriteHalf, TcpConfig, TcpTransport, HANDSHAKE_TIMEOUT,
+    constant_time_eq, split, OwnedReadHalf, OwnedWriteHalf, ProcessConfig, TcpTransport, HANDSHAKE_TIMEOUT,
     HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT,
 };
 
@@ -59,8 +61,8 @@ pub struct CoordinatorSettings {
 #[derive(Clone)]
 pub struct WorkerSettings {
     pub coordinator: SocketAddr,
-    /// Where this worker's first node listens for its peers; node `i` listens on the next
-    /// `i`-th port (or on any free port, when this port is 0).
+    /// Where this worker listens for its peer processes (any free port, when this port is 0):
+    /// one listener and one connection per peer worker, whatever its number of nodes.
     pub listen: SocketAddr,
     /// Kernel nodes this worker runs, each on its own task (so on its own core, given cores).
     pub nodes: u16,
@@ -128,8 +130,10 @@ async fn write_loop(mut writer: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiv
 
 /// A registered worker, waiting for an attempt.
 struct Registered {
-    /// Where each node it offers listens.
-    addresses: Vec<String>,
+    /// Where it listens for its peer processes.
+    address: String,
+    /// Nodes it runs (at least 1).
+    nodes: u16,
     reader: ControlReader,
     writer: OwnedWriteHalf,
 }
@@ -164,8 +168,10 @@ async fn accept_loop(listener: TcpListener, secret: Arc<Vec<u8>>, incoming: mpsc
             let (reader, writer) = split(stream);
             let mut reader = ControlReader::new(reader);
             let arrived = match reader.next(HANDSHAKE_TIMEOUT).await {
-                Ok(Control::Register { secret: presented, addresses }) if constant_time_eq(&presented, &secret) => {
-                    Incoming::Worker(Registered { addresses, reader, writer })
+                Ok(Control::Register { secret: presented, address, nodes })
+                    if constant_time_eq(&presented, &secret) =>
+                {
+                    Incoming::Worker(Registered { address, nodes, reader, writer })
                 }
                 Ok(Control::Query { secret: presented, operator, key }) if constant_time_eq(&presented, &secret) => {
                     Incoming::Query { operator, key, writer }
@@ -301,7 +307,7 @@ async fn attempts(
                 sweep_before(storage, &graph.name, manifest).map_err(|e| DriverError::Coordinator(e.to_string()))?;
             }
         }
-        let node_count: usize = workers.iter().map(|worker| worker.addresses.len()).sum();
+        let node_count: usize = workers.iter().map(|worker| usize::from(worker.nodes)).sum();
         eprintln!(
             "coordinator: [{:.3} s] attempt {attempt} with {} workers ({node_count} nodes), {}",
             started.elapsed().as_secs_f64(),
@@ -341,24 +347,31 @@ async fn run_attempt(
     incoming: &mut mpsc::UnboundedReceiver<Incoming>,
     waiting: &mut Vec<Registered>,
 ) -> Result<bool, DriverError> {
-    // Nodes go to workers in registration order, as many to each as it offered.
-    let addresses: Vec<String> = workers.iter().flat_map(|w| w.addresses.iter().cloned()).collect();
-    let plan = PhysicalPlan::new(graph.clone(), addresses.len() as u16);
-    let mut worker_of_node = Vec::new();
+    // Worker `w` is process `w`; nodes go to workers in registration order, as many to each as it
+    // offered.
+    let addresses: Vec<String> = workers.iter().map(|w| w.address.clone()).collect();
+    let worker_of_node: Vec<usize> = workers
+        .iter()
+        .enumerate()
+        .flat_map(|(w, registered)| std::iter::repeat_n(w, usize::from(registered.nodes)))
+        .collect();
+    let node_count = u16::try_from(worker_of_node.len()).map_err(|_| {
+        DriverError::Coordinator(format!("the workers offer {} nodes, at most 65535", worker_of_node.len()))
+    })?;
+    let node_processes: Vec<u16> = worker_of_node.iter().map(|&w| w as u16).collect();
+    let plan = PhysicalPlan::new(graph.clone(), node_count);
     let (report_sender, reports) = mpsc::unbounded_channel::<Report>();
     let (from_workers_sender, mut from_workers) = mpsc::unbounded_channel::<FromWorker>();
     let mut command_senders = Vec::new();
     let mut outboxes = Vec::new();
     for (worker, registered) in workers.into_iter().enumerate() {
-        let Registered { addresses: offered, mut reader, mut writer } = registered;
-        let first = worker_of_node.len() as u16;
-        let nodes: Vec<u16> = (first..first + offered.len() as u16).collect();
-        worker_of_node.extend(nodes.iter().map(|_| worker));
+        let Registered { mut reader, mut writer, .. } = registered;
         let assignment = Assignment {
             attempt,
             job: settings.job.clone(),
-            nodes,
+            process: worker as u16,
             addresses: addresses.clone(),
+            node_processes: node_processes.clone(),
             checkpointing: true,
             alignment_timeout_ms: settings.checkpoints.alignment_timeout_ms,
             restore: restore.as_ref().map(|m| m.checkpoint),
@@ -507,27 +520,11 @@ pub async fn run_worker(settings: WorkerSettings) -> Result<(), DriverError> {
     if settings.nodes == 0 {
         return Err(DriverError::Coordinator("a worker runs at least one node".into()));
     }
-    let mut listeners = Vec::new();
-    for index in 0..settings.nodes {
-        let mut address = settings.listen;
-        if address.port() != 0 {
-            let port = address.port().checked_add(index).ok_or_else(|| {
-                DriverError::Coordinator(format!(
-                    "{} nodes from port {} pass port 65535",
-                    settings.nodes,
-                    address.port()
-                ))
-            })?;
-            address.set_port(port);
-        }
-        let listener = TcpListener::bind(address)
-            .await
-            .map_err(|error| DriverError::NodeLost { node: u16::MAX, reason: format!("binding {address}: {error}") })?;
-        listeners.push(Arc::new(listener));
-    }
-    let addresses: Vec<String> =
-        listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>().map_err(io)?;
-    let name = addresses[0].clone();
+    let address = settings.listen;
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|error| DriverError::NodeLost { node: u16::MAX, reason: format!("binding {address}: {error}") })?;
+    let name = listener.local_addr().map_err(io)?.to_string();
     loop {
         let stream = match connect(settings.coordinator).await {
             Ok(stream) => stream,
@@ -539,7 +536,8 @@ pub async fn run_worker(settings: WorkerSettings) -> Result<(), DriverError> {
         stream.set_nodelay(true).ok();
         let (reader, mut writer) = split(stream);
         let mut reader = ControlReader::new(reader);
-        let register = Control::Register { secret: settings.secret.clone(), addresses: addresses.clone() };
+        let register =
+            Control::Register { secret: settings.secret.clone(), address: name.clone(), nodes: settings.nodes };
         if let Err(reason) = send(&mut writer, &register).await {
             eprintln!("worker {name}: registering: {reason}");
             continue;
@@ -558,7 +556,7 @@ pub async fn run_worker(settings: WorkerSettings) -> Result<(), DriverError> {
                 continue;
             }
         };
-        match run_assignment(&settings, &listeners, assignment, reader, writer).await {
+        match run_assignment(&settings, &listener, assignment, reader, writer).await {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(error) => eprintln!("worker {name}: attempt failed: {error}"),
@@ -580,160 +578,82 @@ async fn connect(address: SocketAddr) -> Result<TcpStream, String> {
 /// Runs this worker's nodes for one attempt, each on its own task: `true` once the job is complete.
 async fn run_assignment(
     settings: &WorkerSettings,
-    listeners: &[Arc<TcpListener>],
+    listener: &TcpListener,
     assignment: Assignment,
-    mut reader: ControlReader,
+    reader: ControlReader,
     writer: OwnedWriteHalf,
 ) -> Result<bool, DriverError> {
     let graph = super::job_graph(&assignment.job)?;
-    let plan = Arc::new(PhysicalPlan::new(graph, assignment.addresses.len() as u16));
+    let plan = Arc::new(PhysicalPlan::new(graph, assignment.node_processes.len() as u16));
     let (outbox, queue) = mpsc::unbounded_channel::<Control>();
     tokio::spawn(write_loop(writer, queue));
     let fail = |error: DriverError| {
         let _ = outbox.send(Control::Failed { reason: error.to_string() });
         error
     };
-    if assignment.nodes.len() > listeners.len() {
-        let reason = format!("assigned {} nodes, offered {}", assignment.nodes.len(), listeners.len());
+    let nodes = assignment.nodes();
+    if nodes.len() > usize::from(settings.nodes) {
+        let reason = format!("assigned {} nodes, offered {}", nodes.len(), settings.nodes);
         return Err(fail(DriverError::Coordinator(reason)));
     }
     let mut addresses = Vec::new();
     for address in &assignment.addresses {
-        let parsed = address.parse().map_err(|_| DriverError::Coordinator(format!("peer address {address:?}")))?;
-        addresses.push(parsed);
+        let parsed = address.parse().map_err(|_| DriverError::Coordinator(format!("peer address {address:?}")));
+        addresses.push(parsed.map_err(&fail)?);
     }
-    let restore = match assignment.restore {
-        Some(id) => {
-            let mut storage = LocalFsStorage::open(&settings.data_dir)
-                .map_err(|error| DriverError::DataDir { path: settings.data_dir.clone(), error })?;
-            let manifest = load(&mut storage, &plan.graph.name, id).map_err(|reason| DriverError::NodeLost {
-                node: assignment.nodes[0],
-                reason: format!("checkpoint {} {reason}", id.0),
-            })?;
-            Some(manifest)
-        }
-        None => None,
-    };
-    let config = DriverConfig {
-        data_dir: settings.data_dir.clone(),
-        state: settings.state.clone(),
-        checkpoints: assignment.checkpointing.then_some(CheckpointSettings {
-            interval_ms: 0,
-            retained_count: 1,
-            unaligned: false,
-            alignment_timeout_ms: assignment.alignment_timeout_ms,
-        }),
-        restore,
-        stop_with_savepoint_after_ms: None,
-        transport: TransportKind::InProcess,
-    };
+    let config = assignment_config(settings, &assignment, &plan, nodes[0]).map_err(&fail)?;
+    let built = nodes.iter().map(|&node| build_node(&plan, node, &config)).collect::<Result<Vec<_>, _>>();
+    let built = built.map_err(&fail)?;
     // Reports of the nodes become control messages.
-    let (report_sender, mut reports) = mpsc::unbounded_channel::<Report>();
-    let forward = outbox.clone();
-    tokio::spawn(async move {
-        while let Some(report) = reports.recv().await {
-            let message = match report {
-                Report::Ack(checkpoint, snapshot) => {
-                    Control::Ack { checkpoint, snapshot: encode_snapshot(checkpoint, snapshot) }
-                }
-                Report::Finished(node) => Control::Finished { node },
-                Report::Done(node) => Control::Done { node },
-                Report::Answer(id, rows) => Control::Answer { id, rows },
-            };
-            if forward.send(message).is_err() {
-                return;
-            }
-        }
-    });
-    // Every node's commands: from the coordinator (through the dispatcher below) and from its
-    // snapshot writers.
+    let (report_sender, reports) = mpsc::unbounded_channel::<Report>();
+    tokio::spawn(forward_reports(reports, outbox.clone()));
+    // Every node's commands: from the coordinator (through the dispatcher) and from its snapshot
+    // writers.
     let mut command_senders = BTreeMap::new();
     let mut command_receivers = Vec::new();
-    for &node in &assignment.nodes {
+    for &node in &nodes {
         let (sender, receiver) = mpsc::unbounded_channel::<Command>();
         command_senders.insert(node, sender);
         command_receivers.push(receiver);
     }
-    // Control messages become commands, for every node (a query for its node only); the end of
-    // the attempt (or of the coordinator) is Stop.
     let (job_done_sender, mut job_done) = tokio::sync::oneshot::channel::<bool>();
-    let (stopped_sender, stopped) = tokio::sync::watch::channel(false);
-    let dispatch = command_senders.clone();
-    tokio::spawn(async move {
-        let broadcast = |command: Command| dispatch.values().all(|sender| sender.send(command.clone()).is_ok());
-        let done = loop {
-            let delivered = match reader.next(HEARTBEAT_TIMEOUT).await {
-                Ok(Control::Trigger { checkpoint, kind }) => broadcast(Command::Trigger(checkpoint, kind)),
-                Ok(Control::Complete { checkpoint }) => broadcast(Command::Complete(checkpoint)),
-                Ok(Control::QueryNode { id, node, operator, key }) => match dispatch.get(&node) {
-                    Some(sender) => sender.send(Command::Query { id, operator, key }).is_ok(),
-                    None => {
-                        eprintln!("worker: a query for node {node}, which does not run here");
-                        true
-                    }
-                },
-                Ok(Control::Stop) => break false,
-                Ok(Control::JobDone) => break true,
-                Ok(other) => {
-                    eprintln!("worker: unexpected {other:?} from the coordinator");
-                    break false;
-                }
-                Err(reason) => {
-                    eprintln!("worker: coordinator lost: {reason}");
-                    break false;
-                }
-            };
-            if !delivered {
-                break false;
-            }
-        };
-        broadcast(Command::Stop);
-        let _ = stopped_sender.send(true);
-        let _ = job_done_sender.send(done);
-    });
-    // Each node connects to its peers and runs on its own task, and reports its failure at once
-    // (the coordinator then stops the attempt, and so the other nodes).
+    let (stopped_sender, mut stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(dispatch(reader, command_senders.clone(), stopped_sender, job_done_sender));
+    // One connection per peer worker, shared by this worker's nodes. The attempt may end while
+    // peers connect (another worker failed): stop waiting then. Commands wait in their queues.
+    let tcp = ProcessConfig {
+        process: assignment.process,
+        attempt: assignment.attempt,
+        addresses,
+        node_processes: assignment.node_processes.clone(),
+        secret: settings.secret.clone(),
+    };
+    let endpoints = tokio::select! {
+        connected = TcpTransport::connect_process(plan.clone(), tcp, listener) => connected.map_err(|error| {
+            let reason = format!("process {} connecting to its peers: {error}", assignment.process);
+            fail(DriverError::NodeLost { node: nodes[0], reason })
+        })?,
+        _ = stopped.wait_for(|stopped| *stopped) => return Ok((&mut job_done).await.unwrap_or(false)),
+    };
+    assert_eq!(endpoints.len(), nodes.len(), "one endpoint per node of process {}", assignment.process);
+    // Each node runs on its own task, and reports its failure at once (the coordinator then stops
+    // the attempt, and so the other nodes).
     let mut tasks = Vec::new();
-    for ((&node_index, commands), listener) in assignment.nodes.iter().zip(command_receivers).zip(listeners) {
-        let node = build_node(&plan, node_index, &config).map_err(&fail)?;
-        let tcp = TcpConfig {
-            node: node_index,
-            attempt: assignment.attempt,
-            addresses: addresses.clone(),
-            secret: settings.secret.clone(),
-        };
+    for ((node, commands), transport) in built.into_iter().zip(command_receivers).zip(endpoints) {
         let control = NodeControl {
-            commands_own: command_senders[&node_index].clone(),
+            commands_own: command_senders[&node.index()].clone(),
             reports: report_sender.clone(),
             data_dir: settings.data_dir.clone(),
             finished_reported: false,
             done_reported: false,
         };
-        let (plan, listener, mut stopped, outbox) = (plan.clone(), listener.clone(), stopped.clone(), outbox.clone());
+        let outbox = outbox.clone();
         tasks.push(tokio::spawn(async move {
-            // The attempt may end while peers connect (another worker failed): stop waiting then.
-            // Commands wait in their queue meanwhile.
-            let transport = tokio::select! {
-                connected = TcpTransport::connect(plan, tcp, &listener) => connected
-                    .map_err(|error| DriverError::NodeLost { node: node_index, reason: error.to_string() }),
-                _ = stopped.wait_for(|stopped| *stopped) => return Ok(()),
-            };
-            let result = match transport {
-                Ok(transport) => {
-                    let mut driver = NodeDriver {
-                        node,
-                        transport,
-                        clock: TokioClock::new(),
-                        progress: Progress::default(),
-                        commands,
-                        control: Some(control),
-                    };
-                    let result = driver.run().await;
-                    drop(driver);
-                    result
-                }
-                Err(error) => Err(error),
-            };
+            let progress = Progress::default();
+            let mut driver =
+                NodeDriver { node, transport, clock: TokioClock::new(), progress, commands, control: Some(control) };
+            let result = driver.run().await;
+            drop(driver);
             if let Err(error) = &result {
                 let _ = outbox.send(Control::Failed { reason: error.to_string() });
             }
@@ -752,4 +672,95 @@ async fn run_assignment(
     }
     // Stopped: by the end of the job or of the attempt.
     Ok((&mut job_done).await.unwrap_or(false))
+}
+
+/// How this worker's nodes run in one attempt: state, checkpoints, the checkpoint to restore.
+fn assignment_config(
+    settings: &WorkerSettings,
+    assignment: &Assignment,
+    plan: &PhysicalPlan,
+    first_node: u16,
+) -> Result<DriverConfig, DriverError> {
+    let restore = match assignment.restore {
+        Some(id) => {
+            let mut storage = LocalFsStorage::open(&settings.data_dir)
+                .map_err(|error| DriverError::DataDir { path: settings.data_dir.clone(), error })?;
+            let manifest = load(&mut storage, &plan.graph.name, id).map_err(|reason| DriverError::NodeLost {
+                node: first_node,
+                reason: format!("checkpoint {} {reason}", id.0),
+            })?;
+            Some(manifest)
+        }
+        None => None,
+    };
+    Ok(DriverConfig {
+        data_dir: settings.data_dir.clone(),
+        state: settings.state.clone(),
+        checkpoints: assignment.checkpointing.then_some(CheckpointSettings {
+            interval_ms: 0,
+            retained_count: 1,
+            unaligned: false,
+            alignment_timeout_ms: assignment.alignment_timeout_ms,
+        }),
+        restore,
+        stop_with_savepoint_after_ms: None,
+        transport: TransportKind::InProcess,
+    })
+}
+
+/// Turns the reports of this worker's nodes into control messages to the coordinator.
+async fn forward_reports(mut reports: mpsc::UnboundedReceiver<Report>, outbox: mpsc::UnboundedSender<Control>) {
+    while let Some(report) = reports.recv().await {
+        let message = match report {
+            Report::Ack(checkpoint, snapshot) => {
+                Control::Ack { checkpoint, snapshot: encode_snapshot(checkpoint, snapshot) }
+            }
+            Report::Finished(node) => Control::Finished { node },
+            Report::Done(node) => Control::Done { node },
+            Report::Answer(id, rows) => Control::Answer { id, rows },
+        };
+        if outbox.send(message).is_err() {
+            return;
+        }
+    }
+}
+
+/// Turns control messages into commands, for every node (a query for its node only); the end of
+/// the attempt (or of the coordinator) is Stop, then `stopped`, then whether the job is done.
+async fn dispatch(
+    mut reader: ControlReader,
+    dispatch: BTreeMap<u16, mpsc::UnboundedSender<Command>>,
+    stopped: tokio::sync::watch::Sender<bool>,
+    job_done: tokio::sync::oneshot::Sender<bool>,
+) {
+    let broadcast = |command: Command| dispatch.values().all(|sender| sender.send(command.clone()).is_ok());
+    let done = loop {
+        let delivered = match reader.next(HEARTBEAT_TIMEOUT).await {
+            Ok(Control::Trigger { checkpoint, kind }) => broadcast(Command::Trigger(checkpoint, kind)),
+            Ok(Control::Complete { checkpoint }) => broadcast(Command::Complete(checkpoint)),
+            Ok(Control::QueryNode { id, node, operator, key }) => match dispatch.get(&node) {
+                Some(sender) => sender.send(Command::Query { id, operator, key }).is_ok(),
+                None => {
+                    eprintln!("worker: a query for node {node}, which does not run here");
+                    true
+                }
+            },
+            Ok(Control::Stop) => break false,
+            Ok(Control::JobDone) => break true,
+            Ok(other) => {
+                eprintln!("worker: unexpected {other:?} from the coordinator");
+                break false;
+            }
+            Err(reason) => {
+                eprintln!("worker: coordinator lost: {reason}");
+                break false;
+            }
+        };
+        if !delivered {
+            break false;
+        }
+    };
+    broadcast(Command::Stop);
+    let _ = stopped.send(true);
+    let _ = job_done.send(done);
 }

@@ -31,9 +31,10 @@ pub enum TransportError {
     Broken(ChannelId),
     #[error("channel {0:?} is not known to this transport")]
     Unknown(ChannelId),
-    /// The connection to another node failed (closed, silent past its heartbeat timeout, or it
-    /// sent something malformed): every channel to and from it is broken.
-    #[error("lost node {peer}: {reason}; the job must restart from its last checkpoint")]
+    /// The connection to another process (`peer`: its index in the job's attempt) failed
+    /// (closed, silent past its heartbeat timeout, or it sent something malformed): every channel
+    /// to and from its nodes is broken.
+    #[error("lost peer process {peer}: {reason}; the job must restart from its last checkpoint")]
     PeerLost { peer: u16, reason: String },
 }
 
