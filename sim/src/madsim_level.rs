@@ -192,9 +192,10 @@ pub fn run(seed: u64, scratch: &Path) -> Result<Outcome, String> {
     let world = World { plan: plan.clone(), data_dir: data_dir.clone() };
     // A fresh thread for every run: std's hash maps take their keys from per-thread state (seeded
     // inside the world through madsim's getrandom), so a run must not inherit a previous one's.
-    let (finished_after, events) = std::thread::spawn(move || Runtime::with_seed_and_config(seed, config).block_on(world.run()))
-        .join()
-        .map_err(|panic| format!("the world panicked: {}", panic_message(&panic)))??;
+    let (finished_after, events) =
+        std::thread::spawn(move || Runtime::with_seed_and_config(seed, config).block_on(world.run()))
+            .join()
+            .map_err(|panic| format!("the world panicked: {}", panic_message(&panic)))??;
     let mut storage = LocalFsStorage::open(&data_dir).map_err(|e| e.to_string())?;
     let committed = read_committed(&mut storage, "w2").map_err(|e| format!("reading the output: {e}"))?;
     // A row committed twice fails (panics) inside window_rows, naming the row.
