@@ -824,10 +824,41 @@ impl Node {
                 self.events.push_back(Event::CheckpointAck { checkpoint, snapshot });
             } else if matches!(task.head, Head::Source { .. }) {
                 let barrier = Barrier { checkpoint, kind };
-                self.run_chain(now, index, Element::Barrier(barrier))?;
+                if planted!(SourceOffsetAfterBarrier) {
+                    self.trigger_source_late(now, index, barrier)?;
+                } else {
+                    self.run_chain(now, index, Element::Barrier(barrier))?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// The planted bug `SourceOffsetAfterBarrier`: the source reads its next batch before the
+    /// barrier (so its recorded offset covers it) and emits that batch after the barrier.
+    #[cfg(any(test, feature = "testing"))]
+    fn trigger_source_late(&mut self, now: Instant, index: usize, barrier: Barrier) -> Result<(), NodeError> {
+        let task = &mut self.tasks[index];
+        let Head::Source { source, ended } = &mut task.head else { unreachable!("checked by the caller") };
+        let early = source.poll_batch(now).map_err(|error| NodeError {
+            subtask: task.id,
+            operator: source.name().to_string(),
+            error,
+        })?;
+        let after = match early {
+            Some(batch) => Element::Batch(batch),
+            None => {
+                *ended = true;
+                Element::End
+            }
+        };
+        self.run_chain(now, index, Element::Barrier(barrier))?;
+        self.run_chain(now, index, after)
+    }
+
+    #[cfg(not(any(test, feature = "testing")))]
+    fn trigger_source_late(&mut self, _: Instant, _: usize, _: Barrier) -> Result<(), NodeError> {
+        unreachable!("planted bugs exist only with the testing feature")
     }
 
     /// Every input delivered the unaligned barrier: store what it overtook, then acknowledge.

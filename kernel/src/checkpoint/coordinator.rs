@@ -223,6 +223,9 @@ impl Coordinator {
         if pending.acks.len() == self.tasks.len() {
             assert!(pending.acks.keys().eq(self.tasks.iter()), "acks of {checkpoint:?} are from exactly the tasks");
             pending.persisting = true;
+            if planted!(AnnounceBeforeDurable) {
+                self.actions.push_back(Action::NotifyComplete { checkpoint });
+            }
             let manifest = Manifest {
                 version: MANIFEST_VERSION,
                 job: self.job.clone(),

@@ -30,7 +30,8 @@ const MANIFEST_MAGIC: &[u8; 4] = b"SBCM";
 const POINTER_MAGIC: &[u8; 4] = b"SBCP";
 /// Where checkpoints live in storage.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
-const POINTER_PATH: &str = "checkpoints/_latest";
+/// The latest-checkpoint pointer.
+pub const POINTER_PATH: &str = "checkpoints/_latest";
 const MANIFEST_PREFIX: &str = "_manifest-";
 
 /// Bounds on what a manifest may hold, checked when decoding bytes from outside.
@@ -254,7 +255,8 @@ fn encode_pointer(id: CheckpointId) -> Vec<u8> {
     bytes
 }
 
-fn decode_pointer(bytes: &[u8]) -> Result<CheckpointId, CorruptManifest> {
+/// Decodes the latest-checkpoint pointer (bytes from storage: never panics).
+pub fn decode_pointer(bytes: &[u8]) -> Result<CheckpointId, CorruptManifest> {
     if bytes.len() != 16 || &bytes[..4] != POINTER_MAGIC {
         return Err(CorruptManifest(format!("latest-checkpoint pointer of {} bytes is malformed", bytes.len())));
     }

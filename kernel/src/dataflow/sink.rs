@@ -149,6 +149,9 @@ impl<S: TransactionalSink> Operator for TwoPhaseCommitSink<S> {
     ) -> Result<OperatorSnapshot, OperatorError> {
         let snapshot = self.inner.pre_commit(context, checkpoint)?;
         self.prepared.push((checkpoint, snapshot.pending_output.clone()));
+        if planted!(SinkCommitsEarly) && checkpoint != CheckpointId::END_OF_INPUT {
+            self.commit_up_to(context, checkpoint)?;
+        }
         Ok(snapshot)
     }
 
@@ -164,7 +167,7 @@ impl<S: TransactionalSink> Operator for TwoPhaseCommitSink<S> {
     /// parallelism, pre-committed it: committing twice changes nothing), then lets the sink recover.
     fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
         let handles: Vec<String> = snapshots.iter().flat_map(|s| s.pending_output.iter().cloned()).collect();
-        if !handles.is_empty() {
+        if !handles.is_empty() && !planted!(RecoveryForgetsCommit) {
             self.inner.commit(context, &handles)?;
         }
         self.inner.recover(context, snapshots)
