@@ -247,6 +247,9 @@ struct Attempt {
     acks: VecDeque<(u64, CheckpointId, TaskSnapshot)>,
     writes: Vec<(u64, CheckpointId, SubtaskId, Vec<Box<dyn SnapshotWrite>>)>,
     persists: VecDeque<(u64, Manifest)>,
+    /// Checkpoints the coordinator aborted: a persist still queued for one is dropped, as the
+    /// driver's would be (persisting it would move the pointer back past a newer checkpoint).
+    aborted: BTreeSet<CheckpointId>,
     /// Manifests being persisted or persisted, by checkpoint (for announcements).
     manifests: BTreeMap<CheckpointId, Manifest>,
     watermarks: BTreeMap<ChannelId, EventTime>,
@@ -319,6 +322,11 @@ pub fn run(config: &ClusterConfig, storage: FaultStorage) -> ClusterRun {
         healed: false,
         failures_after_heal: 0,
     };
+    // Output committed before this run (a restart from an earlier run's disk) was judged there.
+    for sink in harness.file_sinks.clone() {
+        let committed = harness.storage.disk().peek_list(&format!("output/{sink}"));
+        harness.committable.extend(committed);
+    }
     let outcome = harness.run();
     harness.record(format_args!("end {outcome:?}"));
     let disk_faults = harness.storage.disk().injected().to_vec();
@@ -565,6 +573,7 @@ impl Harness<'_> {
             acks: VecDeque::new(),
             writes: Vec::new(),
             persists: VecDeque::new(),
+            aborted: BTreeSet::new(),
             manifests: BTreeMap::new(),
             watermarks: BTreeMap::new(),
             final_checkpoint_requested: false,
@@ -601,6 +610,10 @@ impl Harness<'_> {
         while attempt.persists.front().is_some_and(|(due, _)| *due <= self.now) {
             let (_, manifest) = attempt.persists.pop_front().expect("checked above");
             let checkpoint = manifest.checkpoint;
+            if attempt.aborted.contains(&checkpoint) {
+                self.record(format_args!("persist of aborted checkpoint {} dropped", checkpoint.0));
+                continue;
+            }
             let mut storage = self.storage.clone();
             match manifest::persist(&mut storage, &manifest) {
                 Ok(()) => {
@@ -662,6 +675,7 @@ impl Harness<'_> {
                     self.send_control(attempt, Control::Complete(checkpoint));
                 }
                 Action::Abort { checkpoint, reason } => {
+                    attempt.aborted.insert(checkpoint);
                     self.stats.checkpoints_aborted += 1;
                     self.record(format_args!("abort {} {reason:?}", checkpoint.0));
                 }
