@@ -160,8 +160,15 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
     report.verdict = oracle::judge(&run, &reference);
     report.trace = run.trace;
     if !report.verdict.is_failure() {
-        report.verdict =
-            check_cuts(&scenario, run.cut_samples, run.durable_damage, &reference, &mut report.cuts_checked);
+        report.verdict = check_cuts(
+            &scenario,
+            run.cut_samples,
+            run.durable_damage,
+            &reference,
+            &mut report.cuts_checked,
+            &mut report.trace,
+            options.trace,
+        );
     }
     report.wall = started.elapsed();
     report
@@ -175,8 +182,10 @@ fn check_cuts(
     durable_damage: bool,
     reference: &[Row],
     checked: &mut Vec<u64>,
+    trace: &mut Vec<String>,
+    keep_trace: bool,
 ) -> Verdict {
-    let config = scenario.without_faults().cluster_config(false);
+    let config = scenario.without_faults().cluster_config(keep_trace);
     for (checkpoint, disk) in samples {
         checked.push(checkpoint.0);
         let run = match catch(|| cluster::run(&config, FaultStorage::new(disk))) {
@@ -185,6 +194,7 @@ fn check_cuts(
                 return failure("consistent cut", format!("restart from checkpoint {} panicked: {panic}", checkpoint.0))
             }
         };
+        trace.extend(run.trace.iter().map(|line| format!("cut {}: {line}", checkpoint.0)));
         match oracle::judge(&run, reference) {
             Verdict::ExactlyOnce => {}
             Verdict::RefusedCorrectly { .. } => {}

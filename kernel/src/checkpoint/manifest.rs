@@ -80,6 +80,13 @@ pub fn shared_dir() -> String {
     format!("{CHECKPOINTS_DIR}/shared")
 }
 
+/// The directory of what tasks keep at their end of input (their final snapshots): files that
+/// every checkpoint after a task finished carries, each deleted once no retained checkpoint
+/// refers to it.
+pub fn end_of_input_dir() -> String {
+    format!("{CHECKPOINTS_DIR}/end-of-input")
+}
+
 pub fn manifest_path(id: CheckpointId) -> String {
     format!("{CHECKPOINTS_DIR}/{MANIFEST_PREFIX}{:020}", id.0)
 }
@@ -289,6 +296,19 @@ pub struct Recovery {
     pub skipped: Vec<(CheckpointId, String)>,
     /// Why the latest-checkpoint pointer could not be used, if it could not.
     pub pointer_problem: Option<String>,
+}
+
+impl Recovery {
+    /// The highest checkpoint id recovery saw: the restored one, or a newer one it passed over.
+    /// The next attempt's checkpoints must come after it ([`Coordinator::continue_after`]): a
+    /// passed-over manifest stays on disk, and reusing its id would let its old manifest name
+    /// the new attempt's files (a mix of two cuts that each pass their checksums).
+    ///
+    /// [`Coordinator::continue_after`]: crate::checkpoint::coordinator::Coordinator::continue_after
+    pub fn checkpoint_id_max(&self) -> Option<CheckpointId> {
+        let restored = self.manifest.as_ref().map(|m| m.checkpoint);
+        restored.into_iter().chain(self.skipped.iter().map(|(id, _)| *id)).max()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -547,6 +567,40 @@ mod tests {
         assert!(error.contains("refusing to start"), "{error}");
         assert!(error.contains("checkpoint 2 misses its file"), "{error}");
         assert!(error.contains("checkpoint 1 has a corrupt checkpoint metadata: checksum"), "{error}");
+    }
+
+    // Goal (regression, found by the simulator: `sim/tests/regressions.rs`,
+    // `checkpoint_ids_never_repeat_after_a_passed_over_checkpoint`): when recovery passes over
+    // the newest checkpoint (a read failed, or its file is damaged), the next attempt's
+    // checkpoint ids start after it. Reusing its id let its old manifest, which the pointer still
+    // names, be restored later with some of its files rewritten by the new attempt: two cuts
+    // mixed, each file intact. Method: checkpoint 3 passed over; a coordinator continuing after
+    // the recovery triggers checkpoint 4 first.
+    #[test]
+    fn checkpoint_ids_continue_after_a_passed_over_checkpoint() {
+        use crate::checkpoint::coordinator::{Action, Coordinator, CoordinatorConfig};
+        let mut storage = MemStorage::new();
+        complete(&mut storage, 2);
+        complete(&mut storage, 3);
+        let file = format!("{}/state-1-0", checkpoint_dir(CheckpointId(3)));
+        storage.write(&file, b"damaged").unwrap();
+        let recovery = find_latest(&mut storage, "w2").unwrap();
+        assert_eq!(recovery.manifest.as_ref().map(|m| m.checkpoint), Some(CheckpointId(2)));
+        assert_eq!(recovery.checkpoint_id_max(), Some(CheckpointId(3)));
+        let config = CoordinatorConfig { interval_ms: 1, timeout_ms: 100, concurrent_max: 1, retained_count: 1 };
+        let tasks = recovery.manifest.as_ref().unwrap().tasks.iter().map(|t| t.subtask);
+        let mut coordinator = Coordinator::new(config, "w2", 128, tasks, recovery.manifest.clone());
+        coordinator.continue_after(recovery.checkpoint_id_max().unwrap());
+        coordinator.handle_timeout(crate::time::Instant(0));
+        assert!(
+            matches!(coordinator.poll_action(), Some(Action::Trigger { checkpoint: CheckpointId(4), .. })),
+            "the first checkpoint after recovery is 4"
+        );
+        assert_eq!(
+            Recovery { manifest: None, skipped: vec![], pointer_problem: None }.checkpoint_id_max(),
+            None,
+            "a job that never checkpointed starts at 1"
+        );
     }
 
     // Goal: a damaged pointer does not hide intact checkpoints; persisting survives a crash.

@@ -23,7 +23,7 @@ use arrow_schema::{ArrowError, SchemaRef};
 
 use super::graph::SubtaskId;
 use super::{read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
-use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot, CHECKPOINTS_DIR};
+use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
 use crate::element::CheckpointId;
 use crate::env::{parent_dir, Storage, StorageError};
 
@@ -292,7 +292,7 @@ impl TransactionalSink for FileTransactions {
         // The final snapshot is carried by every later checkpoint: its file is shared by them, in
         // a directory of its own (retention deletes it with the last checkpoint that refers to it).
         let dir = if checkpoint == CheckpointId::END_OF_INPUT {
-            format!("{CHECKPOINTS_DIR}/end-of-input")
+            crate::checkpoint::manifest::end_of_input_dir()
         } else {
             checkpoint_dir(checkpoint)
         };

@@ -330,6 +330,8 @@ pub fn run(config: &ClusterConfig, storage: FaultStorage) -> ClusterRun {
     let outcome = harness.run();
     harness.record(format_args!("end {outcome:?}"));
     let disk_faults = harness.storage.disk().injected().to_vec();
+    // Misdirected writes damage durable data the kernel believed written: a refusal may be right.
+    harness.durable_damage |= disk_faults.iter().any(|f| matches!(f, Fault::Misdirected { .. }));
     ClusterRun {
         outcome,
         storage: harness.storage,
@@ -521,6 +523,7 @@ impl Harness<'_> {
         for (id, reason) in &recovery.skipped {
             self.record(format_args!("recovery skips checkpoint {} ({reason})", id.0));
         }
+        let recovery_id_max = recovery.checkpoint_id_max();
         let restored = recovery.manifest.map(Arc::new);
         if let Some(manifest) = &restored {
             // Restoring commits its pre-committed output: from now on that output may be visible.
@@ -549,13 +552,16 @@ impl Harness<'_> {
             concurrent_max: settings.concurrent_max,
             retained_count: settings.retained_count,
         };
-        let coordinator = Coordinator::new(
+        let mut coordinator = Coordinator::new(
             config,
             &job,
             plan.graph.max_parallelism.get(),
             plan.graph.subtasks(),
             restored.as_deref().cloned(),
         );
+        if let Some(newest) = recovery_id_max {
+            coordinator.continue_after(newest);
+        }
         let channels = plan
             .channels
             .iter()
@@ -594,6 +600,10 @@ impl Harness<'_> {
         self.deliver_acks(attempt)?;
         self.deliver_data(attempt)?;
         self.step_nodes(attempt)?;
+        // Nodes that finished are not stepped, but what they still hold must go out.
+        for index in 0..attempt.nodes.len() {
+            self.transmit(attempt, index);
+        }
         self.check_commits()?;
         if attempt.nodes.iter().all(Node::is_finished) && !attempt.final_checkpoint_requested {
             attempt.final_checkpoint_requested = true;
@@ -698,9 +708,22 @@ impl Harness<'_> {
         let disk = self.storage.disk();
         let manifest = disk.peek_durable(&manifest::manifest_path(checkpoint)).map(Manifest::decode);
         let pointer = disk.peek_durable(manifest::POINTER_PATH).map(manifest::decode_pointer);
-        let durable = matches!(&manifest, Some(Ok(m)) if m.checkpoint == checkpoint)
-            && matches!(&pointer, Some(Ok(id)) if *id >= checkpoint);
-        if durable {
+        // A misdirected write leaves zeros where the kernel wrote (and synced): durable, but
+        // unreadable, which recovery detects; it is not an announcement before durability.
+        let misdirected = |path: &str| {
+            disk.injected().iter().any(|f| matches!(f, Fault::Misdirected { path: p } if p.starts_with(path)))
+        };
+        let manifest_durable = match &manifest {
+            Some(Ok(m)) => m.checkpoint == checkpoint,
+            Some(Err(_)) => misdirected(&manifest::manifest_path(checkpoint)),
+            None => false,
+        };
+        let pointer_durable = match &pointer {
+            Some(Ok(id)) => *id >= checkpoint,
+            Some(Err(_)) => misdirected(manifest::POINTER_PATH),
+            None => false,
+        };
+        if manifest_durable && pointer_durable {
             return Ok(());
         }
         Err(AttemptEnd::Violation(Violation {
@@ -856,6 +879,13 @@ impl Harness<'_> {
                 Event::TaskFinished { subtask } => self.record(format_args!("finished {subtask}")),
             }
         }
+        self.transmit(attempt, index);
+        Ok(())
+    }
+
+    /// Moves what node `index` sends into the network while its channels have room; the first
+    /// element that does not fit waits in `held`.
+    fn transmit(&mut self, attempt: &mut Attempt, index: usize) {
         let capacity = self.config.network.channel_capacity;
         loop {
             let next = attempt.held[index].take().or_else(|| attempt.nodes[index].poll_transmit());
@@ -869,7 +899,6 @@ impl Harness<'_> {
             let due = self.delay(self.config.network.delay_ms_max).max(queue_last);
             attempt.channels.get_mut(&channel).expect("checked above").push_back((due, element));
         }
-        Ok(())
     }
 
     /// Every committed sink file is named by a checkpoint announced complete or restored from.
