@@ -160,7 +160,7 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
     report.verdict = oracle::judge(&run, &reference);
     report.trace = run.trace;
     if !report.verdict.is_failure() {
-        report.verdict = check_cuts(
+        let cuts = check_cuts(
             &scenario,
             run.cut_samples,
             run.durable_damage,
@@ -169,6 +169,9 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
             &mut report.trace,
             options.trace,
         );
+        if cuts.is_failure() {
+            report.verdict = cuts;
+        }
     }
     report.wall = started.elapsed();
     report

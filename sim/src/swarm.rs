@@ -201,11 +201,16 @@ fn draw_faults(rng: &mut Lcg, node_count: u16, duration_ms: u64) -> FaultPlan {
         events.push((start, FaultEvent::DiskFull { full: true }));
         events.push((start + between(rng, 1, 30), FaultEvent::DiskFull { full: false }));
     }
+    // Durable damage, and a crash soon after it, so that recovery meets it.
     if rng.below(8) == 0 {
-        events.push((at(rng), FaultEvent::CorruptNewestCheckpoint));
+        let when = at(rng);
+        events.push((when, FaultEvent::CorruptNewestCheckpoint));
+        events.push((when + between(rng, 1, 5), FaultEvent::NodeCrash { node: 0 }));
     }
     if rng.below(8) == 0 {
-        events.push((at(rng), FaultEvent::CorruptPointer));
+        let when = at(rng);
+        events.push((when, FaultEvent::CorruptPointer));
+        events.push((when + between(rng, 1, 5), FaultEvent::PowerLoss));
     }
     for _ in 0..pick(rng, &[0, 0, 1, 2]) {
         let node = rng.below(u64::from(node_count) + 1) as u16;
