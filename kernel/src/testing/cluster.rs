@@ -36,13 +36,13 @@ use std::sync::Arc;
 use crate::checkpoint::coordinator::{Action, CheckpointKind, Coordinator, CoordinatorConfig};
 use crate::checkpoint::manifest::{self, Manifest, TaskSnapshot};
 use crate::dataflow::graph::OperatorSpec;
-use crate::dataflow::{PhysicalPlan, SubtaskId};
+use crate::dataflow::PhysicalPlan;
 use crate::element::{BarrierKind, CheckpointId, Element};
 use crate::env::fault_storage::{Fault, FaultConfig, FaultDisk, FaultStorage};
 use crate::env::{ChannelId, Storage};
 use crate::node::{Event, Node, NodeOptions};
 use crate::state::testing::Lcg;
-use crate::state::{HeapBackend, SnapshotWrite, StateBackend};
+use crate::state::{HeapBackend, StateBackend};
 use crate::time::{EventTime, Instant};
 
 /// Failed attempts after the heal before the run is a refusal: without faults, a failure
@@ -245,7 +245,7 @@ struct Attempt {
     held: Vec<Option<(ChannelId, Element)>>,
     control: Vec<VecDeque<(u64, Control)>>,
     acks: VecDeque<(u64, CheckpointId, TaskSnapshot)>,
-    writes: Vec<(u64, CheckpointId, SubtaskId, Vec<Box<dyn SnapshotWrite>>)>,
+    writes: Vec<super::PendingWrites>,
     persists: VecDeque<(u64, Manifest)>,
     /// Checkpoints the coordinator aborted: a persist still queued for one is dropped, as the
     /// driver's would be (persisting it would move the pointer back past a newer checkpoint).
@@ -349,7 +349,7 @@ pub fn run(config: &ClusterConfig, storage: FaultStorage) -> ClusterRun {
 impl Harness<'_> {
     fn record(&mut self, event: fmt::Arguments<'_>) {
         let now = self.now;
-        let _ = write!(self.hasher, "{now} {event}\n");
+        let _ = writeln!(self.hasher, "{now} {event}");
         if self.config.trace {
             self.trace.push(format!("{now:>8} {event}"));
         }
