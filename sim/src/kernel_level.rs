@@ -41,7 +41,7 @@ impl RunOptions {
         if let Some(records) = self.record_count {
             command.push_str(&format!(" --records {records}"));
         }
-        if self.limits != SwarmLimits::default() {
+        if self.limits.record_count_max != SwarmLimits::default().record_count_max {
             command.push_str(&format!(" --records-max {}", self.limits.record_count_max));
         }
         command
@@ -114,10 +114,8 @@ fn reference(scenario: &Scenario) -> Result<Vec<Row>, String> {
 /// Runs one seed and judges it.
 pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
     let started = Instant::now();
-    let mut scenario = Scenario::from_seed(seed, options.limits);
-    if let Some(records) = options.record_count {
-        scenario.workload = scenario.workload.with_record_count(records);
-    }
+    let limits = SwarmLimits { record_count: options.record_count, ..options.limits };
+    let scenario = Scenario::from_seed(seed, limits);
     let mut report = Report {
         seed,
         scenario: scenario.clone(),

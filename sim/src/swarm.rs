@@ -39,13 +39,6 @@ impl Workload {
         }
     }
 
-    pub fn with_record_count(self, record_count: u64) -> Workload {
-        match self {
-            Workload::W1 { parallelism, batch_size, .. } => Workload::W1 { record_count, parallelism, batch_size },
-            Workload::W2(options) => Workload::W2(W2Options { record_count, ..options }),
-        }
-    }
-
     pub fn plan(&self, node_count: u16) -> PhysicalPlan {
         let graph = match *self {
             Workload::W1 { record_count, parallelism, batch_size } => {
@@ -73,11 +66,14 @@ pub struct Scenario {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SwarmLimits {
     pub record_count_max: u64,
+    /// Replaces the drawn record count (every other choice stays as the seed draws it, and
+    /// the fault plan and liveness bound follow the longer run).
+    pub record_count: Option<u64>,
 }
 
 impl Default for SwarmLimits {
     fn default() -> Self {
-        SwarmLimits { record_count_max: 3_000 }
+        SwarmLimits { record_count_max: 3_000, record_count: None }
     }
 }
 
@@ -156,7 +152,8 @@ impl Scenario {
 }
 
 fn draw_workload(rng: &mut Lcg, limits: SwarmLimits) -> Workload {
-    let record_count = between(rng, limits.record_count_max / 8, limits.record_count_max).max(1);
+    let drawn = between(rng, limits.record_count_max / 8, limits.record_count_max).max(1);
+    let record_count = limits.record_count.unwrap_or(drawn);
     let batch_size = pick(rng, &[1, 3, 7, 16, 50, 100, 333]);
     let parallelism = between(rng, 1, 4) as u16;
     let base = W2Options {

@@ -280,8 +280,12 @@ impl FaultDisk {
 }
 
 fn list_of(files: &BTreeMap<String, Data>, dir: &str) -> Vec<String> {
+    // The paths under `dir/` are one range of the map: no scan of the whole disk.
+    let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
     files
-        .keys()
+        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
+        .map(|(path, _)| path)
+        .take_while(|path| path.starts_with(&prefix))
         .filter(|path| parent_dir(path) == dir)
         .map(|path| path.rsplit('/').next().unwrap_or(path).to_string())
         .collect()
