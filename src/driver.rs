@@ -183,12 +183,19 @@ pub fn build_node(plan: &Arc<PhysicalPlan>, index: u16, config: &DriverConfig) -
 }
 
 /// The checkpoint coordinator of a job run by this driver: one checkpoint in flight at a time.
+/// The checkpoint coordinator of a job's attempt. Its checkpoints are numbered after every id
+/// `storage` holds (`manifest::newest_checkpoint_id`): reusing the id of a checkpoint that
+/// recovery passed over would let its old manifest name this attempt's files (found by the
+/// simulator).
 fn job_coordinator(
     graph: &sabot_kernel::dataflow::JobGraph,
     settings: &CheckpointSettings,
     restore: Option<Manifest>,
-) -> Coordinator {
-    Coordinator::new(
+    storage: &mut LocalFsStorage,
+) -> Result<Coordinator, DriverError> {
+    let newest = sabot_kernel::checkpoint::manifest::newest_checkpoint_id(storage)
+        .map_err(|error| DriverError::Coordinator(format!("listing checkpoints: {error}")))?;
+    let mut coordinator = Coordinator::new(
         CoordinatorConfig {
             interval_ms: settings.interval_ms,
             timeout_ms: CHECKPOINT_TIMEOUT_MS,
@@ -199,7 +206,11 @@ fn job_coordinator(
         graph.max_parallelism.get(),
         graph.subtasks(),
         restore,
-    )
+    );
+    if let Some(newest) = newest {
+        coordinator.continue_after(newest);
+    }
+    Ok(coordinator)
 }
 
 /// Removes what an earlier run of `job` left in `data_dir` (output, state, checkpoints that would
@@ -331,9 +342,9 @@ async fn run_nodes<T: AsyncTransport>(
     drop(report_sender);
     let coordinator = match &config.checkpoints {
         Some(settings) => {
-            let coordinator = job_coordinator(&plan.graph, settings, config.restore.clone());
-            let storage = LocalFsStorage::open(&config.data_dir)
+            let mut storage = LocalFsStorage::open(&config.data_dir)
                 .map_err(|error| DriverError::DataDir { path: config.data_dir.clone(), error })?;
+            let coordinator = job_coordinator(&plan.graph, settings, config.restore.clone(), &mut storage)?;
             let savepoint_at = config.stop_with_savepoint_after_ms.map(|ms| clock.now().saturating_add_ms(ms));
             let task = coordinate(CoordinatorTask {
                 coordinator,

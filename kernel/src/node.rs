@@ -444,6 +444,12 @@ impl Node {
             for file in files {
                 let bytes = self.storage.read(&file).map_err(|e| fail(e.into()))?;
                 for (input, element) in inflight::decode(&bytes).map_err(|e| fail(e.into()))? {
+                    // Watermark generators upstream start over after a restore: a replayed
+                    // watermark would sit above the ones they send again, which the gate would
+                    // take as going back. The records replay; the watermarks come again.
+                    if matches!(element, Element::Watermark(_)) {
+                        continue;
+                    }
                     self.deliver(Instant(0), task, input, element)?;
                 }
             }
@@ -818,16 +824,52 @@ impl Node {
         for index in 0..self.tasks.len() {
             let task = &mut self.tasks[index];
             if task.finished {
+                // Its barrier may have come first (the trigger travels on another connection):
+                // the task acknowledged the checkpoint then, and must not twice.
+                if task.acked_last.is_some_and(|last| last >= checkpoint) {
+                    continue;
+                }
                 let snapshot = task.snapshot_final.clone().expect("a finished task kept its final snapshot");
                 task.snapshot_final_acked.get_or_insert(checkpoint);
                 task.acked_last = Some(checkpoint);
                 self.events.push_back(Event::CheckpointAck { checkpoint, snapshot });
             } else if matches!(task.head, Head::Source { .. }) {
                 let barrier = Barrier { checkpoint, kind };
-                self.run_chain(now, index, Element::Barrier(barrier))?;
+                if planted!(SourceOffsetAfterBarrier) {
+                    self.trigger_source_late(now, index, barrier)?;
+                } else {
+                    self.run_chain(now, index, Element::Barrier(barrier))?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// The planted bug `SourceOffsetAfterBarrier`: the source reads its next batch before the
+    /// barrier (so its recorded offset covers it) and emits that batch after the barrier.
+    #[cfg(any(test, feature = "testing"))]
+    fn trigger_source_late(&mut self, now: Instant, index: usize, barrier: Barrier) -> Result<(), NodeError> {
+        let task = &mut self.tasks[index];
+        let Head::Source { source, ended } = &mut task.head else { unreachable!("checked by the caller") };
+        let early = source.poll_batch(now).map_err(|error| NodeError {
+            subtask: task.id,
+            operator: source.name().to_string(),
+            error,
+        })?;
+        let after = match early {
+            Some(batch) => Element::Batch(batch),
+            None => {
+                *ended = true;
+                Element::End
+            }
+        };
+        self.run_chain(now, index, Element::Barrier(barrier))?;
+        self.run_chain(now, index, after)
+    }
+
+    #[cfg(not(any(test, feature = "testing")))]
+    fn trigger_source_late(&mut self, _: Instant, _: usize, _: Barrier) -> Result<(), NodeError> {
+        unreachable!("planted bugs exist only with the testing feature")
     }
 
     /// Every input delivered the unaligned barrier: store what it overtook, then acknowledge.
@@ -1058,6 +1100,61 @@ mod tests {
             gate.on_element(input, Element::End, &mut out).unwrap();
         }
         assert_eq!(out.iter().filter(|e| matches!(e, Element::End)).count(), 1);
+    }
+
+    // Goal (regression, found by the simulator: `sim/tests/regressions.rs`,
+    // `trigger_after_the_barrier_acknowledges_once`): the coordinator's trigger can reach a node
+    // after the barrier it caused did (control and data travel on different connections); a task
+    // that took the barrier and then finished acknowledges the checkpoint once, not again at the
+    // trigger. Method: W2 at parallelism 2 on 2 nodes; the trigger reaches node 0 only, the
+    // barrier flows to node 1, whose tasks finish; then the trigger reaches node 1.
+    #[test]
+    fn trigger_after_the_barrier_acknowledges_once() {
+        use crate::state::{HeapBackend, StateBackend};
+        let plan = Arc::new(crate::dataflow::PhysicalPlan::new(crate::workload::w2_job(60, 2, 10).unwrap(), 2));
+        let storage = crate::testing::SharedMemStorage::default();
+        let options = NodeOptions { checkpointing: true, restore: None, alignment_timeout_ms: None };
+        let mut nodes: Vec<Node> = (0..2)
+            .map(|index| {
+                let mut backends = |_, range| Ok(Box::new(HeapBackend::new(range)) as Box<dyn StateBackend>);
+                Node::new(plan.clone(), index, Box::new(storage.clone()), &mut backends, options.clone()).unwrap()
+            })
+            .collect();
+        let mut acks: Vec<(CheckpointId, SubtaskId)> = Vec::new();
+        let run = |nodes: &mut Vec<Node>, acks: &mut Vec<(CheckpointId, SubtaskId)>| {
+            for _ in 0..1_000 {
+                for index in 0..2 {
+                    nodes[index].handle_step(Instant(0)).unwrap();
+                    while let Some(event) = nodes[index].poll_event() {
+                        match event {
+                            Event::CheckpointAck { checkpoint, snapshot } => acks.push((checkpoint, snapshot.subtask)),
+                            Event::SnapshotWrites { checkpoint, subtask, writes } => {
+                                let mut files = Vec::new();
+                                for write in writes {
+                                    files.extend(write.write(&mut storage.clone()).unwrap());
+                                }
+                                nodes[index].handle_snapshot_written(checkpoint, subtask, files);
+                            }
+                            Event::TaskFinished { .. } => {}
+                        }
+                    }
+                    while nodes[1 - index].inbox_room() > 0 {
+                        let Some((channel, element)) = nodes[index].poll_transmit() else { break };
+                        nodes[1 - index].handle_element(Instant(0), channel, element);
+                    }
+                }
+            }
+        };
+        nodes[0].handle_checkpoint_trigger(Instant(0), CheckpointId(1), BarrierKind::Aligned).unwrap();
+        run(&mut nodes, &mut acks);
+        assert!(nodes[1].tasks.iter().filter(|t| t.id.vertex.0 == 1).all(|t| t.finished), "node 1's windows finished");
+        nodes[1].handle_checkpoint_trigger(Instant(0), CheckpointId(1), BarrierKind::Aligned).unwrap();
+        run(&mut nodes, &mut acks);
+        acks.sort();
+        let mut unique = acks.clone();
+        unique.dedup();
+        assert_eq!(acks, unique, "each task acknowledges checkpoint 1 once");
+        assert_eq!(acks.len(), 4, "every task acknowledged: {acks:?}");
     }
 
     // Goal: input that breaks the stream protocol is an error naming it, not a panic.

@@ -1,7 +1,10 @@
 //! Test support for the kernel and its dependents: in-memory runs and reference models.
 //!
 //! `run_in_memory` steps every node of a plan in one thread, moving elements between them in a
-//! fixed order: the pure kernel run that real drivers are compared with.
+//! fixed order: the pure kernel run that real drivers are compared with. [`cluster`] is the
+//! single-threaded cluster harness of the simulator: seeded network interleaving, a manual clock,
+//! the faulty disk, crashes and restarts, and the checks made on the way; [`planted`] holds the
+//! deliberate bugs the simulator must find.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -15,6 +18,9 @@ use crate::node::{Event, Node, NodeError, NodeMetrics, NodeOptions, Step};
 use crate::state::HeapBackend;
 use crate::time::Instant;
 use crate::workload;
+
+pub mod cluster;
+pub mod planted;
 
 /// One [`MemStorage`] shared by all nodes of an in-memory run.
 #[derive(Clone, Default)]

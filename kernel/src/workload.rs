@@ -56,6 +56,31 @@ pub fn w2_job(
         .sink_files("w2")
 }
 
+/// A W2-shaped job with its knobs exposed, for the simulator's smaller variants: a source of
+/// another parallelism than the windows, a tighter out-of-orderness bound (late records, which
+/// the windows drop), other window sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W2Options {
+    pub record_count: u64,
+    pub source_parallelism: u16,
+    pub parallelism: u16,
+    pub batch_size: usize,
+    pub out_of_orderness_ms: i64,
+    pub window_size_ms: i64,
+}
+
+/// W2 as [`W2Options`] say: generator → watermarks → key by `key` → tumbling count/sum → file sink `w2`.
+pub fn w2_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    use crate::dataflow::graph::SourceSpec;
+    let W2Options { record_count, source_parallelism, parallelism, batch_size, .. } = options;
+    crate::dataflow::JobBuilder::new("w2")
+        .source("generator", SourceSpec::Generator { record_count, batch_size }, source_parallelism)?
+        .assign_watermarks(options.out_of_orderness_ms)?
+        .key_by("key", parallelism)?
+        .tumbling_window_count_sum(options.window_size_ms, "value")?
+        .sink_files("w2")
+}
+
 /// W1 as a job: generator → keep even values → project `(key, ts_ms)` → file sink `w1`.
 pub fn w1_job(
     record_count: u64,

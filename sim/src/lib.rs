@@ -1,15 +1,44 @@
-//! Sabot's deterministic simulator (madsim): seeded crashes, partitions, disk faults and clock
-//! skew around the real driver, and an oracle that checks exactly-once output against a
-//! failure-free run. See `ARCHITECTURE.md` and DESIGN.md §5.
+//! Sabot's deterministic simulator (DESIGN.md §5): a world drawn from a seed — topology,
+//! workload, checkpoint settings, network behaviour and a fault plan — run to the end, judged by
+//! an exactly-once oracle against a failure-free reference run, with a trace hash that must
+//! repeat for the same seed.
 //!
-//! What exists today is the pure, single-threaded level the simulator builds on:
-//! `sabot_kernel::testing::run_in_memory` steps every node of a plan with in-memory storage, and
-//! `run_checkpointed` adds the checkpoint coordinator, seeded crashes (unsynced data lost) and full
-//! disks; the kernel's tests compare their output with reference models. The madsim world, the fault
-//! plans and the oracle are the simulator issue's work; this crate is their home, kept in the
-//! workspace so that it builds (and stays buildable) from the first commit.
+//! Levels (`sabot-sim --level`):
+//! - `kernel` ([`kernel_level`]): the kernel's single-threaded cluster harness
+//!   (`sabot_kernel::testing::cluster`) with the faulty disk (`env::fault_storage`): fast, no
+//!   async, thousands of seeds a minute.
+//! - `madsim` ([`madsim_level`], `--cfg madsim` builds only): the real coordinator, workers and
+//!   TCP transport of the root package on madsim, one simulated host per process, with kills,
+//!   partitions and isolated processes.
+//!
+//! [`swarm`] draws a run's options from its seed, [`oracle`] judges the outcome, [`sweep`] runs
+//! many seeds on threads.
+
+pub mod kernel_level;
+pub mod oracle;
+pub mod swarm;
+pub mod sweep;
 
 pub use sabot_kernel::testing::{run_checkpointed, run_in_memory};
 
 #[cfg(madsim)]
 pub mod madsim_level;
+
+/// Which simulator runs a seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// The kernel's cluster harness.
+    Kernel,
+    /// The real driver on madsim (`--cfg madsim` builds only).
+    Madsim,
+}
+
+impl Level {
+    pub fn from_name(name: &str) -> Option<Level> {
+        match name {
+            "kernel" => Some(Level::Kernel),
+            "madsim" => Some(Level::Madsim),
+            _ => None,
+        }
+    }
+}

@@ -429,9 +429,9 @@ async fn run_attempt(
     }
     drop(report_sender);
     let clock = TokioClock::new();
-    let coordinator = super::job_coordinator(graph, &settings.checkpoints, restore);
-    let storage = LocalFsStorage::open(&settings.data_dir)
+    let mut storage = LocalFsStorage::open(&settings.data_dir)
         .map_err(|error| DriverError::DataDir { path: settings.data_dir.clone(), error })?;
+    let coordinator = super::job_coordinator(graph, &settings.checkpoints, restore, &mut storage)?;
     let task = coordinate(CoordinatorTask {
         coordinator,
         reports,

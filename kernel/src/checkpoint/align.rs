@@ -80,6 +80,9 @@ impl Aligner {
 
     /// Aligned mode: elements of `input` must be held now.
     pub fn is_held(&self, input: usize) -> bool {
+        if planted!(BarrierNotAligned) {
+            return false;
+        }
         matches!(self.current, Some(Current { snapshot_taken: false, .. })) && self.inputs[input] == InputState::Barrier
     }
 

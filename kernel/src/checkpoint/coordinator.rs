@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::manifest::{shared_dir, Manifest, TaskSnapshot, MANIFEST_VERSION};
+use super::manifest::{end_of_input_dir, shared_dir, Manifest, TaskSnapshot, MANIFEST_VERSION};
 use crate::dataflow::SubtaskId;
 use crate::element::CheckpointId;
 use crate::time::Instant;
@@ -136,6 +136,14 @@ impl Coordinator {
         }
     }
 
+    /// Numbers this attempt's checkpoints after `newest_seen` (`Recovery::checkpoint_id_max`):
+    /// ids never repeat across attempts, also when recovery passed over newer checkpoints.
+    pub fn continue_after(&mut self, newest_seen: CheckpointId) {
+        assert!(self.pending.is_empty() && self.trigger_last.is_none(), "continue_after before the first trigger");
+        assert!(newest_seen < CheckpointId::END_OF_INPUT, "checkpoint id {newest_seen:?} is reserved");
+        self.checkpoint_next = self.checkpoint_next.max(CheckpointId(newest_seen.0 + 1));
+    }
+
     fn push(&mut self, action: Action) {
         assert!(self.actions.len() < ACTIONS_MAX, "coordinator actions are not being polled");
         self.actions.push_back(action);
@@ -223,6 +231,9 @@ impl Coordinator {
         if pending.acks.len() == self.tasks.len() {
             assert!(pending.acks.keys().eq(self.tasks.iter()), "acks of {checkpoint:?} are from exactly the tasks");
             pending.persisting = true;
+            if planted!(AnnounceBeforeDurable) {
+                self.actions.push_back(Action::NotifyComplete { checkpoint });
+            }
             let manifest = Manifest {
                 version: MANIFEST_VERSION,
                 job: self.job.clone(),
@@ -284,11 +295,14 @@ impl Coordinator {
         let files: Vec<String> = pending.acks.values().flat_map(|s| s.files.iter().cloned()).collect();
         self.push(Action::Abort { checkpoint, reason });
         // What the aborted checkpoint wrote goes, except files a retained checkpoint shares, and
-        // shared files: a later checkpoint, still in flight, may refer to them without having
-        // acknowledged yet. (Periodic discarding deletes them: a file no retained checkpoint
-        // refers to is out of the state for good, so no later checkpoint refers to it either.)
-        let shared = format!("{}/", shared_dir());
-        let files = self.unreferenced(files.into_iter().filter(|file| !file.starts_with(&shared)).collect());
+        // shared and end-of-input files: a later checkpoint, still in flight or not triggered
+        // yet, may refer to them without having acknowledged yet (a finished task acknowledges
+        // every later checkpoint with its final snapshot). (Periodic discarding deletes them: a
+        // file no retained checkpoint refers to is out of the state for good, so no later
+        // checkpoint refers to it either.)
+        let kept = [format!("{}/", shared_dir()), format!("{}/", end_of_input_dir())];
+        let files = files.into_iter().filter(|file| !kept.iter().any(|dir| file.starts_with(dir))).collect();
+        let files = self.unreferenced(files);
         self.push(Action::Discard { checkpoint, files });
     }
 
@@ -453,6 +467,34 @@ mod tests {
         c.handle_task_failure(task(1));
         let actions = drain(&mut c);
         assert!(matches!(actions[0], Action::Abort { reason: AbortReason::TaskFailed(_), .. }), "{actions:?}");
+    }
+
+    // Goal (regression, found by the simulator: `sim/tests/regressions.rs`,
+    // `aborted_checkpoint_keeps_the_final_snapshot`): a finished task acknowledges every later
+    // checkpoint with the files of its final snapshot; aborting one of those checkpoints must not
+    // delete them, or the next checkpoint completes naming a file that is gone and no recovery
+    // can use it. Method: checkpoint 1 carries a final-snapshot file and times out; checkpoint 2
+    // carries it and completes; nothing discarded the file.
+    #[test]
+    fn aborted_checkpoint_keeps_the_final_snapshot() {
+        let mut c = coordinator();
+        let last = format!("{}/sink-00001-00000.sequence", end_of_input_dir());
+        c.handle_timeout(Instant(0));
+        drain(&mut c);
+        c.handle_ack(CheckpointId(1), snapshot(0, &[&last, "only-1"])).unwrap();
+        c.handle_timeout(Instant(1_000));
+        let actions = drain(&mut c);
+        assert_eq!(actions[1], Action::Discard { checkpoint: CheckpointId(1), files: vec!["only-1".into()] });
+        ack_all(&mut c, 2, &[&last]);
+        c.handle_persisted(CheckpointId(2)).unwrap();
+        let deleted: Vec<String> = drain(&mut c)
+            .into_iter()
+            .flat_map(|a| match a {
+                Action::Discard { files, .. } => files,
+                _ => vec![],
+            })
+            .collect();
+        assert!(!deleted.contains(&last), "{deleted:?}");
     }
 
     // Goal: savepoints are taken on request and outlive retention; a restored coordinator goes on

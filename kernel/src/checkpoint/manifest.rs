@@ -30,7 +30,8 @@ const MANIFEST_MAGIC: &[u8; 4] = b"SBCM";
 const POINTER_MAGIC: &[u8; 4] = b"SBCP";
 /// Where checkpoints live in storage.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
-const POINTER_PATH: &str = "checkpoints/_latest";
+/// The latest-checkpoint pointer.
+pub const POINTER_PATH: &str = "checkpoints/_latest";
 const MANIFEST_PREFIX: &str = "_manifest-";
 
 /// Bounds on what a manifest may hold, checked when decoding bytes from outside.
@@ -77,6 +78,13 @@ pub fn checkpoint_dir(id: CheckpointId) -> String {
 /// no retained checkpoint refers to it.
 pub fn shared_dir() -> String {
     format!("{CHECKPOINTS_DIR}/shared")
+}
+
+/// The directory of what tasks keep at their end of input (their final snapshots): files that
+/// every checkpoint after a task finished carries, each deleted once no retained checkpoint
+/// refers to it.
+pub fn end_of_input_dir() -> String {
+    format!("{CHECKPOINTS_DIR}/end-of-input")
 }
 
 pub fn manifest_path(id: CheckpointId) -> String {
@@ -254,7 +262,8 @@ fn encode_pointer(id: CheckpointId) -> Vec<u8> {
     bytes
 }
 
-fn decode_pointer(bytes: &[u8]) -> Result<CheckpointId, CorruptManifest> {
+/// Decodes the latest-checkpoint pointer (bytes from storage: never panics).
+pub fn decode_pointer(bytes: &[u8]) -> Result<CheckpointId, CorruptManifest> {
     if bytes.len() != 16 || &bytes[..4] != POINTER_MAGIC {
         return Err(CorruptManifest(format!("latest-checkpoint pointer of {} bytes is malformed", bytes.len())));
     }
@@ -287,6 +296,19 @@ pub struct Recovery {
     pub skipped: Vec<(CheckpointId, String)>,
     /// Why the latest-checkpoint pointer could not be used, if it could not.
     pub pointer_problem: Option<String>,
+}
+
+impl Recovery {
+    /// The highest checkpoint id recovery saw: the restored one, or a newer one it passed over.
+    /// The next attempt's checkpoints must come after it ([`Coordinator::continue_after`]): a
+    /// passed-over manifest stays on disk, and reusing its id would let its old manifest name
+    /// the new attempt's files (a mix of two cuts that each pass their checksums).
+    ///
+    /// [`Coordinator::continue_after`]: crate::checkpoint::coordinator::Coordinator::continue_after
+    pub fn checkpoint_id_max(&self) -> Option<CheckpointId> {
+        let restored = self.manifest.as_ref().map(|m| m.checkpoint);
+        restored.into_iter().chain(self.skipped.iter().map(|(id, _)| *id)).max()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -411,6 +433,26 @@ pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -
         }
     }
     Ok(deleted)
+}
+
+/// The highest checkpoint id storage holds a manifest of, or that the pointer names (whether
+/// or not it is usable): a new attempt numbers its checkpoints after it
+/// ([`Coordinator::continue_after`]), whichever checkpoint or savepoint it restored, so that no
+/// manifest left on disk can ever name a later attempt's files.
+///
+/// [`Coordinator::continue_after`]: crate::checkpoint::coordinator::Coordinator::continue_after
+pub fn newest_checkpoint_id(storage: &mut dyn Storage) -> Result<Option<CheckpointId>, StorageError> {
+    let listed = storage
+        .list(CHECKPOINTS_DIR)?
+        .iter()
+        .filter_map(|name| name.strip_prefix(MANIFEST_PREFIX)?.parse().ok().map(CheckpointId))
+        .max();
+    let pointed = match storage.read(POINTER_PATH) {
+        Ok(bytes) => decode_pointer(&bytes).ok(),
+        Err(StorageError::NotFound { .. }) => None,
+        Err(error) => return Err(error),
+    };
+    Ok(listed.max(pointed).filter(|id| *id < CheckpointId::END_OF_INPUT))
 }
 
 /// Finds the latest completed checkpoint of `job` that is intact, passing over corrupt or partial
@@ -545,6 +587,56 @@ mod tests {
         assert!(error.contains("refusing to start"), "{error}");
         assert!(error.contains("checkpoint 2 misses its file"), "{error}");
         assert!(error.contains("checkpoint 1 has a corrupt checkpoint metadata: checksum"), "{error}");
+    }
+
+    // Goal (regression, found by the simulator: `sim/tests/regressions.rs`,
+    // `checkpoint_ids_never_repeat_after_a_passed_over_checkpoint`): when recovery passes over
+    // the newest checkpoint (a read failed, or its file is damaged), the next attempt's
+    // checkpoint ids start after it. Reusing its id let its old manifest, which the pointer still
+    // names, be restored later with some of its files rewritten by the new attempt: two cuts
+    // mixed, each file intact. Method: checkpoint 3 passed over; a coordinator continuing after
+    // the recovery triggers checkpoint 4 first.
+    #[test]
+    fn checkpoint_ids_continue_after_a_passed_over_checkpoint() {
+        use crate::checkpoint::coordinator::{Action, Coordinator, CoordinatorConfig};
+        let mut storage = MemStorage::new();
+        complete(&mut storage, 2);
+        complete(&mut storage, 3);
+        let file = format!("{}/state-1-0", checkpoint_dir(CheckpointId(3)));
+        storage.write(&file, b"damaged").unwrap();
+        let recovery = find_latest(&mut storage, "w2").unwrap();
+        assert_eq!(recovery.manifest.as_ref().map(|m| m.checkpoint), Some(CheckpointId(2)));
+        assert_eq!(recovery.checkpoint_id_max(), Some(CheckpointId(3)));
+        let config = CoordinatorConfig { interval_ms: 1, timeout_ms: 100, concurrent_max: 1, retained_count: 1 };
+        let tasks = recovery.manifest.as_ref().unwrap().tasks.iter().map(|t| t.subtask);
+        let mut coordinator = Coordinator::new(config, "w2", 128, tasks, recovery.manifest.clone());
+        coordinator.continue_after(recovery.checkpoint_id_max().unwrap());
+        coordinator.handle_timeout(crate::time::Instant(0));
+        assert!(
+            matches!(coordinator.poll_action(), Some(Action::Trigger { checkpoint: CheckpointId(4), .. })),
+            "the first checkpoint after recovery is 4"
+        );
+        assert_eq!(
+            Recovery { manifest: None, skipped: vec![], pointer_problem: None }.checkpoint_id_max(),
+            None,
+            "a job that never checkpointed starts at 1"
+        );
+    }
+
+    // Goal: the drivers' floor for new checkpoint ids covers every manifest on disk, usable or
+    // not, and a pointer that names a checkpoint without a manifest; none when nothing is there.
+    #[test]
+    fn newest_checkpoint_id_covers_every_manifest_and_the_pointer() {
+        let mut storage = MemStorage::new();
+        assert_eq!(newest_checkpoint_id(&mut storage).unwrap(), None);
+        complete(&mut storage, 2);
+        complete(&mut storage, 5);
+        storage.write(&manifest_path(CheckpointId(5)), b"damaged").unwrap();
+        assert_eq!(newest_checkpoint_id(&mut storage).unwrap(), Some(CheckpointId(5)));
+        storage.write(POINTER_PATH, &encode_pointer(CheckpointId(9))).unwrap();
+        assert_eq!(newest_checkpoint_id(&mut storage).unwrap(), Some(CheckpointId(9)));
+        storage.write(POINTER_PATH, b"garbage").unwrap();
+        assert_eq!(newest_checkpoint_id(&mut storage).unwrap(), Some(CheckpointId(5)));
     }
 
     // Goal: a damaged pointer does not hide intact checkpoints; persisting survives a crash.

@@ -23,7 +23,7 @@ use arrow_schema::{ArrowError, SchemaRef};
 
 use super::graph::SubtaskId;
 use super::{read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
-use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot, CHECKPOINTS_DIR};
+use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
 use crate::element::CheckpointId;
 use crate::env::{parent_dir, Storage, StorageError};
 
@@ -147,8 +147,15 @@ impl<S: TransactionalSink> Operator for TwoPhaseCommitSink<S> {
         context: &mut Context<'_>,
         checkpoint: CheckpointId,
     ) -> Result<OperatorSnapshot, OperatorError> {
-        let snapshot = self.inner.pre_commit(context, checkpoint)?;
+        let mut snapshot = self.inner.pre_commit(context, checkpoint)?;
         self.prepared.push((checkpoint, snapshot.pending_output.clone()));
+        if planted!(SinkCommitsEarly) && checkpoint != CheckpointId::END_OF_INPUT {
+            self.commit_up_to(context, checkpoint)?;
+        }
+        // The checkpoint commits every epoch prepared up to it, also those of earlier checkpoints
+        // that never completed (subsumed, or their completion not here yet): it names them all,
+        // so that a restore from it commits them all.
+        snapshot.pending_output = self.prepared.iter().flat_map(|(_, handles)| handles.iter().cloned()).collect();
         Ok(snapshot)
     }
 
@@ -164,7 +171,7 @@ impl<S: TransactionalSink> Operator for TwoPhaseCommitSink<S> {
     /// parallelism, pre-committed it: committing twice changes nothing), then lets the sink recover.
     fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
         let handles: Vec<String> = snapshots.iter().flat_map(|s| s.pending_output.iter().cloned()).collect();
-        if !handles.is_empty() {
+        if !handles.is_empty() && !planted!(RecoveryForgetsCommit) {
             self.inner.commit(context, &handles)?;
         }
         self.inner.recover(context, snapshots)
@@ -285,7 +292,7 @@ impl TransactionalSink for FileTransactions {
         // The final snapshot is carried by every later checkpoint: its file is shared by them, in
         // a directory of its own (retention deletes it with the last checkpoint that refers to it).
         let dir = if checkpoint == CheckpointId::END_OF_INPUT {
-            format!("{CHECKPOINTS_DIR}/end-of-input")
+            crate::checkpoint::manifest::end_of_input_dir()
         } else {
             checkpoint_dir(checkpoint)
         };
@@ -478,6 +485,42 @@ mod tests {
         restored.restore(&mut context, std::slice::from_ref(&final_snapshot)).unwrap();
         assert_eq!(committed(&mut storage), vec![(5, 5), (6, 6)]);
         assert_eq!(epoch.files.len(), 1);
+    }
+
+    // Goal (regression, found by the simulator: `sim/tests/regressions.rs`,
+    // `subsumed_epoch_output_is_kept_by_the_next_checkpoint`): when checkpoint 1 never completes
+    // (a newer one subsumes it, or its completion is delayed past the next barrier), the sink's
+    // epoch-1 output is committed by checkpoint 2, so checkpoint 2 must name it: a restore from
+    // 2 commits both epochs. Method: two barriers, no completion, restore from the second
+    // snapshot alone.
+    #[test]
+    fn a_checkpoint_names_every_epoch_it_commits() {
+        let subtask = SubtaskId { vertex: VertexId(2), index: 0 };
+        let mut storage = MemStorage::new();
+        let mut out = Vec::new();
+        let mut sink = FileSink::new_files("s", subtask);
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        sink.on_batch(&mut context, rows_batch(&[(1, 1)])).unwrap();
+        sink.on_barrier(&mut context, CheckpointId(1)).unwrap();
+        sink.on_batch(&mut context, rows_batch(&[(2, 2)])).unwrap();
+        let second = sink.on_barrier(&mut context, CheckpointId(2)).unwrap();
+        assert_eq!(second.pending_output.len(), 2, "both epochs: {:?}", second.pending_output);
+        storage.crash();
+        let snapshot = TaskSnapshot {
+            subtask,
+            source_positions: vec![],
+            files: second.files,
+            pending_output: second.pending_output,
+        };
+        let mut restored = FileSink::new_files("s", subtask);
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        restored.restore(&mut context, std::slice::from_ref(&snapshot)).unwrap();
+        assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
+        // Committing what is already committed changes nothing (epoch 1 committed before the crash).
+        let mut again = FileSink::new_files("s", subtask);
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out).with_checkpointing(true);
+        again.restore(&mut context, &[snapshot]).unwrap();
+        assert_eq!(committed(&mut storage), vec![(1, 1), (2, 2)]);
     }
 
     // Goal: a committed file that is not Arrow IPC (torn, overwritten) is an error naming the

@@ -101,6 +101,10 @@ pub struct TumblingWindowCountSum {
     key_groups: KeyGroupRange,
     /// The input watermark: windows ending at or before it have fired.
     watermark: EventTime,
+    /// The watermark restored from a checkpoint. The generators upstream start over after a
+    /// restore, so the input watermark climbs again from below it: until it passes this one,
+    /// it repeats what the window already knew, and changes nothing.
+    watermark_restored: EventTime,
     /// Open windows by start, with the keys of each of their entries in state, by key group
     /// (indexed from the first group of the backend): the windows' timers, in effect. They move
     /// into the state backend with the event-time timers.
@@ -140,6 +144,7 @@ impl TumblingWindowCountSum {
             key_groups: state.key_groups(),
             state,
             watermark: EventTime::MIN,
+            watermark_restored: EventTime::MIN,
             windows_open: BTreeMap::new(),
             schema: Self::schema(key_field),
             state_key: StateKey::new(),
@@ -301,6 +306,9 @@ impl Operator for TumblingWindowCountSum {
     }
 
     fn on_watermark(&mut self, context: &mut Context<'_>, watermark: EventTime) -> Result<(), OperatorError> {
+        if watermark <= self.watermark_restored {
+            return Ok(());
+        }
         assert!(watermark > self.watermark, "watermark {watermark:?} after {:?}", self.watermark);
         self.fire(context, watermark)?;
         self.watermark = watermark;
@@ -360,6 +368,7 @@ impl Operator for TumblingWindowCountSum {
         }
         self.state.restore_files(context.storage, &files)?;
         self.watermark = EventTime(watermark.unwrap_or(i64::MIN));
+        self.watermark_restored = self.watermark;
         self.windows_open.clear();
         let (group_count, key_type) = (range.count(), self.spec.key_type);
         for (offset, key_group) in range.iter().enumerate() {
@@ -612,6 +621,40 @@ mod tests {
         restored_rows.sort();
         assert!(!fired_before.is_empty() && !after.is_empty(), "the script fires windows before and after");
         assert_eq!(restored_rows, after);
+    }
+
+    // Goal (regression, found by the simulator: `sim/tests/regressions.rs`,
+    // `restored_window_takes_a_lower_watermark`): after a restore, the watermark generators
+    // start over, so the first watermarks can be at or below the one the window restored; the
+    // window takes them without panicking, fires nothing for them, and fires as before once the
+    // watermark passes its restored one. Method: snapshot at watermark 20, restore, then
+    // watermarks 12, 20 and 30.
+    #[test]
+    fn restored_window_takes_a_lower_watermark() {
+        let mut storage = MemStorage::new();
+        let subtask = SubtaskId { vertex: VertexId(1), index: 0 };
+        let mut out = Vec::new();
+        let mut op = window();
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out);
+        op.on_batch(&mut context, batch(&[(Some(1), 5, 15), (Some(2), 7, 25)])).unwrap();
+        op.on_watermark(&mut context, EventTime(20)).unwrap();
+        let written = op.on_barrier(&mut context, CheckpointId(1)).unwrap();
+        let mut files = written.files;
+        for write in written.writes {
+            files.extend(write.write(context.storage).unwrap());
+        }
+        let snapshots = [TaskSnapshot { subtask, source_positions: vec![], files, pending_output: vec![] }];
+        let mut restored = window();
+        let mut out = Vec::new();
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out);
+        restored.restore(&mut context, &snapshots).unwrap();
+        restored.on_watermark(&mut context, EventTime(12)).unwrap();
+        restored.on_watermark(&mut context, EventTime(20)).unwrap();
+        assert!(out.is_empty(), "watermarks the window already had change nothing: {out:?}");
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out);
+        restored.on_watermark(&mut context, EventTime(30)).unwrap();
+        assert_eq!(rows(&out), vec![(2, 20, 1, 7)]);
+        assert!(matches!(out.last(), Some(Element::Watermark(EventTime(30)))));
     }
 
     // Goal: records the operator cannot take are errors that name the problem, never a panic or a

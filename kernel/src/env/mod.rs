@@ -6,6 +6,8 @@
 //! [`Transport`] moves elements between nodes; drivers own it (the kernel hands elements out through
 //! `poll_transmit` and takes them in through `handle_element`).
 
+#[cfg(any(test, feature = "testing"))]
+pub mod fault_storage;
 mod mem_storage;
 
 pub use mem_storage::MemStorage;

@@ -1,0 +1,247 @@
+//! Swarm options: everything a run does, drawn from its seed — the topology, the workload, the
+//! checkpoint settings, the network's behaviour and the fault plan (which faults, how often, when).
+//!
+//! Each seed switches some faults off entirely (swarm testing): a run with few kinds of fault
+//! reaches states that a run with every fault at once never does.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sabot_kernel::dataflow::PhysicalPlan;
+use sabot_kernel::env::fault_storage::FaultConfig;
+use sabot_kernel::state::testing::Lcg;
+use sabot_kernel::testing::cluster::{CheckpointSettings, ClusterConfig, FaultEvent, FaultPlan, NetworkSettings};
+use sabot_kernel::workload::{self, W2Options};
+
+/// Which job a run executes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// W1: filter and projection (stateless).
+    W1 { record_count: u64, parallelism: u16, batch_size: usize },
+    /// W2 and its variants (late data: a bound below the generator's disorder, one source).
+    W2(W2Options),
+}
+
+impl Workload {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Workload::W1 { .. } => "W1",
+            Workload::W2(options) if options.out_of_orderness_ms < 2_000 => "W2-late",
+            Workload::W2(options) if options.window_size_ms != workload::W2_WINDOW_SIZE_MS => "W2-small-windows",
+            Workload::W2(_) => "W2",
+        }
+    }
+
+    pub fn record_count(&self) -> u64 {
+        match self {
+            Workload::W1 { record_count, .. } => *record_count,
+            Workload::W2(options) => options.record_count,
+        }
+    }
+
+    pub fn plan(&self, node_count: u16) -> PhysicalPlan {
+        let graph = match *self {
+            Workload::W1 { record_count, parallelism, batch_size } => {
+                workload::w1_job(record_count, parallelism, batch_size)
+            }
+            Workload::W2(options) => workload::w2_job_with(options),
+        };
+        PhysicalPlan::new(graph.expect("swarm workloads are valid jobs"), node_count)
+    }
+}
+
+/// One run's world, drawn from its seed.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub seed: u64,
+    pub workload: Workload,
+    pub node_count: u16,
+    pub checkpoints: CheckpointSettings,
+    pub network: NetworkSettings,
+    pub faults: FaultPlan,
+    pub liveness_ms: u64,
+}
+
+/// How big the swarm's runs are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwarmLimits {
+    pub record_count_max: u64,
+    /// Replaces the drawn record count (every other choice stays as the seed draws it, and
+    /// the fault plan and liveness bound follow the longer run).
+    pub record_count: Option<u64>,
+}
+
+impl Default for SwarmLimits {
+    fn default() -> Self {
+        SwarmLimits { record_count_max: 3_000, record_count: None }
+    }
+}
+
+fn pick<T: Copy>(rng: &mut Lcg, choices: &[T]) -> T {
+    choices[rng.below(choices.len() as u64) as usize]
+}
+
+fn between(rng: &mut Lcg, low: u64, high: u64) -> u64 {
+    low + rng.below(high - low + 1)
+}
+
+/// A rate in parts per million, or zero (the fault switched off for this seed).
+fn rate(rng: &mut Lcg, max_ppm: u64) -> u32 {
+    if rng.below(2) == 0 {
+        0
+    } else {
+        between(rng, max_ppm / 20, max_ppm) as u32
+    }
+}
+
+impl Scenario {
+    pub fn from_seed(seed: u64, limits: SwarmLimits) -> Scenario {
+        let mut rng = Lcg::new(seed);
+        let workload = draw_workload(&mut rng, limits);
+        let parallelism = match workload {
+            Workload::W1 { parallelism, .. } => parallelism,
+            Workload::W2(options) => options.parallelism.max(options.source_parallelism),
+        };
+        let node_count = between(&mut rng, 1, u64::from(parallelism).min(3)) as u16;
+        let checkpoints = CheckpointSettings {
+            interval_ms: pick(&mut rng, &[2, 5, 10, 20, 50]),
+            unaligned: rng.below(3) == 0,
+            alignment_timeout_ms: (rng.below(4) == 0).then(|| rng.below(8)),
+            timeout_ms: pick(&mut rng, &[60, 200, 10_000]),
+            concurrent_max: between(&mut rng, 1, 3) as usize,
+            retained_count: between(&mut rng, 1, 3) as usize,
+        };
+        let network = NetworkSettings {
+            tick_ms: between(&mut rng, 1, 3),
+            delay_ms_max: pick(&mut rng, &[0, 2, 5, 15]),
+            channel_capacity: pick(&mut rng, &[1, 2, 8, 32]),
+            step_ppm: pick(&mut rng, &[400_000, 800_000, 1_000_000]),
+            write_delay_ms_max: pick(&mut rng, &[0, 3, 20]),
+            persist_delay_ms_max: pick(&mut rng, &[0, 3, 20]),
+        };
+        // Roughly how long a fault-free run lasts: batches per node, stepped at the step rate.
+        let batch_size = match workload {
+            Workload::W1 { batch_size, .. } => batch_size,
+            Workload::W2(options) => options.batch_size,
+        } as u64;
+        let batches = workload.record_count().div_ceil(batch_size);
+        let steps = batches.div_ceil(u64::from(node_count)) * 1_000_000 / u64::from(network.step_ppm);
+        let duration_ms = (steps * network.tick_ms).max(20);
+        let faults = draw_faults(&mut rng, node_count, duration_ms);
+        let liveness_ms = duration_ms * 40 + 20_000;
+        Scenario { seed, workload, node_count, checkpoints, network, faults, liveness_ms }
+    }
+
+    pub fn cluster_config(&self, trace: bool) -> ClusterConfig {
+        ClusterConfig {
+            seed: self.seed,
+            plan: Arc::new(self.workload.plan(self.node_count)),
+            checkpoints: self.checkpoints.clone(),
+            network: self.network.clone(),
+            faults: self.faults.clone(),
+            trace,
+            liveness_ms: self.liveness_ms,
+        }
+    }
+
+    /// The same world without faults: the fault-free comparison run, or a restart from a cut.
+    pub fn without_faults(&self) -> Scenario {
+        let faults = FaultPlan { heal_at_ms: 0, ..FaultPlan::default() };
+        Scenario { faults, ..self.clone() }
+    }
+}
+
+fn draw_workload(rng: &mut Lcg, limits: SwarmLimits) -> Workload {
+    let drawn = between(rng, limits.record_count_max / 8, limits.record_count_max).max(1);
+    let record_count = limits.record_count.unwrap_or(drawn);
+    let batch_size = pick(rng, &[1, 3, 7, 16, 50, 100, 333]);
+    let parallelism = between(rng, 1, 4) as u16;
+    let base = W2Options {
+        record_count,
+        source_parallelism: parallelism,
+        parallelism,
+        batch_size,
+        out_of_orderness_ms: workload::W2_OUT_OF_ORDERNESS_MS,
+        window_size_ms: workload::W2_WINDOW_SIZE_MS,
+    };
+    match rng.below(10) {
+        0..=1 => Workload::W1 { record_count, parallelism, batch_size },
+        // Late data: with one source, which records are late does not depend on interleaving.
+        2..=3 => Workload::W2(W2Options {
+            source_parallelism: 1,
+            out_of_orderness_ms: pick(rng, &[0, 300, 1_000]),
+            window_size_ms: pick(rng, &[500, 2_000]),
+            ..base
+        }),
+        4..=5 => Workload::W2(W2Options {
+            source_parallelism: between(rng, 1, 4) as u16,
+            window_size_ms: pick(rng, &[100, 1_000]),
+            ..base
+        }),
+        _ => Workload::W2(base),
+    }
+}
+
+fn draw_faults(rng: &mut Lcg, node_count: u16, duration_ms: u64) -> FaultPlan {
+    let heal_at_ms = duration_ms * between(rng, 30, 150) / 100;
+    let mut events = Vec::new();
+    let at = |rng: &mut Lcg| between(rng, 1, heal_at_ms.max(2));
+    for _ in 0..pick(rng, &[0, 1, 1, 2, 3]) {
+        events.push((at(rng), FaultEvent::PowerLoss));
+    }
+    for _ in 0..pick(rng, &[0, 0, 1, 2]) {
+        let node = rng.below(u64::from(node_count)) as u16;
+        events.push((at(rng), FaultEvent::NodeCrash { node }));
+    }
+    for _ in 0..pick(rng, &[0, 0, 1]) {
+        let start = at(rng);
+        events.push((start, FaultEvent::DiskFull { full: true }));
+        events.push((start + between(rng, 1, 30), FaultEvent::DiskFull { full: false }));
+    }
+    // Durable damage, and a crash soon after it, so that recovery meets it.
+    if rng.below(8) == 0 {
+        let when = at(rng);
+        events.push((when, FaultEvent::CorruptNewestCheckpoint));
+        events.push((when + between(rng, 1, 5), FaultEvent::NodeCrash { node: 0 }));
+    }
+    if rng.below(8) == 0 {
+        let when = at(rng);
+        events.push((when, FaultEvent::CorruptPointer));
+        events.push((when + between(rng, 1, 5), FaultEvent::PowerLoss));
+    }
+    for _ in 0..pick(rng, &[0, 0, 1, 2]) {
+        let node = rng.below(u64::from(node_count) + 1) as u16;
+        events.push((at(rng), FaultEvent::ClockJump { node, ms: pick(rng, &[5, 100, 5_000]) }));
+    }
+    events.sort_by_key(|(at, _)| *at);
+    let storage = FaultConfig {
+        read_error_ppm: rate(rng, 5_000),
+        read_corrupt_ppm: rate(rng, 3_000),
+        write_error_ppm: rate(rng, 3_000),
+        misdirect_ppm: if rng.below(6) == 0 { between(rng, 100, 2_000) as u32 } else { 0 },
+        sync_error_ppm: rate(rng, 3_000),
+        torn_ppm: rate(rng, 1_000_000),
+    };
+    let clock_skew_ms = (0..=node_count).map(|_| pick(rng, &[0, 0, 3, 50, 1_000])).collect();
+    let restart_delay_ms_max = pick(rng, &[0, 5, 50]);
+    FaultPlan { heal_at_ms, events, storage, clock_skew_ms, restart_delay_ms_max }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "workload   {} {:?}", self.workload.name(), self.workload)?;
+        writeln!(f, "topology   {} nodes", self.node_count)?;
+        writeln!(f, "checkpoints {:?}", self.checkpoints)?;
+        writeln!(f, "network    {:?}", self.network)?;
+        writeln!(f, "faults     heal at {} ms, disk {:?}", self.faults.heal_at_ms, self.faults.storage)?;
+        writeln!(
+            f,
+            "           clock skew {:?} ms, restart delay ≤ {} ms",
+            self.faults.clock_skew_ms, self.faults.restart_delay_ms_max
+        )?;
+        for (at, event) in &self.faults.events {
+            writeln!(f, "           at {at:>6} ms: {event:?}")?;
+        }
+        Ok(())
+    }
+}
