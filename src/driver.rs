@@ -748,8 +748,15 @@ impl<T: AsyncTransport> NodeDriver<T> {
                 }
                 Event::SnapshotWrites { checkpoint, subtask, writes } => {
                     let (done, data_dir) = (control.commands_own.clone(), control.data_dir.clone());
-                    // In a `--cfg madsim` build this runs as a simulated task (madsim has no threads).
-                    #[cfg_attr(madsim, allow(deprecated))]
+                    // In a `--cfg madsim` build this runs as a simulated task (madsim has no
+                    // threads), after a BUGGIFY point: a slow snapshot write.
+                    #[cfg(madsim)]
+                    tokio::spawn(async move {
+                        crate::buggify::delay(Duration::from_millis(500)).await;
+                        let result = write_durably(&data_dir, writes);
+                        let _ = done.send(Command::Written(checkpoint, subtask, result));
+                    });
+                    #[cfg(not(madsim))]
                     tokio::task::spawn_blocking(move || {
                         let result = write_durably(&data_dir, writes);
                         let _ = done.send(Command::Written(checkpoint, subtask, result));

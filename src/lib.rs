@@ -2,6 +2,7 @@
 //! `sabot` command's job runner. All decisions are the kernel's (`sabot-kernel`); this crate
 //! only moves elements, reads clocks and touches disks. See `ARCHITECTURE.md`.
 
+pub mod buggify;
 pub mod clock;
 pub mod driver;
 pub mod fs_storage;

@@ -92,6 +92,8 @@ pub struct Plan {
     pub unaligned: bool,
     pub alignment_timeout_ms: Option<u64>,
     pub latency: std::ops::Range<Duration>,
+    /// The driver's BUGGIFY points may fire (slow snapshot writes, late acknowledgements).
+    pub buggify: bool,
     /// Faults by virtual time from the start, ascending.
     pub faults: Vec<(Duration, Fault)>,
 }
@@ -110,6 +112,7 @@ impl Plan {
         let alignment_timeout_ms = random.chance(30).then(|| random.between(1, 50));
         let latency_max = random.between(2, 30);
         let latency = Duration::from_millis(1)..Duration::from_millis(latency_max);
+        let buggify = random.chance(50);
         let mut faults = Vec::new();
         let mut at = Duration::ZERO;
         for index in 0..random.between(0, 6) {
@@ -154,6 +157,7 @@ impl Plan {
             unaligned,
             alignment_timeout_ms,
             latency,
+            buggify,
             faults,
         }
     }
@@ -232,6 +236,9 @@ impl World {
     async fn run(self) -> Result<(Duration, Vec<String>), String> {
         let handle = Handle::current();
         let plan = self.plan;
+        if plan.buggify {
+            madsim::buggify::enable();
+        }
         let done = Arc::new(AtomicBool::new(false));
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
         let coordinator_address = SocketAddr::new(coordinator_ip(), COORDINATOR_PORT);

@@ -713,6 +713,8 @@ async fn forward_reports(mut reports: mpsc::UnboundedReceiver<Report>, outbox: m
     while let Some(report) = reports.recv().await {
         let message = match report {
             Report::Ack(checkpoint, snapshot) => {
+                // BUGGIFY: a late acknowledgement (the checkpoint may time out or overlap the next).
+                crate::buggify::delay(Duration::from_millis(1_000)).await;
                 Control::Ack { checkpoint, snapshot: encode_snapshot(checkpoint, snapshot) }
             }
             Report::Finished(node) => Control::Finished { node },
