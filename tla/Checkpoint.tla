@@ -59,7 +59,6 @@ ASSUME /\ SourceCount \in 1..3 /\ RecordCount \in 1..5
 VARIABLES
     \* Sources (Source::positions; Node::handle_checkpoint_trigger).
     offset,        \* offset[s]: records source s emitted (its position)
-    wmSent,        \* wmSent[s]: the last watermark source s emitted
     triggers,      \* triggers[s]: <<id, kind>> triggers source s has not acted on yet
     \* Channels (env::Transport: FIFO, lost on a crash).
     chan,          \* chan[s]: elements from source s to T, oldest first
@@ -96,12 +95,12 @@ VARIABLES
     crashes,       \* crashes so far
     completedHist  \* <<attempt, n>> for every checkpoint whose pointer replacement happened
 
-vars == <<offset, wmSent, triggers, chan, count, wmIn, wmBack, alCur, alTaken, alIn, alFin,
+vars == <<offset, triggers, chan, count, wmIn, wmBack, alCur, alTaken, alIn, alFin,
           snapOpen, writing, txnOpen, prepared, notified, sinkCovered, ckNext, status, ackSrc,
           ackOff, ackT, trigOff, aborts, mf, mfSynced, latest, txnData, committed, attempt,
           crashes, completedHist>>
 
-srcVars == <<offset, wmSent, triggers>>
+srcVars == <<offset, triggers>>
 taskVars == <<count, wmIn, wmBack, alCur, alTaken, alIn, alFin, snapOpen, writing>>
 sinkVars == <<txnOpen, prepared, notified, sinkCovered>>
 coordVars == <<ckNext, status, ackSrc, ackOff, ackT, trigOff, aborts>>
@@ -135,7 +134,6 @@ CommittedKeys == {<<o[1], o[2]>> : o \in CommittedOut}
 -----------------------------------------------------------------------------
 Init ==
     /\ offset = Zeros
-    /\ wmSent = Zeros
     /\ triggers = [s \in Sources |-> {}]
     /\ chan = [s \in Sources |-> <<>>]
     /\ count = Zeros
@@ -171,17 +169,23 @@ Init ==
 (* The coordinator. *)
 
 \* Coordinator::handle_timeout triggers on an interval. The model triggers only when a source
-\* moved since the last trigger (or an abort): the same protocol, with finitely many ids.
+\* moved since the last trigger, or when the job is quiet and output is still uncommitted: the
+\* same protocol, with finitely many ids. (With a trigger on every interval, liveness would need
+\* unboundedly many.)
+Quiet ==
+    /\ InFlightCount = 0 /\ notified = {} /\ writing = {}
+    /\ \A s \in Sources : chan[s] = <<>> /\ triggers[s] = {}
+Uncommitted == txnOpen # {} \/ prepared # {}
 Trigger ==
     /\ ckNext \in Ids
     /\ InFlightCount < ConcurrentMax
-    /\ offset # trigOff
+    /\ offset # trigOff \/ (Quiet /\ Uncommitted)
     /\ \E kind \in BarrierKinds :
           triggers' = [s \in Sources |-> triggers[s] \union {<<ckNext, kind>>}]
     /\ status' = [status EXCEPT ![ckNext] = "pending"]
     /\ ckNext' = ckNext + 1
     /\ trigOff' = offset
-    /\ UNCHANGED <<offset, wmSent, chan, ackSrc, ackOff, ackT, aborts>>
+    /\ UNCHANGED <<offset, chan, ackSrc, ackOff, ackT, aborts>>
     /\ UNCHANGED <<taskVars, sinkVars, storeVars, envVars>>
 
 \* Coordinator::handle_ack: status'/ackSrc'/ackT' of checkpoint n after an acknowledgement.
@@ -255,26 +259,22 @@ Abort(n) ==
     /\ Bug = "announce_before_durable" => n \notin notified
     /\ status' = [status EXCEPT ![n] = "aborted"]
     /\ aborts' = aborts + 1
-    /\ trigOff' = [s \in Sources |-> -1]   \* the next trigger need not wait for new input
     /\ UNCHANGED <<srcVars, chan, taskVars, sinkVars, storeVars, envVars>>
-    /\ UNCHANGED <<ckNext, ackSrc, ackOff, ackT>>
+    /\ UNCHANGED <<ckNext, ackSrc, ackOff, ackT, trigOff>>
 
 -----------------------------------------------------------------------------
 (* Sources. *)
 
+\* The source reads record offset+1 and emits it; its chain's watermark assigner
+\* (dataflow/watermark.rs) follows the batch with a watermark. Event time is the offset, so the
+\* watermark is the offset read.
 SourceRead(s) ==
     /\ offset[s] < RecordCount
-    /\ chan' = [chan EXCEPT ![s] = Append(@, <<"R", offset[s] + 1>>)]
+    /\ chan' = [chan EXCEPT ![s] =
+                 (IF Watermarks THEN Append(Append(@, <<"R", offset[s] + 1>>), <<"W", offset[s] + 1>>)
+                  ELSE Append(@, <<"R", offset[s] + 1>>))]
     /\ offset' = [offset EXCEPT ![s] = @ + 1]
-    /\ UNCHANGED <<wmSent, triggers, taskVars, sinkVars, coordVars, storeVars, envVars>>
-
-\* The watermark generator: event time is the offset, so the watermark is the last offset read.
-SourceWatermark(s) ==
-    /\ Watermarks
-    /\ wmSent[s] < offset[s]
-    /\ chan' = [chan EXCEPT ![s] = Append(@, <<"W", offset[s]>>)]
-    /\ wmSent' = [wmSent EXCEPT ![s] = offset[s]]
-    /\ UNCHANGED <<offset, triggers, taskVars, sinkVars, coordVars, storeVars, envVars>>
+    /\ UNCHANGED <<triggers, taskVars, sinkVars, coordVars, storeVars, envVars>>
 
 \* Node::handle_checkpoint_trigger at a source: record the offset, emit Barrier(n) and
 \* acknowledge at once (a source writes no files). Triggers reach a source in id order.
@@ -291,7 +291,7 @@ SourceBarrier(s) ==
                          ELSE Append(@, <<"B", n, t[2]>>))]
           /\ offset' = [offset EXCEPT ![s] = off]
           /\ AckSource(n, s, off)
-    /\ UNCHANGED <<wmSent, taskVars, sinkVars, ckNext, ackT, trigOff, aborts, storeVars, envVars>>
+    /\ UNCHANGED <<taskVars, sinkVars, ckNext, ackT, trigOff, aborts, storeVars, envVars>>
 
 -----------------------------------------------------------------------------
 (* Task T: the input gate, the aligner, the keyed operator and the sink. *)
@@ -429,15 +429,14 @@ CrashRestore ==
        /\ txnOpen' = UNION {ReplayOut(m, s) : s \in Sources}
        /\ committed' = (IF Bug = "restore_forgets_txn" THEN committed ELSE committed \union m.txns)
        /\ sinkCovered' = m.state
-       /\ trigOff' = m.off
     /\ mf' = [n \in Ids |-> (IF mfSynced[n] THEN mf[n] ELSE NoManifest)]
-    /\ wmSent' = Zeros
     /\ triggers' = [s \in Sources |-> {}]
     /\ chan' = [s \in Sources |-> <<>>]
     /\ alCur' = 0 /\ alTaken' = FALSE /\ alIn' = AllOpen /\ alFin' = 0
     /\ snapOpen' = NoSnap /\ writing' = {}
     /\ prepared' = {} /\ notified' = {}
     /\ ckNext' = latest + 1
+    /\ trigOff' = offset'
     /\ status' = [n \in Ids |-> "none"]
     /\ ackSrc' = [n \in Ids |-> {}]
     /\ ackOff' = [n \in Ids |-> Zeros]
@@ -451,7 +450,7 @@ CrashRestore ==
 Progress ==
     \/ Trigger
     \/ \E n \in Ids : PersistWrite(n) \/ PersistSync(n) \/ PersistPointer(n)
-    \/ \E s \in Sources : SourceRead(s) \/ SourceWatermark(s) \/ SourceBarrier(s) \/ Deliver(s)
+    \/ \E s \in Sources : SourceRead(s) \/ SourceBarrier(s) \/ Deliver(s)
     \/ AlignTimeoutSwitch
     \/ SnapshotWritten
     \/ SinkCommit
