@@ -502,6 +502,17 @@ InvCommittedValues == \A o \in CommittedOut : o[3] = o[2]
 \* every record that checkpoint's state counts is committed.
 InvNoLoss == \A s \in Sources : \A i \in 1..sinkCovered[s] : <<s, i>> \in CommittedKeys
 
+\* ... and no record read is forgotten: each record a source has read in this attempt is still in
+\* its channel, or its output is in the open transaction, in a pre-committed one that a later
+\* completion or restore still commits, or committed. (After a restore, the records before the
+\* restored offsets must be committed or replayed.)
+InvRecordsAccounted ==
+    \A s \in Sources : \A i \in 1..offset[s] :
+       \/ \E j \in 1..Len(chan[s]) : chan[s][j] = <<"R", i>>
+       \/ \E o \in txnOpen : o[1] = s /\ o[2] = i
+       \/ \E h \in prepared : \E o \in txnData[h] : o[1] = s /\ o[2] = i
+       \/ <<s, i>> \in CommittedKeys
+
 \* Nothing is visible before a checkpoint covering it completed (its pointer was replaced).
 InvNothingVisibleEarly ==
     \A h \in committed : \E c \in completedHist : c[1] = h[1] /\ c[2] >= h[2]

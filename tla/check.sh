@@ -101,7 +101,9 @@ run_rs() {
     if [ "$outcome" = violation ] && [ -z "$trace" ]; then
         trace=$(grep -Eo '^State [0-9]+ of [0-9]+' "$log" | tail -1 | awk '{ print $4 + 1 }')
     fi
-    echo "$outcome $states ${trace:--} $(seconds "$start" "$end")"
+    local what
+    what=$(grep -Eo 'Invariant [0-9]+ \([A-Za-z0-9_]+\) violated' "$log" | head -1 | grep -Eo '\([A-Za-z0-9_]+\)' | tr -d '()' || true)
+    echo "$outcome $states ${trace:--} $(seconds "$start" "$end") ${what:--}"
 }
 
 run_tlc() {
@@ -120,7 +122,9 @@ run_tlc() {
     else
         outcome=error
     fi
-    echo "$outcome ${states:-?} ${trace:--} $(seconds "$start" "$end")"
+    local what
+    what=$(grep -Eo 'Invariant [A-Za-z0-9_]+ is violated' "$log" | head -1 | awk '{ print $2 }' || true)
+    echo "$outcome ${states:-?} ${trace:--} $(seconds "$start" "$end") ${what:--}"
 }
 
 # --- checks -----------------------------------------------------------------------------------
@@ -137,11 +141,11 @@ summary=()
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
 for cfg in "${good[@]}"; do
-    read -r rs_out rs_states _ rs_time <<<"$(run_rs "$cfg")"
-    line=$(printf '%-34s tla-checker %-9s %9s states %7ss' "$cfg" "$rs_out" "$rs_states" "$rs_time")
+    read -r rs_out rs_states _ rs_time _ <<<"$(run_rs "$cfg")"
+    line=$(printf '%-40s tla-checker %-9s %9s states %7ss' "$cfg" "$rs_out" "$rs_states" "$rs_time")
     [ "$rs_out" = pass ] || { fail "$cfg: tla-checker $rs_out"; tail -40 "$work/rs-${cfg%.cfg}.log"; }
     if $tlc_ok; then
-        read -r tlc_out tlc_states _ tlc_time <<<"$(run_tlc "$cfg")"
+        read -r tlc_out tlc_states _ tlc_time _ <<<"$(run_tlc "$cfg")"
         line+=$(printf ' | TLC %-9s %9s states %7ss' "$tlc_out" "$tlc_states" "$tlc_time")
         [ "$tlc_out" = pass ] || { fail "$cfg: TLC $tlc_out"; tail -40 "$work/tlc-${cfg%.cfg}.log"; }
         # Same spec, no symmetry, no view: both count the same distinct states.
@@ -152,12 +156,12 @@ for cfg in "${good[@]}"; do
 done
 
 for cfg in "${bad[@]}"; do
-    read -r rs_out _ rs_trace rs_time <<<"$(run_rs "$cfg")"
-    line=$(printf '%-34s tla-checker %-9s trace %3s states %7ss' "$cfg" "$rs_out" "$rs_trace" "$rs_time")
+    read -r rs_out _ rs_trace rs_time rs_what <<<"$(run_rs "$cfg")"
+    line=$(printf '%-40s tla-checker %-9s trace %3s states %7ss %-22s' "$cfg" "$rs_out" "$rs_trace" "$rs_time" "$rs_what")
     [ "$rs_out" = violation ] || { fail "$cfg: a known-bad variant gave tla-checker '$rs_out', not a counterexample"; tail -40 "$work/rs-${cfg%.cfg}.log"; }
     if $tlc_ok; then
-        read -r tlc_out _ tlc_trace tlc_time <<<"$(run_tlc "$cfg")"
-        line+=$(printf ' | TLC %-9s trace %3s states %7ss' "$tlc_out" "$tlc_trace" "$tlc_time")
+        read -r tlc_out _ tlc_trace tlc_time tlc_what <<<"$(run_tlc "$cfg")"
+        line+=$(printf ' | TLC %-9s trace %3s states %7ss %s' "$tlc_out" "$tlc_trace" "$tlc_time" "$tlc_what")
         [ "$tlc_out" = violation ] || { fail "$cfg: a known-bad variant gave TLC '$tlc_out', not a counterexample"; tail -40 "$work/tlc-${cfg%.cfg}.log"; }
         # Both search breadth first, so both find a shortest counterexample.
         [ "$rs_trace" = "$tlc_trace" ] || fail "$cfg: counterexamples of $rs_trace and $tlc_trace states"
