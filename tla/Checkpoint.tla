@@ -513,6 +513,8 @@ InvRecordsAccounted ==
        \/ \E h \in prepared : \E o \in txnData[h] : o[1] = s /\ o[2] = i
        \/ <<s, i>> \in CommittedKeys
 
+AllCommittedNow == \A s \in Sources : \A i \in 1..RecordCount : <<s, i>> \in CommittedKeys
+
 \* Nothing is visible before a checkpoint covering it completed (its pointer was replaced).
 InvNothingVisibleEarly ==
     \A h \in committed : \E c \in completedHist : c[1] = h[1] /\ c[2] >= h[2]
@@ -521,9 +523,23 @@ InvNothingVisibleEarly ==
 InvWatermarksMonotone == ~wmBack
 
 -----------------------------------------------------------------------------
+(* Witnesses: states a good configuration must reach, stated as invariants that must FAIL, so *)
+(* that a model that never restores, never subsumes or never times out cannot pass unnoticed.  *)
+
+\* A restore from a checkpoint that holds in-flight records (an unaligned one).
+WitnessNoRestoreWithInFlight ==
+    ~(attempt > 0 /\ latest # 0 /\ \E s \in Sources : RecPos(mf[latest].inflight[s]) # {})
+\* All output committed after a crash.
+WitnessNoCommitAfterCrash == ~(crashes > 0 /\ AllCommittedNow)
+\* A checkpoint subsumed or aborted while another completed.
+WitnessNoSubsumption == ~(\E n, m \in Ids : status[n] = "aborted" /\ status[m] = "completed")
+\* An aligned checkpoint that timed out into an unaligned one, with an input still open.
+WitnessNoTimeoutSwitch == ~(alCur # 0 /\ alTaken /\ \E s \in Sources : InFlight(s) /\ chan[s] # <<>>)
+
+-----------------------------------------------------------------------------
 (* Liveness: with finitely many crashes and aborts, every record's output is committed. *)
 
-AllCommitted == \A s \in Sources : \A i \in 1..RecordCount : <<s, i>> \in CommittedKeys
+AllCommitted == AllCommittedNow
 EventuallyAllCommitted == <>AllCommitted
 
 =============================================================================

@@ -3,7 +3,8 @@
 # TLC 2.15 where Java runs), comparing their distinct-state counts; every known-bad variant must
 # give a counterexample with both. Installs what it needs, pinned, under ~/.cache/sabot/tla-tools.
 #
-#   bash tla/check.sh            CI: the MC*.cfg configurations but MCDeep, and every Bad_*.cfg
+#   bash tla/check.sh            CI: the MC*.cfg configurations but MCDeep; every Bad_*.cfg and
+#                                Witness_*.cfg, which must give counterexamples
 #   bash tla/check.sh --deep     also MCDeep.cfg (minutes with TLC, much longer with tla-checker)
 #   bash tla/check.sh --no-tlc   tla-checker only
 #
@@ -134,7 +135,8 @@ for cfg in MC*.cfg; do
     [ "$cfg" = MCDeep.cfg ] && ! $deep && continue
     good+=("$cfg")
 done
-bad=(Bad_*.cfg)
+# Known-bad variants, and witnesses (states a good configuration must reach): both must fail.
+bad=(Bad_*.cfg Witness_*.cfg)
 
 failures=0
 summary=()
@@ -158,11 +160,11 @@ done
 for cfg in "${bad[@]}"; do
     read -r rs_out _ rs_trace rs_time rs_what <<<"$(run_rs "$cfg")"
     line=$(printf '%-40s tla-checker %-9s trace %3s states %7ss %-22s' "$cfg" "$rs_out" "$rs_trace" "$rs_time" "$rs_what")
-    [ "$rs_out" = violation ] || { fail "$cfg: a known-bad variant gave tla-checker '$rs_out', not a counterexample"; tail -40 "$work/rs-${cfg%.cfg}.log"; }
+    [ "$rs_out" = violation ] || { fail "$cfg: expected a counterexample, tla-checker gave '$rs_out'"; tail -40 "$work/rs-${cfg%.cfg}.log"; }
     if $tlc_ok; then
         read -r tlc_out _ tlc_trace tlc_time tlc_what <<<"$(run_tlc "$cfg")"
         line+=$(printf ' | TLC %-9s trace %3s states %7ss %s' "$tlc_out" "$tlc_trace" "$tlc_time" "$tlc_what")
-        [ "$tlc_out" = violation ] || { fail "$cfg: a known-bad variant gave TLC '$tlc_out', not a counterexample"; tail -40 "$work/tlc-${cfg%.cfg}.log"; }
+        [ "$tlc_out" = violation ] || { fail "$cfg: expected a counterexample, TLC gave '$tlc_out'"; tail -40 "$work/tlc-${cfg%.cfg}.log"; }
         # Both search breadth first, so both find a shortest counterexample.
         [ "$rs_trace" = "$tlc_trace" ] || fail "$cfg: counterexamples of $rs_trace and $tlc_trace states"
     fi
@@ -177,4 +179,4 @@ if [ "$failures" -gt 0 ]; then
     echo "$failures failure(s)"
     exit 1
 fi
-echo "all good configurations pass, every known-bad variant gives a counterexample"
+echo "all good configurations pass; every known-bad variant and every witness gives a counterexample"
