@@ -25,7 +25,10 @@
 (* restore).                                                               *)
 (*                                                                         *)
 (* Bug selects a known-bad variant (tla/README.md lists them); "none" is   *)
-(* the protocol as it should be.                                           *)
+(* the protocol as it should be. It differs from the code in one point:    *)
+(* a sink's snapshot names every transaction it pre-committed and has not  *)
+(* committed (SnapTxns); the code names only its own epoch's, which is the *)
+(* variant "sink_own_epoch_only" and loses output (tla/README.md).         *)
 (***************************************************************************)
 EXTENDS Integers, Sequences, FiniteSets
 
