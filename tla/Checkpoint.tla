@@ -50,7 +50,7 @@ Ids == 1..CheckpointMax
 Kinds == {"aligned", "unaligned"}
 Bugs == {"none", "commit_before_complete", "no_alignment", "restore_forgets_txn",
          "announce_before_durable", "offset_after_barrier", "no_inflight",
-         "sink_own_epoch_only"}
+         "sink_own_epoch_only", "watermark_kept_across_restore"}
 
 ASSUME /\ SourceCount \in 1..3 /\ RecordCount \in 1..5
        /\ CheckpointMax \in 1..8 /\ ConcurrentMax \in 1..CheckpointMax
@@ -428,7 +428,8 @@ CrashRestore ==
     /\ LET m == IF latest = 0 THEN NoManifest ELSE mf[latest] IN
        /\ offset' = m.off
        /\ count' = [s \in Sources |-> m.state[s] + Cardinality(RecPos(m.inflight[s]))]
-       /\ wmIn' = [s \in Sources |-> ReplayWm(m, s)]
+       /\ wmIn' = (IF Bug = "watermark_kept_across_restore" THEN wmIn   \* the gate survives the crash
+                    ELSE [s \in Sources |-> ReplayWm(m, s)])
        /\ txnOpen' = UNION {ReplayOut(m, s) : s \in Sources}
        /\ committed' = (IF Bug = "restore_forgets_txn" THEN committed ELSE committed \union m.txns)
        /\ sinkCovered' = m.state

@@ -99,23 +99,26 @@ run_rs() {
     else
         outcome=error
     fi
-    if [ "$outcome" = violation ] && [ -z "$trace" ]; then
-        trace=$(grep -Eo '^State [0-9]+ of [0-9]+' "$log" | tail -1 | awk '{ print $4 + 1 }')
+    if grep -q 'Liveness property violated' "$log"; then
+        trace=lasso   # a prefix and a cycle: lengths are not compared between the checkers
     fi
     local what
-    what=$(grep -Eo 'Invariant [0-9]+ \([A-Za-z0-9_]+\) violated' "$log" | head -1 | grep -Eo '\([A-Za-z0-9_]+\)' | tr -d '()' || true)
+    what=$(sed -nE 's/.*Invariant [0-9]+ \(([A-Za-z0-9_]+)\) violated.*/\1/p; s/.*Liveness property violated: ([A-Za-z0-9_]+).*/\1/p' "$log" | head -1)
     echo "$outcome $states ${trace:--} $(seconds "$start" "$end") ${what:--}"
 }
 
 run_tlc() {
     local cfg="$1" log="$work/tlc-${1%.cfg}.log" start end rc=0
     start=$(now)
-    java -XX:+UseParallelGC -Xss4m -cp "$jar" tlc2.TLC -deadlock -workers "${TLC_WORKERS:-1}" \
+    java -XX:+UseParallelGC -cp "$jar" tlc2.TLC -deadlock -workers "${TLC_WORKERS:-1}" \
         -metadir "$work/tlc-meta-${cfg%.cfg}" -config "$cfg" "$spec" >"$log" 2>&1 || rc=$?
     end=$(now)
     local states trace outcome
     states=$(grep -Eo '[0-9,]+ distinct states found' "$log" | tail -1 | grep -Eo '^[0-9,]+' | tr -d , || echo "?")
     trace=$(grep -Eo '^State [0-9]+:' "$log" | tail -1 | grep -Eo '[0-9]+' || true)
+    if grep -q 'Temporal properties were violated' "$log"; then
+        trace=lasso
+    fi
     if [ "$rc" = 0 ] && grep -q 'Model checking completed. No error has been found.' "$log"; then
         outcome=pass
     elif grep -Eq 'Invariant [A-Za-z0-9_]+ is violated|Temporal properties were violated' "$log"; then
@@ -125,6 +128,7 @@ run_tlc() {
     fi
     local what
     what=$(grep -Eo 'Invariant [A-Za-z0-9_]+ is violated' "$log" | head -1 | awk '{ print $2 }' || true)
+    if grep -q "Temporal properties were violated" "$log"; then what=temporal; fi
     echo "$outcome ${states:-?} ${trace:--} $(seconds "$start" "$end") ${what:--}"
 }
 
