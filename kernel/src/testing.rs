@@ -759,7 +759,11 @@ mod tests {
                 Box::new(MarkerSink { subtask, rows: Vec::new() }) as Box<dyn TransactionalSink>
             });
             let graph = crate::dataflow::JobBuilder::new("w2-kv")
-                .source("generator", SourceSpec::Generator { record_count, batch_size: 100 }, 2)
+                .source(
+                    "generator",
+                    SourceSpec::Generator { record_count, batch_size: 100, keys: Default::default() },
+                    2,
+                )
                 .unwrap()
                 .assign_watermarks(crate::workload::W2_OUT_OF_ORDERNESS_MS)
                 .unwrap()

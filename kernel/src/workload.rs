@@ -41,6 +41,31 @@ pub fn record(i: u64) -> Record {
     Record { key: x2 % KEY_COUNT, value: x3 as i64, ts_ms: i as i64 + (x1 % 2_000) as i64 }
 }
 
+/// How the generator spreads records over keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Keys {
+    /// `KEY_COUNT` keys, uniformly (the published workloads).
+    #[default]
+    Uniform,
+    /// Skewed: three records in four go to one of `hot` keys (so to at most `hot` key groups),
+    /// the rest uniformly to all keys. The simulator's hot-key variant.
+    Skewed { hot: u64 },
+}
+
+/// Record `i` with its key drawn as `keys` says (the same value and event time as [`record`]).
+#[inline(always)]
+pub fn record_with(i: u64, keys: Keys) -> Record {
+    let record = record(i);
+    match keys {
+        Keys::Uniform => record,
+        Keys::Skewed { hot } => {
+            let x1 = ((i + 1) * 48_271) % MODULUS;
+            let key = if (x1 >> 3) % 4 != 0 { record.key % hot.max(1) } else { record.key };
+            Record { key, ..record }
+        }
+    }
+}
+
 /// W2 as a job: generator → watermarks (5 s) → key by `key` → 10 s tumbling count/sum → file sink `w2`.
 pub fn w2_job(
     record_count: u64,
@@ -49,7 +74,7 @@ pub fn w2_job(
 ) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
     use crate::dataflow::graph::SourceSpec;
     crate::dataflow::JobBuilder::new("w2")
-        .source("generator", SourceSpec::Generator { record_count, batch_size }, parallelism)?
+        .source("generator", SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform }, parallelism)?
         .assign_watermarks(W2_OUT_OF_ORDERNESS_MS)?
         .key_by("key", parallelism)?
         .tumbling_window_count_sum(W2_WINDOW_SIZE_MS, "value")?
@@ -67,14 +92,15 @@ pub struct W2Options {
     pub batch_size: usize,
     pub out_of_orderness_ms: i64,
     pub window_size_ms: i64,
+    pub keys: Keys,
 }
 
 /// W2 as [`W2Options`] say: generator → watermarks → key by `key` → tumbling count/sum → file sink `w2`.
 pub fn w2_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
     use crate::dataflow::graph::SourceSpec;
-    let W2Options { record_count, source_parallelism, parallelism, batch_size, .. } = options;
+    let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
     crate::dataflow::JobBuilder::new("w2")
-        .source("generator", SourceSpec::Generator { record_count, batch_size }, source_parallelism)?
+        .source("generator", SourceSpec::Generator { record_count, batch_size, keys }, source_parallelism)?
         .assign_watermarks(options.out_of_orderness_ms)?
         .key_by("key", parallelism)?
         .tumbling_window_count_sum(options.window_size_ms, "value")?
@@ -98,7 +124,7 @@ pub fn w1_job(
         Ok(values.iter().map(|value| value.map(|v| v % 2 == 0)).collect::<BooleanArray>())
     });
     crate::dataflow::JobBuilder::new("w1")
-        .source("generator", SourceSpec::Generator { record_count, batch_size }, parallelism)?
+        .source("generator", SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform }, parallelism)?
         .filter("even-value", even)?
         .project(&["key", "ts_ms"])?
         .sink_files("w1")
@@ -120,5 +146,21 @@ mod tests {
             assert!((0..2_000).contains(&(r.ts_ms - i as i64)));
             assert!(r.value >= 0 && (r.value as u64) < MODULUS);
         }
+    }
+
+    // Goal: the skewed variant keeps values and times, and sends about three records in four to
+    // its hot keys (counted over 100,000 records), the rest over the whole key space.
+    #[test]
+    fn skewed_keys_are_hot() {
+        let keys = Keys::Skewed { hot: 4 };
+        let mut hot = 0;
+        for i in 0..100_000 {
+            let (plain, skewed) = (record(i), record_with(i, keys));
+            assert_eq!((plain.value, plain.ts_ms), (skewed.value, skewed.ts_ms));
+            assert!(skewed.key == plain.key || skewed.key < 4);
+            hot += u64::from(skewed.key < 4);
+        }
+        assert!((72_000..80_000).contains(&hot), "{hot} hot records of 100,000");
+        assert_eq!(record_with(7, Keys::Uniform), record(7));
     }
 }

@@ -27,6 +27,7 @@ impl Workload {
         match self {
             Workload::W1 { .. } => "W1",
             Workload::W2(options) if options.out_of_orderness_ms < 2_000 => "W2-late",
+            Workload::W2(options) if options.keys != workload::Keys::Uniform => "W2-skewed-keys",
             Workload::W2(options) if options.window_size_ms != workload::W2_WINDOW_SIZE_MS => "W2-small-windows",
             Workload::W2(_) => "W2",
         }
@@ -163,6 +164,7 @@ fn draw_workload(rng: &mut Lcg, limits: SwarmLimits) -> Workload {
         batch_size,
         out_of_orderness_ms: workload::W2_OUT_OF_ORDERNESS_MS,
         window_size_ms: workload::W2_WINDOW_SIZE_MS,
+        keys: workload::Keys::Uniform,
     };
     match rng.below(10) {
         0..=1 => Workload::W1 { record_count, parallelism, batch_size },
@@ -178,6 +180,10 @@ fn draw_workload(rng: &mut Lcg, limits: SwarmLimits) -> Workload {
             window_size_ms: pick(rng, &[100, 1_000]),
             ..base
         }),
+        // Hot keys: most records in a few key groups, so one subtask carries the load. The hot
+        // key count comes from the record count, not from the generator, so the draws that
+        // follow (and every other seed's world) stay as they were.
+        9 => Workload::W2(W2Options { keys: workload::Keys::Skewed { hot: 1 + record_count % 8 }, ..base }),
         _ => Workload::W2(base),
     }
 }

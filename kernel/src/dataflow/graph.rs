@@ -75,7 +75,7 @@ pub enum Partitioning {
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
     /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches.
-    Generator { record_count: u64, batch_size: usize },
+    Generator { record_count: u64, batch_size: usize, keys: crate::workload::Keys },
 }
 
 impl SourceSpec {
@@ -105,13 +105,16 @@ impl SourceSpec {
 
     pub fn instantiate(&self, name: &str, subtask: SubtaskId, parallelism: u16) -> Box<dyn Source> {
         match self {
-            SourceSpec::Generator { record_count, batch_size } => Box::new(GeneratorSource::new(
-                name,
-                *record_count,
-                *batch_size,
-                u64::from(subtask.index),
-                u64::from(parallelism),
-            )),
+            SourceSpec::Generator { record_count, batch_size, keys } => Box::new(
+                GeneratorSource::new(
+                    name,
+                    *record_count,
+                    *batch_size,
+                    u64::from(subtask.index),
+                    u64::from(parallelism),
+                )
+                .with_keys(*keys),
+            ),
         }
     }
 }

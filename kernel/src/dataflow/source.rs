@@ -40,6 +40,7 @@ pub struct GeneratorSource {
     name: String,
     batch_size: usize,
     record_count: u64,
+    keys: workload::Keys,
     splits: Vec<Progression>,
     schema: SchemaRef,
     metrics: OperatorMetrics,
@@ -64,10 +65,17 @@ impl GeneratorSource {
             name: name.to_string(),
             batch_size,
             record_count,
+            keys: workload::Keys::Uniform,
             splits: vec![Progression { start: subtask_index, stride: parallelism, read: 0 }],
             schema: Self::schema(),
             metrics: OperatorMetrics::default(),
         }
+    }
+
+    /// The same records with their keys drawn as `keys` says (the simulator's skewed variant).
+    pub fn with_keys(mut self, keys: workload::Keys) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// The split with the lowest next record index that has records left.
@@ -99,7 +107,7 @@ impl Source for GeneratorSource {
             let progression = &mut self.splits[split];
             let mut i = progression.next_index();
             while keys.len() < self.batch_size && i < limit.min(self.record_count) {
-                let record = workload::record(i);
+                let record = workload::record_with(i, self.keys);
                 keys.push(record.key);
                 values.push(record.value);
                 times.push(record.ts_ms);
