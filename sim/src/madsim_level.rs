@@ -1,7 +1,9 @@
 //! The simulator's second level: the real driver of the root package (`sabot coordinator` and
 //! `sabot worker`, their TCP transport, heartbeats and attempts) compiled with `--cfg madsim`, so
 //! that tokio is madsim's deterministic executor, the clock is virtual, and the network is
-//! madsim's (latency chosen by the seed, links and nodes clogged: partitions and silent peers).
+//! madsim's (latency and packet loss chosen by the seed — loss is retransmitted with backoff, so it
+//! shows as stalls that may outlast the heartbeat timeout — links and nodes clogged: partitions
+//! and silent peers).
 //! Processes are madsim nodes, killed and restarted by the fault plan.
 //!
 //! What this level does not model: the disk. Every node writes the one shared data directory on
@@ -92,6 +94,10 @@ pub struct Plan {
     pub unaligned: bool,
     pub alignment_timeout_ms: Option<u64>,
     pub latency: std::ops::Range<Duration>,
+    /// Chance that a packet is lost: madsim's TCP retransmits it with exponential backoff (up to
+    /// 10 s), so loss shows as stalls, and a stall past the heartbeat timeout as a lost peer
+    /// (our failure detector resets the connection by ending the attempt).
+    pub packet_loss_rate: f64,
     /// The driver's BUGGIFY points may fire (slow snapshot writes, late acknowledgements).
     pub buggify: bool,
     /// Faults by virtual time from the start, ascending.
@@ -113,6 +119,7 @@ impl Plan {
         let latency_max = random.between(2, 30);
         let latency = Duration::from_millis(1)..Duration::from_millis(latency_max);
         let buggify = random.chance(50);
+        let packet_loss_rate = if random.chance(50) { 0.0 } else { random.between(1, 50) as f64 / 1_000.0 };
         let mut faults = Vec::new();
         let mut at = Duration::ZERO;
         for index in 0..random.between(0, 6) {
@@ -158,6 +165,7 @@ impl Plan {
             alignment_timeout_ms,
             latency,
             buggify,
+            packet_loss_rate,
             faults,
         }
     }
@@ -193,6 +201,7 @@ pub fn run(seed: u64, scratch: &Path) -> Result<Outcome, String> {
     }
     let mut config = madsim::Config::default();
     config.net.send_latency = plan.latency.clone();
+    config.net.packet_loss_rate = plan.packet_loss_rate;
     let world = World { plan: plan.clone(), data_dir: data_dir.clone() };
     // A fresh thread for every run: std's hash maps take their keys from per-thread state (seeded
     // inside the world through madsim's getrandom), so a run must not inherit a previous one's.
