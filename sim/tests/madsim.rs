@@ -60,7 +60,10 @@ fn regression_lone_worker_killed_is_not_a_completion() {
     let scratch = tempfile::tempdir().unwrap();
     let plan = Plan::of_seed(3);
     assert_eq!(plan.workers, 1, "seed 3 no longer kills a lone worker: pick another seed");
-    if let Err(finding) = run(3, scratch.path()) {
-        panic!("seed 3: {finding}");
-    }
+    let outcome = run(3, scratch.path()).unwrap_or_else(|finding| panic!("seed 3: {finding}"));
+    assert!(
+        outcome.events.iter().any(|event| event.ends_with("Kill(Worker(0))")),
+        "seed 3 no longer kills its lone worker before the job completes: pick another seed ({:?})",
+        outcome.events
+    );
 }
