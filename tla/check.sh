@@ -20,11 +20,13 @@ STATES_MAX=100000000
 
 deep=false
 tlc_wanted=true
+install_only=false
 for arg in "$@"; do
     case "$arg" in
         --deep) deep=true ;;
         --no-tlc) tlc_wanted=false ;;
-        *) echo "usage: bash tla/check.sh [--deep] [--no-tlc]" >&2; exit 2 ;;
+        --install-only) install_only=true ;;  # tla/validate-traces.sh: install the tools, check nothing
+        *) echo "usage: bash tla/check.sh [--deep] [--no-tlc] [--install-only]" >&2; exit 2 ;;
     esac
 done
 
@@ -74,6 +76,15 @@ if $tlc_wanted; then
         fi
         tlc_ok=true
     fi
+fi
+
+if $install_only; then
+    if $tlc_wanted && ! $tlc_ok; then
+        echo "TLC is not usable here (java does not run)" >&2
+        exit 1
+    fi
+    echo "tools installed: tla-checker $TLA_CHECKER_VERSION, TLC $jar"
+    exit 0
 fi
 
 # --- runners ----------------------------------------------------------------------------------

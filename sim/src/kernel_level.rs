@@ -13,7 +13,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use sabot_kernel::env::fault_storage::{FaultDisk, FaultStorage};
-use sabot_kernel::testing::cluster::{self, ClusterStats, FaultEvent};
+use sabot_kernel::testing::cluster::{self, ClusterStats, FaultEvent, ProtocolEvent};
 use sabot_kernel::testing::planted::{Planted, PlantedBug};
 use sabot_kernel::testing::run_in_memory;
 
@@ -57,6 +57,10 @@ pub struct Report {
     pub stats: ClusterStats,
     pub trace_hash: u64,
     pub trace: Vec<String>,
+    /// The checkpoint protocol's events (with `trace`), for the TLA+ trace validation.
+    pub protocol: Vec<ProtocolEvent>,
+    /// The job's subtasks: every one acknowledges each checkpoint.
+    pub task_count: usize,
     /// Disk faults injected, by kind.
     pub disk_faults: BTreeMap<&'static str, u64>,
     pub plan_faults: Vec<(u64, FaultEvent)>,
@@ -123,6 +127,8 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
         stats: ClusterStats::default(),
         trace_hash: 0,
         trace: Vec::new(),
+        protocol: Vec::new(),
+        task_count: 0,
         disk_faults: BTreeMap::new(),
         plan_faults: Vec::new(),
         cuts_checked: Vec::new(),
@@ -157,6 +163,8 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
     report.plan_faults = run.plan_faults.clone();
     report.verdict = oracle::judge(&run, &reference);
     report.trace = run.trace;
+    report.protocol = run.protocol;
+    report.task_count = config.plan.graph.subtasks().count();
     if !report.verdict.is_failure() {
         let cuts = check_cuts(
             &scenario,

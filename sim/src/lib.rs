@@ -12,12 +12,14 @@
 //!   partitions and isolated processes.
 //!
 //! [`swarm`] draws a run's options from its seed, [`oracle`] judges the outcome, [`sweep`] runs
-//! many seeds on threads.
+//! many seeds on threads. [`trace_tla`] turns runs' protocol events into a TLA+ module for the
+//! trace validation (`tla/Trace.tla`).
 
 pub mod kernel_level;
 pub mod oracle;
 pub mod swarm;
 pub mod sweep;
+pub mod trace_tla;
 
 pub use sabot_kernel::testing::{run_checkpointed, run_in_memory};
 

@@ -27,7 +27,9 @@
 //! Consistent cuts are checked by the caller: [`ClusterRun::cut_samples`] holds what a power loss
 //! right after a sampled checkpoint completed would have left, to restart from without faults.
 //! Every event is hashed into [`ClusterRun::trace_hash`] (and kept as text with `trace`), so two
-//! runs of one seed can be compared bit for bit.
+//! runs of one seed can be compared bit for bit. With `trace`, the run also keeps
+//! [`ClusterRun::protocol`]: the checkpoint protocol's events ([`ProtocolEvent`]) as the TLA+
+//! trace validation reads them (tla/README.md, "Trace validation").
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::{self, Write as _};
@@ -198,12 +200,67 @@ pub struct ClusterStats {
     pub announcements_checked: u64,
 }
 
+/// A checkpoint-protocol event, abstracted to what the TLA+ trace validation checks
+/// (`tla/Trace.tla`): checkpoint ids, task and split numbers, offsets and sink file numbers, never
+/// record contents. Tasks are numbered in the order of `JobGraph::subtasks`, splits and sink files
+/// in the order the run first names them (so that the numbers stay small).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProtocolEvent {
+    /// An attempt starts: recovery chose `restored` (`None`: from scratch) and passed over
+    /// `skipped`, and the restore begins.
+    Start {
+        restored: Option<CheckpointId>,
+        skipped: Vec<CheckpointId>,
+    },
+    /// The attempt's nodes are restored: what the restore committed came before, as `Commit`s.
+    Started,
+    /// The coordinator triggers a checkpoint.
+    Trigger {
+        checkpoint: CheckpointId,
+    },
+    /// The coordinator takes a task's acknowledgement: the source offsets it recorded, as
+    /// `(split, position)`, and the sink output its snapshot names for commit.
+    Ack {
+        checkpoint: CheckpointId,
+        task: u32,
+        offsets: Vec<(u32, u64)>,
+        files: Vec<u32>,
+    },
+    /// The manifest and the pointer naming it are written and synced.
+    Persisted {
+        checkpoint: CheckpointId,
+    },
+    /// Persisting failed part way: the manifest, even the pointer, may or may not be durable.
+    PersistFailed {
+        checkpoint: CheckpointId,
+    },
+    /// The coordinator announces completion (`Action::NotifyComplete`).
+    Complete {
+        checkpoint: CheckpointId,
+    },
+    Abort {
+        checkpoint: CheckpointId,
+    },
+    /// A sink file became visible (committed).
+    Commit {
+        file: u32,
+    },
+    /// The attempt is lost: a node crash, a task's failure, or a power loss (`power`).
+    Crash {
+        power: bool,
+    },
+    /// Checkpoint metadata was damaged for good: recovery may rightly pass over a checkpoint.
+    Damage,
+}
+
 pub struct ClusterRun {
     pub outcome: Outcome,
     pub storage: FaultStorage,
     pub stats: ClusterStats,
     pub trace_hash: u64,
     pub trace: Vec<String>,
+    /// The protocol events (kept with `trace`).
+    pub protocol: Vec<ProtocolEvent>,
     /// Faults the disk injected.
     pub disk_faults: Vec<Fault>,
     /// Faults of the plan that happened (crashes, corruption, clock jumps), with their time.
@@ -271,6 +328,13 @@ struct Harness<'a> {
     stats: ClusterStats,
     hasher: TraceHasher,
     trace: Vec<String>,
+    protocol: Vec<ProtocolEvent>,
+    /// Numbers of tasks, splits and sink files in `protocol`.
+    task_numbers: BTreeMap<crate::dataflow::graph::SubtaskId, u32>,
+    split_numbers: BTreeMap<u64, u32>,
+    file_numbers: BTreeMap<String, u32>,
+    /// Committed sink files already reported as `ProtocolEvent::Commit`.
+    committed_seen: BTreeSet<String>,
     plan_faults: Vec<(u64, FaultEvent)>,
     durable_damage: bool,
     corrupted_newest: bool,
@@ -311,6 +375,11 @@ pub fn run(config: &ClusterConfig, storage: FaultStorage) -> ClusterRun {
         stats: ClusterStats::default(),
         hasher: TraceHasher(0xcbf2_9ce4_8422_2325),
         trace: Vec::new(),
+        protocol: Vec::new(),
+        task_numbers: config.plan.graph.subtasks().zip(0..).collect(),
+        split_numbers: BTreeMap::new(),
+        file_numbers: BTreeMap::new(),
+        committed_seen: BTreeSet::new(),
         plan_faults: Vec::new(),
         durable_damage: false,
         corrupted_newest: false,
@@ -325,6 +394,7 @@ pub fn run(config: &ClusterConfig, storage: FaultStorage) -> ClusterRun {
     // Output committed before this run (a restart from an earlier run's disk) was judged there.
     for sink in harness.file_sinks.clone() {
         let committed = harness.storage.disk().peek_list(&format!("output/{sink}"));
+        harness.committed_seen.extend(committed.iter().map(|file| format!("{sink}/{file}")));
         harness.committable.extend(committed);
     }
     let outcome = harness.run();
@@ -338,6 +408,7 @@ pub fn run(config: &ClusterConfig, storage: FaultStorage) -> ClusterRun {
         stats: harness.stats,
         trace_hash: harness.hasher.0,
         trace: harness.trace,
+        protocol: harness.protocol,
         disk_faults,
         plan_faults: harness.plan_faults,
         durable_damage: harness.durable_damage,
@@ -352,6 +423,50 @@ impl Harness<'_> {
         let _ = writeln!(self.hasher, "{now} {event}");
         if self.config.trace {
             self.trace.push(format!("{now:>8} {event}"));
+        }
+    }
+
+    fn protocol_event(&mut self, event: ProtocolEvent) {
+        if self.config.trace {
+            self.protocol.push(event);
+        }
+    }
+
+    /// The number of a sink file (`output/<sink>/.pending/<file>` or `<sink>/<file>`).
+    fn file_number(&mut self, path: &str) -> u32 {
+        let mut parts = path.rsplit('/');
+        let file = parts.next().expect("a file name");
+        let sink = parts.find(|p| *p != ".pending").unwrap_or("");
+        let next = self.file_numbers.len() as u32 + 1;
+        *self.file_numbers.entry(format!("{sink}/{file}")).or_insert(next)
+    }
+
+    fn ack_event(&mut self, checkpoint: CheckpointId, snapshot: &TaskSnapshot) -> ProtocolEvent {
+        let task = self.task_numbers.get(&snapshot.subtask).copied().unwrap_or(u32::MAX);
+        let mut offsets = Vec::new();
+        for position in &snapshot.source_positions {
+            let next = self.split_numbers.len() as u32 + 1;
+            let split = *self.split_numbers.entry(position.split).or_insert(next);
+            offsets.push((split, position.position));
+        }
+        let files = snapshot.pending_output.iter().map(|path| self.file_number(path)).collect();
+        ProtocolEvent::Ack { checkpoint, task, offsets, files }
+    }
+
+    /// Reports sink files that became visible since the last call as `ProtocolEvent::Commit`.
+    fn trace_commits(&mut self) {
+        if !self.config.trace {
+            return;
+        }
+        for sink in self.file_sinks.clone() {
+            let files = self.storage.disk().peek_list(&format!("output/{sink}"));
+            for file in files {
+                if !file.ends_with(".arrow") || !self.committed_seen.insert(format!("{sink}/{file}")) {
+                    continue;
+                }
+                let number = self.file_number(&format!("{sink}/{file}"));
+                self.protocol_event(ProtocolEvent::Commit { file: number });
+            }
         }
     }
 
@@ -407,6 +522,8 @@ impl Harness<'_> {
                     Err(error) => {
                         self.stats.restart_failures += 1;
                         self.record(format_args!("restart failed: {error}"));
+                        self.trace_commits();
+                        self.protocol_event(ProtocolEvent::Crash { power: false });
                         if let Some(outcome) = self.failed_after_heal(&error) {
                             return outcome;
                         }
@@ -426,6 +543,7 @@ impl Harness<'_> {
                 Err(AttemptEnd::Failed(error)) => {
                     self.stats.task_failures += 1;
                     self.record(format_args!("attempt failed: {error}"));
+                    self.protocol_event(ProtocolEvent::Crash { power: false });
                     attempt = None;
                     if let Some(outcome) = self.failed_after_heal(&error) {
                         return outcome;
@@ -448,6 +566,9 @@ impl Harness<'_> {
     fn trace_disk_faults(&mut self) {
         let faults: Vec<Fault> = self.storage.disk().take_new_faults().to_vec();
         for fault in faults {
+            if matches!(fault, Fault::Misdirected { .. }) {
+                self.protocol_event(ProtocolEvent::Damage);
+            }
             self.record(format_args!("disk fault {fault:?}"));
         }
     }
@@ -486,6 +607,14 @@ impl Harness<'_> {
         self.plan_faults.push((self.now, event.clone()));
         self.record(format_args!("fault {event:?}"));
         self.trace_disk_faults();
+        match event {
+            FaultEvent::CorruptNewestCheckpoint | FaultEvent::CorruptPointer => {
+                self.protocol_event(ProtocolEvent::Damage)
+            }
+            FaultEvent::PowerLoss => self.protocol_event(ProtocolEvent::Crash { power: true }),
+            FaultEvent::NodeCrash { .. } => self.protocol_event(ProtocolEvent::Crash { power: false }),
+            FaultEvent::DiskFull { .. } | FaultEvent::ClockJump { .. } => {}
+        }
         if matches!(event, FaultEvent::PowerLoss | FaultEvent::NodeCrash { .. }) && attempt.take().is_some() {
             return true;
         }
@@ -524,6 +653,11 @@ impl Harness<'_> {
             self.record(format_args!("recovery skips checkpoint {} ({reason})", id.0));
         }
         let recovery_id_max = recovery.checkpoint_id_max();
+        let skipped = recovery.skipped.iter().map(|(id, _)| *id).collect();
+        self.protocol_event(ProtocolEvent::Start {
+            restored: recovery.manifest.as_ref().map(|m| m.checkpoint),
+            skipped,
+        });
         let restored = recovery.manifest.map(Arc::new);
         if let Some(manifest) = &restored {
             // Restoring commits its pre-committed output: from now on that output may be visible.
@@ -546,6 +680,8 @@ impl Harness<'_> {
             nodes.push(node);
         }
         self.stats.restored_from_checkpoint += u64::from(restored.is_some());
+        self.trace_commits();
+        self.protocol_event(ProtocolEvent::Started);
         let config = CoordinatorConfig {
             interval_ms: settings.interval_ms,
             timeout_ms: settings.timeout_ms,
@@ -604,6 +740,7 @@ impl Harness<'_> {
         for index in 0..attempt.nodes.len() {
             self.transmit(attempt, index);
         }
+        self.trace_commits();
         self.check_commits()?;
         if attempt.nodes.iter().all(Node::is_finished) && !attempt.final_checkpoint_requested {
             attempt.final_checkpoint_requested = true;
@@ -628,12 +765,14 @@ impl Harness<'_> {
             match manifest::persist(&mut storage, &manifest) {
                 Ok(()) => {
                     self.record(format_args!("persisted checkpoint {}", checkpoint.0));
+                    self.protocol_event(ProtocolEvent::Persisted { checkpoint });
                     self.completed.insert(checkpoint, manifest);
                     self.sample_cut(checkpoint);
                     attempt.coordinator.handle_persisted(checkpoint).map_err(coordinator_violation)?;
                 }
                 Err(error) => {
                     self.record(format_args!("persist of checkpoint {} failed: {error}", checkpoint.0));
+                    self.protocol_event(ProtocolEvent::PersistFailed { checkpoint });
                     attempt
                         .coordinator
                         .handle_persist_failed(checkpoint, &error.to_string())
@@ -664,6 +803,7 @@ impl Harness<'_> {
             match action {
                 Action::Trigger { checkpoint, kind } => {
                     self.record(format_args!("trigger {} {kind:?}", checkpoint.0));
+                    self.protocol_event(ProtocolEvent::Trigger { checkpoint });
                     let barrier = match kind {
                         CheckpointKind::Checkpoint if self.config.checkpoints.unaligned => BarrierKind::Unaligned,
                         _ => BarrierKind::Aligned,
@@ -676,6 +816,7 @@ impl Harness<'_> {
                     attempt.persists.push_back((due, manifest));
                 }
                 Action::NotifyComplete { checkpoint } => {
+                    self.protocol_event(ProtocolEvent::Complete { checkpoint });
                     self.check_durable(checkpoint)?;
                     self.stats.checkpoints_completed += 1;
                     self.record(format_args!("complete {}", checkpoint.0));
@@ -686,6 +827,7 @@ impl Harness<'_> {
                 }
                 Action::Abort { checkpoint, reason } => {
                     attempt.aborted.insert(checkpoint);
+                    self.protocol_event(ProtocolEvent::Abort { checkpoint });
                     self.stats.checkpoints_aborted += 1;
                     self.record(format_args!("abort {} {reason:?}", checkpoint.0));
                 }
@@ -793,6 +935,10 @@ impl Harness<'_> {
         while attempt.acks.front().is_some_and(|(due, ..)| *due <= self.now) {
             let (_, checkpoint, snapshot) = attempt.acks.pop_front().expect("checked above");
             self.record(format_args!("ack {} from {}", checkpoint.0, snapshot.subtask));
+            if self.config.trace {
+                let event = self.ack_event(checkpoint, &snapshot);
+                self.protocol_event(event);
+            }
             attempt.coordinator.handle_ack(checkpoint, snapshot).map_err(coordinator_violation)?;
         }
         self.coordinator_actions(attempt)

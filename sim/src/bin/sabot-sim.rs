@@ -4,6 +4,9 @@
 //! sabot-sim run    --seed N [options]            one run: a summary of faults injected and checks passed
 //! sabot-sim sweep  --seeds A..B [--jobs J] [options] [--determinism] [--stop-at-first-failure]
 //! sabot-sim replay --seed N [--trace] [options]  one run with its full event trace
+//! sabot-sim trace-tla --seeds A..B | --seed N --out DIR [options]
+//!                                                runs with protocol traces, written as DIR/TraceData.tla
+//!                                                for tla/Trace.tla (tla/validate-traces.sh)
 //! sabot-sim planted                              the planted bugs' names
 //! options: --level kernel|madsim  --planted <bug> (repeatable)  --records N  --records-max N
 //! ```
@@ -20,6 +23,7 @@ const USAGE: &str = "usage:
   sabot-sim run    --seed N [options]
   sabot-sim sweep  --seeds A..B [--jobs J] [--determinism] [--stop-at-first-failure] [options]
   sabot-sim replay --seed N [--trace] [options]
+  sabot-sim trace-tla --seeds A..B | --seed N --out DIR [options]
   sabot-sim planted
 options:
   --level kernel|madsim   which simulator (default kernel; madsim needs a build with
@@ -37,6 +41,7 @@ struct Arguments {
     trace: bool,
     determinism: bool,
     stop_at_first_failure: bool,
+    out: Option<std::path::PathBuf>,
     level: Level,
     run: RunOptions,
 }
@@ -59,6 +64,7 @@ fn parse(args: &[String]) -> Result<Arguments> {
         trace: false,
         determinism: false,
         stop_at_first_failure: false,
+        out: None,
         level: Level::Kernel,
         run: RunOptions::default(),
     };
@@ -73,6 +79,7 @@ fn parse(args: &[String]) -> Result<Arguments> {
             }
             "--jobs" => parsed.jobs = number(value(&mut iter, flag)?, flag)?.max(1) as usize,
             "--trace" => parsed.trace = true,
+            "--out" => parsed.out = Some(value(&mut iter, flag)?.into()),
             "--determinism" => parsed.determinism = true,
             "--stop-at-first-failure" => parsed.stop_at_first_failure = true,
             "--planted" => {
@@ -170,6 +177,7 @@ fn execute(arguments: &Arguments) -> Result<bool> {
             print!("{}", result.failure_table());
             Ok(result.failures.is_empty())
         }
+        "trace-tla" => trace_tla(arguments),
         "planted" => {
             for bug in PlantedBug::ALL {
                 println!("{:<28} {bug:?}", bug.name());
@@ -178,6 +186,47 @@ fn execute(arguments: &Arguments) -> Result<bool> {
         }
         other => bail!("unknown command {other:?}"),
     }
+}
+
+/// Runs seeds with protocol traces and writes them as `TraceData.tla` for `tla/Trace.tla`.
+/// Prints, per seed, what its trace holds and the simulator's verdict (planted bugs fail it).
+fn trace_tla(arguments: &Arguments) -> Result<bool> {
+    use sabot_sim::trace_tla::{module, TraceCounts};
+    let seeds = match (&arguments.seeds, arguments.seed) {
+        (Some(seeds), _) => seeds.clone(),
+        (None, Some(seed)) => seed..seed + 1,
+        (None, None) => bail!("trace-tla needs --seeds A..B or --seed N"),
+    };
+    let out = arguments.out.clone().ok_or_else(|| anyhow!("trace-tla needs --out DIR"))?;
+    let run = RunOptions { trace: true, ..arguments.run.clone() };
+    let mut reports = Vec::new();
+    let (mut with_crash, mut with_restore) = (0, 0);
+    for seed in seeds.clone() {
+        let report = run_seed(seed, &run);
+        let counts = TraceCounts::of(&report.protocol);
+        with_crash += usize::from(counts.crashes > 0);
+        with_restore += usize::from(counts.restores > 0);
+        let verdict = match &report.verdict {
+            sabot_sim::oracle::Verdict::Failed(failure) => format!("simulator FAIL: {}", failure.check),
+            _ => "simulator pass".into(),
+        };
+        println!(
+            "seed {seed}: {} events, {} crashes, {} restores from a checkpoint, {} completions, {} commits; {verdict}",
+            counts.events, counts.crashes, counts.restores, counts.completions, counts.commits
+        );
+        reports.push(report);
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("TraceData.tla"), module(&reports)).context("writing TraceData.tla")?;
+    println!(
+        "traces: {} seeds ({}..{}), {with_crash} with a crash, {with_restore} with a restore from a checkpoint; \
+         written to {}",
+        reports.len(),
+        seeds.start,
+        seeds.end,
+        out.join("TraceData.tla").display()
+    );
+    Ok(true)
 }
 
 /// The madsim level: the real driver on madsim (a `--cfg madsim` build).
