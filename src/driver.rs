@@ -676,7 +676,7 @@ impl<T: AsyncTransport> NodeDriver<T> {
             self.take_input()?;
             let step = self.node.handle_step(self.clock.now())?;
             self.forward_events();
-            self.send_output(&mut held)?;
+            let sent = self.send_output(&mut held)?;
             let now = self.clock.now();
             if now.saturating_sub(published) >= PROGRESS_EVERY_MS || step == Step::Finished {
                 self.progress.publish(index, self.node.metrics());
@@ -694,6 +694,11 @@ impl<T: AsyncTransport> NodeDriver<T> {
                 }
                 // Work left: step again (and retry the held element then) after letting others run.
                 (Step::Busy, _) => tokio::task::yield_now().await,
+                // The step was idle because its output waited (sources pause while `OUTBOX_MAX`
+                // elements do), and that output just left: the sources may run again, so step
+                // again rather than wait for input that may never come. (Waiting here deadlocked
+                // every node at once, now and then, under load.)
+                (Step::Idle, false) if sent => tokio::task::yield_now().await,
                 (Step::Idle | Step::Finished, true) => {
                     if !self.wait_for_room(&mut held).await? {
                         return Ok(());
@@ -807,18 +812,20 @@ impl<T: AsyncTransport> NodeDriver<T> {
     }
 
     /// Moves the node's output into the transport until a channel is full.
-    fn send_output(&mut self, held: &mut Option<Envelope>) -> Result<(), DriverError> {
+    /// Whether any element left.
+    fn send_output(&mut self, held: &mut Option<Envelope>) -> Result<bool, DriverError> {
+        let mut sent = false;
         while let Some((channel, element)) = held.take().or_else(|| self.node.poll_transmit()) {
             match self.transport.try_send(channel, element) {
-                Ok(()) => {}
+                Ok(()) => sent = true,
                 Err(SendRefused::Full(element)) => {
                     *held = Some((channel, element));
-                    return Ok(());
+                    return Ok(sent);
                 }
                 Err(SendRefused::Failed(error)) => return Err(self.broken(error)),
             }
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// Waits until the held element's channel has room, taking input meanwhile (so that two
