@@ -9,6 +9,7 @@
 //!
 //! Scans visit a key group's entries in ascending byte order of the encoded key, in every backend.
 
+pub mod codec;
 mod heap;
 pub mod snapshot;
 #[cfg(any(test, feature = "testing"))]
