@@ -37,11 +37,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::{parent_dir, validate_path, Storage, StorageError};
+use super::mem_storage::{list_of, make_dir_durable, rename_entry, Data};
+use super::{validate_path, Storage, StorageError};
 use crate::state::testing::Lcg;
-
-/// File contents are shared between the views, so that syncing copies no bytes.
-type Data = Arc<[u8]>;
 
 /// The size of the unit a torn write is made of.
 pub const SECTOR_SIZE: usize = 512;
@@ -279,18 +277,6 @@ impl FaultDisk {
     }
 }
 
-fn list_of(files: &BTreeMap<String, Data>, dir: &str) -> Vec<String> {
-    // The paths under `dir/` are one range of the map: no scan of the whole disk.
-    let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
-    files
-        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
-        .map(|(path, _)| path)
-        .take_while(|path| path.starts_with(&prefix))
-        .filter(|path| parent_dir(path) == dir)
-        .map(|path| path.rsplit('/').next().unwrap_or(path).to_string())
-        .collect()
-}
-
 impl Storage for FaultDisk {
     fn write(&mut self, path: &str, data: &[u8]) -> Result<(), StorageError> {
         validate_path(path)?;
@@ -336,12 +322,7 @@ impl Storage for FaultDisk {
             self.inject(Fault::WriteError { path: from.to_string() });
             return Err(Self::io(from, "rename failed"));
         }
-        let data = self.current.remove(from).expect("checked above");
-        self.current.insert(to.to_string(), data);
-        match self.synced_data.remove(from) {
-            Some(synced) => self.synced_data.insert(to.to_string(), synced),
-            None => self.synced_data.remove(to),
-        };
+        rename_entry(&mut self.current, &mut self.synced_data, from, to);
         Ok(())
     }
 
@@ -353,12 +334,7 @@ impl Storage for FaultDisk {
             self.inject(Fault::SyncError { path: dir.to_string() });
             return Err(Self::io(dir, "directory fsync failed"));
         }
-        // The directory's names become durable: each with the contents last synced under it.
-        self.durable.retain(|path, _| parent_dir(path) != dir);
-        for path in self.current.keys().filter(|path| parent_dir(path) == dir) {
-            let synced = self.synced_data.get(path).cloned().unwrap_or_else(|| Arc::from(&[][..]));
-            self.durable.insert(path.clone(), synced);
-        }
+        make_dir_durable(&self.current, &self.synced_data, &mut self.durable, dir);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::{parent_dir, validate_path, Storage, StorageError};
 
 /// File contents are shared between the views, so that syncing copies no bytes.
-type Data = Arc<[u8]>;
+pub(super) type Data = Arc<[u8]>;
 
 #[derive(Clone, Debug, Default)]
 pub struct MemStorage {
@@ -42,6 +42,49 @@ impl MemStorage {
     }
 }
 
+/// The names of the files directly in `dir`. The paths under `dir/` are one range of the map: no
+/// scan of the whole disk.
+pub(super) fn list_of(files: &BTreeMap<String, Data>, dir: &str) -> Vec<String> {
+    let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+    files
+        .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
+        .map(|(path, _)| path)
+        .take_while(|path| path.starts_with(&prefix))
+        .filter(|path| parent_dir(path) == dir)
+        .map(|path| path.rsplit('/').next().unwrap_or(path).to_string())
+        .collect()
+}
+
+/// Renames `from` (which exists) to `to`: its contents, and its synced contents (the inode's).
+pub(super) fn rename_entry(
+    current: &mut BTreeMap<String, Data>,
+    synced_data: &mut BTreeMap<String, Data>,
+    from: &str,
+    to: &str,
+) {
+    let data = current.remove(from).expect("the caller checked that it exists");
+    current.insert(to.to_string(), data);
+    match synced_data.remove(from) {
+        Some(synced) => synced_data.insert(to.to_string(), synced),
+        None => synced_data.remove(to),
+    };
+}
+
+/// A directory sync: the directory's names become durable, each with the contents last synced
+/// under it.
+pub(super) fn make_dir_durable(
+    current: &BTreeMap<String, Data>,
+    synced_data: &BTreeMap<String, Data>,
+    durable: &mut BTreeMap<String, Data>,
+    dir: &str,
+) {
+    durable.retain(|path, _| parent_dir(path) != dir);
+    for path in current.keys().filter(|path| parent_dir(path) == dir) {
+        let synced = synced_data.get(path).cloned().unwrap_or_else(|| Arc::from(&[][..]));
+        durable.insert(path.clone(), synced);
+    }
+}
+
 impl Storage for MemStorage {
     fn write(&mut self, path: &str, data: &[u8]) -> Result<(), StorageError> {
         validate_path(path)?;
@@ -62,12 +105,10 @@ impl Storage for MemStorage {
     fn rename(&mut self, from: &str, to: &str) -> Result<(), StorageError> {
         validate_path(from)?;
         validate_path(to)?;
-        let data = self.current.remove(from).ok_or_else(|| Self::not_found(from))?;
-        self.current.insert(to.to_string(), data);
-        match self.synced_data.remove(from) {
-            Some(synced) => self.synced_data.insert(to.to_string(), synced),
-            None => self.synced_data.remove(to),
-        };
+        if !self.current.contains_key(from) {
+            return Err(Self::not_found(from));
+        }
+        rename_entry(&mut self.current, &mut self.synced_data, from, to);
         Ok(())
     }
 
@@ -75,12 +116,7 @@ impl Storage for MemStorage {
         if !dir.is_empty() {
             validate_path(dir)?;
         }
-        // The directory's names become durable: each with the contents last synced under it.
-        self.durable.retain(|path, _| parent_dir(path) != dir);
-        for path in self.current.keys().filter(|path| parent_dir(path) == dir) {
-            let synced = self.synced_data.get(path).cloned().unwrap_or_else(|| Arc::from(&[][..]));
-            self.durable.insert(path.clone(), synced);
-        }
+        make_dir_durable(&self.current, &self.synced_data, &mut self.durable, dir);
         Ok(())
     }
 
@@ -93,12 +129,7 @@ impl Storage for MemStorage {
         if !dir.is_empty() {
             validate_path(dir)?;
         }
-        Ok(self
-            .current
-            .keys()
-            .filter(|path| parent_dir(path) == dir)
-            .map(|path| path.rsplit('/').next().unwrap_or(path).to_string())
-            .collect())
+        Ok(list_of(&self.current, dir))
     }
 
     fn delete(&mut self, path: &str) -> Result<(), StorageError> {
