@@ -39,6 +39,17 @@ pub trait StateCodec: Sized {
     /// The version of the encoding described in this module's documentation.
     const VERSION: u16 = 1;
 
+    /// The full type, with the names of generic parts (`vec<u64>`, `tuple2<u64,string>`) and the
+    /// version of each part whose version is not 1 (`u64@v2`): what a state's description
+    /// records, so that a restore notices any change of type or of encoding.
+    fn type_name() -> String {
+        if Self::VERSION == 1 {
+            Self::NAME.to_string()
+        } else {
+            format!("{}@v{}", Self::NAME, Self::VERSION)
+        }
+    }
+
     /// Appends the value's bytes to `out`.
     fn encode(&self, out: &mut Vec<u8>);
 
@@ -137,6 +148,10 @@ impl StateCodec for String {
 impl<T: StateCodec> StateCodec for Option<T> {
     const NAME: &'static str = "option";
 
+    fn type_name() -> String {
+        format!("option<{}>", T::type_name())
+    }
+
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             None => out.push(0),
@@ -159,6 +174,10 @@ impl<T: StateCodec> StateCodec for Option<T> {
 impl<T: StateCodec> StateCodec for Vec<T> {
     const NAME: &'static str = "vec";
 
+    fn type_name() -> String {
+        format!("vec<{}>", T::type_name())
+    }
+
     fn encode(&self, out: &mut Vec<u8>) {
         put_length(out, self.len());
         self.iter().for_each(|value| value.encode(out));
@@ -178,6 +197,10 @@ impl<T: StateCodec> StateCodec for Vec<T> {
 impl<A: StateCodec, B: StateCodec> StateCodec for (A, B) {
     const NAME: &'static str = "tuple2";
 
+    fn type_name() -> String {
+        format!("tuple2<{},{}>", A::type_name(), B::type_name())
+    }
+
     fn encode(&self, out: &mut Vec<u8>) {
         self.0.encode(out);
         self.1.encode(out);
@@ -190,6 +213,10 @@ impl<A: StateCodec, B: StateCodec> StateCodec for (A, B) {
 
 impl<A: StateCodec, B: StateCodec, C: StateCodec> StateCodec for (A, B, C) {
     const NAME: &'static str = "tuple3";
+
+    fn type_name() -> String {
+        format!("tuple3<{},{},{}>", A::type_name(), B::type_name(), C::type_name())
+    }
 
     fn encode(&self, out: &mut Vec<u8>) {
         self.0.encode(out);
@@ -230,6 +257,15 @@ mod tests {
         assert_eq!(bytes(&vec![1_u16, 2]), [2, 0, 0, 0, 1, 0, 2, 0]);
         assert_eq!(bytes(&(7_u8, "a".to_string(), false)), [7, 1, 0, 0, 0, b'a', 0]);
         assert_eq!((u64::NAME, u64::VERSION, <Vec<String>>::NAME), ("u64", 1, "vec"));
+    }
+
+    // Goal: a state's description names the whole type, so a change of any inner type is noticed.
+    #[test]
+    fn type_names_name_generic_parts() {
+        assert_eq!(u64::type_name(), "u64");
+        assert_eq!(<Vec<Option<String>>>::type_name(), "vec<option<string>>");
+        assert_eq!(<(u64, i64)>::type_name(), "tuple2<u64,i64>");
+        assert_eq!(<(bool, f64, Vec<u8>)>::type_name(), "tuple3<bool,f64,vec<u8>>");
     }
 
     // Goal: encode then decode is the identity, for values of every codec and their nestings.

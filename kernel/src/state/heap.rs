@@ -1,6 +1,8 @@
 //! The heap state backend: one hash table per key group, values as bytes, scans sorted on demand.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hasher;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use hashbrown::hash_table::{Entry as TableEntry, HashTable};
@@ -9,7 +11,7 @@ use smallvec::SmallVec;
 use super::snapshot::{KeyGroupsSnapshot, SnapshotWriter};
 use super::{
     check_entry_size, write_durably, CaptureTarget, Merge, SnapshotWrite, StateBackend, StateCapture, StateError,
-    Visit, PORTABLE_EXTENSION,
+    StateId, Visit, VisitWhile, PORTABLE_EXTENSION,
 };
 use crate::key_group::{KeyGroup, KeyGroupRange};
 
@@ -101,10 +103,27 @@ fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
     word(a, length - 8) == word(b, length - 8)
 }
 
+/// One key group's entries: a hash table, and the keys of `ordered` states in order.
+#[derive(Clone, Default)]
+struct Group {
+    table: HashTable<Entry>,
+    /// The keys of entries of states declared `ordered`, for range scans without a sort.
+    ordered: BTreeSet<KeyBytes>,
+}
+
+impl Group {
+    fn clear(&mut self) {
+        self.table.clear();
+        self.ordered.clear();
+    }
+}
+
 /// Keyed state in memory, for one range of key groups: one hash table per key group.
 ///
 /// Tables keep the per-record cost of `get`/`put`/`merge` to one probe; their order never reaches
 /// output, because `scan` and `snapshot` sort a group's entries by key before visiting them.
+/// The keys of states declared `ordered` (map state, state with TTL) are also kept in a sorted
+/// set per group, so that a range scan over one key's entries visits only those.
 ///
 /// A checkpoint's capture is copy-on-write by key group: it moves every table into an `Arc` that
 /// the asynchronous writer shares, which costs one move per key group whatever the state's size.
@@ -112,9 +131,13 @@ fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
 /// still holds it. The hot path checks one counter.
 pub struct HeapBackend {
     range: KeyGroupRange,
-    groups: Vec<HashTable<Entry>>,
+    groups: Vec<Group>,
     /// Tables a capture froze (the live one in `groups` is empty meanwhile), per group.
-    frozen: Vec<Option<Arc<HashTable<Entry>>>>,
+    frozen: Vec<Option<Arc<Group>>>,
+    /// Declared states by id.
+    states: BTreeMap<StateId, String>,
+    /// Whether the state with id `i` keeps its keys ordered (indexed by id).
+    ordered_states: Vec<bool>,
     /// How many of `frozen` are `Some`.
     frozen_count: usize,
     size_bytes: u64,
@@ -126,16 +149,25 @@ impl HeapBackend {
     pub fn new(range: KeyGroupRange) -> HeapBackend {
         HeapBackend {
             range,
-            groups: (0..range.count()).map(|_| HashTable::new()).collect(),
+            groups: (0..range.count()).map(|_| Group::default()).collect(),
             frozen: (0..range.count()).map(|_| None).collect(),
+            states: BTreeMap::new(),
+            ordered_states: Vec::new(),
             frozen_count: 0,
             size_bytes: 0,
             merged: Vec::new(),
         }
     }
 
+    /// Whether `key` belongs to a state that keeps its keys ordered.
     #[inline]
-    fn group_mut(&mut self, key_group: KeyGroup) -> &mut HashTable<Entry> {
+    fn is_ordered(ordered_states: &[bool], key: &[u8]) -> bool {
+        !ordered_states.is_empty()
+            && StateId::of_key(key).is_some_and(|id| ordered_states.get(usize::from(id.0)) == Some(&true))
+    }
+
+    #[inline]
+    fn group_mut(&mut self, key_group: KeyGroup) -> &mut Group {
         assert!(self.range.contains(key_group), "key group {} outside {:?}", key_group.0, self.range);
         let index = usize::from(key_group.0 - self.range.start());
         if self.frozen_count > 0 {
@@ -155,7 +187,8 @@ impl HeapBackend {
 
     /// A group's entries in key order. The sort key is the first 16 bytes as a big-endian number,
     /// which orders as the bytes do and settles almost every comparison without a `memcmp`.
-    fn sorted_entries(table: &HashTable<Entry>) -> Vec<(u128, &Entry)> {
+    fn sorted_entries(group: &Group) -> Vec<(u128, &Entry)> {
+        let table = &group.table;
         let prefix = |key: &[u8]| {
             let mut bytes = [0_u8; 16];
             let length = key.len().min(16);
@@ -168,7 +201,7 @@ impl HeapBackend {
     }
 
     fn clear(&mut self) {
-        self.groups.iter_mut().for_each(HashTable::clear);
+        self.groups.iter_mut().for_each(Group::clear);
         self.frozen.iter_mut().for_each(|frozen| *frozen = None);
         self.frozen_count = 0;
         self.size_bytes = 0;
@@ -189,7 +222,7 @@ impl StateBackend for HeapBackend {
     fn get(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
         value.clear();
         let hash = hash_key(key);
-        match self.group_mut(key_group).find(hash, |entry| bytes_eq(&entry.key, key)) {
+        match self.group_mut(key_group).table.find(hash, |entry| bytes_eq(&entry.key, key)) {
             Some(entry) => {
                 value.extend_from_slice(&entry.value);
                 Ok(true)
@@ -211,8 +244,9 @@ impl StateBackend for HeapBackend {
         let hash = hash_key(key);
         let mut merged = std::mem::take(&mut self.merged);
         merged.clear();
-        let table = self.group_mut(key_group);
-        let size_delta = match table.entry(hash, |entry| bytes_eq(&entry.key, key), |entry| entry.hash) {
+        let ordered = Self::is_ordered(&self.ordered_states, key);
+        let group = self.group_mut(key_group);
+        let size_delta = match group.table.entry(hash, |entry| bytes_eq(&entry.key, key), |entry| entry.hash) {
             TableEntry::Occupied(mut occupied) => {
                 let stored = &mut occupied.get_mut().value;
                 merge(Some(stored), &mut merged)?;
@@ -226,6 +260,9 @@ impl StateBackend for HeapBackend {
                 merge(None, &mut merged)?;
                 check_entry_size(key, &merged)?;
                 vacant.insert(Entry { hash, key: KeyBytes::from_slice(key), value: ValueBytes::from_slice(&merged) });
+                if ordered {
+                    group.ordered.insert(KeyBytes::from_slice(key));
+                }
                 (key.len() + merged.len()) as i64
             }
         };
@@ -237,20 +274,108 @@ impl StateBackend for HeapBackend {
     #[inline]
     fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError> {
         let hash = hash_key(key);
-        if let Ok(occupied) = self.group_mut(key_group).find_entry(hash, |entry| bytes_eq(&entry.key, key)) {
+        let ordered = Self::is_ordered(&self.ordered_states, key);
+        let group = self.group_mut(key_group);
+        if let Ok(occupied) = group.table.find_entry(hash, |entry| bytes_eq(&entry.key, key)) {
             let (removed, _) = occupied.remove();
+            if ordered {
+                group.ordered.remove(key);
+            }
             self.account(-((removed.key.len() + removed.value.len()) as i64));
         }
         Ok(())
     }
 
-    fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
-        let table = self.group_mut(key_group);
-        if table.is_empty() {
+    #[inline]
+    fn append(&mut self, key_group: KeyGroup, key: &[u8], bytes: &[u8]) -> Result<(), StateError> {
+        let hash = hash_key(key);
+        let ordered = Self::is_ordered(&self.ordered_states, key);
+        let group = self.group_mut(key_group);
+        match group.table.entry(hash, |entry| bytes_eq(&entry.key, key), |entry| entry.hash) {
+            TableEntry::Occupied(mut occupied) => {
+                let stored = &mut occupied.get_mut().value;
+                check_entry_size(key, &[])?;
+                if stored.len() + bytes.len() > super::STATE_VALUE_SIZE_MAX {
+                    return Err(StateError::ValueTooLarge { size: stored.len() + bytes.len() });
+                }
+                stored.extend_from_slice(bytes);
+            }
+            TableEntry::Vacant(vacant) => {
+                check_entry_size(key, bytes)?;
+                vacant.insert(Entry { hash, key: KeyBytes::from_slice(key), value: ValueBytes::from_slice(bytes) });
+                if ordered {
+                    group.ordered.insert(KeyBytes::from_slice(key));
+                }
+                self.account(key.len() as i64);
+            }
+        }
+        self.account(bytes.len() as i64);
+        Ok(())
+    }
+
+    fn declare_state(&mut self, id: StateId, name: &str, ordered: bool) -> Result<(), StateError> {
+        if let Some(declared) = self.states.get(&id) {
+            if declared != name {
+                return Err(StateError::Backend(format!(
+                    "state id {} is declared as {declared:?}, not {name:?}",
+                    id.0
+                )));
+            }
             return Ok(());
         }
-        for (_, entry) in Self::sorted_entries(table) {
+        if ordered && self.groups.iter().any(|group| !group.table.is_empty()) {
+            // Keys written before the declaration would be missing from the index.
+            return Err(StateError::Backend(format!("ordered state {name:?} declared after entries were written")));
+        }
+        self.states.insert(id, name.to_string());
+        let index = usize::from(id.0);
+        if self.ordered_states.len() <= index {
+            self.ordered_states.resize(index + 1, false);
+        }
+        self.ordered_states[index] = ordered;
+        Ok(())
+    }
+
+    fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError> {
+        let group = self.group_mut(key_group);
+        if group.table.is_empty() {
+            return Ok(());
+        }
+        for (_, entry) in Self::sorted_entries(group) {
             visit(&entry.key, &entry.value)?;
+        }
+        Ok(())
+    }
+
+    fn scan_range(
+        &mut self,
+        key_group: KeyGroup,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut VisitWhile<'_>,
+    ) -> Result<(), StateError> {
+        let ordered = prefix.len() >= 2 && Self::is_ordered(&self.ordered_states, prefix);
+        let group = self.group_mut(key_group);
+        if group.table.is_empty() {
+            return Ok(());
+        }
+        let start = if from > prefix { from } else { prefix };
+        if ordered {
+            for key in group.ordered.range::<[u8], _>((Bound::Included(start), Bound::Unbounded)) {
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                let entry = group.table.find(hash_key(key), |entry| bytes_eq(&entry.key, key)).expect("indexed key");
+                if !visit(&entry.key, &entry.value)? {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        for (_, entry) in Self::sorted_entries(group) {
+            if entry.key.as_slice() >= start && entry.key.starts_with(prefix) && !visit(&entry.key, &entry.value)? {
+                break;
+            }
         }
         Ok(())
     }
@@ -259,10 +384,15 @@ impl StateBackend for HeapBackend {
     fn take(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
         value.clear();
         let hash = hash_key(key);
-        let Ok(occupied) = self.group_mut(key_group).find_entry(hash, |entry| bytes_eq(&entry.key, key)) else {
+        let ordered = Self::is_ordered(&self.ordered_states, key);
+        let group = self.group_mut(key_group);
+        let Ok(occupied) = group.table.find_entry(hash, |entry| bytes_eq(&entry.key, key)) else {
             return Ok(false);
         };
         let (removed, _) = occupied.remove();
+        if ordered {
+            group.ordered.remove(key);
+        }
         value.extend_from_slice(&removed.value);
         self.account(-((removed.key.len() + removed.value.len()) as i64));
         Ok(true)
@@ -303,7 +433,7 @@ impl StateBackend for HeapBackend {
 }
 
 /// A group's entries as a portable snapshot, sorted by key.
-fn encode_groups<'a>(range: KeyGroupRange, tables: impl Iterator<Item = &'a HashTable<Entry>>) -> KeyGroupsSnapshot {
+fn encode_groups<'a>(range: KeyGroupRange, tables: impl Iterator<Item = &'a Group>) -> KeyGroupsSnapshot {
     let mut writer = SnapshotWriter::new();
     for (offset, table) in tables.enumerate() {
         let key_group = KeyGroup(range.start() + offset as u16);
@@ -318,7 +448,7 @@ fn encode_groups<'a>(range: KeyGroupRange, tables: impl Iterator<Item = &'a Hash
 struct HeapCapture {
     path: String,
     range: KeyGroupRange,
-    tables: Vec<Arc<HashTable<Entry>>>,
+    tables: Vec<Arc<Group>>,
 }
 
 impl SnapshotWrite for HeapCapture {

@@ -11,6 +11,8 @@
 
 pub mod codec;
 mod heap;
+pub mod keyed;
+pub mod map_key;
 pub mod snapshot;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -37,6 +39,12 @@ pub enum StateError {
     KeyTooLarge { size: usize },
     #[error("state value of {size} bytes is larger than the limit of {STATE_VALUE_SIZE_MAX} bytes")]
     ValueTooLarge { size: usize },
+    #[error("state {state:?} in key group {key_group}: {reason}")]
+    Value { state: String, key_group: u16, reason: String },
+    #[error("state declaration refused: {0}")]
+    Declaration(String),
+    #[error("snapshot refused, its state is incompatible: {0}")]
+    Incompatible(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -101,6 +109,25 @@ pub const PORTABLE_EXTENSION: &str = ".state";
 
 /// Visits one entry `(key, value)` of a scan.
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StateError> + 'a;
+/// Visits one entry `(key, value)` of a range scan; `false` stops the scan.
+pub type VisitWhile<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StateError> + 'a;
+
+/// The id of a declared state (column family) of a backend: the first two bytes (big-endian) of
+/// every key of that state ([`StateKey`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StateId(pub u16);
+
+impl StateId {
+    /// The id a key belongs to, if it is long enough to carry one.
+    #[inline]
+    pub fn of_key(key: &[u8]) -> Option<StateId> {
+        Some(StateId(u16::from_be_bytes([*key.first()?, *key.get(1)?])))
+    }
+
+    pub fn prefix(self) -> [u8; 2] {
+        self.0.to_be_bytes()
+    }
+}
 /// Computes a new value from the stored one (`None`: absent) into the buffer given.
 pub type Merge<'a> = dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> Result<(), StateError> + 'a;
 
@@ -111,6 +138,13 @@ pub type Merge<'a> = dyn FnMut(Option<&[u8]>, &mut Vec<u8>) -> Result<(), StateE
 pub trait StateBackend: Send {
     /// The key groups this backend holds.
     fn key_groups(&self) -> KeyGroupRange;
+    /// Declares state `id`, named `name` (a RocksDB column family; the heap keeps one index per
+    /// state that asks for `ordered` range scans). Once a backend has declared states, every key
+    /// starts with the id of one of them; a backend without declared states takes any key.
+    /// Declaring an id again with the same name is a no-op; with another name it is an error.
+    fn declare_state(&mut self, _id: StateId, _name: &str, _ordered: bool) -> Result<(), StateError> {
+        Ok(())
+    }
     /// Copies the value of `key` into `value` (cleared first); `false` if there is none.
     fn get(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError>;
     fn put(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) -> Result<(), StateError>;
@@ -136,8 +170,35 @@ pub trait StateBackend: Send {
         }
         Ok(())
     }
+    /// Appends `bytes` to the value of `key` (absent: an empty value). Backends that can extend the
+    /// stored value in place (the heap, RocksDB's cache) do so; the default is a `merge`.
+    fn append(&mut self, key_group: KeyGroup, key: &[u8], bytes: &[u8]) -> Result<(), StateError> {
+        self.merge(key_group, key, &mut |old, new| {
+            new.extend_from_slice(old.unwrap_or_default());
+            new.extend_from_slice(bytes);
+            Ok(())
+        })
+    }
     /// Visits the entries of `key_group` in ascending key order.
     fn scan(&mut self, key_group: KeyGroup, visit: &mut Visit<'_>) -> Result<(), StateError>;
+    /// Visits the entries of `key_group` whose key starts with `prefix` and is not below `from`,
+    /// in ascending key order, until `visit` returns `false`. Fast (no visit of other entries)
+    /// for the keys of states declared `ordered`; the default scans the whole group.
+    fn scan_range(
+        &mut self,
+        key_group: KeyGroup,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut VisitWhile<'_>,
+    ) -> Result<(), StateError> {
+        let mut going = true;
+        self.scan(key_group, &mut |key, value| {
+            if going && key.starts_with(prefix) && key >= from {
+                going = visit(key, value)?;
+            }
+            Ok(())
+        })
+    }
     /// Removes `key` and copies its value into `value` (cleared first); `false` if there was none.
     /// The default is a `get` and a `delete`.
     fn take(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
