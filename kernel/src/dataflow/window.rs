@@ -1,7 +1,7 @@
 //! The keyed tumbling event-time window: count and sum per key and window, fired by the watermark.
 //!
-//! State: one entry per (key, window) in the subtask's [`StateBackend`], under the state key
-//! `key | window start`, with the value `count (u64 LE) | sum (i64 LE)`. A window `[start, end)`
+//! State: an aggregating state `count-sum` in the subtask's [`KeyedState`], with the window start
+//! as namespace: one entry per (key, window), its accumulator `(count u64, sum i64)`. A window `[start, end)`
 //! fires when the input watermark reaches `end`; its rows are emitted before the watermark is
 //! forwarded, so downstream sees each result ahead of the watermark that completed it. A record
 //! whose window already fired is late: it is dropped and counted in `records_late_dropped`.
@@ -20,9 +20,9 @@ use super::{read_u64_file, u64_file_bytes, Context, Operator, OperatorError, Ope
 use crate::checkpoint::manifest::{checkpoint_dir, shared_dir, TaskSnapshot};
 use crate::element::CheckpointId;
 use crate::element::Element;
-use crate::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
-use crate::state::{order_preserving_i64_inverse, CaptureTarget, FileWrite, StateBackend, StateError, StateKey};
-use crate::state::{read_u64_be, split_state_key};
+use crate::key_group::{KeyGroupRange, MaxParallelism};
+use crate::state::keyed::{AggregateFunction, AggregatingState, KeyedState};
+use crate::state::{order_preserving_i64_inverse, read_u64_be, CaptureTarget, FileWrite, StateBackend};
 use crate::time::EventTime;
 
 /// The key column types a keyed stream may have.
@@ -64,23 +64,44 @@ pub(crate) enum KeyColumn<'a> {
     Int64(&'a [i64]),
 }
 
-/// Encodes a window's aggregate as state bytes.
-#[inline]
-fn encode_aggregate(count: u64, sum: i64) -> [u8; 16] {
-    let mut bytes = [0_u8; 16];
-    bytes[..8].copy_from_slice(&count.to_le_bytes());
-    bytes[8..].copy_from_slice(&sum.to_le_bytes());
-    bytes
+/// Counts and sums a window's values. Records through cells what the state layer's callbacks
+/// saw: whether an accumulator was created (a new entry), and whether a sum overflowed.
+#[derive(Debug, Default)]
+pub struct CountSum {
+    created: std::cell::Cell<bool>,
+    overflow: std::cell::Cell<bool>,
 }
 
-#[inline]
-fn decode_aggregate(bytes: &[u8]) -> Result<(u64, i64), StateError> {
-    let array: &[u8; 16] = bytes
-        .try_into()
-        .map_err(|_| StateError::Corrupt { what: format!("window aggregate of {} bytes, expected 16", bytes.len()) })?;
-    let count = u64::from_le_bytes(array[..8].try_into().expect("eight bytes"));
-    let sum = i64::from_le_bytes(array[8..].try_into().expect("eight bytes"));
-    Ok((count, sum))
+impl AggregateFunction for CountSum {
+    type In = i64;
+    type Acc = (u64, i64);
+    type Out = (u64, i64);
+
+    fn create_accumulator(&self) -> (u64, i64) {
+        self.created.set(true);
+        (0, 0)
+    }
+
+    #[inline]
+    fn add(&self, value: &i64, accumulator: &mut (u64, i64)) {
+        accumulator.0 += 1;
+        match accumulator.1.checked_add(*value) {
+            Some(sum) => accumulator.1 = sum,
+            None => self.overflow.set(true),
+        }
+    }
+
+    fn merge(&self, a: (u64, i64), b: (u64, i64)) -> (u64, i64) {
+        let sum = a.1.checked_add(b.1).unwrap_or_else(|| {
+            self.overflow.set(true);
+            a.1
+        });
+        (a.0 + b.0, sum)
+    }
+
+    fn get_result(&self, accumulator: &(u64, i64)) -> (u64, i64) {
+        *accumulator
+    }
 }
 
 /// What a tumbling window reads, and how wide its windows are.
@@ -96,7 +117,8 @@ pub struct WindowSpec {
 pub struct TumblingWindowCountSum {
     spec: WindowSpec,
     max_parallelism: MaxParallelism,
-    state: Box<dyn StateBackend>,
+    state: KeyedState,
+    aggregate: AggregatingState<CountSum>,
     /// The state's key groups (asked once: the backend is behind a virtual call).
     key_groups: KeyGroupRange,
     /// The input watermark: windows ending at or before it have fired.
@@ -110,9 +132,6 @@ pub struct TumblingWindowCountSum {
     /// into the state backend with the event-time timers.
     windows_open: BTreeMap<i64, Vec<Vec<u64>>>,
     schema: SchemaRef,
-    state_key: StateKey,
-    /// The value read by `take`, reused.
-    value: Vec<u8>,
     /// Rows of the windows being fired, reused across firings.
     fired: Vec<(u64, i64, u64, i64)>,
     metrics: OperatorMetrics,
@@ -132,23 +151,26 @@ impl TumblingWindowCountSum {
         ])
     }
 
-    pub fn new(spec: WindowSpec, max_parallelism: MaxParallelism, state: Box<dyn StateBackend>) -> Self {
+    pub fn new(spec: WindowSpec, max_parallelism: MaxParallelism, backend: Box<dyn StateBackend>) -> Self {
         assert!(spec.size_ms > 0, "window size {} ms", spec.size_ms);
         let key_field = match spec.key_type {
             KeyType::UInt64 => field("key", DataType::UInt64),
             KeyType::Int64 => field("key", DataType::Int64),
         };
+        let mut state = KeyedState::new(backend, max_parallelism);
+        let aggregate = state
+            .aggregating_state("count-sum", CountSum::default(), None)
+            .expect("the window's only state is declared once, in a fresh backend");
         TumblingWindowCountSum {
             spec,
             max_parallelism,
             key_groups: state.key_groups(),
             state,
+            aggregate,
             watermark: EventTime::MIN,
             watermark_restored: EventTime::MIN,
             windows_open: BTreeMap::new(),
             schema: Self::schema(key_field),
-            state_key: StateKey::new(),
-            value: Vec::with_capacity(16),
             fired: Vec::new(),
             metrics: OperatorMetrics::default(),
         }
@@ -165,30 +187,13 @@ impl TumblingWindowCountSum {
             self.metrics.records_late_dropped += 1;
             return Ok(());
         }
-        let key_group = self.max_parallelism.key_group_of_u64(key_hash);
-        match self.spec.key_type {
-            KeyType::UInt64 => self.state_key.set_u64(key_hash),
-            KeyType::Int64 => self.state_key.set_i64(key_hash as i64),
-        }
-        .push_namespace_i64(start);
-        let mut created = false;
-        let mut overflow = false;
-        self.state.merge(key_group, self.state_key.as_bytes(), &mut |old, new| {
-            let (count, sum) = match old {
-                Some(bytes) => decode_aggregate(bytes)?,
-                None => {
-                    created = true;
-                    (0, 0)
-                }
-            };
-            let sum = sum.checked_add(value).unwrap_or_else(|| {
-                overflow = true;
-                sum
-            });
-            new.extend_from_slice(&encode_aggregate(count + 1, sum));
-            Ok(())
-        })?;
-        if overflow {
+        self.set_key(key_hash);
+        self.state.set_namespace_i64(start);
+        let key_group = self.state.current_key_group();
+        self.aggregate.add(&mut self.state, &value)?;
+        let function = self.aggregate.function();
+        let created = function.created.take();
+        if function.overflow.take() {
             return Err(OperatorError::Malformed(format!(
                 "tumbling-window: sum overflows i64 for key {key_hash} in window {start}"
             )));
@@ -208,6 +213,15 @@ impl TumblingWindowCountSum {
         Ok(())
     }
 
+    /// Makes `key_hash` (the key as the `u64` the key-group hash takes) the state's current key.
+    #[inline]
+    fn set_key(&mut self, key_hash: u64) {
+        match self.spec.key_type {
+            KeyType::UInt64 => self.state.set_current_key_u64(key_hash),
+            KeyType::Int64 => self.state.set_current_key_i64(key_hash as i64),
+        }
+    }
+
     /// Emits and clears every window that ends at or before `watermark`, window by window.
     fn fire(&mut self, context: &mut Context<'_>, watermark: EventTime) -> Result<(), OperatorError> {
         let mut fired = std::mem::take(&mut self.fired);
@@ -221,18 +235,12 @@ impl TumblingWindowCountSum {
             // Key group by key group (each group's table is small enough to stay in cache),
             // and within a group in the order the keys first arrived: a function of the input
             // sequence, so deterministic, and cheaper than sorting by key.
-            let groups_first = self.key_groups.start();
-            for (offset, keys) in window.remove().into_iter().enumerate() {
-                let key_group = KeyGroup(groups_first + offset as u16);
+            for keys in window.remove() {
                 for key in keys {
-                    match self.spec.key_type {
-                        KeyType::UInt64 => self.state_key.set_u64(key),
-                        KeyType::Int64 => self.state_key.set_i64(key as i64),
-                    }
-                    .push_namespace_i64(start);
-                    let found = self.state.take(key_group, self.state_key.as_bytes(), &mut self.value)?;
-                    assert!(found, "window {start} of key {key} is open but has no state");
-                    let (count, sum) = decode_aggregate(&self.value)?;
+                    self.set_key(key);
+                    self.state.set_namespace_i64(start);
+                    let taken = self.aggregate.take(&mut self.state)?;
+                    let (count, sum) = taken.unwrap_or_else(|| panic!("window {start} of key {key} is open but has no state"));
                     fired.push((key, start, count, sum));
                 }
             }
@@ -359,7 +367,7 @@ impl Operator for TumblingWindowCountSum {
     /// Loads the entries of this subtask's key groups from every subtask's state file, takes the
     /// lowest of their watermarks (so none goes back), and rebuilds the open-window index.
     fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
-        let range = self.state.key_groups();
+        let range = self.key_groups;
         let mut watermark: Option<i64> = None;
         let files: Vec<String> = snapshots.iter().flat_map(|s| s.files.iter().cloned()).collect();
         for file in files.iter().filter(|file| file.ends_with(".watermark")) {
@@ -371,10 +379,10 @@ impl Operator for TumblingWindowCountSum {
         self.watermark_restored = self.watermark;
         self.windows_open.clear();
         let (group_count, key_type) = (range.count(), self.spec.key_type);
+        let id = self.aggregate.id();
         for (offset, key_group) in range.iter().enumerate() {
             let windows_open = &mut self.windows_open;
-            self.state.scan(key_group, &mut |state_key, _| {
-                let (key, namespace) = split_state_key(state_key)?;
+            self.state.for_each_key(id, key_group, &mut |key, namespace| {
                 let start = order_preserving_i64_inverse(read_u64_be(namespace)?);
                 let groups = windows_open.entry(start).or_insert_with(|| vec![Vec::new(); group_count]);
                 // The index holds keys as the u64 the hash takes; state holds Int64 keys order-preserving.
@@ -402,13 +410,9 @@ impl Operator for TumblingWindowCountSum {
         let mut rows = Vec::new();
         let starts: Vec<i64> = self.windows_open.keys().copied().collect();
         for start in starts {
-            match self.spec.key_type {
-                KeyType::UInt64 => self.state_key.set_u64(key),
-                KeyType::Int64 => self.state_key.set_i64(key as i64),
-            }
-            .push_namespace_i64(start);
-            if self.state.get(key_group, self.state_key.as_bytes(), &mut self.value)? {
-                let (count, sum) = decode_aggregate(&self.value)?;
+            self.set_key(key);
+            self.state.set_namespace_i64(start);
+            if let Some((count, sum)) = self.aggregate.get(&mut self.state)? {
                 rows.push((key, start, count, sum));
             }
         }

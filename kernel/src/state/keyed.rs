@@ -504,6 +504,55 @@ impl KeyedState {
         self.backend.delete(key_group, &self.full_key)
     }
 
+    /// Reads and removes a value-like state in one access (`None`: absent or expired and hidden).
+    fn take_value<T: StateCodec>(&mut self, id: StateId) -> Result<Option<T>, StateError> {
+        let key_group = self.build_key(id);
+        if !self.backend.take(key_group, &self.full_key, &mut self.value)? {
+            return Ok(None);
+        }
+        let offset = match self.descriptor(id).ttl {
+            None => 0,
+            Some(ttl) => {
+                let Some(stamp) = self.value.get(..STAMP_SIZE) else {
+                    return Err(value_error(self.descriptor(id), key_group, "value shorter than its TTL time stamp"));
+                };
+                let stamp = i64::from_le_bytes(stamp.try_into().expect("eight bytes"));
+                if expired(stamp, &ttl, self.now(&ttl)) && ttl.visibility == TtlVisibility::NeverReturnExpired {
+                    return Ok(None);
+                }
+                STAMP_SIZE
+            }
+        };
+        self.decode(id, key_group, &self.value[offset..]).map(Some)
+    }
+
+    /// Visits the `(key, namespace)` of every entry of state `id` in `key_group`, in key order
+    /// (a map state's entries once per map key), as the bytes the current key and namespace
+    /// are set from: integer keys and namespaces big-endian, signed ones with the sign bit flipped.
+    pub fn for_each_key(
+        &mut self,
+        id: StateId,
+        key_group: KeyGroup,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let prefix = id.prefix();
+        let mut failure = None;
+        self.backend.scan_range(key_group, &prefix, &prefix, &mut |key, _| {
+            match split_key(&key[2..]) {
+                Some((user_key, namespace)) => visit(user_key, namespace)?,
+                None => {
+                    failure = Some(format!("malformed state key of {} bytes", key.len()));
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+        match failure {
+            Some(reason) => Err(value_error(self.descriptor(id), key_group, reason)),
+            None => Ok(()),
+        }
+    }
+
     /// Read-modify-write of a value-like state: `combine(old)` (None: absent or expired).
     fn merge_value<T: StateCodec>(
         &mut self,
@@ -872,6 +921,15 @@ pub fn query_snapshot(
     state.query(name, key, namespace)
 }
 
+/// Splits `key length | key | namespace length | namespace | …` into key and namespace.
+fn split_key(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let key_length = usize::from(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]));
+    let key = bytes.get(2..2 + key_length)?;
+    let rest = &bytes[2 + key_length..];
+    let namespace_length = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    Some((key, rest.get(2..2 + namespace_length)?))
+}
+
 #[inline]
 fn expired(stamp: i64, ttl: &TtlConfig, now: i64) -> bool {
     stamp.saturating_add(ttl.ttl_ms as i64) <= now
@@ -1123,6 +1181,14 @@ pub struct ValueState<T> {
 }
 
 impl<T: StateCodec> ValueState<T> {
+    pub fn id(&self) -> StateId {
+        self.id
+    }
+
+    /// The value, removed in the same access.
+    pub fn take(&self, state: &mut KeyedState) -> Result<Option<T>, StateError> {
+        state.take_value(self.id)
+    }
     /// The value, or `None` if never written, cleared or expired.
     #[inline]
     pub fn get(&self, state: &mut KeyedState) -> Result<Option<T>, StateError> {
@@ -1147,6 +1213,9 @@ pub struct ListState<T> {
 }
 
 impl<T: StateCodec> ListState<T> {
+    pub fn id(&self) -> StateId {
+        self.id
+    }
     /// Appends one element (without reading the list).
     pub fn add(&self, state: &mut KeyedState, value: &T) -> Result<(), StateError> {
         let key_group = state.build_key(self.id);
@@ -1229,6 +1298,9 @@ pub struct MapState<K, V> {
 }
 
 impl<K: MapKey, V: StateCodec> MapState<K, V> {
+    pub fn id(&self) -> StateId {
+        self.id
+    }
     #[inline]
     fn build(&self, state: &mut KeyedState, key: &K) -> KeyGroup {
         let key_group = state.build_key(self.id);
@@ -1365,6 +1437,9 @@ pub struct ReducingState<T, F> {
 }
 
 impl<T: StateCodec + Clone, F: Fn(&T, &T) -> T> ReducingState<T, F> {
+    pub fn id(&self) -> StateId {
+        self.id
+    }
     pub fn get(&self, state: &mut KeyedState) -> Result<Option<T>, StateError> {
         state.get_value(self.id)
     }
@@ -1416,6 +1491,18 @@ pub struct AggregatingState<A> {
 }
 
 impl<A: AggregateFunction> AggregatingState<A> {
+    pub fn id(&self) -> StateId {
+        self.id
+    }
+
+    pub fn function(&self) -> &A {
+        &self.function
+    }
+
+    /// The result, with the accumulator removed in the same access.
+    pub fn take(&self, state: &mut KeyedState) -> Result<Option<A::Out>, StateError> {
+        Ok(state.take_value::<A::Acc>(self.id)?.map(|accumulator| self.function.get_result(&accumulator)))
+    }
     /// The result of the accumulated values, or `None` if nothing was added.
     pub fn get(&self, state: &mut KeyedState) -> Result<Option<A::Out>, StateError> {
         Ok(state.get_value::<A::Acc>(self.id)?.map(|accumulator| self.function.get_result(&accumulator)))
