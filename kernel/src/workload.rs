@@ -107,6 +107,21 @@ pub fn w2_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
         .sink_files("w2")
 }
 
+/// W3, the simulator's keyed-state workload: generator → watermarks → key by `key` →
+/// [`crate::dataflow::keyed_stats::KeyedStats`] (value, list, map, reducing and aggregating
+/// state per key) → file sink `w3`. Of [`W2Options`] it uses the counts, parallelisms, batch
+/// size and keys.
+pub fn w3_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    use crate::dataflow::graph::SourceSpec;
+    let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
+    crate::dataflow::JobBuilder::new("w3")
+        .source("generator", SourceSpec::Generator { record_count, batch_size, keys }, source_parallelism)?
+        .assign_watermarks(options.out_of_orderness_ms)?
+        .key_by("key", parallelism)?
+        .keyed_stats("value")?
+        .sink_files("w3")
+}
+
 /// W1 as a job: generator → keep even values → project `(key, ts_ms)` → file sink `w1`.
 pub fn w1_job(
     record_count: u64,

@@ -20,6 +20,8 @@ pub enum Workload {
     W1 { record_count: u64, parallelism: u16, batch_size: usize },
     /// W2 and its variants (late data: a bound below the generator's disorder, one source).
     W2(W2Options),
+    /// W3: every kind of keyed state per key (`workload::w3_job_with`).
+    W3(W2Options),
 }
 
 impl Workload {
@@ -30,13 +32,14 @@ impl Workload {
             Workload::W2(options) if options.keys != workload::Keys::Uniform => "W2-skewed-keys",
             Workload::W2(options) if options.window_size_ms != workload::W2_WINDOW_SIZE_MS => "W2-small-windows",
             Workload::W2(_) => "W2",
+            Workload::W3(_) => "W3-keyed-state",
         }
     }
 
     pub fn record_count(&self) -> u64 {
         match self {
             Workload::W1 { record_count, .. } => *record_count,
-            Workload::W2(options) => options.record_count,
+            Workload::W2(options) | Workload::W3(options) => options.record_count,
         }
     }
 
@@ -46,6 +49,7 @@ impl Workload {
                 workload::w1_job(record_count, parallelism, batch_size)
             }
             Workload::W2(options) => workload::w2_job_with(options),
+            Workload::W3(options) => workload::w3_job_with(options),
         };
         PhysicalPlan::new(graph.expect("swarm workloads are valid jobs"), node_count)
     }
@@ -101,7 +105,7 @@ impl Scenario {
         let workload = draw_workload(&mut rng, limits);
         let parallelism = match workload {
             Workload::W1 { parallelism, .. } => parallelism,
-            Workload::W2(options) => options.parallelism.max(options.source_parallelism),
+            Workload::W2(options) | Workload::W3(options) => options.parallelism.max(options.source_parallelism),
         };
         let node_count = between(&mut rng, 1, u64::from(parallelism).min(3)) as u16;
         let checkpoints = CheckpointSettings {
@@ -123,7 +127,7 @@ impl Scenario {
         // Roughly how long a fault-free run lasts: batches per node, stepped at the step rate.
         let batch_size = match workload {
             Workload::W1 { batch_size, .. } => batch_size,
-            Workload::W2(options) => options.batch_size,
+            Workload::W2(options) | Workload::W3(options) => options.batch_size,
         } as u64;
         let batches = workload.record_count().div_ceil(batch_size);
         let steps = batches.div_ceil(u64::from(node_count)) * 1_000_000 / u64::from(network.step_ppm);
@@ -184,6 +188,12 @@ fn draw_workload(rng: &mut Lcg, limits: SwarmLimits) -> Workload {
         // key count comes from the record count, not from the generator, so the draws that
         // follow (and every other seed's world) stay as they were.
         9 => Workload::W2(W2Options { keys: workload::Keys::Skewed { hot: 1 + record_count % 8 }, ..base }),
+        // Keyed state of every kind, with hot keys so that keys gather many records (and their
+        // lists and maps many entries). Chosen from the record count, not by a draw, for the
+        // same reason as the hot keys.
+        _ if record_count % 3 == 1 => {
+            Workload::W3(W2Options { keys: workload::Keys::Skewed { hot: 4 + record_count % 29 }, ..base })
+        }
         _ => Workload::W2(base),
     }
 }

@@ -10,6 +10,7 @@ use super::map::{Filter, Predicate, Project};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
 use super::source::GeneratorSource;
 use super::watermark::WatermarkAssigner;
+use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::window::{KeyType, TumblingWindowCountSum, WindowSpec};
 use super::{Operator, Source};
 use crate::env::ChannelId;
@@ -135,6 +136,7 @@ pub enum OperatorSpec {
         schema: SchemaRef,
     },
     TumblingWindow(WindowSpec),
+    KeyedStats(KeyedStatsSpec),
     Sink {
         name: String,
     },
@@ -158,13 +160,14 @@ impl OperatorSpec {
             OperatorSpec::Filter { name, .. } => name,
             OperatorSpec::Project { .. } => "project",
             OperatorSpec::TumblingWindow(_) => "tumbling-window",
+            OperatorSpec::KeyedStats(_) => "keyed-stats",
             OperatorSpec::Sink { name } | OperatorSpec::TransactionalSink { name, .. } => name,
         }
     }
 
     /// Whether instances keep keyed state (and so need a [`StateBackend`]).
     pub fn is_stateful(&self) -> bool {
-        matches!(self, OperatorSpec::TumblingWindow(_))
+        matches!(self, OperatorSpec::TumblingWindow(_) | OperatorSpec::KeyedStats(_))
     }
 
     /// Creates the instance for `subtask`; `state` is given exactly to stateful operators.
@@ -183,6 +186,9 @@ impl OperatorSpec {
             OperatorSpec::Project { indices, schema } => Box::new(Project::new(indices.clone(), schema.clone())),
             &OperatorSpec::TumblingWindow(spec) => {
                 Box::new(TumblingWindowCountSum::new(spec, max_parallelism, state.expect("checked above")))
+            }
+            &OperatorSpec::KeyedStats(spec) => {
+                Box::new(KeyedStats::new(spec, max_parallelism, state.expect("checked above")))
             }
             OperatorSpec::Sink { name } => Box::new(FileSink::new_files(name, subtask)),
             OperatorSpec::TransactionalSink { factory, .. } => Box::new(TwoPhaseCommitSink::new((factory.0)(subtask))),
@@ -358,6 +364,20 @@ impl Stream {
         }));
         self.schema = TumblingWindowCountSum::schema(self.schema.field(key_index).clone());
         self.event_time = TumblingWindowCountSum::EVENT_TIME_INDEX;
+        self.key = Some((0, key_type));
+        Ok(self)
+    }
+
+    /// Per key, over the whole input, statistics of `value` kept in every kind of keyed state
+    /// (see [`KeyedStats`]), emitted at the end of input. Output columns: key, count, sum, max,
+    /// buckets, bucket_checksum, multiples, multiples_sum.
+    pub fn keyed_stats(mut self, value: &str) -> Result<Stream, BuildError> {
+        let operator = "keyed-stats";
+        let (key_index, key_type) = self.key.ok_or(BuildError::NotKeyed { operator: operator.into() })?;
+        let value_index = self.column_of_type(operator, value, &[DataType::Int64])?;
+        self.push(OperatorSpec::KeyedStats(KeyedStatsSpec { key_index, key_type, value_index }));
+        self.schema = KeyedStats::schema(self.schema.field(key_index).clone());
+        self.event_time = None;
         self.key = Some((0, key_type));
         Ok(self)
     }

@@ -6,6 +6,7 @@
 
 pub mod exchange;
 pub mod graph;
+pub mod keyed_stats;
 pub mod map;
 pub mod sink;
 pub mod source;
