@@ -234,7 +234,8 @@ pub fn job_graph(spec: &sabot_kernel::wire::JobSpec) -> Result<sabot_kernel::dat
     let graph = match spec.name.as_str() {
         "w1" => sabot_kernel::workload::w1_job(spec.records, spec.parallelism, batch_size),
         "w2" => sabot_kernel::workload::w2_job(spec.records, spec.parallelism, batch_size),
-        other => return Err(DriverError::Coordinator(format!("unknown job {other:?} (w1 or w2)"))),
+        "w3" => sabot_kernel::workload::w3_job(spec.records, spec.parallelism, batch_size),
+        other => return Err(DriverError::Coordinator(format!("unknown job {other:?} (w1, w2 or w3)"))),
     };
     graph.map_err(|error| DriverError::Coordinator(format!("building job {}: {error}", spec.name)))
 }

@@ -34,6 +34,9 @@ flags of `sabot coordinator`:
   --workers N           workers each attempt waits for (default 1)
   --min-workers M       after a failure, go on with M or more workers if no replacement registered
                         within 2 s (default: N, always wait for replacements)
+  --job NAME            w2 (default: the keyed tumbling window), w1 (filter and projection) or w3
+                        (per-key statistics in value, list, map, reducing and aggregating state;
+                        one row per key at the end)
   --records, --parallelism, --batch-size, --data-dir, --unaligned, --alignment-timeout-ms
                         as for `sabot run`
   --checkpoint-interval-ms N
@@ -253,6 +256,12 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
             ("coordinator", "--workers") => workers = parse_number(flag, &value()?)?,
             ("coordinator", "--min-workers") => min_workers = Some(parse_number(flag, &value()?)?),
             ("coordinator", "--records") => job.records = parse_number(flag, &value()?)?,
+            ("coordinator", "--job") => {
+                job.name = match value()?.as_str() {
+                    name @ ("w1" | "w2" | "w3") => name.to_string(),
+                    other => return Err(UsageError(format!("--job is w1, w2 or w3, not {other:?}"))),
+                }
+            }
             ("coordinator", "--parallelism") => job.parallelism = parse_number(flag, &value()?)?,
             ("coordinator", "--batch-size") => job.batch_size = parse_number(flag, &value()?)?,
             ("coordinator", "--checkpoint-interval-ms") => checkpoints.interval_ms = parse_number(flag, &value()?)?,

@@ -122,6 +122,27 @@ pub fn w3_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
         .sink_files("w3")
 }
 
+/// The hot keys of [`w3_job`]: three records in four go to one of them.
+pub const W3_HOT_KEYS: u64 = 64;
+
+/// W3 as `sabot` runs it: [`w3_job_with`] with one source per keyed subtask and
+/// [`W3_HOT_KEYS`] hot keys, so that keys gather long lists and full maps.
+pub fn w3_job(
+    record_count: u64,
+    parallelism: u16,
+    batch_size: usize,
+) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    w3_job_with(W2Options {
+        record_count,
+        source_parallelism: parallelism,
+        parallelism,
+        batch_size,
+        out_of_orderness_ms: W2_OUT_OF_ORDERNESS_MS,
+        window_size_ms: W2_WINDOW_SIZE_MS,
+        keys: Keys::Skewed { hot: W3_HOT_KEYS },
+    })
+}
+
 /// W1 as a job: generator → keep even values → project `(key, ts_ms)` → file sink `w1`.
 pub fn w1_job(
     record_count: u64,
