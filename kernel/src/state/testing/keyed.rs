@@ -1064,6 +1064,7 @@ fn aggregating_op(
 struct PendingCapture {
     checkpoint: CheckpointId,
     generation: u64,
+    parallelism: u16,
     model: Model,
     captures: Vec<StateCapture>,
 }
@@ -1255,7 +1256,8 @@ impl<'f, 'a> Run<'f, 'a> {
         }
         self.model.clean_for_capture();
         let model = self.model.clone();
-        self.pending.push(PendingCapture { checkpoint, generation: self.generation, model, captures });
+        let (generation, parallelism) = (self.generation, self.parallelism);
+        self.pending.push(PendingCapture { checkpoint, generation, parallelism, model, captures });
     }
 
     fn write_oldest_capture(&mut self) {
@@ -1272,7 +1274,7 @@ impl<'f, 'a> Run<'f, 'a> {
         self.checkpoints.push(WrittenCheckpoint {
             checkpoint: pending.checkpoint,
             generation: pending.generation,
-            parallelism: self.parallelism,
+            parallelism: pending.parallelism,
             model: pending.model,
             files,
         });
