@@ -1120,3 +1120,106 @@ fn query_snapshot_agrees_with_typed_reads_at_capture() {
         query_snapshot(&mut storage, &files, max(), "nothing", QueryKey::U64(1), b"", Instant(0), EventTime::MIN);
     assert!(missing.is_err());
 }
+
+// Goal: whatever bytes a backend hands back under a state's key (a damaged snapshot, another
+// build's encoding), every typed access, query, capture and cleanup step either works or is a
+// StateError::Value naming that state and key group: never a panic, never another error.
+// Method: random byte strings (seeded, printed) written raw under each state's key (for maps also
+// under random user keys), then every operation of the state's kind.
+#[test]
+fn random_bytes_under_state_keys_never_panic() {
+    let seed = 77;
+    println!("seed {seed}");
+    let mut rng = Lcg::new(seed);
+    let random_bytes = |rng: &mut Lcg| -> Vec<u8> {
+        let length = [0, 1, 4, 7, 8, 9, 12, 13, 16, 17, 24][rng.below(11) as usize];
+        (0..length).map(|_| [0_u8, 1, 4, 8, 0xff, rng.below(256) as u8][rng.below(6) as usize]).collect()
+    };
+    for round in 0..300 {
+        let mut state = heap_state();
+        let config = Some(ttl(
+            10,
+            TtlTime::ProcessingTime,
+            TtlUpdate::OnReadAndWrite,
+            TtlVisibility::ReturnExpiredIfNotCleanedUp,
+            true,
+            4,
+        ));
+        let ttl_if = |with: bool| if with { config } else { None };
+        let with_ttl = round % 2 == 1;
+        let value = state.value_state::<String>("value", ttl_if(with_ttl)).unwrap();
+        let list = state.list_state::<String>("list", ttl_if(with_ttl)).unwrap();
+        let map = state.map_state::<(String, u8), u64>("map", ttl_if(with_ttl)).unwrap();
+        let sum = state.reducing_state("sum", |a: &u64, b: &u64| a.wrapping_add(*b), ttl_if(with_ttl)).unwrap();
+        let mean = state.aggregating_state("mean", Mean, ttl_if(with_ttl)).unwrap();
+        state.set_current_key_u64(round);
+        let group = state.current_key_group();
+        at(&mut state, 100 + rng.below(20));
+        for id in 0..5_u16 {
+            let mut key = id.to_be_bytes().to_vec();
+            key.extend_from_slice(&8_u16.to_be_bytes());
+            key.extend_from_slice(&round.to_be_bytes());
+            key.extend_from_slice(&0_u16.to_be_bytes());
+            if id == 2 {
+                for _ in 0..3 {
+                    let mut entry = key.clone();
+                    entry.extend(random_bytes(&mut rng));
+                    let bytes = random_bytes(&mut rng);
+                    state.backend_mut().put(group, &entry, &bytes).unwrap();
+                }
+            } else {
+                let bytes = random_bytes(&mut rng);
+                state.backend_mut().put(group, &key, &bytes).unwrap();
+            }
+        }
+        at(&mut state, 100 + rng.below(20));
+        let names = ["value", "list", "map", "sum", "mean"];
+        let check = |result: Result<(), StateError>, name: &str, what: &str| {
+            if let Err(error) = result {
+                assert!(is_value_error(&error, name, group), "round {round}: {what}: {error:?}");
+            }
+        };
+        check(value.get(&mut state).map(drop), "value", "get");
+        check(list.get(&mut state).map(drop), "list", "get");
+        check(list.add(&mut state, &"x".to_string()), "list", "add");
+        check(list.get(&mut state).map(drop), "list", "get after add");
+        check(map.entries(&mut state).map(drop), "map", "entries");
+        check(map.is_empty(&mut state).map(drop), "map", "is_empty");
+        check(map.get(&mut state, &("a".to_string(), 1)).map(drop), "map", "get");
+        check(map.contains(&mut state, &("".to_string(), 0)).map(drop), "map", "contains");
+        check(sum.get(&mut state).map(drop), "sum", "get");
+        check(sum.add(&mut state, &1), "sum", "add");
+        check(mean.get(&mut state).map(drop), "mean", "get");
+        check(mean.add(&mut state, &1), "mean", "add");
+        for name in names {
+            check(state.query(name, QueryKey::U64(round), b"").map(drop), name, "query");
+        }
+        if let Err(error) = state.cleanup_step() {
+            assert!(names.iter().any(|name| is_value_error(&error, name, group)), "round {round}: cleanup: {error:?}");
+        }
+        if let Err(error) = state.capture(&target(1, "op")).map(drop) {
+            assert!(names.iter().any(|name| is_value_error(&error, name, group)), "round {round}: capture: {error:?}");
+        }
+        check(map.clear(&mut state), "map", "clear");
+        check(sum.merge_namespaces(&mut state, b"t", &[b""]), "sum", "merge");
+        check(mean.merge_namespaces(&mut state, b"t", &[b""]), "mean", "merge");
+    }
+}
+
+// Goal: a damaged `.state` file is refused with an error naming it as corrupt; never a panic.
+// Method: the reference capture with one byte of its state file flipped, at every position.
+#[test]
+fn restore_refuses_a_damaged_state_file() {
+    let (mut storage, files) = reference_capture();
+    let state_file = files.iter().find(|file| file.ends_with(PORTABLE_EXTENSION)).unwrap().clone();
+    let good = storage.read(&state_file).unwrap();
+    for at in 0..good.len() {
+        let mut bytes = good.clone();
+        bytes[at] ^= 0x20;
+        storage.write(&state_file, &bytes).unwrap();
+        let mut state = heap_state();
+        declare_reference(&mut state);
+        let error = state.restore_files(&mut storage, &files).unwrap_err();
+        assert!(matches!(error, StateError::Corrupt { .. }), "byte {at}: {error:?}");
+    }
+}

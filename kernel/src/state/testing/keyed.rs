@@ -7,11 +7,12 @@
 //!
 //! # What a run does to the state
 //! - Reads and writes of ten states, each kind once without TTL and once with TTL (on processing
-//!   or event time; update type, visibility and cleanup drawn from the seed), for thirteen keys
-//!   (unsigned, signed and byte keys) in five namespaces (void, two integers, two byte strings,
+//!   or event time; update type, visibility and cleanup drawn from the seed), for fourteen keys
+//!   (unsigned, signed and byte keys, one empty) in five namespaces (void, two integers, two byte strings,
 //!   one the prefix of the other).
 //! - Processing time and the watermark advance, so TTL expires; incremental cleanup steps.
-//! - Live queries, at the subtask that holds the key and (an error) at one that does not.
+//! - Live queries, at the subtask that holds the key and (an error) at one that does not;
+//!   queries of written checkpoints ([`query_snapshot`]; portable files only).
 //! - Checkpoints: every subtask captures, the captures are written some operations later while the
 //!   state changes on, and some complete.
 //! - Recovery from a written checkpoint (unwritten captures are lost, as in a crash) at the same
@@ -57,12 +58,12 @@ use crate::env::MemStorage;
 use crate::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
 use crate::state::codec::StateCodec;
 use crate::state::keyed::{
-    AggregateFunction, AggregatingState, KeyedState, ListState, MapState, Queried, QueryKey, ReducingState, TtlConfig,
-    TtlTime, TtlUpdate, TtlVisibility, ValueState,
+    query_snapshot, AggregateFunction, AggregatingState, KeyedState, ListState, MapState, Queried, QueryKey,
+    ReducingState, TtlConfig, TtlTime, TtlUpdate, TtlVisibility, ValueState,
 };
 use crate::state::map_key::MapKey;
 use crate::state::snapshot::SnapshotWriter;
-use crate::state::{order_preserving_i64, CaptureTarget, StateBackend, StateCapture, StateError};
+use crate::state::{order_preserving_i64, CaptureTarget, StateBackend, StateCapture, StateError, PORTABLE_EXTENSION};
 use crate::time::{EventTime, Instant};
 
 /// Makes an empty backend for a range of key groups.
@@ -230,7 +231,7 @@ enum Key {
 }
 
 /// The first [`KEYS_HOT`] keys get most operations, so that operations meet on the same state.
-const KEYS: [Key; 13] = [
+const KEYS: [Key; 14] = [
     Key::U64(1),
     Key::I64(-1),
     Key::Bytes(b"a"),
@@ -244,6 +245,7 @@ const KEYS: [Key; 13] = [
     Key::I64(i64::MIN),
     Key::Bytes(b"bb"),
     Key::Bytes(b"key-c"),
+    Key::Bytes(b""),
 ];
 const KEYS_HOT: u64 = 3;
 
@@ -488,6 +490,13 @@ enum Op {
         state: usize,
         elsewhere: bool,
     },
+    /// A query of written checkpoint `checkpoint` (modulo the number kept).
+    QuerySnapshot {
+        checkpoint: usize,
+        key: usize,
+        namespace: usize,
+        state: usize,
+    },
     AdvanceProcessingTime(u64),
     AdvanceWatermark(u64),
     CleanupStep,
@@ -572,7 +581,11 @@ impl Op {
         let parallelism = 1 + rng.below(u64::from(PARALLELISM_MAX)) as u16;
         match rng.below(100) {
             0..=64 => Op::Typed { key, namespace, state, action: random_action(state, &mut rng) },
-            65..=74 => Op::Query { key, namespace, state, elsewhere: rng.below(4) == 0 },
+            65..=71 => Op::Query { key, namespace, state, elsewhere: rng.below(4) == 0 },
+            72..=74 => {
+                let checkpoint = rng.below(CHECKPOINTS_KEPT_MAX as u64) as usize;
+                Op::QuerySnapshot { checkpoint, key, namespace, state }
+            }
             75..=79 => Op::AdvanceProcessingTime(rng.below(12)),
             80..=83 => Op::AdvanceWatermark(rng.below(12)),
             84..=86 => Op::CleanupStep,
@@ -1151,6 +1164,9 @@ impl<'f, 'a> Run<'f, 'a> {
         match op {
             Op::Typed { key, namespace, state, action } => self.typed(op, *key, *namespace, *state, action),
             Op::Query { key, namespace, state, elsewhere } => self.query(op, *key, *namespace, *state, *elsewhere),
+            Op::QuerySnapshot { checkpoint, key, namespace, state } => {
+                self.query_snapshot(op, *checkpoint, *key, *namespace, *state)
+            }
             Op::AdvanceProcessingTime(ms) => {
                 self.model.processing_time += *ms as i64;
                 let now = Instant(self.model.processing_time as u64);
@@ -1220,6 +1236,38 @@ impl<'f, 'a> Run<'f, 'a> {
         }
         let got = ok(self.subtasks[index].query(STATES[state].0, KEYS[key].query(), &namespace), &at);
         assert_eq!(got, self.model.query(&(state, KEYS[key].clone(), namespace)), "{at}");
+    }
+
+    /// A query of a written checkpoint's portable files answers what its model holds, at the
+    /// current times; files in a backend's native format are refused, saying so.
+    fn query_snapshot(&mut self, op: &Op, choice: usize, key: usize, namespace: usize, state: usize) {
+        if self.checkpoints.is_empty() {
+            return;
+        }
+        let at = self.at(op);
+        let written = &self.checkpoints[choice % self.checkpoints.len()];
+        let namespace = NAMESPACES[namespace].bytes();
+        let got = query_snapshot(
+            &mut self.storage,
+            &written.files,
+            self.setup.max,
+            STATES[state].0,
+            KEYS[key].query(),
+            &namespace,
+            Instant(self.model.processing_time as u64),
+            EventTime(self.model.event_time),
+        );
+        let native = written.files.iter().any(|file| file.contains(&format!("{PORTABLE_EXTENSION}-")));
+        match got {
+            Err(StateError::Backend(reason)) if native && reason.contains("only the backend that wrote it") => {}
+            got => {
+                let mut model = written.model.clone();
+                model.processing_time = self.model.processing_time;
+                model.event_time = self.model.event_time;
+                let expected = model.query(&(state, KEYS[key].clone(), namespace));
+                assert_eq!(ok(got, &at), expected, "{at}: {:?}", written.checkpoint);
+            }
+        }
     }
 
     /// Queries every state of every key in every namespace.
