@@ -1272,14 +1272,14 @@ impl<'f, 'a> Run<'f, 'a> {
 
     /// Queries every state of every key in every namespace.
     fn verify(&mut self, what: &str) {
-        for state in 0..STATE_COUNT {
+        for (state, (name, _, _)) in STATES.iter().enumerate() {
             for key in &KEYS {
                 // Void and Empty are the same namespace: the first of them is enough.
                 for namespace in NAMESPACES.iter().skip(1) {
                     let namespace = namespace.bytes();
                     let index = self.subtask_of(key);
-                    let at = format!("step {}: {what}: {:?} of {key:?} in {namespace:?}", self.step, STATES[state].0);
-                    let got = ok(self.subtasks[index].query(STATES[state].0, key.query(), &namespace), &at);
+                    let at = format!("step {}: {what}: {name:?} of {key:?} in {namespace:?}", self.step);
+                    let got = ok(self.subtasks[index].query(name, key.query(), &namespace), &at);
                     assert_eq!(got, self.model.query(&(state, key.clone(), namespace)), "{at}");
                 }
             }
