@@ -857,12 +857,19 @@ pub enum Queried {
     Map(Vec<(Vec<u8>, Vec<u8>)>),
 }
 
+/// The clocks TTL reads, as of which a query of a checkpoint applies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TtlTimes {
+    pub processing_time: Instant,
+    /// The watermark.
+    pub event_time: EventTime,
+}
+
 /// Answers a query from a completed checkpoint instead of live state: loads the key group of
 /// `key` from the checkpoint's state `files` (portable format) into a fresh heap backend, with
-/// the states the checkpoint's descriptors name, and reads it there. TTL applies as of
-/// `processing_time` and `event_time` (as a live query at that time would see the checkpoint's
-/// entries): a capture without `cleanup_on_snapshot` may hold expired entries.
-#[allow(clippy::too_many_arguments)]
+/// the states the checkpoint's descriptors name, and reads it there. TTL applies as of `now`, as
+/// a live query at that time would see the checkpoint's entries (a capture without
+/// `cleanup_on_snapshot` may hold expired ones).
 pub fn query_snapshot(
     storage: &mut dyn Storage,
     files: &[String],
@@ -870,8 +877,7 @@ pub fn query_snapshot(
     name: &str,
     key: QueryKey<'_>,
     namespace: &[u8],
-    processing_time: Instant,
-    event_time: EventTime,
+    now: TtlTimes,
 ) -> Result<Queried, StateError> {
     let key_group = key.key_group(max_parallelism);
     let descriptors_file = files
@@ -886,8 +892,8 @@ pub fn query_snapshot(
         state.declare(descriptor)?;
     }
     state.restore_files(storage, files)?;
-    state.set_processing_time(processing_time);
-    state.set_event_time(event_time);
+    state.set_processing_time(now.processing_time);
+    state.set_event_time(now.event_time);
     state.query(name, key, namespace)
 }
 

@@ -60,6 +60,10 @@ fn capture_written(state: &mut KeyedState, storage: &mut MemStorage, checkpoint:
     files
 }
 
+fn as_of(ms: u64) -> TtlTimes {
+    TtlTimes { processing_time: Instant(ms), event_time: EventTime::MIN }
+}
+
 fn at(state: &mut KeyedState, ms: u64) {
     state.set_processing_time(Instant(ms));
 }
@@ -342,7 +346,10 @@ fn ttl_expires_exactly_at_stamp_plus_ttl() {
     event.update(&mut state, &2).unwrap();
     state.set_event_time(EventTime(i64::MIN + 9));
     assert_eq!(event.get(&mut state).unwrap(), Some(2));
+    // The first real watermark expires whatever was written before any (stamp + ttl is still
+    // far below it): the documented rule, applied to a stamp of "minus infinity".
     state.set_event_time(EventTime(-5));
+    assert_eq!(event.get(&mut state).unwrap(), None);
     event.update(&mut state, &3).unwrap();
     at(&mut state, 1_000_000);
     state.set_event_time(EventTime(4));
@@ -1098,17 +1105,8 @@ fn query_snapshot_agrees_with_typed_reads_at_capture() {
                 let from_snapshot: Vec<Queried> = QUERYABLE_NAMES
                     .iter()
                     .map(|name| {
-                        query_snapshot(
-                            &mut storage,
-                            &files,
-                            max(),
-                            name,
-                            QueryKey::U64(key),
-                            namespace,
-                            Instant(now),
-                            EventTime::MIN,
-                        )
-                        .unwrap()
+                        query_snapshot(&mut storage, &files, max(), name, QueryKey::U64(key), namespace, as_of(now))
+                            .unwrap()
                     })
                     .collect();
                 let live = query_answers(&mut q.state, key, namespace);
@@ -1116,8 +1114,7 @@ fn query_snapshot_agrees_with_typed_reads_at_capture() {
             }
         }
     }
-    let missing =
-        query_snapshot(&mut storage, &files, max(), "nothing", QueryKey::U64(1), b"", Instant(0), EventTime::MIN);
+    let missing = query_snapshot(&mut storage, &files, max(), "nothing", QueryKey::U64(1), b"", as_of(0));
     assert!(missing.is_err());
 }
 

@@ -59,7 +59,7 @@ use crate::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
 use crate::state::codec::StateCodec;
 use crate::state::keyed::{
     query_snapshot, AggregateFunction, AggregatingState, KeyedState, ListState, MapState, Queried, QueryKey,
-    ReducingState, TtlConfig, TtlTime, TtlUpdate, TtlVisibility, ValueState,
+    ReducingState, TtlConfig, TtlTime, TtlTimes, TtlUpdate, TtlVisibility, ValueState,
 };
 use crate::state::map_key::MapKey;
 use crate::state::snapshot::SnapshotWriter;
@@ -1254,8 +1254,10 @@ impl<'f, 'a> Run<'f, 'a> {
             STATES[state].0,
             KEYS[key].query(),
             &namespace,
-            Instant(self.model.processing_time as u64),
-            EventTime(self.model.event_time),
+            TtlTimes {
+                processing_time: Instant(self.model.processing_time as u64),
+                event_time: EventTime(self.model.event_time),
+            },
         );
         let native = written.files.iter().any(|file| file.contains(&format!("{PORTABLE_EXTENSION}-")));
         match got {
