@@ -588,7 +588,8 @@ fn ttl_incremental_cleanup_is_bounded_and_complete() {
     // Expired now: the value of every even key, the first element of every list.
     at(&mut state, 150);
     let budget = 5 + 3;
-    let mut size = state.size_bytes();
+    let size_before = state.size_bytes();
+    let mut size = size_before;
     let mut steps = 0;
     let is_clean = |entries: &[(KeyGroup, Vec<u8>, Vec<u8>)]| {
         let of = |id: u16| entries.iter().filter(move |(_, key, _)| StateId::of_key(key) == Some(StateId(id)));
@@ -609,6 +610,10 @@ fn ttl_incremental_cleanup_is_bounded_and_complete() {
         assert!(steps < 10_000, "incremental cleanup does not finish");
     }
     println!("{steps} steps");
+    // Expired: 150 values (a 14-byte key, a stamp, 8 bytes) and the first element of each of the
+    // 300 lists (a length, a stamp, 8 bytes); the second elements live on.
+    let removed = 150 * (14 + STAMP_SIZE + 8) + 300 * (4 + STAMP_SIZE + 8);
+    assert_eq!(size_before - size, removed as u64, "size_bytes went down by what was removed");
     assert!(steps >= (keys as usize * 2) / budget, "{steps} steps cannot have examined every entry");
     assert_eq!(entries_of(&mut state, 1), keys as usize, "state without TTL is untouched");
     for key in 0..keys {

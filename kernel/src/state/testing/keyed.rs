@@ -8,8 +8,9 @@
 //! # What a run does to the state
 //! - Reads and writes of ten states, each kind once without TTL and once with TTL (on processing
 //!   or event time; update type, visibility and cleanup drawn from the seed), for fourteen keys
-//!   (unsigned, signed and byte keys, one empty) in five namespaces (void, two integers, two byte strings,
-//!   one the prefix of the other).
+//!   (unsigned, signed and byte keys, one of them empty) in five namespaces (void, two integers,
+//!   two byte strings, one the prefix of the other). Most operations go to three keys and three
+//!   namespaces, so that they meet on the same entries.
 //! - Processing time and the watermark advance, so TTL expires; incremental cleanup steps.
 //! - Live queries, at the subtask that holds the key and (an error) at one that does not;
 //!   queries of written checkpoints ([`query_snapshot`]; portable files only).
@@ -46,8 +47,8 @@
 //! [`RESTORE_ATTEMPTS_MAX`] times. Any other error fails the run.
 //!
 //! # Replay
-//! A run prints its seed and length first; the same call replays it exactly. A failed comparison
-//! names the step and the operation.
+//! A run prints its seed, length and setup first; the same call replays it exactly. A failed
+//! comparison names the step and the operation.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
