@@ -45,7 +45,7 @@ use std::marker::PhantomData;
 use super::codec::StateCodec;
 use super::map_key::MapKey;
 use super::{
-    write_durably, CaptureTarget, SnapshotWrite, StateBackend, StateCapture, StateError, StateId, HeapBackend,
+    write_durably, CaptureTarget, HeapBackend, SnapshotWrite, StateBackend, StateCapture, StateError, StateId,
 };
 use crate::element::CheckpointId;
 use crate::env::Storage;
@@ -278,7 +278,11 @@ impl KeyedState {
         Ok(id)
     }
 
-    pub fn value_state<T: StateCodec>(&mut self, name: &str, ttl: Option<TtlConfig>) -> Result<ValueState<T>, StateError> {
+    pub fn value_state<T: StateCodec>(
+        &mut self,
+        name: &str,
+        ttl: Option<TtlConfig>,
+    ) -> Result<ValueState<T>, StateError> {
         let id = self.declare(StateDescriptor {
             name: name.to_string(),
             kind: StateKind::Value,
@@ -289,7 +293,11 @@ impl KeyedState {
         Ok(ValueState { id, _type: PhantomData })
     }
 
-    pub fn list_state<T: StateCodec>(&mut self, name: &str, ttl: Option<TtlConfig>) -> Result<ListState<T>, StateError> {
+    pub fn list_state<T: StateCodec>(
+        &mut self,
+        name: &str,
+        ttl: Option<TtlConfig>,
+    ) -> Result<ListState<T>, StateError> {
         let id = self.declare(StateDescriptor {
             name: name.to_string(),
             kind: StateKind::List,
@@ -628,8 +636,7 @@ impl KeyedState {
     pub fn restore_files(&mut self, storage: &mut dyn Storage, files: &[String]) -> Result<(), StateError> {
         let mut restored: Option<(String, Vec<StateDescriptor>)> = None;
         for file in files.iter().filter(|file| file.ends_with(DESCRIPTORS_EXTENSION)) {
-            let states = decode_descriptors(&storage.read(file)?)
-                .map_err(|what| StateError::Corrupt { what: format!("{file}: {what}") })?;
+            let states = decode_descriptors(&storage.read(file)?).map_err(|error| error.in_file(file))?;
             match &restored {
                 Some((first, seen)) if *seen != states => {
                     return Err(StateError::Incompatible(format!("{file} and {first} describe different states")));
@@ -657,8 +664,7 @@ impl KeyedState {
     /// Examines up to the configured number of entries of each state with incremental cleanup,
     /// resuming where the last call stopped, and removes the expired ones.
     pub fn cleanup_step(&mut self) -> Result<(), StateError> {
-        let budget: usize =
-            self.states.iter().filter_map(|state| state.ttl).map(|ttl| ttl.cleanup_incremental).sum();
+        let budget: usize = self.states.iter().filter_map(|state| state.ttl).map(|ttl| ttl.cleanup_incremental).sum();
         if budget == 0 {
             return Ok(());
         }
@@ -780,20 +786,19 @@ impl KeyedState {
     }
 
     fn query_current(&mut self, index: usize, key: QueryKey<'_>, namespace: &[u8]) -> Result<Queried, StateError> {
+        // A query names any key: one another subtask holds is the asker's mistake, not a bug here.
+        let key_group = key.key_group(self.max_parallelism);
+        if !self.key_groups().contains(key_group) {
+            return Err(StateError::Declaration(format!(
+                "key group {} of the queried key is not held here ({:?}): ask the subtask that holds it",
+                key_group.0,
+                self.key_groups()
+            )));
+        }
         match key {
             QueryKey::U64(key) => self.set_current_key_u64(key),
             QueryKey::I64(key) => self.set_current_key_i64(key),
-            QueryKey::Bytes(key) => {
-                let key_group = self.max_parallelism.key_group_of_bytes(key);
-                if !self.key_groups().contains(key_group) {
-                    return Err(StateError::Declaration(format!(
-                        "key group {} is not held here ({:?})",
-                        key_group.0,
-                        self.key_groups()
-                    )));
-                }
-                self.set_current_key_bytes(key)?;
-            }
+            QueryKey::Bytes(key) => self.set_current_key_bytes(key)?,
         }
         self.set_namespace(namespace)?;
         let descriptor = self.states[index].clone();
@@ -880,6 +885,17 @@ pub enum QueryKey<'a> {
     Bytes(&'a [u8]),
 }
 
+impl QueryKey<'_> {
+    /// The key group of the key, as the `set_current_key_*` call for its type computes it.
+    pub fn key_group(self, max_parallelism: MaxParallelism) -> KeyGroup {
+        match self {
+            QueryKey::U64(key) => max_parallelism.key_group_of_u64(key),
+            QueryKey::I64(key) => max_parallelism.key_group_of_u64(key as u64),
+            QueryKey::Bytes(key) => max_parallelism.key_group_of_bytes(key),
+        }
+    }
+}
+
 /// The answer to a query: encoded values (a [`StateCodec`] encoding; map keys in their
 /// [`MapKey`] encoding), decoded by the caller with the types the state's descriptor names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -890,9 +906,19 @@ pub enum Queried {
     Map(Vec<(Vec<u8>, Vec<u8>)>),
 }
 
+/// The clocks TTL reads, as of which a query of a checkpoint applies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TtlTimes {
+    pub processing_time: Instant,
+    /// The watermark.
+    pub event_time: EventTime,
+}
+
 /// Answers a query from a completed checkpoint instead of live state: loads the key group of
 /// `key` from the checkpoint's state `files` (portable format) into a fresh heap backend, with
-/// the states the checkpoint's descriptors name, and reads it there.
+/// the states the checkpoint's descriptors name, and reads it there. TTL applies as of `now`, as
+/// a live query at that time would see the checkpoint's entries (a capture without
+/// `cleanup_on_snapshot` may hold expired ones).
 pub fn query_snapshot(
     storage: &mut dyn Storage,
     files: &[String],
@@ -900,24 +926,23 @@ pub fn query_snapshot(
     name: &str,
     key: QueryKey<'_>,
     namespace: &[u8],
+    now: TtlTimes,
 ) -> Result<Queried, StateError> {
-    let key_group = match key {
-        QueryKey::U64(key) => max_parallelism.key_group_of_u64(key),
-        QueryKey::I64(key) => max_parallelism.key_group_of_u64(key as u64),
-        QueryKey::Bytes(key) => max_parallelism.key_group_of_bytes(key),
-    };
+    let key_group = key.key_group(max_parallelism);
     let descriptors_file = files
         .iter()
         .find(|file| file.ends_with(DESCRIPTORS_EXTENSION))
         .ok_or_else(|| StateError::Incompatible("the checkpoint has no state descriptors".to_string()))?;
-    let descriptors = decode_descriptors(&storage.read(descriptors_file)?)
-        .map_err(|what| StateError::Corrupt { what: format!("{descriptors_file}: {what}") })?;
+    let descriptors =
+        decode_descriptors(&storage.read(descriptors_file)?).map_err(|error| error.in_file(descriptors_file))?;
     let range = KeyGroupRange::new(key_group.0, key_group.0 + 1);
     let mut state = KeyedState::new(Box::new(HeapBackend::new(range)), max_parallelism);
     for descriptor in descriptors {
         state.declare(descriptor)?;
     }
     state.restore_files(storage, files)?;
+    state.set_processing_time(now.processing_time);
+    state.set_event_time(now.event_time);
     state.query(name, key, namespace)
 }
 
@@ -1033,21 +1058,56 @@ pub fn encode_descriptors(states: &[StateDescriptor]) -> Vec<u8> {
     out
 }
 
+/// Why a descriptors file was not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DescriptorsError {
+    /// Intact, but written in a version of the format this build does not read.
+    Version(u16),
+    /// Damaged, or not a descriptors file.
+    Corrupt(String),
+}
+
+impl DescriptorsError {
+    /// The error of a restore from `file`: another version is incompatible, not corrupt (an
+    /// older checkpoint would not help; a build that reads the version would).
+    pub fn in_file(self, file: &str) -> StateError {
+        match self {
+            DescriptorsError::Version(version) => StateError::Incompatible(format!(
+                "{file} holds state descriptors of version {version}; this build reads version \
+                 {DESCRIPTORS_VERSION}: restore with a build that reads it"
+            )),
+            DescriptorsError::Corrupt(what) => StateError::Corrupt { what: format!("{file}: {what}") },
+        }
+    }
+}
+
+impl From<String> for DescriptorsError {
+    fn from(what: String) -> DescriptorsError {
+        DescriptorsError::Corrupt(what)
+    }
+}
+
+impl From<&str> for DescriptorsError {
+    fn from(what: &str) -> DescriptorsError {
+        DescriptorsError::Corrupt(what.to_string())
+    }
+}
+
 /// Decodes a descriptors file; never panics.
-pub fn decode_descriptors(bytes: &[u8]) -> Result<Vec<StateDescriptor>, String> {
+pub fn decode_descriptors(bytes: &[u8]) -> Result<Vec<StateDescriptor>, DescriptorsError> {
     if bytes.len() < 4 + 2 + 2 + 4 {
-        return Err(format!("{} bytes, too short for a descriptors file", bytes.len()));
+        return Err(format!("{} bytes, too short for a descriptors file", bytes.len()).into());
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     if crc32fast::hash(body).to_le_bytes() != crc {
-        return Err("checksum mismatch".to_string());
+        return Err("checksum mismatch".into());
     }
     if &body[..4] != DESCRIPTORS_MAGIC {
-        return Err("not a descriptors file (magic)".to_string());
+        return Err("not a descriptors file (magic)".into());
     }
     let version = u16::from_le_bytes([body[4], body[5]]);
     if version != DESCRIPTORS_VERSION {
-        return Err(format!("descriptors version {version}; this build reads version {DESCRIPTORS_VERSION}"));
+        return Err(DescriptorsError::Version(version));
     }
     let count = u16::from_le_bytes([body[6], body[7]]);
     let mut reader = Reader { bytes: &body[8..] };
@@ -1064,7 +1124,7 @@ pub fn decode_descriptors(bytes: &[u8]) -> Result<Vec<StateDescriptor>, String> 
                 let length = usize::from(reader.u16()?);
                 Some(reader.text(length)?)
             }
-            other => return Err(format!("key type flag {other}")),
+            other => return Err(format!("key type flag {other}").into()),
         };
         let ttl = match reader.u8()? {
             0 => None,
@@ -1073,31 +1133,31 @@ pub fn decode_descriptors(bytes: &[u8]) -> Result<Vec<StateDescriptor>, String> 
                 time: match reader.u8()? {
                     0 => TtlTime::ProcessingTime,
                     1 => TtlTime::EventTime,
-                    other => return Err(format!("TTL time {other}")),
+                    other => return Err(format!("TTL time {other}").into()),
                 },
                 update: match reader.u8()? {
                     0 => TtlUpdate::OnCreateAndWrite,
                     1 => TtlUpdate::OnReadAndWrite,
-                    other => return Err(format!("TTL update {other}")),
+                    other => return Err(format!("TTL update {other}").into()),
                 },
                 visibility: match reader.u8()? {
                     0 => TtlVisibility::NeverReturnExpired,
                     1 => TtlVisibility::ReturnExpiredIfNotCleanedUp,
-                    other => return Err(format!("TTL visibility {other}")),
+                    other => return Err(format!("TTL visibility {other}").into()),
                 },
                 cleanup_on_snapshot: match reader.u8()? {
                     0 => false,
                     1 => true,
-                    other => return Err(format!("TTL cleanup flag {other}")),
+                    other => return Err(format!("TTL cleanup flag {other}").into()),
                 },
                 cleanup_incremental: u32::from_le_bytes(reader.take(4)?.try_into().expect("four bytes")) as usize,
             }),
-            other => return Err(format!("TTL flag {other}")),
+            other => return Err(format!("TTL flag {other}").into()),
         };
         states.push(StateDescriptor { name, kind, value_type, key_type, ttl });
     }
     if !reader.bytes.is_empty() {
-        return Err(format!("{} bytes after the last descriptor", reader.bytes.len()));
+        return Err(format!("{} bytes after the last descriptor", reader.bytes.len()).into());
     }
     Ok(states)
 }
@@ -1547,3 +1607,6 @@ impl<A: AggregateFunction> AggregatingState<A> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod keyed;
+
 use super::{CaptureTarget, StateBackend, StateCapture, WriteBatch};
 use crate::element::CheckpointId;
 use crate::env::MemStorage;
