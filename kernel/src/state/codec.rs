@@ -229,6 +229,80 @@ impl<A: StateCodec, B: StateCodec, C: StateCodec> StateCodec for (A, B, C) {
     }
 }
 
+/// Renders one encoded value of the type `type_name` names (as [`StateCodec::type_name`] writes
+/// it) as text, without knowing the Rust type: for queries from outside the job. Garbage and
+/// unknown types are errors, never panics.
+pub fn render(type_name: &str, mut bytes: &[u8]) -> Result<String, CodecError> {
+    let text = render_from(type_name.trim(), &mut bytes, 0)?;
+    if !bytes.is_empty() {
+        return Err(CodecError { codec: type_name.to_string(), reason: format!("{} bytes after the value", bytes.len()) });
+    }
+    Ok(text)
+}
+
+/// Splits `name<a,b>` into `name` and its top-level arguments.
+fn type_parts(type_name: &str) -> Result<(&str, Vec<&str>), CodecError> {
+    let malformed = || CodecError { codec: type_name.to_string(), reason: "malformed type name".to_string() };
+    let Some(open) = type_name.find('<') else {
+        return Ok((type_name, Vec::new()));
+    };
+    let inner = type_name[open + 1..].strip_suffix('>').ok_or_else(malformed)?;
+    let (mut depth, mut start, mut arguments) = (0_i32, 0, Vec::new());
+    for (at, character) in inner.char_indices() {
+        match character {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            ',' if depth == 0 => {
+                arguments.push(&inner[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+        if depth < 0 {
+            return Err(malformed());
+        }
+    }
+    arguments.push(&inner[start..]);
+    Ok((&type_name[..open], arguments))
+}
+
+fn render_from(type_name: &str, bytes: &mut &[u8], depth: usize) -> Result<String, CodecError> {
+    if depth > 16 {
+        return Err(CodecError { codec: type_name.to_string(), reason: "types nested too deeply".to_string() });
+    }
+    let (name, arguments) = type_parts(type_name)?;
+    let unknown = || CodecError { codec: type_name.to_string(), reason: "not a type this build knows".to_string() };
+    let text = match (name, arguments.as_slice()) {
+        ("u8", []) => u8::decode_from(bytes)?.to_string(),
+        ("u16", []) => u16::decode_from(bytes)?.to_string(),
+        ("u32", []) => u32::decode_from(bytes)?.to_string(),
+        ("u64", []) => u64::decode_from(bytes)?.to_string(),
+        ("i32", []) => i32::decode_from(bytes)?.to_string(),
+        ("i64", []) => i64::decode_from(bytes)?.to_string(),
+        ("f64", []) => f64::decode_from(bytes)?.to_string(),
+        ("bool", []) => bool::decode_from(bytes)?.to_string(),
+        ("string", []) => format!("{:?}", String::decode_from(bytes)?),
+        ("option", [inner]) => match take::<Option<u8>>(bytes, 1)?[0] {
+            0 => "None".to_string(),
+            1 => format!("Some({})", render_from(inner, bytes, depth + 1)?),
+            other => return Err(error::<Option<u8>>(format!("flag {other}"))),
+        },
+        ("vec", [inner]) => {
+            let count = length::<Vec<u8>>(bytes, 1)?;
+            let items: Result<Vec<String>, CodecError> =
+                (0..count).map(|_| render_from(inner, bytes, depth + 1)).collect();
+            format!("[{}]", items?.join(", "))
+        }
+        ("tuple2" | "tuple3", parts) if parts.len() == if name == "tuple2" { 2 } else { 3 } => {
+            let items: Result<Vec<String>, CodecError> =
+                parts.iter().map(|part| render_from(part, bytes, depth + 1)).collect();
+            format!("({})", items?.join(", "))
+        }
+        _ => return Err(unknown()),
+    };
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +331,21 @@ mod tests {
         assert_eq!(bytes(&vec![1_u16, 2]), [2, 0, 0, 0, 1, 0, 2, 0]);
         assert_eq!(bytes(&(7_u8, "a".to_string(), false)), [7, 1, 0, 0, 0, b'a', 0]);
         assert_eq!((u64::NAME, u64::VERSION, <Vec<String>>::NAME), ("u64", 1, "vec"));
+    }
+
+    // Goal: values render as text from their type name alone (for queries from outside a job),
+    // and garbage or unknown types are errors.
+    #[test]
+    fn values_render_from_their_type_names() {
+        let value: (u64, Vec<Option<String>>, bool) = (7, vec![None, Some("a".into())], true);
+        let rendered = render(&<(u64, Vec<Option<String>>, bool)>::type_name(), &bytes(&value)).unwrap();
+        assert_eq!(rendered, r#"(7, [None, Some("a")], true)"#);
+        assert_eq!(render("tuple2<u64,i64>", &bytes(&(3_u64, -4_i64))).unwrap(), "(3, -4)");
+        assert!(render("u64", &[1, 2]).is_err());
+        assert!(render("u64", &bytes(&(1_u64, 1_u8))).is_err());
+        assert!(render("u128", &[0; 16]).is_err());
+        assert!(render("vec<u64", &[0; 4]).is_err());
+        assert!(render("tuple2<u64>", &[0; 8]).is_err());
     }
 
     // Goal: a state's description names the whole type, so a change of any inner type is noticed.

@@ -928,6 +928,23 @@ pub fn query_snapshot(
     namespace: &[u8],
     now: TtlTimes,
 ) -> Result<Queried, StateError> {
+    let backend = |range| Ok(Box::new(HeapBackend::new(range)) as Box<dyn StateBackend>);
+    query_snapshot_with(storage, files, max_parallelism, backend, name, key, namespace, now)
+}
+
+/// As [`query_snapshot`], loading the key group into the backend `backend_for` opens for a
+/// range: one that reads the checkpoint's format (RocksDB's native checkpoints need RocksDB).
+#[allow(clippy::too_many_arguments)]
+pub fn query_snapshot_with(
+    storage: &mut dyn Storage,
+    files: &[String],
+    max_parallelism: MaxParallelism,
+    backend_for: impl FnOnce(KeyGroupRange) -> Result<Box<dyn StateBackend>, StateError>,
+    name: &str,
+    key: QueryKey<'_>,
+    namespace: &[u8],
+    now: TtlTimes,
+) -> Result<Queried, StateError> {
     let key_group = key.key_group(max_parallelism);
     let descriptors_file = files
         .iter()
@@ -936,7 +953,7 @@ pub fn query_snapshot(
     let descriptors =
         decode_descriptors(&storage.read(descriptors_file)?).map_err(|error| error.in_file(descriptors_file))?;
     let range = KeyGroupRange::new(key_group.0, key_group.0 + 1);
-    let mut state = KeyedState::new(Box::new(HeapBackend::new(range)), max_parallelism);
+    let mut state = KeyedState::new(backend_for(range)?, max_parallelism);
     for descriptor in descriptors {
         state.declare(descriptor)?;
     }

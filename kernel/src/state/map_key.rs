@@ -220,6 +220,64 @@ impl<A: MapKey, B: MapKey, C: MapKey> MapKey for (A, B, C) {
     }
 }
 
+/// Renders an encoded map key of the type `type_name` names as text (for queries from outside
+/// the job); garbage and unknown types are errors.
+pub fn render(type_name: &str, mut bytes: &[u8]) -> Result<String, CodecError> {
+    let text = render_from(type_name.trim(), &mut bytes, true)?;
+    if !bytes.is_empty() {
+        return Err(CodecError { codec: type_name.to_string(), reason: format!("{} bytes after the key", bytes.len()) });
+    }
+    Ok(text)
+}
+
+fn render_from(type_name: &str, bytes: &mut &[u8], last: bool) -> Result<String, CodecError> {
+    let unknown = || CodecError { codec: type_name.to_string(), reason: "not a map key type this build knows".into() };
+    let parts = |inner: &str| -> Vec<String> {
+        let (mut depth, mut start, mut parts) = (0_i32, 0, Vec::new());
+        for (at, character) in inner.char_indices() {
+            match character {
+                '<' => depth += 1,
+                '>' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(inner[start..at].to_string());
+                    start = at + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(inner[start..].to_string());
+        parts
+    };
+    Ok(match type_name {
+        "u8" => u8::decode_key(bytes, last)?.to_string(),
+        "u16" => u16::decode_key(bytes, last)?.to_string(),
+        "u32" => u32::decode_key(bytes, last)?.to_string(),
+        "u64" => u64::decode_key(bytes, last)?.to_string(),
+        "i32" => i32::decode_key(bytes, last)?.to_string(),
+        "i64" => i64::decode_key(bytes, last)?.to_string(),
+        "bool" => bool::decode_key(bytes, last)?.to_string(),
+        "string" => format!("{:?}", String::decode_key(bytes, last)?),
+        "bytes" => format!("{:?}", Vec::<u8>::decode_key(bytes, last)?),
+        _ => {
+            let inner = ["tuple2<", "tuple3<"]
+                .iter()
+                .find_map(|prefix| type_name.strip_prefix(prefix))
+                .and_then(|rest| rest.strip_suffix('>'))
+                .ok_or_else(unknown)?;
+            let parts = parts(inner);
+            if parts.len() != if type_name.starts_with("tuple2") { 2 } else { 3 } {
+                return Err(unknown());
+            }
+            let count = parts.len();
+            let mut rendered = Vec::new();
+            for (index, part) in parts.iter().enumerate() {
+                rendered.push(render_from(part, bytes, last && index + 1 == count)?);
+            }
+            format!("({})", rendered.join(", "))
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +338,16 @@ mod tests {
             .flat_map(|b| [(b.clone(), false, "x".into()), (b.clone(), true, "".into())])
             .collect();
         check(&triples);
+    }
+
+    // Goal: keys render as text from their type name alone; unknown types are errors.
+    #[test]
+    fn keys_render_from_their_type_names() {
+        let key = ("a\0".to_string(), -3_i64);
+        assert_eq!(render(&<(String, i64)>::type_name(), &encoded(&key)).unwrap(), r#"("a\0", -3)"#);
+        assert_eq!(render("u8", &[9]).unwrap(), "9");
+        assert!(render("u8", &[9, 9]).is_err());
+        assert!(render("f64", &[0; 8]).is_err());
     }
 
     // Goal: garbage is an error, never a panic.
