@@ -60,6 +60,17 @@ flags of `sabot query`:
   It prints the key's open windows as the live state holds them: the effect of every record
   processed so far, including records whose output no checkpoint committed yet.
 
+flags of `sabot query --checkpoint` (reads the latest completed checkpoint in a data directory;
+no coordinator needed, the job may be running or stopped):
+  --job NAME            the job (default w2)
+  --data-dir DIR        as for `sabot run`
+  --state NAME          the keyed state (its operator's declared name: count-sum for w2's
+                        windows; count, sum, max, buckets, multiples for w3)
+  --key K               the key (an integer)
+  --namespace N         the namespace, an integer (w2: the window start); default none
+  It prints the state's value for the key as the checkpoint holds it: committed state, behind
+  the live state by the records processed since.
+
 flags of `sabot run`:
   --records N           records to generate (default 20000000, the published W2 size)
   --parallelism P       parallel subtasks, one node per worker thread (default: the number of cores, at most 8)
@@ -182,6 +193,10 @@ fn main() -> ExitCode {
         }
         Some("run") => match parse_run(&args[1..]) {
             Ok(run_args) => run(run_args),
+            Err(UsageError(message)) => return usage_error(&message),
+        },
+        Some("query") if args[1..].iter().any(|a| a == "--checkpoint") => match parse_checkpoint_query(&args[1..]) {
+            Ok(query) => query_checkpoint(query),
             Err(UsageError(message)) => return usage_error(&message),
         },
         Some(command @ ("coordinator" | "worker" | "query")) => match cluster(command, &args[1..]) {
@@ -325,6 +340,144 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
             answer.context("querying the coordinator").map(|batches| print_rows(&batches))
         }
     })
+}
+
+/// What `sabot query --checkpoint` asks.
+struct CheckpointQuery {
+    job: String,
+    data_dir: PathBuf,
+    state: String,
+    key: u64,
+    namespace: Option<i64>,
+}
+
+fn parse_checkpoint_query(args: &[String]) -> Result<CheckpointQuery, UsageError> {
+    let mut query = CheckpointQuery {
+        job: "w2".into(),
+        data_dir: PathBuf::from("sabot-data"),
+        state: String::new(),
+        key: 0,
+        namespace: None,
+    };
+    let (mut state, mut key) = (None, None);
+    let mut iter = args.iter();
+    while let Some(flag) = iter.next() {
+        let mut value = || iter.next().cloned().ok_or_else(|| UsageError(format!("{flag} needs a value")));
+        match flag.as_str() {
+            "--checkpoint" => {}
+            "--job" => query.job = value()?,
+            "--data-dir" => query.data_dir = PathBuf::from(value()?),
+            "--state" => state = Some(value()?),
+            "--key" => {
+                let text = value()?;
+                let parsed = match text.strip_prefix('-') {
+                    Some(_) => text.parse::<i64>().map(|k| k as u64).ok(),
+                    None => text.parse::<u64>().ok(),
+                };
+                key = Some(parsed.ok_or_else(|| UsageError(format!("--key takes an integer, not {text:?}")))?);
+            }
+            "--namespace" => {
+                let text = value()?;
+                let parsed =
+                    text.parse().map_err(|_| UsageError(format!("--namespace takes an integer, not {text:?}")))?;
+                query.namespace = Some(parsed);
+            }
+            other => return Err(UsageError(format!("unknown flag {other:?} for `sabot query --checkpoint`"))),
+        }
+    }
+    query.state = state.ok_or_else(|| UsageError("`sabot query --checkpoint` needs --state".into()))?;
+    query.key = key.ok_or_else(|| UsageError("`sabot query --checkpoint` needs --key".into()))?;
+    Ok(query)
+}
+
+/// Answers a query from the latest completed checkpoint: loads the key's group from the files of
+/// the operator that declares the state, into a heap backend (portable files) or a scratch
+/// RocksDB database (native checkpoints).
+fn query_checkpoint(query: CheckpointQuery) -> anyhow::Result<()> {
+    use sabot_kernel::env::Storage as _;
+    use sabot_kernel::key_group::MaxParallelism;
+    use sabot_kernel::state::keyed::{decode_descriptors, query_snapshot_with, Queried, QueryKey, TtlTimes};
+    use sabot_kernel::state::{codec, map_key, order_preserving_i64, StateBackend};
+    let mut storage = LocalFsStorage::open(&query.data_dir).context("opening the data directory")?;
+    let recovery = find_latest(&mut storage, &query.job).context("looking for the latest checkpoint")?;
+    let manifest = recovery.manifest.with_context(|| {
+        format!("{} holds no completed checkpoint of job {:?}", query.data_dir.display(), query.job)
+    })?;
+    let max_parallelism = MaxParallelism::new(manifest.max_parallelism).context("the manifest's max parallelism")?;
+    // The operator: the subtasks whose descriptors declare the state.
+    let mut files = Vec::new();
+    let mut declared = None;
+    for task in &manifest.tasks {
+        for file in task.files.iter().filter(|file| file.ends_with(".descriptors")) {
+            let bytes = storage.read(file).with_context(|| format!("reading {file}"))?;
+            let states = decode_descriptors(&bytes).map_err(|error| error.in_file(file))?;
+            if let Some(state) = states.into_iter().find(|state| state.name == query.state) {
+                declared = Some(state);
+                files.extend(task.files.iter().cloned());
+            }
+        }
+    }
+    let state = declared.with_context(|| {
+        format!("no operator of checkpoint {} declares a state named {:?}", manifest.checkpoint.0, query.state)
+    })?;
+    // RocksDB's checkpoints open in a scratch database beside the job's, removed afterwards.
+    let scratch = query.data_dir.join(format!("query-scratch-{}", std::process::id()));
+    let backend_for = |range| -> Result<Box<dyn StateBackend>, sabot_kernel::state::StateError> {
+        if files.iter().any(|file| file.ends_with(sabot::rocks::NATIVE_EXTENSION)) {
+            let backend = sabot::rocks::RocksDbBackend::open_empty(&scratch, range, 1024)?;
+            Ok(Box::new(backend))
+        } else {
+            Ok(Box::new(sabot_kernel::state::HeapBackend::new(range)))
+        }
+    };
+    let namespace = query.namespace.map(|n| order_preserving_i64(n).to_be_bytes().to_vec()).unwrap_or_default();
+    let now = TtlTimes {
+        processing_time: sabot_kernel::time::Instant(0),
+        event_time: sabot_kernel::time::EventTime(i64::MIN),
+    };
+    let answer = query_snapshot_with(
+        &mut storage,
+        &files,
+        max_parallelism,
+        backend_for,
+        &query.state,
+        QueryKey::U64(query.key),
+        &namespace,
+        now,
+    )
+    .context("reading the checkpoint's state");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    }
+    let answer = answer?;
+    let render = |bytes: &[u8]| codec::render(&state.value_type, bytes).map_err(anyhow::Error::from);
+    let text = match answer {
+        Queried::Absent => "absent".to_string(),
+        Queried::Value(bytes) => render(&bytes)?,
+        Queried::List(elements) => {
+            let items: anyhow::Result<Vec<String>> = elements.iter().map(|element| render(element)).collect();
+            format!("[{}]", items?.join(", "))
+        }
+        Queried::Map(entries) => {
+            let key_type = state.key_type.as_deref().unwrap_or("bytes");
+            let mut items = Vec::new();
+            for (key, value) in &entries {
+                items.push(format!("{}: {}", map_key::render(key_type, key)?, render(value)?));
+            }
+            format!("{{{}}}", items.join(", "))
+        }
+    };
+    println!("{text}");
+    let types = match &state.key_type {
+        Some(key_type) => format!("{key_type} -> {}", state.value_type),
+        None => state.value_type.clone(),
+    };
+    eprintln!(
+        "state {:?} ({:?} state of {types}) of key {}, from completed checkpoint {} (committed state; entries \
+         with TTL shown as if not expired)",
+        state.name, state.kind, query.key as i64, manifest.checkpoint.0
+    );
+    Ok(())
 }
 
 /// Prints rows as a table, one line a row.

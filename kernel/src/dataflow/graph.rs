@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
+use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::map::{Filter, Predicate, Project};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
 use super::source::GeneratorSource;
 use super::watermark::WatermarkAssigner;
-use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::window::{KeyType, TumblingWindowCountSum, WindowSpec};
 use super::{Operator, Source};
 use crate::env::ChannelId;

@@ -171,7 +171,8 @@ impl KeyedStats {
     }
 
     fn rows_batch(&self, rows: &[[u64; 8]]) -> Result<RecordBatch, OperatorError> {
-        let unsigned = |index: usize| -> ArrayRef { Arc::new(rows.iter().map(|row| row[index]).collect::<UInt64Array>()) };
+        let unsigned =
+            |index: usize| -> ArrayRef { Arc::new(rows.iter().map(|row| row[index]).collect::<UInt64Array>()) };
         let signed =
             |index: usize| -> ArrayRef { Arc::new(rows.iter().map(|row| row[index] as i64).collect::<Int64Array>()) };
         let key = match self.spec.key_type {

@@ -240,7 +240,8 @@ impl TumblingWindowCountSum {
                     self.set_key(key);
                     self.state.set_namespace_i64(start);
                     let taken = self.aggregate.take(&mut self.state)?;
-                    let (count, sum) = taken.unwrap_or_else(|| panic!("window {start} of key {key} is open but has no state"));
+                    let (count, sum) =
+                        taken.unwrap_or_else(|| panic!("window {start} of key {key} is open but has no state"));
                     fired.push((key, start, count, sum));
                 }
             }

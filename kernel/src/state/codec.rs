@@ -235,7 +235,10 @@ impl<A: StateCodec, B: StateCodec, C: StateCodec> StateCodec for (A, B, C) {
 pub fn render(type_name: &str, mut bytes: &[u8]) -> Result<String, CodecError> {
     let text = render_from(type_name.trim(), &mut bytes, 0)?;
     if !bytes.is_empty() {
-        return Err(CodecError { codec: type_name.to_string(), reason: format!("{} bytes after the value", bytes.len()) });
+        return Err(CodecError {
+            codec: type_name.to_string(),
+            reason: format!("{} bytes after the value", bytes.len()),
+        });
     }
     Ok(text)
 }

@@ -225,7 +225,10 @@ impl<A: MapKey, B: MapKey, C: MapKey> MapKey for (A, B, C) {
 pub fn render(type_name: &str, mut bytes: &[u8]) -> Result<String, CodecError> {
     let text = render_from(type_name.trim(), &mut bytes, true)?;
     if !bytes.is_empty() {
-        return Err(CodecError { codec: type_name.to_string(), reason: format!("{} bytes after the key", bytes.len()) });
+        return Err(CodecError {
+            codec: type_name.to_string(),
+            reason: format!("{} bytes after the key", bytes.len()),
+        });
     }
     Ok(text)
 }
