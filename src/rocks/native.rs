@@ -314,7 +314,7 @@ pub struct RocksCapture {
     pub pending: Arc<Pending>,
     /// The caches frozen and not yet written to RocksDB at the capture, oldest first: their
     /// dirty entries (the newest of each key) are the delta.
-    pub frozen: Vec<Arc<super::Cache>>,
+    pub frozen: Vec<Arc<super::cache::Cache>>,
     pub local: PathBuf,
     pub metadata_path: String,
     pub shared_prefix: String,
@@ -377,8 +377,8 @@ impl SnapshotWrite for RocksCapture {
         // The newest entry of each key, ascending.
         let mut delta: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         for (index, frozen) in self.frozen.iter().enumerate() {
-            for (key, cached) in frozen.iter().filter(|(_, cached)| cached.dirty) {
-                if self.frozen[index + 1..].iter().any(|newer| newer.contains_key(key)) {
+            for (key, cached) in frozen.dirty() {
+                if self.frozen[index + 1..].iter().any(|newer| newer.contains(key)) {
                     continue;
                 }
                 delta.push((key.to_vec(), cached.value.as_ref().map(|v| v.to_vec())));
