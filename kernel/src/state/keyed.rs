@@ -45,7 +45,7 @@ use std::marker::PhantomData;
 use super::codec::StateCodec;
 use super::map_key::MapKey;
 use super::{
-    write_durably, CaptureTarget, SnapshotWrite, StateBackend, StateCapture, StateError, StateId, HeapBackend,
+    write_durably, CaptureTarget, HeapBackend, SnapshotWrite, StateBackend, StateCapture, StateError, StateId,
 };
 use crate::element::CheckpointId;
 use crate::env::Storage;
@@ -278,7 +278,11 @@ impl KeyedState {
         Ok(id)
     }
 
-    pub fn value_state<T: StateCodec>(&mut self, name: &str, ttl: Option<TtlConfig>) -> Result<ValueState<T>, StateError> {
+    pub fn value_state<T: StateCodec>(
+        &mut self,
+        name: &str,
+        ttl: Option<TtlConfig>,
+    ) -> Result<ValueState<T>, StateError> {
         let id = self.declare(StateDescriptor {
             name: name.to_string(),
             kind: StateKind::Value,
@@ -289,7 +293,11 @@ impl KeyedState {
         Ok(ValueState { id, _type: PhantomData })
     }
 
-    pub fn list_state<T: StateCodec>(&mut self, name: &str, ttl: Option<TtlConfig>) -> Result<ListState<T>, StateError> {
+    pub fn list_state<T: StateCodec>(
+        &mut self,
+        name: &str,
+        ttl: Option<TtlConfig>,
+    ) -> Result<ListState<T>, StateError> {
         let id = self.declare(StateDescriptor {
             name: name.to_string(),
             kind: StateKind::List,
@@ -608,8 +616,7 @@ impl KeyedState {
     /// Examines up to the configured number of entries of each state with incremental cleanup,
     /// resuming where the last call stopped, and removes the expired ones.
     pub fn cleanup_step(&mut self) -> Result<(), StateError> {
-        let budget: usize =
-            self.states.iter().filter_map(|state| state.ttl).map(|ttl| ttl.cleanup_incremental).sum();
+        let budget: usize = self.states.iter().filter_map(|state| state.ttl).map(|ttl| ttl.cleanup_incremental).sum();
         if budget == 0 {
             return Ok(());
         }

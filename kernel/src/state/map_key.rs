@@ -272,11 +272,13 @@ mod tests {
         check(&[i64::MIN, -5, -1, 0, 1, i64::MAX]);
         check(&[i32::MIN, -1, 0, 3, i32::MAX]);
         check(&[0_u64, 1, 255, 256, u64::MAX]);
-        let pairs: Vec<(String, i64)> =
-            strings.iter().flat_map(|s| [(s.clone(), -1_i64), (s.clone(), 2)]).collect();
+        let pairs: Vec<(String, i64)> = strings.iter().flat_map(|s| [(s.clone(), -1_i64), (s.clone(), 2)]).collect();
         check(&pairs);
-        let triples: Vec<(Vec<u8>, bool, String)> =
-            bytes.iter().take(10).flat_map(|b| [(b.clone(), false, "x".into()), (b.clone(), true, "".into())]).collect();
+        let triples: Vec<(Vec<u8>, bool, String)> = bytes
+            .iter()
+            .take(10)
+            .flat_map(|b| [(b.clone(), false, "x".into()), (b.clone(), true, "".into())])
+            .collect();
         check(&triples);
     }
 
