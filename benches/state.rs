@@ -34,10 +34,14 @@ use sabot::rocks::{RocksDbBackend, RocksDbConfig};
 use sabot_kernel::element::CheckpointId;
 use sabot_kernel::key_group::{KeyGroupRange, MaxParallelism};
 use sabot_kernel::state::keyed::{KeyedState, MapState, ValueState};
-use sabot_kernel::state::{CaptureTarget, HeapBackend, StateBackend};
+use sabot_kernel::state::{CaptureTarget, HeapBackend};
 
-/// Keys of the value-state benchmarks.
+/// Keys of the value-state benchmarks (`SABOT_BENCH_KEYS` chooses another count).
 const VALUE_KEYS: u64 = 100_000;
+
+fn value_keys() -> u64 {
+    std::env::var("SABOT_BENCH_KEYS").ok().and_then(|keys| keys.parse().ok()).unwrap_or(VALUE_KEYS)
+}
 /// Entries of the map of the map-iteration benchmarks.
 const MAP_ENTRIES: u64 = 1_000;
 /// Bytes of one entry of the snapshot benchmarks: a 14-byte state key, a 100-byte value.
@@ -100,7 +104,7 @@ fn print_percentiles(name: &str, mut op: impl FnMut(u64)) {
     if test_mode() {
         return;
     }
-    let mut nanos: Vec<u64> = (0..VALUE_KEYS)
+    let mut nanos: Vec<u64> = (0..value_keys().max(100_000))
         .map(|i| {
             let start = Instant::now();
             op(i);
@@ -114,7 +118,7 @@ fn print_percentiles(name: &str, mut op: impl FnMut(u64)) {
 
 /// `get` and `update` of a `ValueState<u64>` of `keys` keys on `state`.
 fn bench_value(c: &mut Criterion, name: &str, mut state: KeyedState, rocks: bool) {
-    let keys = scale(VALUE_KEYS, 1_000);
+    let keys = scale(value_keys(), 1_000);
     let count: ValueState<u64> = state.value_state("count", None).unwrap();
     for key in 0..keys {
         state.set_current_key_u64(key);
