@@ -16,8 +16,10 @@
 //!   After each RocksDB case the bench prints per-operation percentiles (p50, p99), measured one
 //!   operation at a time.
 //! - `map_iteration/<backend>`: `MapState<u64, u64>::for_each` over one key's 1,000 entries
-//!   (throughput in entries): `rocksdb_cached` has them all in the write-back cache (written,
-//!   not yet written out), `rocksdb_stored` in RocksDB's SST files.
+//!   (100 keys have such maps; throughput in entries): `rocksdb_cached` has them all in the
+//!   write-back cache (written, not yet written out), `rocksdb_captured` in a cache a capture
+//!   froze (an overlay until the next write-out), `rocksdb_stored` in RocksDB's SST files
+//!   (written out through a cache of 1,024 entries).
 //! - `snapshot/<kind>/<size>`: a typed capture and its write into local-disk storage in a
 //!   temporary directory, against state size (entries of 114 bytes: a `u64` key, a 100-byte
 //!   value): `heap` (the portable format, all of it every time), `rocksdb_full` (a native
@@ -91,12 +93,18 @@ impl Checkpoints {
     }
 }
 
-/// Moves every entry of a RocksDB-backed state into RocksDB's SST files (a restore writes them
-/// out; the RocksDB checkpoint of a capture, dropped unwritten, flushes the memtables).
+/// Moves what RocksDB holds from its memtables into SST files: the RocksDB checkpoint of a
+/// capture (dropped unwritten) flushes them.
+fn flush_memtables(state: &mut KeyedState, checkpoints: &mut Checkpoints) {
+    drop(state.capture(&checkpoints.target()).unwrap());
+}
+
+/// Writes every entry of a RocksDB-backed state, the write-back cache's too, into RocksDB's SST
+/// files (a restore writes them out), so that a database opened anew holds all of them.
 fn write_out_to_files(state: &mut KeyedState, checkpoints: &mut Checkpoints) {
     let snapshot = state.backend_mut().snapshot().unwrap();
     state.backend_mut().restore(&snapshot).unwrap();
-    drop(state.capture(&checkpoints.target()).unwrap());
+    flush_memtables(state, checkpoints);
 }
 
 /// Per-operation percentiles of `op`, timed one operation at a time (outside criterion).
@@ -116,16 +124,27 @@ fn print_percentiles(name: &str, mut op: impl FnMut(u64)) {
     println!("{name}: per operation p50 {} ns, p90 {} ns, p99 {} ns", at(0.5), at(0.9), at(0.99));
 }
 
+/// How a value benchmark treats its state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ValueCase {
+    Heap,
+    /// RocksDB, everything in the write-back cache.
+    RocksDbCached,
+    /// RocksDB, the entries in SST files (its memtables flushed after loading).
+    RocksDbFiles,
+}
+
 /// `get` and `update` of a `ValueState<u64>` of `keys` keys on `state`.
-fn bench_value(c: &mut Criterion, name: &str, mut state: KeyedState, rocks: bool) {
+fn bench_value(c: &mut Criterion, name: &str, mut state: KeyedState, case: ValueCase) {
+    let rocks = case != ValueCase::Heap;
     let keys = scale(value_keys(), 1_000);
     let count: ValueState<u64> = state.value_state("count", None).unwrap();
     for key in 0..keys {
         state.set_current_key_u64(key);
         count.update(&mut state, &key).unwrap();
     }
-    if rocks {
-        write_out_to_files(&mut state, &mut Checkpoints { next: 0 });
+    if case == ValueCase::RocksDbFiles {
+        flush_memtables(&mut state, &mut Checkpoints { next: 0 });
     }
     let mut group = c.benchmark_group(format!("value/{name}"));
     let mut key = 0;
@@ -159,7 +178,7 @@ fn bench_value(c: &mut Criterion, name: &str, mut state: KeyedState, rocks: bool
 }
 
 /// Iteration of one key's map of `MAP_ENTRIES` entries.
-fn bench_map(c: &mut Criterion, name: &str, mut state: KeyedState, write_out: bool) {
+fn bench_map(c: &mut Criterion, name: &str, mut state: KeyedState, flush: bool) {
     let entries = scale(MAP_ENTRIES, 100);
     let map: MapState<u64, u64> = state.map_state("map", None).unwrap();
     // Other keys' maps around it, as in a real state.
@@ -169,8 +188,8 @@ fn bench_map(c: &mut Criterion, name: &str, mut state: KeyedState, write_out: bo
             map.put(&mut state, &entry, &(entry * key)).unwrap();
         }
     }
-    if write_out {
-        write_out_to_files(&mut state, &mut Checkpoints { next: 0 });
+    if flush {
+        flush_memtables(&mut state, &mut Checkpoints { next: 0 });
     }
     let mut group = c.benchmark_group("map_iteration");
     group.throughput(Throughput::Elements(entries));
@@ -303,12 +322,17 @@ fn rocksdb_cache() -> usize {
 
 fn benches(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    bench_value(c, "heap", heap_state(), false);
-    bench_value(c, "rocksdb", rocks_state(&dir.path().join("value"), sabot::rocks::CACHE_ENTRIES_MAX), true);
-    bench_value(c, "rocksdb_blocks", rocks_state(&dir.path().join("value-blocks"), 4_096), true);
+    bench_value(c, "heap", heap_state(), ValueCase::Heap);
+    let cached = rocks_state(&dir.path().join("value"), sabot::rocks::CACHE_ENTRIES_MAX);
+    bench_value(c, "rocksdb", cached, ValueCase::RocksDbCached);
+    bench_value(c, "rocksdb_blocks", rocks_state(&dir.path().join("value-blocks"), 4_096), ValueCase::RocksDbFiles);
     bench_map(c, "heap", heap_state(), false);
     bench_map(c, "rocksdb_cached", rocks_state(&dir.path().join("map"), sabot::rocks::CACHE_ENTRIES_MAX), false);
-    bench_map(c, "rocksdb_stored", rocks_state(&dir.path().join("map-stored"), sabot::rocks::CACHE_ENTRIES_MAX), true);
+    // The same after a capture: the cache is a frozen overlay now.
+    let captured = rocks_state(&dir.path().join("map-captured"), sabot::rocks::CACHE_ENTRIES_MAX);
+    bench_map(c, "rocksdb_captured", captured, true);
+    // A write-back cache of 1,024 entries: the maps reach RocksDB as they are written.
+    bench_map(c, "rocksdb_stored", rocks_state(&dir.path().join("map-stored"), 1_024), true);
     for mb in sizes_mb() {
         let dir = tempfile::tempdir().unwrap();
         bench_snapshot_heap(c, mb, dir.path());

@@ -485,15 +485,22 @@ impl RocksDbBackend {
         Ok(())
     }
 
+    /// Whether `column` holds an entry with a key in `[from, to)`.
+    fn holds_any(&self, column: &ColumnFamily, from: &[u8], to: &[u8]) -> Result<bool, StateError> {
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_upper_bound(to);
+        let mut iterator = self.db().raw_iterator_cf_opt(column, read_options);
+        iterator.seek(from);
+        iterator.status().map_err(|error| self.error(error))?;
+        Ok(iterator.valid())
+    }
+
     /// Whether entries were written without declared states (which declaring one would hide).
     fn holds_undeclared_entries(&self) -> Result<bool, StateError> {
         if !self.frozen.is_empty() || self.cache.iter().any(|(_, cached)| cached.dirty || cached.value.is_some()) {
             return Ok(true);
         }
-        let mut iterator = self.db().raw_iterator_cf(self.column(DEFAULT_COLUMN));
-        iterator.seek_to_first();
-        iterator.status().map_err(|error| self.error(error))?;
-        Ok(iterator.valid())
+        self.holds_any(self.column(DEFAULT_COLUMN), &[], &[0xff, 0xff, 0xff])
     }
 
     /// Closes the database, empties its directory, fills it with `checkpoint`'s files (or
@@ -632,6 +639,25 @@ fn as_change<'a>((key, cached): (&'a [u8], &'a Cached)) -> CachedChange<'a> {
     (&key[2..], cached.value.as_deref())
 }
 
+/// Two sorted lists of changes as one, `newer`'s winning where both hold a key.
+fn merge_newer<'a>(older: Vec<CachedChange<'a>>, newer: Vec<CachedChange<'a>>) -> Vec<CachedChange<'a>> {
+    if older.is_empty() {
+        return newer;
+    }
+    let mut merged = Vec::with_capacity(older.len() + newer.len());
+    let mut older = older.into_iter().peekable();
+    for change in newer {
+        while let Some(old) = older.next_if(|old| old.0 <= change.0) {
+            if old.0 < change.0 {
+                merged.push(old);
+            }
+        }
+        merged.push(change);
+    }
+    merged.extend(older);
+    merged
+}
+
 impl RocksDbBackend {
     /// The dirty cached entries of `key_group` whose state keys are in `[from, to)` (`to`:
     /// `None` is the end of the group), in key order; a frozen cache's entry only where no newer
@@ -651,12 +677,13 @@ impl RocksDbBackend {
             return self.cache.dirty_in(from, to).map(as_change).collect();
         }
         // A newer cache's entry of a key is dirty wherever an older one's is: it took that over.
-        let mut merged: BTreeMap<&[u8], Option<&[u8]>> = BTreeMap::new();
+        let mut merged: Vec<CachedChange<'_>> = Vec::new();
         for cache in self.frozen.iter().map(Arc::as_ref).chain(std::iter::once(&self.cache)) {
             let (from, to) = bounds();
-            merged.extend(cache.dirty_in(from, to).map(as_change));
+            let newer: Vec<CachedChange<'_>> = cache.dirty_in(from, to).map(as_change).collect();
+            merged = merge_newer(merged, newer);
         }
-        merged.into_iter().collect()
+        merged
     }
 
     /// Visits the entries of `key_group` with state keys in `[from, to)` (`to`: `None` is the end
@@ -933,10 +960,14 @@ impl StateBackend for RocksDbBackend {
         self.cache.clear();
         self.frozen.clear();
         let mut batch = rocksdb::WriteBatch::default();
-        // Everything of this backend's groups goes: [start, end) as two-byte prefixes.
+        // Everything of this backend's groups goes: [start, end) as two-byte prefixes. Only where
+        // there is something: a range tombstone slows every later read and scan over it until
+        // compaction drops it, and a restore mostly starts from an empty database.
         let (start, end) = (prefix(KeyGroup(self.range.start())), group_bound(u32::from(self.range.end())));
         for column in self.all_columns() {
-            batch.delete_range_cf(column, start.as_slice(), end.as_slice());
+            if self.holds_any(column, &start, &end)? {
+                batch.delete_range_cf(column, start.as_slice(), end.as_slice());
+            }
         }
         let mut stored = Vec::new();
         for (key_group, key, value) in snapshot.entries_in(self.range) {
