@@ -30,7 +30,7 @@ use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use sabot::fs_storage::LocalFsStorage;
 use sabot::rocks::{RocksDbBackend, RocksDbConfig};
 use sabot_kernel::element::CheckpointId;
@@ -252,7 +252,7 @@ fn bench_snapshot_heap(c: &mut Criterion, mb: u64, dir: &Path) {
     let mut state = heap_state();
     fill(&mut state, mb);
     let mut group = c.benchmark_group("snapshot/heap");
-    group.sample_size(10).throughput(Throughput::Bytes(mb << 20));
+    group.sample_size(10).sampling_mode(SamplingMode::Flat).throughput(Throughput::Bytes(mb << 20));
     let mut checkpoints = Checkpoints { next: 0 };
     group.bench_function(BenchmarkId::from_parameter(format!("{mb}MB")), |b| {
         b.iter_custom(|iterations| {
@@ -275,7 +275,7 @@ fn bench_snapshot_rocks(c: &mut Criterion, mb: u64, dir: &Path) {
     // Everything in RocksDB, so that a database opened anew holds all of it.
     write_out_to_files(&mut state, &mut checkpoints);
     let mut group = c.benchmark_group("snapshot/rocksdb_full");
-    group.sample_size(10).throughput(Throughput::Bytes(mb << 20));
+    group.sample_size(10).sampling_mode(SamplingMode::Flat).throughput(Throughput::Bytes(mb << 20));
     group.bench_function(BenchmarkId::from_parameter(format!("{mb}MB")), |b| {
         b.iter_custom(|iterations| {
             let mut total = Duration::ZERO;
@@ -292,7 +292,7 @@ fn bench_snapshot_rocks(c: &mut Criterion, mb: u64, dir: &Path) {
     });
     group.finish();
     let mut group = c.benchmark_group("snapshot/rocksdb_incremental");
-    group.sample_size(10).throughput(Throughput::Bytes(mb << 20));
+    group.sample_size(10).sampling_mode(SamplingMode::Flat).throughput(Throughput::Bytes(mb << 20));
     let mut storage = LocalFsStorage::open(fresh_dir(dir.join("incremental-storage"))).unwrap();
     let mut round = 0;
     group.bench_function(BenchmarkId::from_parameter(format!("{mb}MB")), |b| {
