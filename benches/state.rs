@@ -2,10 +2,11 @@
 //!
 //! Machine: the project's 2-core machine (see README "Benchmarks"), shared with other builds.
 //! Run: `cargo bench --bench state` (1, 10 and 100 MB of state for the snapshots), with
-//! `SABOT_BENCH_LARGE=1` also 1 GB (minutes, and about 3 GB of memory and 2 GB of disk);
+//! `SABOT_BENCH_LARGE=1` also 1 GB (minutes more, and a few GB of memory and of disk);
 //! `cargo bench --bench state -- --test` runs every case once on small state (CI).
-//! - `value/<backend>/{get,update}`: a `ValueState<u64>` of 100,000 keys, read or written key
-//!   after key (the current key set each time, as an operator does per record):
+//! - `value/<backend>/{get,update}`: a `ValueState<u64>` of 100,000 keys (`SABOT_BENCH_KEYS`
+//!   sets another count), read or written key after key (the current key set each time, as an
+//!   operator does per record):
 //!   - `heap`: the heap backend;
 //!   - `rocksdb`: RocksDB with the default write-back cache, which holds every key (the hot
 //!     path: no RocksDB call at all);
@@ -13,8 +14,8 @@
 //!     misses it and reads RocksDB, whose SST blocks are all in the block cache, and updates
 //!     are written out to RocksDB in a batch whenever the cache is full (the batch's cost
 //!     included).
-//!   After each RocksDB case the bench prints per-operation percentiles (p50, p99), measured one
-//!   operation at a time.
+//!   - after each RocksDB case the bench prints per-operation percentiles (p50, p90, p99),
+//!     measured one operation at a time (outside criterion).
 //! - `map_iteration/<backend>`: `MapState<u64, u64>::for_each` over one key's 1,000 entries
 //!   (100 keys have such maps; throughput in entries): `rocksdb_cached` has them all in the
 //!   write-back cache (written, not yet written out), `rocksdb_captured` in a cache a capture
