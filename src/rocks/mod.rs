@@ -13,9 +13,10 @@
 //! next group's prefix; a scan of a key group visits the column families in id order, so that
 //! it sees the state keys (id included) in ascending order, as every backend must.
 //!
-//! All column families share one LRU block cache ([`RocksDbConfig::block_cache_size`]) and one
-//! memtable budget; SST files carry bloom filters. Writes skip RocksDB's write-ahead log: state
-//! is made durable by checkpoints, not by the log (as in Flink).
+//! All column families share one LRU block cache ([`RocksDbConfig::block_cache_size`], 64 MiB by
+//! default; the driver reads `SABOT_ROCKSDB_BLOCK_CACHE_MB`) and one memtable budget; SST files
+//! carry bloom filters. Writes skip RocksDB's write-ahead log: state is made durable by
+//! checkpoints, not by the log (as in Flink).
 //!
 //! # The write-back cache, and when RocksDB is written
 //! A bounded write-back cache sits in front of RocksDB: reads fill it, writes go to it (an
@@ -37,10 +38,12 @@
 //! with the next write-out) and its changes travel as the checkpoint's delta. A restore takes
 //! native checkpoints of any subtasks (each opened with all its column families; rescaling
 //! copies every column family's key groups), and portable `.state` files, whose keys go to
-//! their state's column family.
+//! their state's column family. A restore clears the backend's key groups with range
+//! tombstones only in column families that hold entries there: a tombstone slows every read
+//! and scan over its range until compaction drops it.
 
 mod cache;
-pub mod columns;
+mod columns;
 mod native;
 
 use std::collections::BTreeMap;
