@@ -393,12 +393,12 @@ fn heap_and_rocksdb_agree_with_declared_states() {
         let mut storage = MemStorage::new();
         let mut captures: Vec<(KeyGroupsSnapshot, sabot_kernel::state::StateCapture)> = Vec::new();
         let (mut rng, mut restored_count) = (Lcg::new(seed), 0);
-        for step in 0..4_000 {
+        for step in 0..2_500 {
             if rng.below(100) == 0 {
                 let capture = rocksdb.capture(&target(step as u64 + 1)).unwrap();
                 captures.push((heap.snapshot().unwrap(), capture));
             }
-            if captures.len() > 2 || (step == 3_999 && !captures.is_empty()) {
+            if captures.len() > 2 || (step == 2_499 && !captures.is_empty()) {
                 let (expected, capture) = captures.remove(0);
                 let mut files = capture.files;
                 files.extend(capture.write.write(&mut storage).unwrap());
