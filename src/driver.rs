@@ -152,8 +152,13 @@ fn open_backend(
             let path = config.data_dir.join("state").join(job).join(format!("{}-{}", subtask.vertex.0, subtask.index));
             // A tuning knob, also for tests that want state to reach RocksDB's files quickly.
             let cache = std::env::var("SABOT_ROCKSDB_CACHE_ENTRIES").ok().and_then(|v| v.parse().ok());
-            let cache = cache.unwrap_or(crate::rocks::CACHE_ENTRIES_MAX).max(2);
-            Ok(Box::new(crate::rocks::RocksDbBackend::open_empty(path, range, cache)?))
+            let cache_entries_max = cache.unwrap_or(crate::rocks::CACHE_ENTRIES_MAX).max(2);
+            // The block cache each subtask's RocksDB has (shared by its states), in MiB.
+            let block_cache_mb: Option<usize> =
+                std::env::var("SABOT_ROCKSDB_BLOCK_CACHE_MB").ok().and_then(|v| v.parse().ok());
+            let block_cache_size = block_cache_mb.map_or(crate::rocks::BLOCK_CACHE_SIZE_DEFAULT, |mb| mb << 20);
+            let config = crate::rocks::RocksDbConfig { cache_entries_max, block_cache_size };
+            Ok(Box::new(crate::rocks::RocksDbBackend::open_empty_with(path, range, config)?))
         }
     }
 }

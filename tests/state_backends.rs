@@ -6,9 +6,11 @@ use sabot::rocks::RocksDbBackend;
 use sabot_kernel::element::CheckpointId;
 use sabot_kernel::env::{MemStorage, Storage, StorageError};
 use sabot_kernel::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
+use sabot_kernel::state::keyed::{KeyedState, ListState, MapState, ReducingState, TtlConfig, ValueState};
 use sabot_kernel::state::testing::keyed::{check_keyed_ops_against_model, check_keyed_state_against_model};
 use sabot_kernel::state::testing::{check_backend_against_model, Lcg};
-use sabot_kernel::state::{CaptureTarget, HeapBackend, KeyGroupsSnapshot, StateBackend};
+use sabot_kernel::state::{CaptureTarget, HeapBackend, KeyGroupsSnapshot, StateBackend, StateId};
+use sabot_kernel::time::Instant;
 
 fn rocks(dir: &tempfile::TempDir, name: &str, range: KeyGroupRange, cache: usize) -> RocksDbBackend {
     RocksDbBackend::open_with_cache(dir.path().join(name), range, cache).expect("open rocksdb")
@@ -256,6 +258,384 @@ fn open_empty_clears_what_a_killed_process_left() {
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["1-0", "1-1"]);
+}
+
+// ----- declared states (column families), appends and range scans
+
+/// The states the declared-state tests declare: (id, name, ordered).
+const DECLARED: [(u16, &str, bool); 4] =
+    [(0, "count", false), (1, "index", true), (2, "events", false), (3, "ttl", true)];
+
+fn declare_all(backend: &mut dyn StateBackend) {
+    for (id, name, ordered) in DECLARED {
+        backend.declare_state(StateId(id), name, ordered).unwrap();
+    }
+}
+
+fn declared_rocks(dir: &tempfile::TempDir, name: &str, range: KeyGroupRange, cache: usize) -> RocksDbBackend {
+    let mut backend = rocks(dir, name, range, cache);
+    declare_all(&mut backend);
+    backend
+}
+
+/// A key of a declared state: its id, then up to 5 bytes of a small alphabet (so that keys
+/// collide, share prefixes, and reach the highest byte).
+fn declared_key(rng: &mut Lcg) -> Vec<u8> {
+    let mut key = StateId(DECLARED[rng.below(DECLARED.len() as u64) as usize].0).prefix().to_vec();
+    key.extend((0..rng.below(6)).map(|_| [0_u8, 1, 2, 255][rng.below(4) as usize]));
+    key
+}
+
+/// Everything a read returned, compared between backends.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    Value(Option<Vec<u8>>),
+    Entries(Vec<(Vec<u8>, Vec<u8>)>),
+    Done,
+}
+
+/// One random operation on keys of the declared states, applied to `backend`; `rng` must be
+/// in the same state for every backend that is compared.
+fn declared_op(backend: &mut dyn StateBackend, rng: &mut Lcg, step: usize) -> Read {
+    let range = backend.key_groups();
+    let group = KeyGroup(range.start() + rng.below(range.count() as u64) as u16);
+    let key = declared_key(rng);
+    let mut value = Vec::new();
+    let visit_range = |backend: &mut dyn StateBackend, prefix: &[u8], from: &[u8], stop_after: u64| {
+        let mut seen = Vec::new();
+        backend
+            .scan_range(group, prefix, from, &mut |key, value| {
+                seen.push((key.to_vec(), value.to_vec()));
+                Ok(seen.len() as u64 != stop_after)
+            })
+            .unwrap();
+        Read::Entries(seen)
+    };
+    match rng.below(100) {
+        0..=24 => {
+            let new_value: Vec<u8> = (0..rng.below(30)).map(|i| (i + step as u64) as u8).collect();
+            backend.put(group, &key, &new_value).unwrap();
+            Read::Done
+        }
+        25..=34 => {
+            backend.delete(group, &key).unwrap();
+            Read::Done
+        }
+        35..=49 => Read::Value(backend.get(group, &key, &mut value).unwrap().then_some(value)),
+        50..=54 => Read::Value(backend.take(group, &key, &mut value).unwrap().then_some(value)),
+        55..=61 => {
+            let mut seen = None;
+            backend
+                .merge(group, &key, &mut |old, new| {
+                    seen = Some(old.map(<[u8]>::to_vec));
+                    new.extend_from_slice(old.unwrap_or_default());
+                    new.push(step as u8);
+                    Ok(())
+                })
+                .unwrap();
+            Read::Value(seen.expect("merge called back"))
+        }
+        62..=73 => {
+            let bytes: Vec<u8> = (0..1 + rng.below(5)).map(|i| (i * 3 + step as u64) as u8).collect();
+            backend.append(group, &key, &bytes).unwrap();
+            Read::Done
+        }
+        74..=77 => {
+            let mut seen = Vec::new();
+            backend
+                .scan(group, &mut |key, value| {
+                    seen.push((key.to_vec(), value.to_vec()));
+                    Ok(())
+                })
+                .unwrap();
+            Read::Entries(seen)
+        }
+        _ => {
+            // A prefix of any length (none, part of an id, an id, more), from below, at or
+            // above it, and stopping early or not.
+            let prefix = &key[..rng.below(key.len() as u64 + 1) as usize];
+            let from = match rng.below(3) {
+                0 => Vec::new(),
+                1 => declared_key(rng),
+                _ => [prefix, &[rng.below(3) as u8]].concat(),
+            };
+            let stop_after = rng.below(6);
+            visit_range(backend, prefix, &from, stop_after)
+        }
+    }
+}
+
+/// Entries of several backends' snapshots, merged in order.
+fn merged_entries(backends: &mut [Box<dyn StateBackend>]) -> Vec<(u16, Vec<u8>, Vec<u8>)> {
+    let mut all: Vec<(u16, Vec<u8>, Vec<u8>)> =
+        backends.iter_mut().flat_map(|backend| entries(&backend.snapshot().unwrap())).collect();
+    all.sort();
+    all
+}
+
+// Goal: with declared states (a column family each, some ordered), RocksDB answers every read,
+// append and range scan as the heap backend does, through write-outs of a tiny or a default
+// cache and the frozen overlays of captures not yet written; its native checkpoints restore
+// exactly at the same parallelism (the files become the database, its column families
+// included), at another (every column family's key groups copied out), and into a backend that
+// has not declared the states yet (which adopts them from the database).
+// Method: the same seeded random operations on both (seed printed), every read compared;
+// captures written a few operations later and restored, compared with the heap's snapshot
+// at the capture.
+#[test]
+fn heap_and_rocksdb_agree_with_declared_states() {
+    let max = MaxParallelism::new(8).unwrap();
+    for (seed, cache) in [(21_u64, 2_usize), (22, 16), (23, 1 << 18)] {
+        println!("seed {seed}, cache {cache} (replay: this test)");
+        let dir = tempfile::tempdir().unwrap();
+        let range = KeyGroupRange::all(max);
+        let mut heap = HeapBackend::new(range);
+        declare_all(&mut heap);
+        let mut rocksdb = declared_rocks(&dir, "main", range, cache);
+        let mut storage = MemStorage::new();
+        let mut captures: Vec<(KeyGroupsSnapshot, sabot_kernel::state::StateCapture)> = Vec::new();
+        let (mut rng, mut restored_count) = (Lcg::new(seed), 0);
+        for step in 0..2_500 {
+            if rng.below(100) == 0 {
+                let capture = rocksdb.capture(&target(step as u64 + 1)).unwrap();
+                captures.push((heap.snapshot().unwrap(), capture));
+            }
+            if captures.len() > 2 || (step == 2_499 && !captures.is_empty()) {
+                let (expected, capture) = captures.remove(0);
+                let mut files = capture.files;
+                files.extend(capture.write.write(&mut storage).unwrap());
+                restored_count += 1;
+                let parallelism = [1_u16, 3, 2][restored_count % 3];
+                let mut parts: Vec<Box<dyn StateBackend>> = (0..parallelism)
+                    .map(|index| {
+                        let name = format!("restored-{restored_count}-{index}");
+                        let range = max.range_of(index, parallelism);
+                        // Every other restore declares its states after the restore.
+                        let declare_first = restored_count % 2 == 0;
+                        let mut backend = rocks(&dir, &name, range, cache);
+                        if declare_first {
+                            declare_all(&mut backend);
+                        }
+                        backend.restore_files(&mut storage, &files).unwrap();
+                        let names: Vec<String> = backend.states().into_iter().map(|(_, name)| name).collect();
+                        assert_eq!(names, ["count", "index", "events", "ttl"], "step {step}");
+                        declare_all(&mut backend);
+                        Box::new(backend) as Box<dyn StateBackend>
+                    })
+                    .collect();
+                assert_eq!(merged_entries(&mut parts), entries(&expected), "step {step}: p {parallelism}");
+            }
+            let mut heap_rng = rng.clone();
+            let expected = declared_op(&mut heap, &mut heap_rng, step);
+            let found = declared_op(&mut rocksdb, &mut rng, step);
+            assert_eq!(found, expected, "step {step}");
+        }
+        assert!(restored_count >= 10, "{restored_count} restores");
+        let (a, b) = (heap.snapshot().unwrap(), rocksdb.snapshot().unwrap());
+        assert!(a.entries().count() > 100, "the test writes something");
+        assert_eq!(a, b, "seed {seed}: snapshots");
+    }
+}
+
+// Goal: a database's column families and their states survive closing and opening it again;
+// declarations are checked against them: the same id with another name is refused, the same
+// name reuses the column family. Declaring a state after entries were written without states
+// is refused (they would be hidden in the default column family).
+#[test]
+fn declarations_are_checked_against_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let range = KeyGroupRange::new(0, 4);
+    let mut backend = declared_rocks(&dir, "db", range, 2);
+    for i in 0..10_u8 {
+        backend.put(KeyGroup(1), &[0, 1, i], &[i]).unwrap();
+    }
+    let error = backend.declare_state(StateId(1), "other", false).unwrap_err();
+    assert!(error.to_string().contains("\"index\""), "{error}");
+    drop(backend);
+
+    let mut reopened = rocks(&dir, "db", range, 2);
+    let names: Vec<(u16, String)> = reopened.states().into_iter().map(|(id, name)| (id.0, name)).collect();
+    assert_eq!(names, [(0, "count".into()), (1, "index".into()), (2, "events".into()), (3, "ttl".into())]);
+    let error = reopened.declare_state(StateId(0), "sum", false).unwrap_err();
+    assert!(error.to_string().contains("restored as \"count\""), "{error}");
+    declare_all(&mut reopened);
+    let mut value = Vec::new();
+    // The cache held at most two of them: the rest reached the state's column family.
+    let found = (0..10_u8).filter(|&i| reopened.get(KeyGroup(1), &[0, 1, i], &mut value).unwrap()).count();
+    assert!(found >= 8, "{found} of 10 entries survived the reopening");
+
+    let mut raw = rocks(&dir, "raw", range, 8);
+    raw.put(KeyGroup(0), b"anything", b"1").unwrap();
+    let error = raw.declare_state(StateId(0), "count", false).unwrap_err();
+    assert!(error.to_string().contains("declare states first"), "{error}");
+}
+
+// Goal: one subtask's database with several column families, checkpointed natively, restored at
+// parallelisms 1, 2, 3 and 5 (then checkpointed again at 3 and restored at 2, which imports
+// several databases per subtask), keeps every state: each restored subtask holds all four
+// column families, and together they hold exactly the entries of every state.
+// Method: seeded random operations (seed printed) on a heap reference and RocksDB.
+#[test]
+fn rocksdb_column_families_survive_rescaling() {
+    println!("seed 31");
+    let dir = tempfile::tempdir().unwrap();
+    let max = MaxParallelism::new(16).unwrap();
+    let mut heap = HeapBackend::new(KeyGroupRange::all(max));
+    declare_all(&mut heap);
+    let mut db = declared_rocks(&dir, "source", KeyGroupRange::all(max), 64);
+    let mut rng = Lcg::new(31);
+    for step in 0..3_000 {
+        let mut heap_rng = rng.clone();
+        declared_op(&mut heap, &mut heap_rng, step);
+        declared_op(&mut db, &mut rng, step);
+    }
+    let expected = entries(&heap.snapshot().unwrap());
+    let ids: std::collections::BTreeSet<u8> = expected.iter().map(|(_, key, _)| key[1]).collect();
+    assert_eq!(ids.len(), DECLARED.len(), "every state holds entries");
+    let mut storage = MemStorage::new();
+    let capture = db.capture(&target(1)).unwrap();
+    let mut files = capture.files;
+    files.extend(capture.write.write(&mut storage).unwrap());
+
+    let restore_at = |files: &[String], storage: &mut MemStorage, parallelism: u16, tag: &str| {
+        let mut parts: Vec<RocksDbBackend> = Vec::new();
+        for index in 0..parallelism {
+            let mut backend =
+                declared_rocks(&dir, &format!("{tag}-{parallelism}-{index}"), max.range_of(index, parallelism), 64);
+            backend.restore_files(storage, files).unwrap();
+            assert_eq!(backend.states().len(), DECLARED.len(), "{tag} p {parallelism} subtask {index}");
+            parts.push(backend);
+        }
+        parts
+    };
+    for parallelism in [1_u16, 2, 3, 5] {
+        let parts = restore_at(&files, &mut storage, parallelism, "first");
+        let mut boxed: Vec<Box<dyn StateBackend>> = parts.into_iter().map(|b| Box::new(b) as _).collect();
+        assert_eq!(merged_entries(&mut boxed), expected, "restored at parallelism {parallelism}");
+    }
+    let mut at_three = restore_at(&files, &mut storage, 3, "second");
+    let mut files_at_three = Vec::new();
+    for (index, backend) in at_three.iter_mut().enumerate() {
+        let mut target = target(2);
+        target.path = format!("{}-{index}", target.path);
+        let capture = backend.capture(&target).unwrap();
+        files_at_three.extend(capture.files);
+        files_at_three.extend(capture.write.write(&mut storage).unwrap());
+    }
+    let parts = restore_at(&files_at_three, &mut storage, 2, "third");
+    let mut boxed: Vec<Box<dyn StateBackend>> = parts.into_iter().map(|b| Box::new(b) as _).collect();
+    assert_eq!(merged_entries(&mut boxed), expected, "restored from parallelism 3 at 2");
+}
+
+// ----- the typed layer (what operators use) over both backends
+
+/// The states of the typed-layer test: one of each kind, and one with TTL (ordered, cleaned up
+/// incrementally).
+struct TypedStates {
+    count: ValueState<u64>,
+    events: ListState<u64>,
+    index: MapState<u64, String>,
+    sum: ReducingState<u64, fn(&u64, &u64) -> u64>,
+    fresh: ValueState<u64>,
+}
+
+fn declare_typed(state: &mut KeyedState) -> TypedStates {
+    let add: fn(&u64, &u64) -> u64 = |a, b| a.wrapping_add(*b);
+    TypedStates {
+        count: state.value_state("count", None).unwrap(),
+        events: state.list_state("events", None).unwrap(),
+        index: state.map_state("index", None).unwrap(),
+        sum: state.reducing_state("sum", add, None).unwrap(),
+        fresh: state.value_state("fresh", Some(TtlConfig::processing_time(300))).unwrap(),
+    }
+}
+
+/// One random typed operation; what it read, as text.
+fn typed_op(state: &mut KeyedState, states: &TypedStates, rng: &mut Lcg, step: u64) -> String {
+    state.set_processing_time(Instant(step * 7));
+    state.set_current_key_u64(rng.below(40));
+    state.set_namespace_i64(rng.below(3) as i64);
+    let value = rng.below(1_000);
+    let read = match rng.below(20) {
+        0 => format!("{:?}", states.count.update(state, &value)),
+        1 => format!("{:?}", states.count.get(state)),
+        2 => format!("{:?}", states.count.clear(state)),
+        3 | 4 => format!("{:?}", states.events.add(state, &value)),
+        5 => format!("{:?}", states.events.get(state)),
+        6 => format!("{:?}", states.events.clear(state)),
+        7 | 8 => format!("{:?}", states.index.put(state, &(value % 50), &format!("v{step}"))),
+        9 => format!("{:?}", states.index.remove(state, &(value % 50))),
+        10 => format!("{:?}", states.index.get(state, &(value % 50))),
+        11 => format!("{:?}", states.index.entries(state)),
+        12 => {
+            let mut first = Vec::new();
+            let result = states.index.for_each(state, |key, value| {
+                first.push((key, value));
+                Ok(first.len() < 3)
+            });
+            format!("{result:?} {first:?}")
+        }
+        13 => format!("{:?}", states.index.clear(state)),
+        14 | 15 => format!("{:?}", states.sum.add(state, &value)),
+        16 => format!("{:?}", states.sum.get(state)),
+        17 => format!("{:?}", states.fresh.update(state, &value)),
+        18 => format!("{:?}", states.fresh.get(state)),
+        _ => format!("{:?}", state.cleanup_step()),
+    };
+    format!("{read} ({:?})", state.current_key_group())
+}
+
+// Goal: the typed state operators use (value, list, map, reducing, TTL) reads the same over
+// RocksDB as over the heap, and a typed capture on RocksDB (native files and descriptors)
+// restores into typed RocksDB state at another parallelism with every state intact.
+// Method: the same seeded operations on both (seed printed), every read compared, the
+// backends' snapshots compared at the end; captures restored at parallelism 3 and compared
+// with the heap's snapshot at the capture.
+#[test]
+fn typed_state_over_rocksdb_matches_heap() {
+    println!("seed 41");
+    let dir = tempfile::tempdir().unwrap();
+    let max = MaxParallelism::new(16).unwrap();
+    let all = KeyGroupRange::all(max);
+    let mut heap = KeyedState::new(Box::new(HeapBackend::new(all)), max);
+    let mut rocksdb = KeyedState::new(Box::new(rocks(&dir, "typed", all, 256)), max);
+    let (heap_states, rocksdb_states) = (declare_typed(&mut heap), declare_typed(&mut rocksdb));
+    let mut storage = MemStorage::new();
+    let mut rng = Lcg::new(41);
+    for step in 0..6_000_u64 {
+        if step % 1_500 == 1_499 {
+            // A typed capture first removes expired TTL entries: the heap's too.
+            drop(heap.capture(&target(step)).unwrap());
+            let expected = entries(&heap.backend_mut().snapshot().unwrap());
+            let capture = rocksdb.capture(&target(step)).unwrap();
+            // The state goes on changing while the capture waits to be written.
+            for later in 0..100 {
+                typed_op(&mut rocksdb, &rocksdb_states, &mut Lcg::new(step + later), step + later);
+            }
+            let mut files = capture.files;
+            files.extend(capture.write.write(&mut storage).unwrap());
+            let mut restored = Vec::new();
+            for index in 0..3 {
+                let range = max.range_of(index, 3);
+                let backend = rocks(&dir, &format!("typed-{step}-{index}"), range, 256);
+                let mut state = KeyedState::new(Box::new(backend), max);
+                declare_typed(&mut state);
+                state.restore_files(&mut storage, &files).unwrap();
+                restored.extend(entries(&state.backend_mut().snapshot().unwrap()));
+            }
+            restored.sort();
+            assert_eq!(restored, expected, "step {step}: restored at parallelism 3");
+            // Back to where the heap is: restore the capture into the state that went on.
+            rocksdb.restore_files(&mut storage, &files).unwrap();
+        }
+        let mut heap_rng = rng.clone();
+        let expected = typed_op(&mut heap, &heap_states, &mut heap_rng, step);
+        let found = typed_op(&mut rocksdb, &rocksdb_states, &mut rng, step);
+        assert_eq!(found, expected, "step {step}");
+    }
+    let (a, b) = (heap.backend_mut().snapshot().unwrap(), rocksdb.backend_mut().snapshot().unwrap());
+    assert!(a.entries().count() > 100, "the test writes something");
+    assert_eq!(a, b, "snapshots");
 }
 
 // Goal: typed keyed state over RocksDB agrees with the model: every primitive, TTL on both

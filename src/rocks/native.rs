@@ -9,9 +9,13 @@
 //! The asynchronous part then uploads the SST files that storage does not hold yet into the
 //! state's shared directory, and writes one metadata file (`<path>.state-rocksdb`) that holds
 //! RocksDB's small files (`CURRENT`, `MANIFEST-*`, `OPTIONS-*`) inline, names each SST file's
-//! shared copy with its size and CRC-32, and holds the delta. SST files are immutable and their numbers never repeat within one database, so one
-//! local file always has one shared copy: `<shared dir>/<instance>-<number>.sst`, where the
-//! instance is unique to each opening of a database (restored files keep the names they had).
+//! shared copy with its size and CRC-32, and holds the delta. A RocksDB checkpoint holds every
+//! column family (its `MANIFEST` and `OPTIONS` files name them, so a restore opens all of them).
+//! The delta's keys are the write-back cache's, `key group | state key`, whose state key starts
+//! with its state's id when the backend declares states. SST files are immutable and their
+//! numbers never repeat within one database, so one local file always has one shared copy:
+//! `<shared dir>/<instance>-<number>.sst`, where the instance is unique to each opening of a
+//! database (restored files keep the names they had).
 //!
 //! # Metadata format, version 1 (integers little-endian)
 //! ```text
@@ -314,7 +318,7 @@ pub struct RocksCapture {
     pub pending: Arc<Pending>,
     /// The caches frozen and not yet written to RocksDB at the capture, oldest first: their
     /// dirty entries (the newest of each key) are the delta.
-    pub frozen: Vec<Arc<super::Cache>>,
+    pub frozen: Vec<Arc<super::cache::Cache>>,
     pub local: PathBuf,
     pub metadata_path: String,
     pub shared_prefix: String,
@@ -377,8 +381,8 @@ impl SnapshotWrite for RocksCapture {
         // The newest entry of each key, ascending.
         let mut delta: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         for (index, frozen) in self.frozen.iter().enumerate() {
-            for (key, cached) in frozen.iter().filter(|(_, cached)| cached.dirty) {
-                if self.frozen[index + 1..].iter().any(|newer| newer.contains_key(key)) {
+            for (key, cached) in frozen.dirty() {
+                if self.frozen[index + 1..].iter().any(|newer| newer.contains(key)) {
                     continue;
                 }
                 delta.push((key.to_vec(), cached.value.as_ref().map(|v| v.to_vec())));

@@ -63,10 +63,13 @@ impl Hasher for FxHasher {
         self.add(value as u64);
     }
 
-    /// The multiply leaves the high bits well mixed; the table indexes with the low ones.
+    /// The multiply in `add` mixes an input bit only into the bits above it, so input that
+    /// differs only in a word's high bytes (a big-endian integer at the end of a key, as map keys
+    /// are) would leave the bits a table indexes with (the low ones) and tags with (the top
+    /// seven) alike: every lookup would compare many entries. A finalizer mixes all bits.
     #[inline]
     fn finish(&self) -> u64 {
-        self.hash.rotate_left(26)
+        crate::key_group::fmix64(self.hash)
     }
 }
 
@@ -477,6 +480,22 @@ mod tests {
                 Box::new(HeapBackend::new(range))
             });
         }
+    }
+
+    // Goal: keys that differ only at their end (map keys: a big-endian integer after a common
+    // prefix) spread over the low bits (bucket) and the top seven bits (tag) of the hash, so a
+    // lookup compares one entry, not dozens. Regression: the hash was a rotated multiply, which
+    // gave such keys 256 distinct buckets of 1024 and one tag.
+    #[test]
+    fn hash_spreads_keys_that_differ_at_their_end() {
+        let hashes: Vec<u64> = (0..1_000_u64)
+            .map(|i| hash_key(&[&[0, 1, 0, 8][..], &7_u64.to_be_bytes(), &[0, 0], &i.to_be_bytes()].concat()))
+            .collect();
+        let buckets: BTreeSet<u64> = hashes.iter().map(|hash| hash & 1023).collect();
+        let tags: BTreeSet<u64> = hashes.iter().map(|hash| hash >> 57).collect();
+        // 1,000 random hashes fill about 630 of 1,024 buckets and all 128 tags.
+        assert!(buckets.len() > 550, "{} buckets", buckets.len());
+        assert!(tags.len() > 120, "{} tags", tags.len());
     }
 
     // Goal: size accounting follows puts, overwrites and deletes exactly.
