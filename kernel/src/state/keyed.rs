@@ -541,7 +541,7 @@ impl KeyedState {
         &mut self,
         id: StateId,
         key_group: KeyGroup,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StateError>,
+        visit: &mut super::Visit<'_>,
     ) -> Result<(), StateError> {
         let prefix = id.prefix();
         let mut failure = None;
