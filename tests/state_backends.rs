@@ -439,8 +439,9 @@ fn heap_and_rocksdb_agree_with_declared_states() {
 
 // Goal: a database's column families and their states survive closing and opening it again;
 // declarations are checked against them: the same id with another name is refused, the same
-// name reuses the column family. Declaring a state after entries were written without states
-// is refused (they would be hidden in the default column family).
+// name reuses the column family. Reads from SST files fill the block cache. Declaring a state
+// after entries were written without states is refused (they would be hidden in the default
+// column family).
 #[test]
 fn declarations_are_checked_against_the_database() {
     let dir = tempfile::tempdir().unwrap();
@@ -459,10 +460,13 @@ fn declarations_are_checked_against_the_database() {
     let error = reopened.declare_state(StateId(0), "sum", false).unwrap_err();
     assert!(error.to_string().contains("restored as \"count\""), "{error}");
     declare_all(&mut reopened);
+    // Closing the database wrote its memtables into SST files: reads go through the block cache.
+    let usage_before = reopened.block_cache_usage();
     let mut value = Vec::new();
     // The cache held at most two of them: the rest reached the state's column family.
     let found = (0..10_u8).filter(|&i| reopened.get(KeyGroup(1), &[0, 1, i], &mut value).unwrap()).count();
     assert!(found >= 8, "{found} of 10 entries survived the reopening");
+    assert!(reopened.block_cache_usage() > usage_before, "reads fill the block cache");
 
     let mut raw = rocks(&dir, "raw", range, 8);
     raw.put(KeyGroup(0), b"anything", b"1").unwrap();
