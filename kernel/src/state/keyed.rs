@@ -98,7 +98,9 @@ impl StateKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TtlTime {
     ProcessingTime,
-    /// The operator's current watermark.
+    /// The operator's current watermark. Before the first watermark event time is the lowest
+    /// instant, so entries written then carry that stamp and expire at the first watermark:
+    /// event-time TTL counts from the first watermark, not from the start of the job.
     EventTime,
 }
 
