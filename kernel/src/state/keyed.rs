@@ -53,6 +53,8 @@ use crate::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
 use crate::state::order_preserving_i64;
 use crate::time::{EventTime, Instant};
 
+/// The names of states starting with this are reserved for timers ([`StateKind::Timers`]).
+pub const TIMER_STATE_PREFIX: &str = "timers/";
 /// The extension of the file that describes a capture's states.
 pub const DESCRIPTORS_EXTENSION: &str = ".descriptors";
 const DESCRIPTORS_MAGIC: &[u8; 4] = b"SBSD";
@@ -60,6 +62,8 @@ const DESCRIPTORS_VERSION: u16 = 1;
 /// The most states one operator may declare.
 pub const STATES_MAX: usize = 1024;
 const STAMP_SIZE: usize = 8;
+/// The value type of a timers state: its entries' values are empty (version 1 of the layout).
+const TIMER_VALUE_TYPE: &str = "timer";
 
 /// What kind of state a descriptor declares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +73,10 @@ pub enum StateKind {
     Map,
     Reducing,
     Aggregating,
+    /// The timers of a [`super::timers::TimerService`] (one state per time domain): entries
+    /// with empty values whose keys start with the time. Declared by the timer service only,
+    /// under the reserved names [`TIMER_STATE_PREFIX`]`…`; not queryable.
+    Timers,
 }
 
 impl StateKind {
@@ -79,6 +87,7 @@ impl StateKind {
             StateKind::Map => 3,
             StateKind::Reducing => 4,
             StateKind::Aggregating => 5,
+            StateKind::Timers => 6,
         }
     }
 
@@ -89,6 +98,7 @@ impl StateKind {
             3 => StateKind::Map,
             4 => StateKind::Reducing,
             5 => StateKind::Aggregating,
+            6 => StateKind::Timers,
             _ => return None,
         })
     }
@@ -167,9 +177,10 @@ pub struct StateDescriptor {
 
 impl StateDescriptor {
     /// Whether the backend keeps this state's keys ordered: map states iterate in key order,
-    /// and incremental TTL cleanup walks a state's keys.
+    /// timers fire in time order, and incremental TTL cleanup walks a state's keys.
     fn ordered(&self) -> bool {
-        self.kind == StateKind::Map || self.ttl.is_some_and(|ttl| ttl.cleanup_incremental > 0)
+        matches!(self.kind, StateKind::Map | StateKind::Timers)
+            || self.ttl.is_some_and(|ttl| ttl.cleanup_incremental > 0)
     }
 }
 
@@ -210,6 +221,10 @@ pub struct KeyedState {
     written: Vec<u8>,
     /// Incremental TTL cleanup: the state, group and next key it resumes at.
     cleanup_cursor: (usize, u16, Vec<u8>),
+    /// Changes whenever entries may have changed other than through this type's methods (a
+    /// restore, raw access to the backend), so that what others derive from the entries (the
+    /// timer service's earliest timers) knows to read them again.
+    generation: u64,
 }
 
 fn value_error(state: &StateDescriptor, key_group: KeyGroup, reason: impl std::fmt::Display) -> StateError {
@@ -231,6 +246,7 @@ impl KeyedState {
             value: Vec::with_capacity(64),
             written: Vec::with_capacity(64),
             cleanup_cursor: (0, range.start(), Vec::new()),
+            generation: 0,
         }
     }
 
@@ -246,7 +262,21 @@ impl KeyedState {
         &self.states
     }
 
+    /// The backend, for raw access (snapshots, restores): whatever the caller does with it, the
+    /// state's [`KeyedState::generation`] changes.
     pub fn backend_mut(&mut self) -> &mut dyn StateBackend {
+        self.generation += 1;
+        self.backend.as_mut()
+    }
+
+    /// Changes whenever the entries may have changed other than through the typed layer (a
+    /// restore, [`KeyedState::backend_mut`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The backend, for the timer service's own entries (no new generation).
+    pub(super) fn backend_for_timers(&mut self) -> &mut dyn StateBackend {
         self.backend.as_mut()
     }
 
@@ -269,6 +299,13 @@ impl KeyedState {
         if descriptor.name.is_empty() || descriptor.name.len() > 255 {
             return Err(StateError::Declaration(format!("state name {:?} must have 1 to 255 bytes", descriptor.name)));
         }
+        if descriptor.name.starts_with(TIMER_STATE_PREFIX) != (descriptor.kind == StateKind::Timers) {
+            return Err(StateError::Declaration(format!(
+                "state {:?} of kind {:?}: names starting with {TIMER_STATE_PREFIX:?} are reserved for the timer \
+                 service's states, and only they",
+                descriptor.name, descriptor.kind
+            )));
+        }
         if let Some(ttl) = descriptor.ttl {
             if ttl.ttl_ms == 0 || ttl.ttl_ms > i64::MAX as u64 {
                 return Err(StateError::Declaration(format!("state {:?}: TTL of {} ms", descriptor.name, ttl.ttl_ms)));
@@ -278,6 +315,17 @@ impl KeyedState {
         self.backend.declare_state(id, &descriptor.name, descriptor.ordered())?;
         self.states.push(descriptor);
         Ok(id)
+    }
+
+    /// Declares a state of timers (by the timer service, under a reserved name).
+    pub(super) fn timers_state(&mut self, name: &str) -> Result<StateId, StateError> {
+        self.declare(StateDescriptor {
+            name: name.to_string(),
+            kind: StateKind::Timers,
+            value_type: TIMER_VALUE_TYPE.to_string(),
+            key_type: None,
+            ttl: None,
+        })
     }
 
     pub fn value_state<T: StateCodec>(
@@ -391,6 +439,34 @@ impl KeyedState {
         }
         let key_group = self.max_parallelism.key_group_of_bytes(key);
         self.set_key_bytes_encoded(key_group, key);
+        Ok(())
+    }
+
+    /// The current key group and the encoded current key and namespace,
+    /// `key length (u16 BE) | key | namespace length (u16 BE) | namespace`.
+    pub(super) fn current_encoded(&self) -> (KeyGroup, &[u8]) {
+        (self.current_key_group(), &self.current.bytes)
+    }
+
+    /// Makes a key and namespace current from their encoding (as [`KeyedState::current_encoded`]
+    /// gives it) and their key group, as read from the backend: bytes that do not parse are an
+    /// error, a key group this state does not hold is a bug.
+    pub(super) fn set_current_encoded(&mut self, key_group: KeyGroup, encoded: &[u8]) -> Result<(), StateError> {
+        assert!(self.key_groups().contains(key_group), "key group {} outside {:?}", key_group.0, self.key_groups());
+        let (key, namespace) = split_key(encoded).ok_or_else(|| StateError::Corrupt {
+            what: format!("key and namespace of {} bytes in key group {} do not parse", encoded.len(), key_group.0),
+        })?;
+        let key_end = 2 + key.len();
+        if key_end + 2 + namespace.len() != encoded.len() {
+            return Err(StateError::Corrupt {
+                what: format!("{} bytes after a key and namespace in key group {}", encoded.len(), key_group.0),
+            });
+        }
+        let current = &mut self.current;
+        current.key_group = Some(key_group);
+        current.bytes.clear();
+        current.bytes.extend_from_slice(encoded);
+        current.key_end = key_end;
         Ok(())
     }
 
@@ -658,6 +734,7 @@ impl KeyedState {
             None => {}
             Some((file, states)) => check_compatible(file, states, &self.states)?,
         }
+        self.generation += 1;
         self.backend.restore_files(storage, files)
     }
 
@@ -782,6 +859,9 @@ impl KeyedState {
             .iter()
             .position(|state| state.name == name)
             .ok_or_else(|| StateError::Declaration(format!("no state named {name:?}")))?;
+        if self.states[index].kind == StateKind::Timers {
+            return Err(StateError::Declaration(format!("state {name:?} holds timers, which are not queryable")));
+        }
         let saved = std::mem::take(&mut self.current);
         let result = self.query_current(index, key, namespace);
         self.current = saved;
@@ -820,6 +900,7 @@ impl KeyedState {
             }
         };
         let answer = match descriptor.kind {
+            StateKind::Timers => unreachable!("query of timers state {:?}: refused by `query`", descriptor.name),
             StateKind::Value | StateKind::Reducing | StateKind::Aggregating => {
                 if !self.backend.get(key_group, &self.full_key, &mut self.value)? {
                     Queried::Absent

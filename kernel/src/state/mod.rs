@@ -16,6 +16,7 @@ pub mod map_key;
 pub mod snapshot;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod timers;
 
 pub use heap::{FxHasher, HeapBackend};
 pub use snapshot::KeyGroupsSnapshot;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 pub mod keyed;
+pub mod timers;
 
 use super::{CaptureTarget, StateBackend, StateCapture, WriteBatch};
 use crate::element::CheckpointId;
