@@ -8,6 +8,7 @@ use sabot_kernel::env::{MemStorage, Storage, StorageError};
 use sabot_kernel::key_group::{KeyGroup, KeyGroupRange, MaxParallelism};
 use sabot_kernel::state::keyed::{KeyedState, ListState, MapState, ReducingState, TtlConfig, ValueState};
 use sabot_kernel::state::testing::keyed::{check_keyed_ops_against_model, check_keyed_state_against_model};
+use sabot_kernel::state::testing::timers::{check_timer_ops_against_model, check_timers_against_model};
 use sabot_kernel::state::testing::{check_backend_against_model, Lcg};
 use sabot_kernel::state::{CaptureTarget, HeapBackend, KeyGroupsSnapshot, StateBackend, StateId};
 use sabot_kernel::time::Instant;
@@ -673,6 +674,36 @@ fn mixed_backends_keyed_state_matches_model() {
     }
 }
 
+// Goal: timers over RocksDB fire exactly once each, in (time, key group, key, namespace) order
+// and none before its time, through native checkpoints restored at the same and at other
+// parallelisms and portable snapshots. Method: the kernel's timers conformance suite (seeded,
+// printed) in lockstep with its model, with write-back caches so small that timers reach
+// RocksDB (and their deletes its tombstones) all the time, and with a large one.
+#[test]
+fn rocksdb_timers_match_model() {
+    for (seed, cache) in [(300_u64, 2_usize), (301, 7), (302, 1 << 12)] {
+        println!("cache of {cache} entries");
+        let dir = tempfile::tempdir().unwrap();
+        let mut opened = 0;
+        let mut fresh = |range: KeyGroupRange| -> Box<dyn StateBackend> {
+            opened += 1;
+            Box::new(rocks(&dir, &format!("db-{opened}"), range, cache))
+        };
+        check_timers_against_model(&mut fresh, seed, 800);
+    }
+}
+
+// Goal: timers move between the backends where the formats allow (as keyed state does).
+// Method: the timers conformance suite (seeded, printed) with fresh backends alternating
+// between heap and RocksDB; a refused restore is retried with the next backend.
+#[test]
+fn mixed_backends_timers_match_model() {
+    for seed in 400..403_u64 {
+        let dir = tempfile::tempdir().unwrap();
+        check_timers_against_model(&mut fresh_backends(&dir, true), seed, 800);
+    }
+}
+
 /// Fresh backends for a keyed-state run: RocksDB in `dir`, or alternately heap and RocksDB.
 fn fresh_backends(dir: &tempfile::TempDir, mixed: bool) -> impl FnMut(KeyGroupRange) -> Box<dyn StateBackend> + '_ {
     let mut opened = 0;
@@ -710,5 +741,19 @@ proptest! {
         println!("mixed backends: {mixed}");
         let dir = tempfile::tempdir().unwrap();
         check_keyed_ops_against_model(&mut fresh_backends(&dir, mixed), seed, &words);
+    }
+
+    // Goal: as the two timers tests above, for operation sequences proptest draws and shrinks.
+    // Method: a setup seed, up to 200 operation words, RocksDB alone or mixed with the heap; a
+    // failure prints the shrunk input (replay: check_timer_ops_against_model with it).
+    #[test]
+    fn timers_match_model_on_generated_operations(
+        seed in any::<u64>(),
+        words in prop::collection::vec(any::<u64>(), 0..200),
+        mixed in any::<bool>(),
+    ) {
+        println!("mixed backends: {mixed}");
+        let dir = tempfile::tempdir().unwrap();
+        check_timer_ops_against_model(&mut fresh_backends(&dir, mixed), seed, &words);
     }
 }
