@@ -263,6 +263,8 @@ pub struct NodeMetrics {
     /// Records taken by sinks.
     pub records_out: u64,
     pub records_late_dropped: u64,
+    pub records_late_updated: u64,
+    pub records_late_side_output: u64,
     pub windows_fired: u64,
     pub state_size_bytes: u64,
     /// Snapshots taken by tasks with inputs, and how long their inputs were held back for
@@ -278,6 +280,8 @@ impl std::iter::Sum for NodeMetrics {
             records_in: total.records_in + m.records_in,
             records_out: total.records_out + m.records_out,
             records_late_dropped: total.records_late_dropped + m.records_late_dropped,
+            records_late_updated: total.records_late_updated + m.records_late_updated,
+            records_late_side_output: total.records_late_side_output + m.records_late_side_output,
             windows_fired: total.windows_fired + m.windows_fired,
             state_size_bytes: total.state_size_bytes + m.state_size_bytes,
             alignment_count: total.alignment_count + m.alignment_count,
@@ -1042,6 +1046,8 @@ impl Node {
             let mut chain = OperatorMetrics::default();
             task.chain.iter().for_each(|operator| chain.add(&operator.metrics()));
             metrics.records_late_dropped += chain.records_late_dropped;
+            metrics.records_late_updated += chain.records_late_updated;
+            metrics.records_late_side_output += chain.records_late_side_output;
             metrics.windows_fired += chain.windows_fired;
             metrics.state_size_bytes += chain.state_size_bytes;
             if task.outputs.is_empty() {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
+use super::event_window::{EventTimeWindows, EventWindowSpec, LatePolicy, WindowKind};
 use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::map::{Filter, Predicate, Project};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
@@ -137,6 +138,7 @@ pub enum OperatorSpec {
     },
     TumblingWindow(WindowSpec),
     KeyedStats(KeyedStatsSpec),
+    EventWindows(EventWindowSpec),
     Sink {
         name: String,
     },
@@ -161,13 +163,14 @@ impl OperatorSpec {
             OperatorSpec::Project { .. } => "project",
             OperatorSpec::TumblingWindow(_) => "tumbling-window",
             OperatorSpec::KeyedStats(_) => "keyed-stats",
+            OperatorSpec::EventWindows(_) => "event-time-windows",
             OperatorSpec::Sink { name } | OperatorSpec::TransactionalSink { name, .. } => name,
         }
     }
 
     /// Whether instances keep keyed state (and so need a [`StateBackend`]).
     pub fn is_stateful(&self) -> bool {
-        matches!(self, OperatorSpec::TumblingWindow(_) | OperatorSpec::KeyedStats(_))
+        matches!(self, OperatorSpec::TumblingWindow(_) | OperatorSpec::KeyedStats(_) | OperatorSpec::EventWindows(_))
     }
 
     /// Creates the instance for `subtask`; `state` is given exactly to stateful operators.
@@ -186,6 +189,9 @@ impl OperatorSpec {
             OperatorSpec::Project { indices, schema } => Box::new(Project::new(indices.clone(), schema.clone())),
             &OperatorSpec::TumblingWindow(spec) => {
                 Box::new(TumblingWindowCountSum::new(spec, max_parallelism, state.expect("checked above")))
+            }
+            OperatorSpec::EventWindows(spec) => {
+                Box::new(EventTimeWindows::new(spec.clone(), max_parallelism, state.expect("checked above"), subtask))
             }
             &OperatorSpec::KeyedStats(spec) => {
                 Box::new(KeyedStats::new(spec, max_parallelism, state.expect("checked above")))
@@ -364,6 +370,46 @@ impl Stream {
         }));
         self.schema = TumblingWindowCountSum::schema(self.schema.field(key_index).clone());
         self.event_time = TumblingWindowCountSum::EVENT_TIME_INDEX;
+        self.key = Some((0, key_type));
+        Ok(self)
+    }
+
+    /// Per key and event-time window (tumbling, sliding or session): the count of records and
+    /// the sum of `value`, with `allowed_lateness_ms` and a policy for records later than that
+    /// (see [`EventTimeWindows`]). Output columns: key, window_start, window_end, count, sum.
+    pub fn windows(
+        mut self,
+        kind: WindowKind,
+        value: &str,
+        allowed_lateness_ms: i64,
+        late: LatePolicy,
+    ) -> Result<Stream, BuildError> {
+        let operator = "event-time-windows";
+        let (key_index, key_type) = self.key.ok_or(BuildError::NotKeyed { operator: operator.into() })?;
+        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
+        if !self.has_watermarks {
+            return Err(BuildError::NoWatermarks { operator: operator.into() });
+        }
+        let invalid = |reason: String| BuildError::Invalid { operator: operator.into(), reason };
+        kind.validate().map_err(invalid)?;
+        if allowed_lateness_ms < 0 {
+            return Err(invalid(format!("allowed lateness {allowed_lateness_ms} ms < 0")));
+        }
+        if let LatePolicy::SideOutput(name) = &late {
+            FileTransactions::validate_name(name).map_err(invalid)?;
+        }
+        let value_index = self.column_of_type(operator, value, &[DataType::Int64])?;
+        self.push(OperatorSpec::EventWindows(EventWindowSpec {
+            key_index,
+            key_type,
+            event_time_index,
+            value_index,
+            kind,
+            allowed_lateness_ms,
+            late,
+        }));
+        self.schema = EventTimeWindows::schema(key_type);
+        self.event_time = None;
         self.key = Some((0, key_type));
         Ok(self)
     }

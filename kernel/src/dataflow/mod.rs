@@ -4,6 +4,7 @@
 //! or an input gate followed by a chain of [`Operator`]s. Operators see one merged stream: the gate
 //! of their subtask has already combined watermarks, idleness and end-of-input over all inputs.
 
+pub mod event_window;
 pub mod exchange;
 pub mod graph;
 pub mod keyed_stats;
@@ -48,6 +49,10 @@ pub struct OperatorMetrics {
     pub records_out: u64,
     /// Records that arrived behind the watermark for a window that had already fired.
     pub records_late_dropped: u64,
+    /// Late records that updated a window within its allowed lateness (and fired it again).
+    pub records_late_updated: u64,
+    /// Late records sent to a side output.
+    pub records_late_side_output: u64,
     pub windows_fired: u64,
     pub state_size_bytes: u64,
 }
@@ -57,6 +62,8 @@ impl OperatorMetrics {
         self.records_in += other.records_in;
         self.records_out += other.records_out;
         self.records_late_dropped += other.records_late_dropped;
+        self.records_late_updated += other.records_late_updated;
+        self.records_late_side_output += other.records_late_side_output;
         self.windows_fired += other.windows_fired;
         self.state_size_bytes += other.state_size_bytes;
     }

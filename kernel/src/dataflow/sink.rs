@@ -240,6 +240,11 @@ impl FileTransactions {
         format!("part-{:05}-{:05}-", self.subtask.vertex.0, self.subtask.index)
     }
 
+    /// The file of a checkpoint that records this sink's next file sequence number.
+    fn sequence_file_name(&self) -> String {
+        format!("sink-{:05}-{:05}-{}.sequence", self.subtask.vertex.0, self.subtask.index, self.name)
+    }
+
     fn file_sequence_of(&self, file: &str) -> Option<u64> {
         file.strip_prefix(&self.file_prefix())?.strip_suffix(".arrow")?.parse().ok()
     }
@@ -296,21 +301,26 @@ impl TransactionalSink for FileTransactions {
         } else {
             checkpoint_dir(checkpoint)
         };
-        let path = format!("{dir}/sink-{:05}-{:05}.sequence", self.subtask.vertex.0, self.subtask.index);
+        let path = format!("{dir}/{}", self.sequence_file_name());
         write_u64_file(context.storage, &path, self.file_sequence)?;
         context.storage.sync_dir(&dir)?;
         Ok(OperatorSnapshot { files: vec![path], pending_output, writes: Vec::new() })
     }
 
+    /// Commits this sink's handles among `handles` (a subtask may hold several sinks: an
+    /// operator's side output beside the job's sink).
     fn commit(&mut self, context: &mut Context<'_>, handles: &[String]) -> Result<(), OperatorError> {
-        Ok(commit_files(context.storage, &Self::committed_dir(&self.name), handles)?)
+        let own = format!("{}/", self.pending_dir());
+        let handles: Vec<String> = handles.iter().filter(|handle| handle.starts_with(&own)).cloned().collect();
+        Ok(commit_files(context.storage, &Self::committed_dir(&self.name), &handles)?)
     }
 
     /// Restores the file sequence, drops this subtask's later pending files, and checks that
     /// nothing of its own beyond the checkpoint was committed.
     fn recover(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
         let own = snapshots.iter().find(|s| s.subtask == self.subtask);
-        let sequence_file = own.and_then(|s| s.files.iter().find(|f| f.ends_with(".sequence")));
+        let suffix = format!("/{}", self.sequence_file_name());
+        let sequence_file = own.and_then(|s| s.files.iter().find(|f| f.ends_with(&suffix)));
         self.file_sequence = match sequence_file {
             Some(path) => read_u64_file(context.storage, path)?,
             None => 0,

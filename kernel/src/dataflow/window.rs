@@ -68,8 +68,8 @@ pub(crate) enum KeyColumn<'a> {
 /// saw: whether an accumulator was created (a new entry), and whether a sum overflowed.
 #[derive(Debug, Default)]
 pub struct CountSum {
-    created: std::cell::Cell<bool>,
-    overflow: std::cell::Cell<bool>,
+    pub(crate) created: std::cell::Cell<bool>,
+    pub(crate) overflow: std::cell::Cell<bool>,
 }
 
 impl AggregateFunction for CountSum {
