@@ -11,10 +11,15 @@ use sabot::driver::{
 };
 use sabot::fs_storage::LocalFsStorage;
 use sabot_kernel::checkpoint::manifest::{find_latest, load, sweep_before, Manifest};
+use sabot_kernel::dataflow::event_window::{LatePolicy, WindowKind};
 use sabot_kernel::dataflow::sink::read_committed;
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::element::CheckpointId;
 use sabot_kernel::workload;
+
+/// The job (and sink) name of `sabot run --window …`, and its late records' side output.
+const WINDOWS_JOB: &str = "windows";
+const LATE_SINK: &str = "windows-late";
 
 const USAGE: &str = "\
 sabot: a deterministic stream-processing kernel
@@ -90,6 +95,21 @@ flags of `sabot run`:
   --unaligned           periodic checkpoints use unaligned barriers (savepoints stay aligned)
   --alignment-timeout-ms N
                         aligned barriers that wait longer than N ms switch to unaligned
+  --window KIND         instead of W2's window operator: tumbling, sliding or session event-time
+                        windows on timers (job and output `windows`), counting and summing values
+  --window-size-ms N    tumbling and sliding windows' size (default 10000)
+  --slide-ms N          sliding windows' slide (default half the size)
+  --gap-ms N            session windows' gap (default 1000)
+  --out-of-orderness-ms N
+                        the watermark's bound (default 5000; the generator's disorder is < 2000,
+                        so a smaller bound makes late records)
+  --allowed-lateness-ms N
+                        windows keep their state N ms past their end; late records within it
+                        update the window and fire it again (default 0)
+  --late drop|side-output
+                        records later than that: dropped and counted (default), or written to
+                        output/windows-late, committed exactly once like the output
+  The summary counts late records: dropped, updating a window, sent to the side output.
 ";
 
 #[derive(Debug)]
@@ -105,6 +125,11 @@ struct RunArgs {
     unaligned: bool,
     alignment_timeout_ms: Option<u64>,
     transport: TransportKind,
+    /// `None`: W2 itself (the tumbling window operator of WORKLOADS.md).
+    windows: Option<WindowKind>,
+    allowed_lateness_ms: i64,
+    late_side_output: bool,
+    out_of_orderness_ms: i64,
 }
 
 /// A command-line mistake: printed with a pointer to the usage, exit code 2.
@@ -129,7 +154,12 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
         unaligned: false,
         alignment_timeout_ms: None,
         transport: TransportKind::InProcess,
+        windows: None,
+        allowed_lateness_ms: 0,
+        late_side_output: false,
+        out_of_orderness_ms: workload::W2_OUT_OF_ORDERNESS_MS,
     };
+    let (mut window, mut size_ms, mut slide_ms, mut gap_ms) = (None::<String>, None::<i64>, None::<i64>, None::<i64>);
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
         let (flag, inline) = match flag.split_once('=') {
@@ -149,6 +179,19 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
             "--unaligned" => run.unaligned = true,
             "--alignment-timeout-ms" => run.alignment_timeout_ms = Some(parse_number(flag, &value()?)?),
             "--data-dir" => run.data_dir = PathBuf::from(value()?),
+            "--window" => window = Some(value()?),
+            "--window-size-ms" => size_ms = Some(parse_number(flag, &value()?)?),
+            "--slide-ms" => slide_ms = Some(parse_number(flag, &value()?)?),
+            "--gap-ms" => gap_ms = Some(parse_number(flag, &value()?)?),
+            "--allowed-lateness-ms" => run.allowed_lateness_ms = parse_number(flag, &value()?)?,
+            "--out-of-orderness-ms" => run.out_of_orderness_ms = parse_number(flag, &value()?)?,
+            "--late" => {
+                run.late_side_output = match value()?.as_str() {
+                    "drop" => false,
+                    "side-output" => true,
+                    other => return Err(UsageError(format!("--late is drop or side-output, not {other:?}"))),
+                }
+            }
             "--transport" => {
                 run.transport = match value()?.as_str() {
                     "inproc" => TransportKind::InProcess,
@@ -165,6 +208,31 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
             }
             other => return Err(UsageError(format!("unknown flag {other:?} for `sabot run`"))),
         }
+    }
+    let size = size_ms.unwrap_or(workload::W2_WINDOW_SIZE_MS);
+    run.windows = match window.as_deref() {
+        None if slide_ms.is_some() || gap_ms.is_some() || size_ms.is_some() => {
+            return Err(UsageError("--window-size-ms, --slide-ms and --gap-ms go with --window".into()))
+        }
+        None => None,
+        Some("tumbling") => Some(WindowKind::Tumbling { size_ms: size }),
+        Some("sliding") => Some(WindowKind::Sliding { size_ms: size, slide_ms: slide_ms.unwrap_or(size / 2) }),
+        Some("session") => Some(WindowKind::Session { gap_ms: gap_ms.unwrap_or(1_000) }),
+        Some(other) => return Err(UsageError(format!("--window is tumbling, sliding or session, not {other:?}"))),
+    };
+    if let Some(kind) = run.windows {
+        kind.validate().map_err(UsageError)?;
+    }
+    let customized = run.allowed_lateness_ms != 0
+        || run.late_side_output
+        || run.out_of_orderness_ms != workload::W2_OUT_OF_ORDERNESS_MS;
+    if customized && run.windows.is_none() {
+        return Err(UsageError(
+            "--allowed-lateness-ms, --late and --out-of-orderness-ms go with --window (W2 itself is fixed)".into(),
+        ));
+    }
+    if run.allowed_lateness_ms < 0 || run.out_of_orderness_ms < 0 {
+        return Err(UsageError("--allowed-lateness-ms and --out-of-orderness-ms must not be negative".into()));
     }
     if run.parallelism == 0 {
         return Err(UsageError("--parallelism must be at least 1".into()));
@@ -547,7 +615,25 @@ fn load_savepoint(data_dir: &std::path::Path, job: &str, id: u64) -> anyhow::Res
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let graph = workload::w2_job(args.records, args.parallelism, args.batch_size).context("building the W2 job")?;
+    let graph = match args.windows {
+        None => workload::w2_job(args.records, args.parallelism, args.batch_size).context("building the W2 job")?,
+        Some(kind) => {
+            use sabot_kernel::dataflow::graph::SourceSpec;
+            let late = if args.late_side_output { LatePolicy::SideOutput(LATE_SINK.into()) } else { LatePolicy::Drop };
+            let source = SourceSpec::Generator {
+                record_count: args.records,
+                batch_size: args.batch_size,
+                keys: workload::Keys::Uniform,
+            };
+            sabot_kernel::dataflow::JobBuilder::new(WINDOWS_JOB)
+                .source("generator", source, args.parallelism)
+                .and_then(|stream| stream.assign_watermarks(args.out_of_orderness_ms))
+                .and_then(|stream| stream.key_by("key", args.parallelism))
+                .and_then(|stream| stream.windows(kind, "value", args.allowed_lateness_ms, late))
+                .and_then(|stream| stream.sink_files(WINDOWS_JOB))
+                .context("building the windows job")?
+        }
+    };
     let plan = Arc::new(PhysicalPlan::new(graph, args.parallelism));
     let restore = match (args.from_savepoint, args.checkpoint_interval_ms > 0) {
         (Some(id), _) => Some(load_savepoint(&args.data_dir, &plan.graph.name, id)?),
@@ -563,8 +649,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         StateKind::RocksDb => format!("rocksdb under {}", args.data_dir.join("state").display()),
         StateKind::Heap => "heap (in memory)".to_string(),
     };
+    let job = match args.windows {
+        None => "W2 keyed tumbling window (10 s windows, 5 s out-of-orderness)".to_string(),
+        Some(kind) => format!(
+            "keyed {kind:?} windows, {} ms out-of-orderness, {} ms allowed lateness, late records {}",
+            args.out_of_orderness_ms,
+            args.allowed_lateness_ms,
+            if args.late_side_output { "to output/windows-late" } else { "dropped (counted)" }
+        ),
+    };
     println!(
-        "sabot run: W2 keyed tumbling window (10 s windows, 5 s out-of-orderness), {} records, parallelism {}, state {}",
+        "sabot run: {job}, {} records, parallelism {}, state {}",
         group_digits(args.records),
         args.parallelism,
         state_name
@@ -647,7 +742,8 @@ fn summarize(
     resumed_from: Option<u64>,
 ) -> anyhow::Result<()> {
     let mut storage = LocalFsStorage::open(&args.data_dir).context("opening the data directory")?;
-    let batches = read_committed(&mut storage, "w2").context("reading the committed output")?;
+    let sink = if args.windows.is_some() { WINDOWS_JOB } else { "w2" };
+    let batches = read_committed(&mut storage, sink).context("reading the committed output")?;
     let (mut rows, mut count_sum, mut value_sum) = (0_u64, 0_u64, 0_i128);
     for batch in &batches {
         let counts = batch.column(3).as_any().downcast_ref::<arrow_array::UInt64Array>().context("count column")?;
@@ -657,7 +753,7 @@ fn summarize(
         value_sum += sums.values().iter().map(|&s| i128::from(s)).sum::<i128>();
     }
     let seconds = elapsed.as_secs_f64();
-    let output_dir = args.data_dir.join("output").join("w2");
+    let output_dir = args.data_dir.join("output").join(sink);
     println!("summary");
     match resumed_from {
         Some(checkpoint) => println!(
@@ -678,7 +774,12 @@ fn summarize(
         );
     }
     println!("  windows out     {} rows (one per key and window)", group_digits(metrics.records_out));
-    println!("  late records    {} dropped", group_digits(metrics.records_late_dropped));
+    println!(
+        "  late records    {} dropped, {} updated a window within the allowed lateness, {} to the side output",
+        group_digits(metrics.records_late_dropped),
+        group_digits(metrics.records_late_updated),
+        group_digits(metrics.records_late_side_output)
+    );
     println!("  elapsed         {seconds:.2} s");
     println!("  throughput      {:.2} M records/s", metrics.records_in as f64 / seconds / 1e6);
     println!(
@@ -694,6 +795,19 @@ fn summarize(
             "committed {rows} rows, but the sinks took {}",
             metrics.records_out
         );
+    }
+    if args.windows.is_some() {
+        if args.late_side_output {
+            let late = read_committed(&mut storage, LATE_SINK).context("reading the late records")?;
+            let late_rows: usize = late.iter().map(|batch| batch.num_rows()).sum();
+            println!(
+                "  side output     {} late records committed in output/{LATE_SINK}",
+                group_digits(late_rows as u64)
+            );
+        }
+        // Sliding windows count a record in several windows, late firings re-emit a window.
+        println!("  W2 reference    not for these windows; rows are per key and window firing");
+        return Ok(());
     }
     // Every record of the input is counted in exactly one committed window, resumed or not.
     anyhow::ensure!(count_sum == args.records, "the window counts add up to {count_sum}, not {}", args.records);
