@@ -800,6 +800,31 @@ mod tests {
         }
     }
 
+    // Goal: the job builder refuses windows it cannot run: bad sizes, negative lateness, a side
+    // output named as the job's sink (both would write the same files).
+    #[test]
+    fn builder_refuses_bad_windows() {
+        use crate::dataflow::graph::SourceSpec;
+        use crate::dataflow::JobBuilder;
+        let build = |kind: WindowKind, lateness: i64, late: LatePolicy| {
+            let source =
+                SourceSpec::Generator { record_count: 10, batch_size: 5, keys: crate::workload::Keys::Uniform };
+            JobBuilder::new("j")
+                .source("generator", source, 1)?
+                .assign_watermarks(10)?
+                .key_by("key", 1)?
+                .windows(kind, "value", lateness, late)?
+                .sink_files("out")
+        };
+        let tumbling = WindowKind::Tumbling { size_ms: 10 };
+        assert!(build(tumbling, 5, LatePolicy::SideOutput("late".into())).is_ok());
+        assert!(build(WindowKind::Sliding { size_ms: 10, slide_ms: 20 }, 0, LatePolicy::Drop).is_err());
+        assert!(build(WindowKind::Session { gap_ms: 0 }, 0, LatePolicy::Drop).is_err());
+        assert!(build(tumbling, -1, LatePolicy::Drop).is_err());
+        assert!(build(tumbling, 0, LatePolicy::SideOutput("out".into())).is_err());
+        assert!(build(tumbling, 0, LatePolicy::SideOutput("bad name".into())).is_err());
+    }
+
     // Goal: a sliding window's assignment is every window holding the record, ascending.
     #[test]
     fn sliding_assignment() {

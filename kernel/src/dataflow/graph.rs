@@ -442,6 +442,16 @@ impl Stream {
     fn finish(mut self, name: &str, sink: OperatorSpec) -> Result<JobGraph, BuildError> {
         FileTransactions::validate_name(name)
             .map_err(|reason| BuildError::Invalid { operator: name.into(), reason })?;
+        // A side output writes beside the job's sink, in the same subtasks: its name must differ.
+        let side_outputs = self.job.vertices.iter().flat_map(|vertex| vertex.chain.iter());
+        for spec in side_outputs {
+            if let OperatorSpec::EventWindows(EventWindowSpec { late: LatePolicy::SideOutput(side), .. }) = spec {
+                if side == name {
+                    let reason = format!("the late records' side output and the job's sink are both named {name:?}");
+                    return Err(BuildError::Invalid { operator: name.into(), reason });
+                }
+            }
+        }
         self.push(sink);
         let job = self.job;
         let graph = JobGraph { name: job.name, max_parallelism: job.max_parallelism, vertices: job.vertices };
