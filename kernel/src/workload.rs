@@ -122,6 +122,26 @@ pub fn w3_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
         .sink_files("w3")
 }
 
+/// W4, the simulator's event-time windows on timers: generator → watermarks → key by `key` →
+/// [`crate::dataflow::event_window::EventTimeWindows`] of `kind` with `allowed_lateness_ms`,
+/// late records to the side output `w4-late` → file sink `w4`. Of [`W2Options`] it uses the
+/// counts, parallelisms, batch size, keys and out-of-orderness bound.
+pub fn w4_job_with(
+    options: W2Options,
+    kind: crate::dataflow::event_window::WindowKind,
+    allowed_lateness_ms: i64,
+) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    use crate::dataflow::event_window::LatePolicy;
+    use crate::dataflow::graph::SourceSpec;
+    let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
+    crate::dataflow::JobBuilder::new("w4")
+        .source("generator", SourceSpec::Generator { record_count, batch_size, keys }, source_parallelism)?
+        .assign_watermarks(options.out_of_orderness_ms)?
+        .key_by("key", parallelism)?
+        .windows(kind, "value", allowed_lateness_ms, LatePolicy::SideOutput("w4-late".into()))?
+        .sink_files("w4")
+}
+
 /// The hot keys of [`w3_job`]: three records in four go to one of them.
 pub const W3_HOT_KEYS: u64 = 64;
 

@@ -108,11 +108,14 @@ fn failure(check: &str, detail: String) -> Verdict {
 /// The reference output of the scenario's job: a fault-free run without checkpoints.
 fn reference(scenario: &Scenario) -> Result<Vec<Row>, String> {
     let plan = scenario.workload.plan(scenario.node_count);
-    // The workloads' file sinks are named as their jobs.
-    let sink = plan.graph.name.clone();
+    let sinks = plan.graph.file_sinks();
     let result = catch(|| run_in_memory(plan)).map_err(|p| format!("reference run panicked: {p}"))?;
     let mut run = result.map_err(|e| format!("reference run failed: {e}"))?;
-    oracle::rows_of(&run.committed(&sink).map_err(|e| e.to_string())?)
+    let mut batches = Vec::new();
+    for sink in &sinks {
+        batches.extend(run.committed(sink).map_err(|e| e.to_string())?);
+    }
+    oracle::rows_of(&batches)
 }
 
 /// Runs one seed and judges it.

@@ -7,6 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use sabot_kernel::dataflow::event_window::WindowKind;
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::env::fault_storage::FaultConfig;
 use sabot_kernel::state::testing::Lcg;
@@ -22,6 +23,9 @@ pub enum Workload {
     W2(W2Options),
     /// W3: every kind of keyed state per key (`workload::w3_job_with`).
     W3(W2Options),
+    /// W4: event-time windows on timers, with allowed lateness and late records to a side
+    /// output (`workload::w4_job_with`); one source, so which records are late is fixed.
+    W4 { options: W2Options, kind: WindowKind, allowed_lateness_ms: i64 },
 }
 
 impl Workload {
@@ -33,13 +37,16 @@ impl Workload {
             Workload::W2(options) if options.window_size_ms != workload::W2_WINDOW_SIZE_MS => "W2-small-windows",
             Workload::W2(_) => "W2",
             Workload::W3(_) => "W3-keyed-state",
+            Workload::W4 { kind: WindowKind::Session { .. }, .. } => "W4-session-windows",
+            Workload::W4 { kind: WindowKind::Sliding { .. }, .. } => "W4-sliding-windows",
+            Workload::W4 { .. } => "W4-tumbling-windows",
         }
     }
 
     pub fn record_count(&self) -> u64 {
         match self {
             Workload::W1 { record_count, .. } => *record_count,
-            Workload::W2(options) | Workload::W3(options) => options.record_count,
+            Workload::W2(options) | Workload::W3(options) | Workload::W4 { options, .. } => options.record_count,
         }
     }
 
@@ -50,6 +57,9 @@ impl Workload {
             }
             Workload::W2(options) => workload::w2_job_with(options),
             Workload::W3(options) => workload::w3_job_with(options),
+            Workload::W4 { options, kind, allowed_lateness_ms } => {
+                workload::w4_job_with(options, kind, allowed_lateness_ms)
+            }
         };
         PhysicalPlan::new(graph.expect("swarm workloads are valid jobs"), node_count)
     }
@@ -105,7 +115,9 @@ impl Scenario {
         let workload = draw_workload(&mut rng, limits);
         let parallelism = match workload {
             Workload::W1 { parallelism, .. } => parallelism,
-            Workload::W2(options) | Workload::W3(options) => options.parallelism.max(options.source_parallelism),
+            Workload::W2(options) | Workload::W3(options) | Workload::W4 { options, .. } => {
+                options.parallelism.max(options.source_parallelism)
+            }
         };
         let node_count = between(&mut rng, 1, u64::from(parallelism).min(3)) as u16;
         let checkpoints = CheckpointSettings {
@@ -127,7 +139,7 @@ impl Scenario {
         // Roughly how long a fault-free run lasts: batches per node, stepped at the step rate.
         let batch_size = match workload {
             Workload::W1 { batch_size, .. } => batch_size,
-            Workload::W2(options) | Workload::W3(options) => options.batch_size,
+            Workload::W2(options) | Workload::W3(options) | Workload::W4 { options, .. } => options.batch_size,
         } as u64;
         let batches = workload.record_count().div_ceil(batch_size);
         let steps = batches.div_ceil(u64::from(node_count)) * 1_000_000 / u64::from(network.step_ppm);
@@ -172,6 +184,23 @@ fn draw_workload(rng: &mut Lcg, limits: SwarmLimits) -> Workload {
     };
     match rng.below(10) {
         0..=1 => Workload::W1 { record_count, parallelism, batch_size },
+        // Event-time windows on timers, replacing a third of the W2-late draws: the same one
+        // source and tight bound (so records are late), the kind of window and the allowed
+        // lateness chosen from the record count, not by a draw, so other seeds stay as they were.
+        2..=3 if record_count % 3 == 2 => {
+            let options = W2Options {
+                source_parallelism: 1,
+                out_of_orderness_ms: 300,
+                keys: workload::Keys::Skewed { hot: 8 + record_count % 13 },
+                ..base
+            };
+            let kind = match record_count % 4 {
+                0 => WindowKind::Tumbling { size_ms: 500 },
+                1 => WindowKind::Sliding { size_ms: 600, slide_ms: 200 },
+                _ => WindowKind::Session { gap_ms: 40 },
+            };
+            Workload::W4 { options, kind, allowed_lateness_ms: [0, 250][(record_count / 4 % 2) as usize] }
+        }
         // Late data: with one source, which records are late does not depend on interleaving.
         2..=3 => Workload::W2(W2Options {
             source_parallelism: 1,

@@ -461,6 +461,21 @@ impl Stream {
 }
 
 impl JobGraph {
+    /// The names of the job's file sinks: its sink, and the side outputs of its operators.
+    pub fn file_sinks(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for spec in self.vertices.iter().flat_map(|vertex| vertex.chain.iter()) {
+            match spec {
+                OperatorSpec::Sink { name } => names.push(name.clone()),
+                OperatorSpec::EventWindows(EventWindowSpec { late: LatePolicy::SideOutput(name), .. }) => {
+                    names.push(name.clone())
+                }
+                _ => {}
+            }
+        }
+        names
+    }
+
     fn validate(&self) -> Result<(), BuildError> {
         for vertex in &self.vertices {
             if let Some((input, Partitioning::Forward)) = vertex.input {

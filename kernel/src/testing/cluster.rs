@@ -37,7 +37,6 @@ use std::sync::Arc;
 
 use crate::checkpoint::coordinator::{Action, CheckpointKind, Coordinator, CoordinatorConfig};
 use crate::checkpoint::manifest::{self, Manifest, TaskSnapshot};
-use crate::dataflow::graph::OperatorSpec;
 use crate::dataflow::PhysicalPlan;
 use crate::element::{BarrierKind, CheckpointId, Element};
 use crate::env::fault_storage::{Fault, FaultConfig, FaultDisk, FaultStorage};
@@ -354,17 +353,7 @@ pub fn run(config: &ClusterConfig, storage: FaultStorage) -> ClusterRun {
     let node_count = usize::from(config.plan.node_count);
     let mut skew = config.faults.clock_skew_ms.clone();
     skew.resize(node_count + 1, 0);
-    let file_sinks = config
-        .plan
-        .graph
-        .vertices
-        .iter()
-        .flat_map(|v| v.chain.iter())
-        .filter_map(|spec| match spec {
-            OperatorSpec::Sink { name } => Some(name.clone()),
-            _ => None,
-        })
-        .collect();
+    let file_sinks = config.plan.graph.file_sinks();
     storage.disk().set_faults(config.faults.storage);
     let mut harness = Harness {
         config,
