@@ -21,11 +21,14 @@ use crate::checkpoint::inflight::{self, IN_FLIGHT_MAX};
 use crate::checkpoint::manifest::{checkpoint_dir, Manifest, TaskSnapshot};
 use crate::dataflow::exchange::KeyPartitioner;
 use crate::dataflow::graph::{OutputSpec, Partitioning, PhysicalPlan, SubtaskId};
-use crate::dataflow::{Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot, Source, SplitPosition};
+use crate::dataflow::{
+    Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot, Source, SourcePoll, SplitPosition, SplitStatus,
+};
 use crate::element::{Barrier, BarrierKind, CheckpointId, Element};
 use crate::env::{ChannelId, Storage};
 use crate::key_group::KeyGroupRange;
 use crate::state::{FileWrite, SnapshotWrite, StateBackend, StateError};
+use crate::time::watermarks::SourceWatermarks;
 use crate::time::{EventTime, Instant};
 
 /// Elements waiting to be sent before sources pause.
@@ -217,8 +220,25 @@ impl InputGate {
 }
 
 enum Head {
-    Source { source: Box<dyn Source>, ended: bool },
+    Source {
+        source: Box<dyn Source>,
+        ended: bool,
+        /// Watermarks generated per split (`JobBuilder::source_with_watermarks`).
+        watermarks: Option<Box<SourceWatermarks>>,
+        /// It had nothing to read (`SourcePoll::Pending`): asked again at its timeout, or when
+        /// its alignment group's minimum may have moved.
+        waiting: bool,
+    },
     Gate(Box<InputGate>),
+}
+
+/// An alignment group of sources on this node.
+#[derive(Debug)]
+struct AlignmentState {
+    name: String,
+    /// The group's minimum watermark over other nodes, as the driver carries it (`None`: none
+    /// of their splits is active, or no driver told).
+    elsewhere: Option<EventTime>,
 }
 
 /// One output edge of a subtask, ready to route.
@@ -241,6 +261,11 @@ struct Task {
     final_committed: bool,
     /// The newest checkpoint this task acknowledged.
     acked_last: Option<CheckpointId>,
+    /// The last watermark the task sent downstream: each one is above it.
+    watermark_out: EventTime,
+    /// A source in an alignment group: the group's index in `Node::alignment_groups`, and the
+    /// drift its splits may run ahead of the group's minimum.
+    alignment: Option<(usize, u64)>,
 }
 
 /// Where an element of a channel goes.
@@ -310,6 +335,11 @@ pub struct Node {
     alignment: NodeMetrics,
     /// Snapshots whose files the driver is writing; acknowledged when it says they are written.
     acks_waiting: BTreeMap<(CheckpointId, SubtaskId), TaskSnapshot>,
+    /// Watermark alignment groups of the sources on this node.
+    alignment_groups: Vec<AlignmentState>,
+    /// Reused buffers: splits alignment pauses, split statuses.
+    paused_scratch: Vec<u64>,
+    statuses_scratch: Vec<SplitStatus>,
 }
 
 impl Node {
@@ -357,11 +387,87 @@ impl Node {
             checkpoints_triggered: Vec::new(),
             alignment: NodeMetrics::default(),
             acks_waiting: BTreeMap::new(),
+            alignment_groups: Vec::new(),
+            paused_scratch: Vec::new(),
+            statuses_scratch: Vec::new(),
         };
+        node.join_alignment_groups();
         if let Some(manifest) = &options.restore {
             node.restore(manifest)?;
         }
         Ok(node)
+    }
+
+    /// Numbers the alignment groups of this node's sources and tells each source its group.
+    fn join_alignment_groups(&mut self) {
+        for task in self.tasks.iter_mut() {
+            let Head::Source { watermarks: Some(watermarks), .. } = &task.head else { continue };
+            let Some(group) = &watermarks.strategy().alignment else { continue };
+            let index = match self.alignment_groups.iter().position(|g| g.name == group.name) {
+                Some(index) => index,
+                None => {
+                    self.alignment_groups.push(AlignmentState { name: group.name.clone(), elsewhere: None });
+                    self.alignment_groups.len() - 1
+                }
+            };
+            task.alignment = Some((index, group.max_drift_ms));
+        }
+    }
+
+    /// The minimum watermark of alignment group `group`: over the active splits of its sources
+    /// here and what the driver said of the other nodes. `None`: no split of it is active.
+    fn group_minimum(&self, group: usize) -> Option<EventTime> {
+        let here = self
+            .tasks
+            .iter()
+            .filter(|task| task.alignment.is_some_and(|(g, _)| g == group))
+            .filter_map(|task| match &task.head {
+                Head::Source { watermarks: Some(watermarks), ended: false, .. } => watermarks.alignment_watermark(),
+                _ => None,
+            })
+            .min();
+        here.into_iter().chain(self.alignment_groups[group].elsewhere).min()
+    }
+
+    /// Each alignment group of this node's sources with its minimum watermark here (over the
+    /// active splits of its sources on this node): what a driver carries to the other nodes.
+    pub fn alignment_watermarks(&self) -> Vec<(String, Option<EventTime>)> {
+        (0..self.alignment_groups.len())
+            .map(|group| {
+                let here = self
+                    .tasks
+                    .iter()
+                    .filter(|task| task.alignment.is_some_and(|(g, _)| g == group))
+                    .filter_map(|task| match &task.head {
+                        Head::Source { watermarks: Some(watermarks), ended: false, .. } => {
+                            watermarks.alignment_watermark()
+                        }
+                        _ => None,
+                    })
+                    .min();
+                (self.alignment_groups[group].name.clone(), here)
+            })
+            .collect()
+    }
+
+    /// The minimum watermark of alignment group `group` over the other nodes (`None`: none of
+    /// their splits is active): the node's sources align with it as with their own. A group
+    /// this node has no source of is ignored.
+    pub fn handle_alignment(&mut self, group: &str, elsewhere: Option<EventTime>) {
+        let Some(state) = self.alignment_groups.iter_mut().find(|g| g.name == group) else { return };
+        if state.elsewhere != elsewhere {
+            state.elsewhere = elsewhere;
+            self.resume_aligned_sources();
+        }
+    }
+
+    /// Lets aligned sources that waited read again: their group's minimum may have moved.
+    fn resume_aligned_sources(&mut self) {
+        for task in self.tasks.iter_mut().filter(|task| task.alignment.is_some()) {
+            if let Head::Source { waiting, .. } = &mut task.head {
+                *waiting = false;
+            }
+        }
     }
 
     /// Seeks sources to their offsets and restores operators, from `manifest`.
@@ -446,8 +552,9 @@ impl Node {
                 for (input, element) in inflight::decode(&bytes).map_err(|e| fail(e.into()))? {
                     // Watermark generators upstream start over after a restore: a replayed
                     // watermark would sit above the ones they send again, which the gate would
-                    // take as going back. The records replay; the watermarks come again.
-                    if matches!(element, Element::Watermark(_)) {
+                    // take as going back. The records replay; the watermarks come again, and so
+                    // does idleness (the restarted sources say it when it is true again).
+                    if matches!(element, Element::Watermark(_) | Element::Idle | Element::Active) {
                         continue;
                     }
                     self.deliver(Instant(0), task, input, element)?;
@@ -466,7 +573,12 @@ impl Node {
         let vertex = plan.graph.vertex(id.vertex);
         let max = plan.graph.max_parallelism;
         let head = match &vertex.source {
-            Some(spec) => Head::Source { source: spec.instantiate(&vertex.name, id, vertex.parallelism), ended: false },
+            Some(spec) => Head::Source {
+                source: spec.instantiate(&vertex.name, id, vertex.parallelism),
+                ended: false,
+                watermarks: vertex.watermarks.clone().map(|spec| Box::new(SourceWatermarks::new(spec))),
+                waiting: false,
+            },
             None => Head::Gate(Box::new(InputGate::new(
                 plan.inputs[&id].len(),
                 options.checkpointing,
@@ -500,6 +612,8 @@ impl Node {
             snapshot_final_acked: None,
             final_committed: false,
             acked_last: None,
+            watermark_out: EventTime::MIN,
+            alignment: None,
         })
     }
 
@@ -535,6 +649,7 @@ impl Node {
     fn step(&mut self, now: Instant) -> Result<Step, NodeError> {
         if self.poll_timeout().is_some_and(|at| now >= at) {
             self.handle_alignment_timeouts(now)?;
+            self.handle_source_timeouts(now)?;
         }
         for _ in 0..STEP_ELEMENTS_MAX {
             if let Some((channel, element)) = self.inbox.pop_front() {
@@ -558,7 +673,8 @@ impl Node {
         if self.tasks.iter().all(|task| task.finished) {
             return Step::Finished;
         }
-        let source_ready = self.tasks.iter().any(|task| matches!(task.head, Head::Source { ended: false, .. }));
+        let source_ready =
+            self.tasks.iter().any(|task| matches!(task.head, Head::Source { ended: false, waiting: false, .. }));
         if !self.inbox.is_empty() || (source_ready && self.outbox.len() < OUTBOX_MAX) {
             Step::Busy
         } else {
@@ -566,27 +682,100 @@ impl Node {
         }
     }
 
-    /// Lets the next source that has input read one batch; `false` if no source has any left.
+    /// Lets the next source that has input read one batch; `false` if no source has any left
+    /// (or none has any now).
     fn run_source(&mut self, now: Instant) -> Result<bool, NodeError> {
         for _ in 0..self.tasks.len() {
             let index = self.source_next % self.tasks.len().max(1);
             self.source_next = self.source_next.wrapping_add(1);
-            let task = &mut self.tasks[index];
-            let Head::Source { source, ended: ended @ false } = &mut task.head else {
+            if !matches!(self.tasks[index].head, Head::Source { ended: false, waiting: false, .. }) {
                 continue;
-            };
-            let element = match source.poll_batch(now) {
-                Ok(Some(batch)) => Element::Batch(batch),
-                Ok(None) => {
-                    *ended = true;
-                    Element::End
+            }
+            let mut paused = std::mem::take(&mut self.paused_scratch);
+            paused.clear();
+            if let Some((group, max_drift_ms)) = self.tasks[index].alignment {
+                let Head::Source { watermarks: Some(watermarks), .. } = &self.tasks[index].head else {
+                    unreachable!("an aligned source has watermarks")
+                };
+                if let Some(minimum) = self.group_minimum(group) {
+                    watermarks.paused_splits(minimum, max_drift_ms, &mut paused);
                 }
-                Err(error) => return Err(NodeError { subtask: task.id, operator: source.name().to_string(), error }),
+            }
+            let mut out = std::mem::take(&mut self.scratch.0);
+            let task = &mut self.tasks[index];
+            let Head::Source { source, ended, watermarks, waiting } = &mut task.head else {
+                unreachable!("checked above")
             };
-            self.run_chain(now, index, element)?;
-            return Ok(true);
+            let id = task.id;
+            let fail =
+                |source: &dyn Source, error| NodeError { subtask: id, operator: source.name().to_string(), error };
+            let polled = source.poll_batch(now, &paused).map_err(|error| fail(source.as_ref(), error))?;
+            self.paused_scratch = paused;
+            let statuses = &mut self.statuses_scratch;
+            match (polled, watermarks) {
+                (SourcePoll::Batch { batch, .. }, None) => out.push(Element::Batch(batch)),
+                (SourcePoll::Batch { batch, runs }, Some(watermarks)) => {
+                    statuses.clear();
+                    source.split_statuses(now, statuses);
+                    let result = watermarks.on_batch(now, batch, &runs, statuses, &mut out);
+                    result.map_err(|error| fail(source.as_ref(), error))?;
+                }
+                (SourcePoll::Pending, watermarks) => {
+                    *waiting = true;
+                    if let Some(watermarks) = watermarks {
+                        statuses.clear();
+                        source.split_statuses(now, statuses);
+                        watermarks.handle_timeout(now, statuses, &mut out);
+                    }
+                }
+                (SourcePoll::End, _) => {
+                    *ended = true;
+                    out.push(Element::End);
+                }
+            }
+            let aligned = task.alignment.is_some();
+            let progressed = !out.is_empty();
+            for element in out.drain(..) {
+                self.run_chain(now, index, element)?;
+            }
+            self.scratch.0 = out;
+            if progressed {
+                if aligned {
+                    self.resume_aligned_sources();
+                }
+                return Ok(true);
+            }
         }
         Ok(false)
+    }
+
+    /// Sources whose split stalls ended read again; idle timeouts and periodic watermarks due by
+    /// `now` take effect.
+    fn handle_source_timeouts(&mut self, now: Instant) -> Result<(), NodeError> {
+        let mut out = std::mem::take(&mut self.scratch.0);
+        for index in 0..self.tasks.len() {
+            let Head::Source { source, ended: false, watermarks, waiting } = &mut self.tasks[index].head else {
+                continue;
+            };
+            if *waiting && source.poll_timeout().is_some_and(|at| now >= at) {
+                *waiting = false;
+            }
+            let Some(watermarks) = watermarks.as_mut().filter(|w| w.poll_timeout().is_some_and(|at| now >= at)) else {
+                continue;
+            };
+            self.statuses_scratch.clear();
+            source.split_statuses(now, &mut self.statuses_scratch);
+            watermarks.handle_timeout(now, &self.statuses_scratch, &mut out);
+            let aligned = self.tasks[index].alignment.is_some() && !out.is_empty();
+            for element in out.drain(..) {
+                self.run_chain(now, index, element)?;
+            }
+            if aligned {
+                self.resume_aligned_sources();
+            }
+        }
+        self.scratch.0 = out;
+        Ok(())
     }
 
     fn deliver(&mut self, now: Instant, task: usize, input: usize, element: Element) -> Result<(), NodeError> {
@@ -850,15 +1039,16 @@ impl Node {
     #[cfg(any(test, feature = "testing"))]
     fn trigger_source_late(&mut self, now: Instant, index: usize, barrier: Barrier) -> Result<(), NodeError> {
         let task = &mut self.tasks[index];
-        let Head::Source { source, ended } = &mut task.head else { unreachable!("checked by the caller") };
-        let early = source.poll_batch(now).map_err(|error| NodeError {
+        let Head::Source { source, ended, .. } = &mut task.head else { unreachable!("checked by the caller") };
+        let early = source.poll_batch(now, &[]).map_err(|error| NodeError {
             subtask: task.id,
             operator: source.name().to_string(),
             error,
         })?;
         let after = match early {
-            Some(batch) => Element::Batch(batch),
-            None => {
+            SourcePoll::Batch { batch, .. } => Element::Batch(batch),
+            SourcePoll::Pending => return self.run_chain(now, index, Element::Barrier(barrier)),
+            SourcePoll::End => {
                 *ended = true;
                 Element::End
             }
@@ -971,6 +1161,17 @@ impl Node {
     }
 
     fn route_output(&mut self, task_index: usize, element: Element) -> Result<(), OperatorError> {
+        if let Element::Watermark(watermark) = element {
+            // Watermarks never go back: whatever a chain emits, each is above the one before.
+            let task = &mut self.tasks[task_index];
+            assert!(
+                watermark > task.watermark_out,
+                "{} sent watermark {watermark:?} after {:?}",
+                task.id,
+                task.watermark_out
+            );
+            task.watermark_out = watermark;
+        }
         let outputs = &mut self.tasks[task_index].outputs;
         let (routes, inbox, outbox) = (&self.routes, &mut self.inbox, &mut self.outbox);
         let mut send = |channel: ChannelId, element: Element| match routes[channel.0 as usize] {
@@ -1005,13 +1206,18 @@ impl Node {
     }
 
     /// When the node wants `handle_step` without new input: the earliest alignment timeout of its
-    /// tasks (timers and idleness detection will add theirs with the event-time work).
+    /// tasks, the end of a source's stall, a source split's idle timeout, or the end of a periodic
+    /// watermark's interval.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.tasks
             .iter()
             .filter_map(|task| match &task.head {
                 Head::Gate(gate) => gate.aligner.as_ref().and_then(Aligner::poll_timeout),
-                _ => None,
+                Head::Source { source, ended: false, watermarks, waiting } => {
+                    let stall = if *waiting { source.poll_timeout() } else { None };
+                    stall.into_iter().chain(watermarks.as_ref().and_then(|w| w.poll_timeout())).min()
+                }
+                Head::Source { ended: true, .. } => None,
             })
             .min()
     }

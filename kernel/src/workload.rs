@@ -74,7 +74,11 @@ pub fn w2_job(
 ) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
     use crate::dataflow::graph::SourceSpec;
     crate::dataflow::JobBuilder::new("w2")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform }, parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform, stalls: None },
+            parallelism,
+        )?
         .assign_watermarks(W2_OUT_OF_ORDERNESS_MS)?
         .key_by("key", parallelism)?
         .tumbling_window_count_sum(W2_WINDOW_SIZE_MS, "value")?
@@ -100,7 +104,11 @@ pub fn w2_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
     use crate::dataflow::graph::SourceSpec;
     let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
     crate::dataflow::JobBuilder::new("w2")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys }, source_parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys, stalls: None },
+            source_parallelism,
+        )?
         .assign_watermarks(options.out_of_orderness_ms)?
         .key_by("key", parallelism)?
         .tumbling_window_count_sum(options.window_size_ms, "value")?
@@ -115,7 +123,11 @@ pub fn w3_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
     use crate::dataflow::graph::SourceSpec;
     let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
     crate::dataflow::JobBuilder::new("w3")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys }, source_parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys, stalls: None },
+            source_parallelism,
+        )?
         .assign_watermarks(options.out_of_orderness_ms)?
         .key_by("key", parallelism)?
         .keyed_stats("value")?
@@ -160,7 +172,11 @@ pub fn w1_job(
         Ok(values.iter().map(|value| value.map(|v| v % 2 == 0)).collect::<BooleanArray>())
     });
     crate::dataflow::JobBuilder::new("w1")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform }, parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform, stalls: None },
+            parallelism,
+        )?
         .filter("even-value", even)?
         .project(&["key", "ts_ms"])?
         .sink_files("w1")

@@ -9,13 +9,14 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::map::{Filter, Predicate, Project};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
-use super::source::GeneratorSource;
+use super::source::{GeneratorSource, GeneratorStalls};
 use super::watermark::WatermarkAssigner;
 use super::window::{KeyType, TumblingWindowCountSum, WindowSpec};
 use super::{Operator, Source};
 use crate::env::ChannelId;
 use crate::key_group::{KeyGroupRange, MaxParallelism};
 use crate::state::StateBackend;
+use crate::time::watermarks::{Punctuation, SourceWatermarkSpec, WatermarkKind, WatermarkStrategy};
 
 /// The largest parallelism of one vertex.
 pub const PARALLELISM_MAX: u16 = 1024;
@@ -75,8 +76,9 @@ pub enum Partitioning {
 /// A source, with what it needs to create one instance per subtask.
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
-    /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches.
-    Generator { record_count: u64, batch_size: usize, keys: crate::workload::Keys },
+    /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches; with
+    /// `stalls`, its splits pause in processing time now and then (the same records).
+    Generator { record_count: u64, batch_size: usize, keys: crate::workload::Keys, stalls: Option<GeneratorStalls> },
 }
 
 impl SourceSpec {
@@ -106,7 +108,7 @@ impl SourceSpec {
 
     pub fn instantiate(&self, name: &str, subtask: SubtaskId, parallelism: u16) -> Box<dyn Source> {
         match self {
-            SourceSpec::Generator { record_count, batch_size, keys } => Box::new(
+            SourceSpec::Generator { record_count, batch_size, keys, stalls } => Box::new(
                 GeneratorSource::new(
                     name,
                     *record_count,
@@ -114,7 +116,8 @@ impl SourceSpec {
                     u64::from(subtask.index),
                     u64::from(parallelism),
                 )
-                .with_keys(*keys),
+                .with_keys(*keys)
+                .with_stalls(*stalls),
             ),
         }
     }
@@ -203,6 +206,8 @@ pub struct Vertex {
     pub name: String,
     pub parallelism: u16,
     pub source: Option<SourceSpec>,
+    /// A source's watermarks, generated per split inside it (`JobBuilder::source_with_watermarks`).
+    pub watermarks: Option<SourceWatermarkSpec>,
     pub input: Option<(VertexId, Partitioning)>,
     pub chain: Vec<OperatorSpec>,
 }
@@ -242,6 +247,23 @@ impl JobBuilder {
         Ok(Stream { job: self, vertex: id, schema, event_time, has_watermarks: false, key: None })
     }
 
+    /// A source that generates watermarks itself, per split, as `strategy` says: each split
+    /// has its own generator, the source's watermark is the minimum over its active splits, idle
+    /// splits stop holding it back, and (with an alignment group) splits that run ahead pause.
+    pub fn source_with_watermarks(
+        self,
+        name: &str,
+        spec: SourceSpec,
+        parallelism: u16,
+        strategy: WatermarkStrategy,
+    ) -> Result<Stream, BuildError> {
+        let mut stream = self.source(name, spec, parallelism)?;
+        let watermarks = stream.watermark_spec(name, strategy)?;
+        stream.job.vertices[usize::from(stream.vertex.0)].watermarks = Some(watermarks);
+        stream.has_watermarks = true;
+        Ok(stream)
+    }
+
     fn push_vertex(
         &mut self,
         name: &str,
@@ -254,7 +276,8 @@ impl JobBuilder {
             return Err(BuildError::Parallelism { vertex: name.to_string(), parallelism, max });
         }
         let id = VertexId(self.vertices.len() as u16);
-        self.vertices.push(Vertex { id, name: name.to_string(), parallelism, source, input, chain: Vec::new() });
+        let chain = Vec::new();
+        self.vertices.push(Vertex { id, name: name.to_string(), parallelism, source, watermarks: None, input, chain });
         Ok(id)
     }
 }
@@ -301,9 +324,41 @@ impl Stream {
         Ok(index)
     }
 
+    /// Checks `strategy` against this (source's) stream.
+    fn watermark_spec(&self, operator: &str, strategy: WatermarkStrategy) -> Result<SourceWatermarkSpec, BuildError> {
+        let invalid = |reason: String| BuildError::Invalid { operator: operator.into(), reason };
+        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
+        let punctuation = match &strategy.kind {
+            WatermarkKind::BoundedOutOfOrderness { bound_ms } if *bound_ms < 0 => {
+                return Err(invalid(format!("out-of-orderness bound {bound_ms} ms < 0")));
+            }
+            WatermarkKind::BoundedOutOfOrderness { .. } | WatermarkKind::Monotonous => None,
+            WatermarkKind::Punctuated { column } => {
+                let index = self.column_of_type(operator, column, &[DataType::Boolean, DataType::Int64])?;
+                Some(match self.schema.field(index).data_type() {
+                    DataType::Boolean => Punctuation::Marker { index },
+                    _ => Punctuation::Value { index },
+                })
+            }
+        };
+        if strategy.idle_timeout_ms == Some(0) {
+            return Err(invalid("idle timeout 0 ms: a split would be idle whenever it has no record at hand".into()));
+        }
+        if strategy.alignment.as_ref().is_some_and(|group| group.name.is_empty()) {
+            return Err(invalid("an alignment group needs a name".into()));
+        }
+        Ok(SourceWatermarkSpec { strategy, event_time_index, punctuation })
+    }
+
     /// Generates watermarks from the event-time column, trailing the highest time seen by `bound_ms`.
     pub fn assign_watermarks(mut self, bound_ms: i64) -> Result<Stream, BuildError> {
         let operator = "watermarks";
+        if self.has_watermarks {
+            return Err(BuildError::Invalid {
+                operator: operator.into(),
+                reason: "the stream already has watermarks (from its source)".into(),
+            });
+        }
         let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
         if bound_ms < 0 {
             return Err(BuildError::Invalid { operator: operator.into(), reason: format!("bound {bound_ms} ms < 0") });
