@@ -56,6 +56,9 @@ pub struct InMemoryRun {
     pub metrics: NodeMetrics,
     /// How many times the harness stepped a node.
     pub step_count: u64,
+    /// The processing time the run took on its manual clock (a millisecond per round of steps,
+    /// and jumps to the next timeout while every node waits).
+    pub virtual_ms: u64,
 }
 
 impl InMemoryRun {
@@ -119,7 +122,7 @@ pub fn run_in_memory_with(
         now = wake;
     }
     let metrics: NodeMetrics = nodes.iter().map(Node::metrics).sum();
-    Ok(InMemoryRun { storage, metrics, step_count })
+    Ok(InMemoryRun { storage, metrics, step_count, virtual_ms: now.0 })
 }
 
 /// An element taken from a node's outbox whose receiver had no room yet: one per node at most.
@@ -770,7 +773,12 @@ mod tests {
             let graph = crate::dataflow::JobBuilder::new("w2-kv")
                 .source(
                     "generator",
-                    SourceSpec::Generator { record_count, batch_size: 100, keys: Default::default(), stalls: None },
+                    SourceSpec::Generator {
+                        record_count,
+                        batch_size: 100,
+                        keys: Default::default(),
+                        splits: Default::default(),
+                    },
                     2,
                 )
                 .unwrap()

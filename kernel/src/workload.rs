@@ -76,7 +76,7 @@ pub fn w2_job(
     crate::dataflow::JobBuilder::new("w2")
         .source(
             "generator",
-            SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform, stalls: None },
+            SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform, splits: Default::default() },
             parallelism,
         )?
         .assign_watermarks(W2_OUT_OF_ORDERNESS_MS)?
@@ -106,10 +106,47 @@ pub fn w2_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
     crate::dataflow::JobBuilder::new("w2")
         .source(
             "generator",
-            SourceSpec::Generator { record_count, batch_size, keys, stalls: None },
+            SourceSpec::Generator { record_count, batch_size, keys, splits: Default::default() },
             source_parallelism,
         )?
         .assign_watermarks(options.out_of_orderness_ms)?
+        .key_by("key", parallelism)?
+        .tumbling_window_count_sum(options.window_size_ms, "value")?
+        .sink_files("w2")
+}
+
+/// How [`w2_job_split_watermarks`] makes its watermarks: inside the source, per split, with
+/// bounded out-of-orderness (`W2Options::out_of_orderness_ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitWatermarkOptions {
+    /// How many splits the generator has, and whether they pause now and then in processing
+    /// time (the same records).
+    pub splits: crate::dataflow::source::GeneratorSplits,
+    pub idle_timeout_ms: Option<u64>,
+    pub emit_interval_ms: u64,
+    /// Aligns the source's splits (one group, `w2`) with this drift.
+    pub max_drift_ms: Option<u64>,
+}
+
+/// W2 with its watermarks made per split inside the source (`JobBuilder::source_with_watermarks`)
+/// rather than by an operator after it: generator → key by `key` → tumbling count/sum → file sink
+/// `w2`. Idleness, periodic emission, alignment and stalls as `watermarks` says.
+pub fn w2_job_split_watermarks(
+    options: W2Options,
+    watermarks: SplitWatermarkOptions,
+) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    use crate::dataflow::graph::SourceSpec;
+    use crate::time::watermarks::WatermarkStrategy;
+    let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
+    let mut strategy = WatermarkStrategy::bounded_out_of_orderness(options.out_of_orderness_ms)
+        .with_emit_interval(watermarks.emit_interval_ms);
+    strategy.idle_timeout_ms = watermarks.idle_timeout_ms;
+    if let Some(max_drift_ms) = watermarks.max_drift_ms {
+        strategy = strategy.with_alignment("w2", max_drift_ms);
+    }
+    let source = SourceSpec::Generator { record_count, batch_size, keys, splits: watermarks.splits };
+    crate::dataflow::JobBuilder::new("w2")
+        .source_with_watermarks("generator", source, source_parallelism, strategy)?
         .key_by("key", parallelism)?
         .tumbling_window_count_sum(options.window_size_ms, "value")?
         .sink_files("w2")
@@ -125,7 +162,7 @@ pub fn w3_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
     crate::dataflow::JobBuilder::new("w3")
         .source(
             "generator",
-            SourceSpec::Generator { record_count, batch_size, keys, stalls: None },
+            SourceSpec::Generator { record_count, batch_size, keys, splits: Default::default() },
             source_parallelism,
         )?
         .assign_watermarks(options.out_of_orderness_ms)?
@@ -174,7 +211,7 @@ pub fn w1_job(
     crate::dataflow::JobBuilder::new("w1")
         .source(
             "generator",
-            SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform, stalls: None },
+            SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform, splits: Default::default() },
             parallelism,
         )?
         .filter("even-value", even)?

@@ -9,7 +9,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::map::{Filter, Predicate, Project};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
-use super::source::{GeneratorSource, GeneratorStalls};
+use super::source::{GeneratorSource, GeneratorSplits};
 use super::watermark::WatermarkAssigner;
 use super::window::{KeyType, TumblingWindowCountSum, WindowSpec};
 use super::{Operator, Source};
@@ -76,9 +76,9 @@ pub enum Partitioning {
 /// A source, with what it needs to create one instance per subtask.
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
-    /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches; with
-    /// `stalls`, its splits pause in processing time now and then (the same records).
-    Generator { record_count: u64, batch_size: usize, keys: crate::workload::Keys, stalls: Option<GeneratorStalls> },
+    /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches; `splits`
+    /// may set how many splits it has and make them pause in processing time (the same records).
+    Generator { record_count: u64, batch_size: usize, keys: crate::workload::Keys, splits: GeneratorSplits },
 }
 
 impl SourceSpec {
@@ -102,13 +102,16 @@ impl SourceSpec {
                     reason: format!("batch size {batch_size} is outside 1..={}", GeneratorSource::BATCH_SIZE_MAX),
                 })
             }
+            SourceSpec::Generator { splits: GeneratorSplits { count: Some(0), .. }, .. } => {
+                Err(BuildError::Invalid { operator: name.to_string(), reason: "a generator of no splits".into() })
+            }
             SourceSpec::Generator { .. } => Ok(()),
         }
     }
 
     pub fn instantiate(&self, name: &str, subtask: SubtaskId, parallelism: u16) -> Box<dyn Source> {
         match self {
-            SourceSpec::Generator { record_count, batch_size, keys, stalls } => Box::new(
+            SourceSpec::Generator { record_count, batch_size, keys, splits } => Box::new(
                 GeneratorSource::new(
                     name,
                     *record_count,
@@ -117,7 +120,7 @@ impl SourceSpec {
                     u64::from(parallelism),
                 )
                 .with_keys(*keys)
-                .with_stalls(*stalls),
+                .with_splits(*splits, u64::from(subtask.index), u64::from(parallelism)),
             ),
         }
     }

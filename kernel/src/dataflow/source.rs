@@ -47,6 +47,16 @@ pub struct GeneratorStalls {
     pub stall_ms: u64,
 }
 
+/// How a generator's records are split, and how its splits behave.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GeneratorSplits {
+    /// The number of splits (default: one per subtask); split `n` is read by subtask
+    /// `n mod parallelism`, as after a restore, so subtasks may read different numbers of
+    /// splits (and so read each of them more slowly).
+    pub count: Option<u32>,
+    pub stalls: Option<GeneratorStalls>,
+}
+
 impl GeneratorStalls {
     fn period(&self, progression: &Progression) -> u64 {
         self.every_records.max(1) << (progression.start % 3)
@@ -104,9 +114,18 @@ impl GeneratorSource {
         self
     }
 
-    /// The same records, with the splits pausing as `stalls` says.
-    pub fn with_stalls(mut self, stalls: Option<GeneratorStalls>) -> Self {
-        self.stalls = stalls;
+    /// The same records, in `splits.count` splits (the subtask reads its share), pausing as
+    /// `splits.stalls` says.
+    pub fn with_splits(mut self, splits: GeneratorSplits, subtask_index: u64, parallelism: u64) -> Self {
+        self.stalls = splits.stalls;
+        if let Some(count) = splits.count {
+            assert!(count > 0, "{}: a generator of no splits", self.name);
+            let count = u64::from(count);
+            self.splits = (subtask_index..count)
+                .step_by(parallelism as usize)
+                .map(|start| Progression { start, stride: count, read: 0, stalled_until: None })
+                .collect();
+        }
         self
     }
 

@@ -114,6 +114,15 @@ pub struct SourceWatermarkSpec {
     pub punctuation: Option<Punctuation>,
 }
 
+/// Where one split's watermark stands (`SourceWatermarks::split_watermarks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitWatermarkState {
+    pub split: u64,
+    pub watermark: EventTime,
+    pub idle: bool,
+    pub ended: bool,
+}
+
 /// One split's generator and status.
 #[derive(Clone, Debug)]
 struct SplitWatermark {
@@ -254,9 +263,15 @@ impl SourceWatermarks {
         out.extend(self.splits.iter().filter(|(_, s)| !s.ended && s.watermark > limit).map(|(&split, _)| split));
     }
 
-    /// Each split's current watermark, by split id (for tests and metrics).
-    pub fn split_watermarks(&self) -> Vec<(u64, EventTime, bool)> {
-        self.splits.iter().map(|(&split, s)| (split, s.watermark, s.idle)).collect()
+    /// Each split's current watermark and status, by split id (for metrics and tests).
+    pub fn split_watermarks(&self) -> Vec<SplitWatermarkState> {
+        let state = |(&split, s): (&u64, &SplitWatermark)| SplitWatermarkState {
+            split,
+            watermark: s.watermark,
+            idle: s.idle,
+            ended: s.ended,
+        };
+        self.splits.iter().map(state).collect()
     }
 
     fn active_minimum(&self) -> Option<EventTime> {
