@@ -295,6 +295,10 @@ pub struct NodeMetrics {
     pub alignment_count: u64,
     pub alignment_ms_total: u64,
     pub alignment_ms_max: u64,
+    /// Times a source subtask said `Idle` (every split it reads was idle).
+    pub source_idle_count: u64,
+    /// Reads of a source while watermark alignment paused at least one of its splits.
+    pub source_paused_count: u64,
 }
 
 impl std::iter::Sum for NodeMetrics {
@@ -308,6 +312,8 @@ impl std::iter::Sum for NodeMetrics {
             alignment_count: total.alignment_count + m.alignment_count,
             alignment_ms_total: total.alignment_ms_total + m.alignment_ms_total,
             alignment_ms_max: total.alignment_ms_max.max(m.alignment_ms_max),
+            source_idle_count: total.source_idle_count + m.source_idle_count,
+            source_paused_count: total.source_paused_count + m.source_paused_count,
         })
     }
 }
@@ -331,7 +337,7 @@ pub struct Node {
     /// Checkpoints triggered here and not known complete, ascending: a task that finishes without
     /// having seen their barriers (its inputs ended first) acknowledges them with its final snapshot.
     checkpoints_triggered: Vec<CheckpointId>,
-    /// Alignment counters (the `alignment_*` fields only).
+    /// Counters the node keeps itself: the `alignment_*` and `source_*` fields.
     alignment: NodeMetrics,
     /// Snapshots whose files the driver is writing; acknowledged when it says they are written.
     acks_waiting: BTreeMap<(CheckpointId, SubtaskId), TaskSnapshot>,
@@ -747,6 +753,8 @@ impl Node {
             }
             let aligned = task.alignment.is_some();
             let progressed = !out.is_empty();
+            self.alignment.source_paused_count += u64::from(!self.paused_scratch.is_empty());
+            self.alignment.source_idle_count += out.iter().filter(|e| matches!(e, Element::Idle)).count() as u64;
             for element in out.drain(..) {
                 self.run_chain(now, index, element)?;
             }
@@ -779,6 +787,7 @@ impl Node {
             source.split_statuses(now, &mut self.statuses_scratch);
             watermarks.handle_timeout(now, &self.statuses_scratch, &mut out);
             let aligned = self.tasks[index].alignment.is_some() && !out.is_empty();
+            self.alignment.source_idle_count += out.iter().filter(|e| matches!(e, Element::Idle)).count() as u64;
             for element in out.drain(..) {
                 self.run_chain(now, index, element)?;
             }

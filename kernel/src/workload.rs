@@ -135,21 +135,41 @@ pub fn w2_job_split_watermarks(
     options: W2Options,
     watermarks: SplitWatermarkOptions,
 ) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    source_with_split_watermarks("w2", options, watermarks)?
+        .key_by("key", options.parallelism)?
+        .tumbling_window_count_sum(options.window_size_ms, "value")?
+        .sink_files("w2")
+}
+
+/// W3 ([`w3_job_with`]) with its watermarks made per split inside the source, as
+/// [`w2_job_split_watermarks`] makes W2's.
+pub fn w3_job_split_watermarks(
+    options: W2Options,
+    watermarks: SplitWatermarkOptions,
+) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    source_with_split_watermarks("w3", options, watermarks)?
+        .key_by("key", options.parallelism)?
+        .keyed_stats("value")?
+        .sink_files("w3")
+}
+
+/// The generator of job `job` with bounded out-of-orderness watermarks per split.
+fn source_with_split_watermarks(
+    job: &str,
+    options: W2Options,
+    watermarks: SplitWatermarkOptions,
+) -> Result<crate::dataflow::graph::Stream, crate::dataflow::graph::BuildError> {
     use crate::dataflow::graph::SourceSpec;
     use crate::time::watermarks::WatermarkStrategy;
-    let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
+    let W2Options { record_count, source_parallelism, batch_size, keys, .. } = options;
     let mut strategy = WatermarkStrategy::bounded_out_of_orderness(options.out_of_orderness_ms)
         .with_emit_interval(watermarks.emit_interval_ms);
     strategy.idle_timeout_ms = watermarks.idle_timeout_ms;
     if let Some(max_drift_ms) = watermarks.max_drift_ms {
-        strategy = strategy.with_alignment("w2", max_drift_ms);
+        strategy = strategy.with_alignment(job, max_drift_ms);
     }
     let source = SourceSpec::Generator { record_count, batch_size, keys, splits: watermarks.splits };
-    crate::dataflow::JobBuilder::new("w2")
-        .source_with_watermarks("generator", source, source_parallelism, strategy)?
-        .key_by("key", parallelism)?
-        .tumbling_window_count_sum(options.window_size_ms, "value")?
-        .sink_files("w2")
+    crate::dataflow::JobBuilder::new(job).source_with_watermarks("generator", source, source_parallelism, strategy)
 }
 
 /// W3, the simulator's keyed-state workload: generator → watermarks → key by `key` →
