@@ -33,7 +33,8 @@ fn catch_up(c: &mut Criterion) {
     let mut group = c.benchmark_group("catch_up");
     group.throughput(Throughput::Elements(RECORD_COUNT));
     group.sample_size(10);
-    for (name, max_drift_ms) in [("free", None), ("aligned_drift_1s", Some(1_000)), ("aligned_drift_60s", Some(60_000))] {
+    for (name, max_drift_ms) in [("free", None), ("aligned_drift_1s", Some(1_000)), ("aligned_drift_60s", Some(60_000))]
+    {
         let watermarks = SplitWatermarkOptions {
             splits: GeneratorSplits { count: Some(3), stalls: None },
             idle_timeout_ms: None,

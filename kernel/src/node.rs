@@ -470,13 +470,16 @@ impl Node {
 
     /// The minimum watermark of alignment group `group` over the other nodes (`None`: none of
     /// their splits is active): the node's sources align with it as with their own. A group
-    /// this node has no source of is ignored.
-    pub fn handle_alignment(&mut self, group: &str, elsewhere: Option<EventTime>) {
-        let Some(state) = self.alignment_groups.iter_mut().find(|g| g.name == group) else { return };
-        if state.elsewhere != elsewhere {
-            state.elsewhere = elsewhere;
-            self.resume_aligned_sources();
+    /// this node has no source of is ignored. Whether it changed what the node knew (its
+    /// sources may read again: step it).
+    pub fn handle_alignment(&mut self, group: &str, elsewhere: Option<EventTime>) -> bool {
+        let Some(state) = self.alignment_groups.iter_mut().find(|g| g.name == group) else { return false };
+        if state.elsewhere == elsewhere {
+            return false;
         }
+        state.elsewhere = elsewhere;
+        self.resume_aligned_sources();
+        true
     }
 
     /// Lets aligned sources that waited read again: their group's minimum may have moved.
