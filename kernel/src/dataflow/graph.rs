@@ -596,3 +596,46 @@ pub(crate) fn field(name: &str, data_type: DataType) -> Field {
 pub(crate) fn schema_of(fields: Vec<Field>) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::watermarks::WatermarkStrategy;
+
+    fn generator() -> SourceSpec {
+        SourceSpec::Generator { record_count: 10, batch_size: 5, keys: Default::default(), splits: Default::default() }
+    }
+
+    fn with(strategy: WatermarkStrategy) -> Result<Stream, BuildError> {
+        JobBuilder::new("j").source_with_watermarks("gen", generator(), 2, strategy)
+    }
+
+    // Goal: a watermark strategy is checked against the source's schema when the job is built:
+    // a punctuation column must exist and be Boolean or Int64, bounds and idle timeouts must make
+    // sense, and a stream with watermarks from its source takes no second generator.
+    // Method: build jobs with each mistake and with valid strategies; compare the errors.
+    #[test]
+    fn source_watermark_strategies_are_checked_when_built() {
+        let stream = with(WatermarkStrategy::punctuated("ts_ms").with_idleness(5).with_alignment("g", 100)).unwrap();
+        let spec = stream.job.vertices[0].watermarks.clone().unwrap();
+        assert_eq!(spec.punctuation, Some(Punctuation::Value { index: 2 }));
+        assert_eq!(spec.event_time_index, 2);
+        assert!(matches!(
+            with(WatermarkStrategy::punctuated("key")),
+            Err(BuildError::ColumnType { column, found, .. }) if column == "key" && found == "UInt64"
+        ));
+        assert!(matches!(with(WatermarkStrategy::punctuated("nope")), Err(BuildError::ColumnNotFound { .. })));
+        for strategy in [
+            WatermarkStrategy::bounded_out_of_orderness(-1),
+            WatermarkStrategy::monotonous().with_idleness(0),
+            WatermarkStrategy::monotonous().with_alignment("", 10),
+        ] {
+            assert!(matches!(with(strategy.clone()), Err(BuildError::Invalid { .. })), "{strategy:?}");
+        }
+        let error = with(WatermarkStrategy::monotonous()).unwrap().assign_watermarks(10).unwrap_err();
+        assert!(error.to_string().contains("already has watermarks"), "{error}");
+        let job = with(WatermarkStrategy::bounded_out_of_orderness(5)).unwrap();
+        let window = job.key_by("key", 2).unwrap().tumbling_window_count_sum(10, "value");
+        assert!(window.is_ok(), "windows take the source's watermarks");
+    }
+}

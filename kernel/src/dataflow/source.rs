@@ -305,6 +305,61 @@ mod tests {
         assert!(GeneratorSource::new("gen", 10, 10, 0, 1).restore(&[SplitPosition { split: 5, position: 0 }]).is_err());
     }
 
+    // Goal: a generator of several splits with stalls produces every record once, reads no
+    // split while it stalls or while it is paused, says which split each run of rows came from,
+    // reports each split's status, and asks to be polled when a stall ends. Method: three splits
+    // stalling every 5, 10 and 20 records for 10 ms, one of them paused for a while, drained on a
+    // clock that jumps to the source's timeout whenever it has nothing; compared with the
+    // generator function.
+    #[test]
+    fn stalled_and_paused_splits_are_not_read() {
+        let total = 300;
+        let stalls = GeneratorStalls { every_records: 5, stall_ms: 10 };
+        let splits = GeneratorSplits { count: Some(3), stalls: Some(stalls) };
+        let mut source = GeneratorSource::new("gen", total, 8, 0, 1).with_splits(splits, 0, 1);
+        let ids: Vec<u64> = source.positions().iter().map(|p| p.split).collect();
+        assert_eq!(ids, [3 << 32, 3 << 32 | 1, 3 << 32 | 2]);
+        let (mut now, mut seen, mut statuses) = (Instant(0), Vec::new(), Vec::new());
+        loop {
+            // Split 1 is paused for the first 100 ms.
+            let paused: &[u64] = if now < Instant(100) { &ids[1..2] } else { &[] };
+            match source.poll_batch(now, paused).unwrap() {
+                SourcePoll::Batch { batch, runs } => {
+                    let mut row = 0;
+                    for run in &runs {
+                        assert!(!paused.contains(&run.split), "paused split {:#x} read at {now:?}", run.split);
+                        let stride = run.split >> 32;
+                        for &(key, value, ts_ms) in rows(&batch)[row..row + run.rows as usize].iter() {
+                            let record = workload::Record { key, value, ts_ms };
+                            let index = (0..total).find(|&i| workload::record(i) == record).unwrap();
+                            assert_eq!(index % stride, run.split & 0xffff_ffff, "record {index} from its split");
+                        }
+                        row += run.rows as usize;
+                    }
+                    assert_eq!(row, batch.num_rows());
+                    seen.extend(rows(&batch));
+                }
+                SourcePoll::Pending => {
+                    statuses.clear();
+                    source.split_statuses(now, &mut statuses);
+                    let open = statuses.iter().filter(|s| !s.ended);
+                    assert!(open.clone().all(|s| !s.available || paused.contains(&s.split)), "{statuses:?}");
+                    now = source.poll_timeout().unwrap_or(Instant(100)).max(Instant(now.0 + 1));
+                }
+                SourcePoll::End => break,
+            }
+        }
+        statuses.clear();
+        source.split_statuses(now, &mut statuses);
+        assert!(statuses.iter().all(|s| s.ended && !s.available));
+        let mut expected: Vec<(u64, i64, i64)> =
+            (0..total).map(workload::record).map(|r| (r.key, r.value, r.ts_ms)).collect();
+        seen.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(seen, expected);
+        assert!(now > Instant(100), "the stalls took time: {now:?}");
+    }
+
     fn rows(batch: &RecordBatch) -> Vec<(u64, i64, i64)> {
         let keys = batch.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
         let values = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
