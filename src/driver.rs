@@ -6,6 +6,7 @@
 //! to the receiving node. A full channel stops that node's sends, which stops its sources
 //! (the kernel pauses sources while its outbox is full): backpressure without unbounded buffers.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use sabot_kernel::env::{ChannelId, Clock, SendRefused, Transport, TransportError
 use sabot_kernel::key_group::KeyGroupRange;
 use sabot_kernel::node::{Event, Node, NodeError, NodeMetrics, NodeOptions, Step};
 use sabot_kernel::state::{HeapBackend, SnapshotWrite, StateBackend, StateError};
-use sabot_kernel::time::Instant;
+use sabot_kernel::time::{EventTime, Instant};
 use tokio::sync::mpsc;
 
 use crate::clock::TokioClock;
@@ -321,6 +322,7 @@ async fn run_nodes<T: AsyncTransport>(
     let command_senders: Vec<_> = channels.iter().map(|(sender, _)| sender.clone()).collect();
     let mut handles = Vec::new();
     let failures: Arc<Mutex<Vec<DriverError>>> = Arc::default();
+    let alignment = AlignmentBoard::for_plan(&plan);
     for ((node, transport), (sender, commands)) in nodes.into_iter().zip(transports).zip(channels) {
         let control = config.checkpoints.as_ref().map(|_| NodeControl {
             commands_own: sender,
@@ -329,8 +331,15 @@ async fn run_nodes<T: AsyncTransport>(
             finished_reported: false,
             done_reported: false,
         });
-        let mut driver =
-            NodeDriver { node, transport, clock: clock.clone(), progress: progress.clone(), commands, control };
+        let mut driver = NodeDriver {
+            node,
+            transport,
+            clock: clock.clone(),
+            progress: progress.clone(),
+            commands,
+            control,
+            alignment: alignment.clone(),
+        };
         // The first failure in time is the cause; later ones (peers gone) are its consequences.
         let (failures, senders) = (failures.clone(), command_senders.clone());
         handles.push(tokio::spawn(async move {
@@ -643,6 +652,53 @@ impl Transport for InProcTransport {
     }
 }
 
+/// Watermark alignment between the nodes of one process: each node publishes the minimum
+/// watermark of each of its alignment groups here and takes the minimum over the other nodes
+/// (`Node::alignment_watermarks`, `Node::handle_alignment`), before every step and before it
+/// waits; a change wakes the nodes that wait. Nothing carries these minima between processes
+/// yet: in a cluster, sources align with the nodes of their own worker process only.
+#[derive(Debug, Default)]
+pub struct AlignmentBoard {
+    minima: Mutex<BTreeMap<(String, u16), Option<EventTime>>>,
+    changed: tokio::sync::Notify,
+}
+
+impl AlignmentBoard {
+    /// A board for the nodes of `plan`, if any of its sources is in an alignment group.
+    pub fn for_plan(plan: &PhysicalPlan) -> Option<Arc<AlignmentBoard>> {
+        let aligned =
+            plan.graph.vertices.iter().any(|vertex| {
+                vertex.watermarks.as_ref().is_some_and(|watermarks| watermarks.strategy.alignment.is_some())
+            });
+        aligned.then(Arc::default)
+    }
+
+    /// Publishes `node`'s minima and tells it the other nodes'. Whether what it knew changed.
+    fn exchange(&self, node: &mut Node) -> bool {
+        let index = node.index();
+        let mine = node.alignment_watermarks();
+        let mut published = false;
+        let elsewhere: Vec<(String, Option<EventTime>)> = {
+            let mut minima = self.minima.lock().expect("alignment lock");
+            for (group, minimum) in &mine {
+                published |= minima.insert((group.clone(), index), *minimum) != Some(*minimum);
+            }
+            let other = |group: &String| {
+                minima.iter().filter(|((g, n), _)| g == group && *n != index).filter_map(|(_, minimum)| *minimum).min()
+            };
+            mine.iter().map(|(group, _)| (group.clone(), other(group))).collect()
+        };
+        if published {
+            self.changed.notify_waiters();
+        }
+        let mut learned = false;
+        for (group, minimum) in elsewhere {
+            learned |= node.handle_alignment(&group, minimum);
+        }
+        learned
+    }
+}
+
 /// The driver of one node: the loop that feeds it, steps it and moves its output.
 struct NodeDriver<T> {
     node: Node,
@@ -653,6 +709,8 @@ struct NodeDriver<T> {
     /// Stop (always), and with checkpoints the coordinator's and snapshot writers' commands.
     commands: mpsc::UnboundedReceiver<Command>,
     control: Option<NodeControl>,
+    /// With sources in alignment groups: the minima the nodes of this process share.
+    alignment: Option<Arc<AlignmentBoard>>,
 }
 
 struct NodeControl {
@@ -680,6 +738,9 @@ impl<T: AsyncTransport> NodeDriver<T> {
                 }
             }
             self.take_input()?;
+            if let Some(board) = &self.alignment {
+                board.exchange(&mut self.node);
+            }
             let step = self.node.handle_step(self.clock.now())?;
             self.forward_events();
             let sent = self.send_output(&mut held)?;
@@ -877,14 +938,29 @@ impl<T: AsyncTransport> NodeDriver<T> {
     /// Waits for input, a coordinator command, or the node's next timeout.
     /// `false` when the coordinator said stop.
     async fn wait_for_input(&mut self) -> Result<bool, DriverError> {
+        // Registered before the exchange, so that no change another node publishes after it
+        // is missed.
+        let board = self.alignment.clone();
+        let aligned = board.as_ref().map(|board| board.changed.notified());
+        if board.as_ref().is_some_and(|board| board.exchange(&mut self.node)) {
+            return Ok(true);
+        }
         let timeout = self.node.poll_timeout().map(|at| at.saturating_sub(self.clock.now()));
         let sleep = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(u64::MAX / 4)));
         let commands = Some(&mut self.commands);
+        let is_aligned = aligned.is_some();
+        let changed = async move {
+            match aligned {
+                Some(notified) => notified.await,
+                None => std::future::pending().await,
+            }
+        };
         let (received, command) = tokio::select! {
             biased;
             command = next(commands) => (None, command),
             received = self.transport.recv() => (Some(received), None),
             _ = sleep, if timeout.is_some() => (None, None),
+            _ = changed, if is_aligned => (None, None),
         };
         self.woken(command, received)
     }

@@ -624,6 +624,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 record_count: args.records,
                 batch_size: args.batch_size,
                 keys: workload::Keys::Uniform,
+                splits: Default::default(),
             };
             sabot_kernel::dataflow::JobBuilder::new(WINDOWS_JOB)
                 .source("generator", source, args.parallelism)

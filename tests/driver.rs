@@ -148,3 +148,59 @@ fn unusable_state_directory_is_an_error() {
     assert!(message.contains("subtask 1.0 (state backend): state backend failed:"), "{message}");
     assert!(message.contains("state/w2/1-0"), "the message names the directory: {message}");
 }
+
+// Goal: on tokio, watermarks made in the source align across the nodes of a process: the source
+// subtask reading one split (on node 1) would run ahead of the one reading two (on node 0), and
+// the shared minimum pauses it (only the other node's minimum can: its drift bound is above
+// what node 0's own splits ever differ by); the output is exactly W2's. With stalling splits
+// and idleness, every record is counted once or dropped as late, and the run ends.
+// Method: three splits on two source subtasks on two nodes, 60,000 records; then stalls of
+// 3 ms every 1,000 records with a 1 ms idle timeout.
+#[test]
+fn split_watermarks_align_across_nodes_on_tokio() {
+    use sabot_kernel::dataflow::source::{GeneratorSplits, GeneratorStalls};
+    use sabot_kernel::workload::{self, w2_job_split_watermarks, SplitWatermarkOptions, W2Options};
+    let record_count = 60_000;
+    let options = W2Options {
+        record_count,
+        source_parallelism: 2,
+        parallelism: 2,
+        batch_size: 100,
+        out_of_orderness_ms: workload::W2_OUT_OF_ORDERNESS_MS,
+        window_size_ms: W2_WINDOW_SIZE_MS,
+        keys: workload::Keys::Uniform,
+    };
+    let aligned = SplitWatermarkOptions {
+        splits: GeneratorSplits { count: Some(3), stalls: None },
+        idle_timeout_ms: None,
+        emit_interval_ms: 0,
+        max_drift_ms: Some(3_000),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PhysicalPlan::new(w2_job_split_watermarks(options, aligned).unwrap(), 2);
+    let metrics = run_driver(plan, StateKind::Heap, TransportKind::InProcess, dir.path());
+    let mut storage = LocalFsStorage::open(dir.path()).unwrap();
+    let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
+    assert_eq!(rows, w2_reference(record_count, W2_WINDOW_SIZE_MS));
+    println!("aligned: {} reads with paused splits", metrics.source_paused_count);
+    assert!(metrics.source_paused_count > 0, "the faster split was paused");
+
+    let stalls = Some(GeneratorStalls { every_records: 1_000, stall_ms: 3 });
+    let idle = SplitWatermarkOptions {
+        splits: GeneratorSplits { count: Some(3), stalls },
+        idle_timeout_ms: Some(1),
+        ..aligned
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plan = PhysicalPlan::new(w2_job_split_watermarks(options, idle).unwrap(), 2);
+    let metrics = run_driver(plan, StateKind::Heap, TransportKind::InProcess, dir.path());
+    let mut storage = LocalFsStorage::open(dir.path()).unwrap();
+    let rows = window_rows(&read_committed(&mut storage, "w2").unwrap());
+    let counted: u64 = rows.values().map(|(count, _)| count).sum();
+    println!(
+        "stalls and idleness: {} times a source went idle, {} late of {record_count}",
+        metrics.source_idle_count, metrics.records_late_dropped
+    );
+    assert_eq!(metrics.records_in, record_count);
+    assert_eq!(counted + metrics.records_late_dropped, record_count, "each record counted or dropped once");
+}

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+pub mod watermarks;
+
 /// An event time in milliseconds, as carried in a record's event-time column (Arrow `Int64`).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct EventTime(pub i64);

@@ -730,7 +730,7 @@ mod tests {
     use crate::time::Instant;
 
     fn frames() -> Vec<Frame> {
-        let batch = GeneratorSource::new("g", 100, 50, 0, 1).poll_batch(Instant(0)).unwrap().unwrap();
+        let batch = GeneratorSource::new("g", 100, 50, 0, 1).poll_batch(Instant(0), &[]).unwrap().into_batch().unwrap();
         let channel = ChannelId(7);
         vec![
             Frame::Hello { attempt: 3, process: 2, secret: b"s3cret".to_vec() },

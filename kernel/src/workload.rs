@@ -74,7 +74,11 @@ pub fn w2_job(
 ) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
     use crate::dataflow::graph::SourceSpec;
     crate::dataflow::JobBuilder::new("w2")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform }, parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform, splits: Default::default() },
+            parallelism,
+        )?
         .assign_watermarks(W2_OUT_OF_ORDERNESS_MS)?
         .key_by("key", parallelism)?
         .tumbling_window_count_sum(W2_WINDOW_SIZE_MS, "value")?
@@ -100,11 +104,72 @@ pub fn w2_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
     use crate::dataflow::graph::SourceSpec;
     let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
     crate::dataflow::JobBuilder::new("w2")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys }, source_parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys, splits: Default::default() },
+            source_parallelism,
+        )?
         .assign_watermarks(options.out_of_orderness_ms)?
         .key_by("key", parallelism)?
         .tumbling_window_count_sum(options.window_size_ms, "value")?
         .sink_files("w2")
+}
+
+/// How [`w2_job_split_watermarks`] makes its watermarks: inside the source, per split, with
+/// bounded out-of-orderness (`W2Options::out_of_orderness_ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitWatermarkOptions {
+    /// How many splits the generator has, and whether they pause now and then in processing
+    /// time (the same records).
+    pub splits: crate::dataflow::source::GeneratorSplits,
+    pub idle_timeout_ms: Option<u64>,
+    pub emit_interval_ms: u64,
+    /// Aligns the source's splits (one group, `w2`) with this drift.
+    pub max_drift_ms: Option<u64>,
+}
+
+/// W2 with its watermarks made per split inside the source (`JobBuilder::source_with_watermarks`)
+/// rather than by an operator after it: generator → key by `key` → tumbling count/sum → file sink
+/// `w2`. Idleness, periodic emission, alignment and stalls as `watermarks` says.
+pub fn w2_job_split_watermarks(
+    options: W2Options,
+    watermarks: SplitWatermarkOptions,
+) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    source_with_split_watermarks("w2", options, watermarks)?
+        .key_by("key", options.parallelism)?
+        .tumbling_window_count_sum(options.window_size_ms, "value")?
+        .sink_files("w2")
+}
+
+/// W3 ([`w3_job_with`]) with its watermarks made per split inside the source, as
+/// [`w2_job_split_watermarks`] makes W2's.
+pub fn w3_job_split_watermarks(
+    options: W2Options,
+    watermarks: SplitWatermarkOptions,
+) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    source_with_split_watermarks("w3", options, watermarks)?
+        .key_by("key", options.parallelism)?
+        .keyed_stats("value")?
+        .sink_files("w3")
+}
+
+/// The generator of job `job` with bounded out-of-orderness watermarks per split.
+fn source_with_split_watermarks(
+    job: &str,
+    options: W2Options,
+    watermarks: SplitWatermarkOptions,
+) -> Result<crate::dataflow::graph::Stream, crate::dataflow::graph::BuildError> {
+    use crate::dataflow::graph::SourceSpec;
+    use crate::time::watermarks::WatermarkStrategy;
+    let W2Options { record_count, source_parallelism, batch_size, keys, .. } = options;
+    let mut strategy = WatermarkStrategy::bounded_out_of_orderness(options.out_of_orderness_ms)
+        .with_emit_interval(watermarks.emit_interval_ms);
+    strategy.idle_timeout_ms = watermarks.idle_timeout_ms;
+    if let Some(max_drift_ms) = watermarks.max_drift_ms {
+        strategy = strategy.with_alignment(job, max_drift_ms);
+    }
+    let source = SourceSpec::Generator { record_count, batch_size, keys, splits: watermarks.splits };
+    crate::dataflow::JobBuilder::new(job).source_with_watermarks("generator", source, source_parallelism, strategy)
 }
 
 /// W3, the simulator's keyed-state workload: generator → watermarks → key by `key` →
@@ -115,7 +180,11 @@ pub fn w3_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
     use crate::dataflow::graph::SourceSpec;
     let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
     crate::dataflow::JobBuilder::new("w3")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys }, source_parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys, splits: Default::default() },
+            source_parallelism,
+        )?
         .assign_watermarks(options.out_of_orderness_ms)?
         .key_by("key", parallelism)?
         .keyed_stats("value")?
@@ -135,7 +204,11 @@ pub fn w4_job_with(
     use crate::dataflow::graph::SourceSpec;
     let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
     crate::dataflow::JobBuilder::new("w4")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys }, source_parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys, splits: Default::default() },
+            source_parallelism,
+        )?
         .assign_watermarks(options.out_of_orderness_ms)?
         .key_by("key", parallelism)?
         .windows(kind, "value", allowed_lateness_ms, LatePolicy::SideOutput("w4-late".into()))?
@@ -180,7 +253,11 @@ pub fn w1_job(
         Ok(values.iter().map(|value| value.map(|v| v % 2 == 0)).collect::<BooleanArray>())
     });
     crate::dataflow::JobBuilder::new("w1")
-        .source("generator", SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform }, parallelism)?
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys: Keys::Uniform, splits: Default::default() },
+            parallelism,
+        )?
         .filter("even-value", even)?
         .project(&["key", "ts_ms"])?
         .sink_files("w1")

@@ -254,6 +254,10 @@ impl Report {
              consistent cuts restarted from: {:?}, output vs {} reference rows\n",
             s.watermarks_checked, s.commit_checks, s.announcements_checked, self.cuts_checked, self.reference_rows
         ));
+        out.push_str(&format!(
+            "watermarks {} times a source went idle, {} reads with splits paused by alignment\n",
+            s.source_idle_count, s.source_paused_count
+        ));
         out.push_str(&format!("trace hash {:016x}\n", self.trace_hash));
         match &self.verdict {
             Verdict::ExactlyOnce => out.push_str("verdict    PASS: exactly once\n"),

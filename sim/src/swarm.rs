@@ -8,24 +8,38 @@ use std::fmt;
 use std::sync::Arc;
 
 use sabot_kernel::dataflow::event_window::WindowKind;
+use sabot_kernel::dataflow::source::{GeneratorSplits, GeneratorStalls};
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::env::fault_storage::FaultConfig;
 use sabot_kernel::state::testing::Lcg;
 use sabot_kernel::testing::cluster::{CheckpointSettings, ClusterConfig, FaultEvent, FaultPlan, NetworkSettings};
-use sabot_kernel::workload::{self, W2Options};
+use sabot_kernel::workload::{self, SplitWatermarkOptions, W2Options};
 
 /// Which job a run executes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
     /// W1: filter and projection (stateless).
-    W1 { record_count: u64, parallelism: u16, batch_size: usize },
+    W1 {
+        record_count: u64,
+        parallelism: u16,
+        batch_size: usize,
+    },
     /// W2 and its variants (late data: a bound below the generator's disorder, one source).
     W2(W2Options),
     /// W3: every kind of keyed state per key (`workload::w3_job_with`).
     W3(W2Options),
+    /// W2 or W3 with watermarks made per split inside the source
+    /// (`workload::w2_job_split_watermarks`): splits that stall in processing time, idleness,
+    /// periodic emission, alignment.
+    W2Idle(W2Options, SplitWatermarkOptions),
+    W3Idle(W2Options, SplitWatermarkOptions),
     /// W4: event-time windows on timers, with allowed lateness and late records to a side
     /// output (`workload::w4_job_with`); one source, so which records are late is fixed.
-    W4 { options: W2Options, kind: WindowKind, allowed_lateness_ms: i64 },
+    W4 {
+        options: W2Options,
+        kind: WindowKind,
+        allowed_lateness_ms: i64,
+    },
 }
 
 impl Workload {
@@ -37,16 +51,28 @@ impl Workload {
             Workload::W2(options) if options.window_size_ms != workload::W2_WINDOW_SIZE_MS => "W2-small-windows",
             Workload::W2(_) => "W2",
             Workload::W3(_) => "W3-keyed-state",
+            Workload::W2Idle(..) => "W2-idle",
+            Workload::W3Idle(..) => "W3-idle",
             Workload::W4 { kind: WindowKind::Session { .. }, .. } => "W4-session-windows",
             Workload::W4 { kind: WindowKind::Sliding { .. }, .. } => "W4-sliding-windows",
             Workload::W4 { .. } => "W4-tumbling-windows",
         }
     }
 
+    /// The W2-shaped options of every workload but W1.
+    fn w2_options(&self) -> Option<W2Options> {
+        match *self {
+            Workload::W1 { .. } => None,
+            Workload::W2(options) | Workload::W3(options) => Some(options),
+            Workload::W2Idle(options, _) | Workload::W3Idle(options, _) => Some(options),
+            Workload::W4 { options, .. } => Some(options),
+        }
+    }
+
     pub fn record_count(&self) -> u64 {
         match self {
             Workload::W1 { record_count, .. } => *record_count,
-            Workload::W2(options) | Workload::W3(options) | Workload::W4 { options, .. } => options.record_count,
+            _ => self.w2_options().expect("not W1").record_count,
         }
     }
 
@@ -57,6 +83,8 @@ impl Workload {
             }
             Workload::W2(options) => workload::w2_job_with(options),
             Workload::W3(options) => workload::w3_job_with(options),
+            Workload::W2Idle(options, watermarks) => workload::w2_job_split_watermarks(options, watermarks),
+            Workload::W3Idle(options, watermarks) => workload::w3_job_split_watermarks(options, watermarks),
             Workload::W4 { options, kind, allowed_lateness_ms } => {
                 workload::w4_job_with(options, kind, allowed_lateness_ms)
             }
@@ -113,11 +141,9 @@ impl Scenario {
     pub fn from_seed(seed: u64, limits: SwarmLimits) -> Scenario {
         let mut rng = Lcg::new(seed);
         let workload = draw_workload(&mut rng, limits);
-        let parallelism = match workload {
-            Workload::W1 { parallelism, .. } => parallelism,
-            Workload::W2(options) | Workload::W3(options) | Workload::W4 { options, .. } => {
-                options.parallelism.max(options.source_parallelism)
-            }
+        let parallelism = match (workload, workload.w2_options()) {
+            (Workload::W1 { parallelism, .. }, _) => parallelism,
+            (_, options) => options.map_or(1, |options| options.parallelism.max(options.source_parallelism)),
         };
         let node_count = between(&mut rng, 1, u64::from(parallelism).min(3)) as u16;
         let checkpoints = CheckpointSettings {
@@ -137,15 +163,23 @@ impl Scenario {
             persist_delay_ms_max: pick(&mut rng, &[0, 3, 20]),
         };
         // Roughly how long a fault-free run lasts: batches per node, stepped at the step rate.
-        let batch_size = match workload {
-            Workload::W1 { batch_size, .. } => batch_size,
-            Workload::W2(options) | Workload::W3(options) | Workload::W4 { options, .. } => options.batch_size,
+        let batch_size = match (workload, workload.w2_options()) {
+            (Workload::W1 { batch_size, .. }, _) => batch_size,
+            (_, options) => options.map_or(1, |options| options.batch_size),
         } as u64;
         let batches = workload.record_count().div_ceil(batch_size);
         let steps = batches.div_ceil(u64::from(node_count)) * 1_000_000 / u64::from(network.step_ppm);
         let duration_ms = (steps * network.tick_ms).max(20);
         let faults = draw_faults(&mut rng, node_count, duration_ms);
-        let liveness_ms = duration_ms * 40 + 20_000;
+        let mut liveness_ms = duration_ms * 40 + 20_000;
+        // Drawn after everything else, so that a seed it leaves alone keeps the world it had.
+        let workload = match draw_split_watermarks(&mut rng, workload) {
+            Some((idle, stall_ms_total)) => {
+                liveness_ms += 2 * stall_ms_total;
+                idle
+            }
+            None => workload,
+        };
         Scenario { seed, workload, node_count, checkpoints, network, faults, liveness_ms }
     }
 
@@ -225,6 +259,41 @@ fn draw_workload(rng: &mut Lcg, limits: SwarmLimits) -> Workload {
         }
         _ => Workload::W2(base),
     }
+}
+
+/// For some seeds, W2 or W3 with watermarks made per split inside the source, whose splits stall
+/// in processing time (with the clocks' skew and jumps), with or without idleness, periodic
+/// emission and alignment; and how long the stalls last in all (for the liveness bound).
+///
+/// The oracle compares output exactly, so these worlds keep the output independent of timing: a
+/// W2 whose bound exceeds the input's event-time span (records `i` have times in `[i, i + 2 s)`),
+/// where no record can be late whatever idleness and emission do; W3, whose output ignores
+/// watermarks; or W2 from one source subtask of one split, whose watermarks go out after every
+/// batch (idleness and alignment then change nothing but the pace).
+fn draw_split_watermarks(rng: &mut Lcg, workload: Workload) -> Option<(Workload, u64)> {
+    if rng.below(3) != 1 {
+        return None;
+    }
+    let (options, w3) = match workload {
+        Workload::W2(options) => (options, false),
+        Workload::W3(options) => (options, true),
+        Workload::W1 { .. } | Workload::W2Idle(..) | Workload::W3Idle(..) | Workload::W4 { .. } => return None,
+    };
+    let timing_free = w3 || options.out_of_orderness_ms >= options.record_count as i64 + 2_000;
+    if !timing_free && options.source_parallelism != 1 {
+        return None;
+    }
+    let stalls = GeneratorStalls { every_records: pick(rng, &[10, 50, 200]), stall_ms: pick(rng, &[2, 10, 40]) };
+    let count = pick(rng, &[None, None, Some(1), Some(3), Some(5)]);
+    let watermarks = SplitWatermarkOptions {
+        splits: GeneratorSplits { count: count.filter(|_| timing_free), stalls: Some(stalls) },
+        idle_timeout_ms: pick(rng, &[None, Some(1), Some(5), Some(20)]),
+        emit_interval_ms: pick(rng, &[0, 0, 3, 20]) * u64::from(timing_free),
+        max_drift_ms: pick(rng, &[None, None, Some(20), Some(500)]),
+    };
+    let stall_ms_total = options.record_count / stalls.every_records * stalls.stall_ms;
+    let idle = if w3 { Workload::W3Idle(options, watermarks) } else { Workload::W2Idle(options, watermarks) };
+    Some((idle, stall_ms_total))
 }
 
 fn draw_faults(rng: &mut Lcg, node_count: u16, duration_ms: u64) -> FaultPlan {

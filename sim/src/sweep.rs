@@ -40,6 +40,11 @@ pub struct SweepResult {
     /// Summed over seeds: the virtual time simulated and the wall time it took (one thread each).
     pub virtual_ms: u64,
     pub seed_wall: Duration,
+    /// Seeds whose source made watermarks per split (`W2-idle`, `W3-idle`); of those, seeds in
+    /// which a source subtask went idle and seeds in which alignment paused a split.
+    pub split_watermark_seeds: u64,
+    pub seeds_with_idle_sources: u64,
+    pub seeds_with_paused_splits: u64,
 }
 
 impl SweepResult {
@@ -100,6 +105,11 @@ pub fn sweep(options: &SweepOptions) -> SweepResult {
         result.seeds_run += 1;
         result.virtual_ms += report.stats.virtual_ms;
         result.seed_wall += report.wall;
+        if matches!(report.scenario.workload.name(), "W2-idle" | "W3-idle") {
+            result.split_watermark_seeds += 1;
+            result.seeds_with_idle_sources += u64::from(report.stats.source_idle_count > 0);
+            result.seeds_with_paused_splits += u64::from(report.stats.source_paused_count > 0);
+        }
         match &report.verdict {
             Verdict::ExactlyOnce => {}
             Verdict::RefusedCorrectly { .. } => result.refused_correctly += 1,

@@ -4,6 +4,7 @@
 
 use sabot_sim::kernel_level::{run_seed, RunOptions};
 use sabot_sim::oracle::Verdict;
+use sabot_sim::swarm::{Scenario, SwarmLimits};
 
 fn passes(seed: u64) {
     let options = RunOptions::default();
@@ -59,4 +60,32 @@ fn trigger_after_the_barrier_acknowledges_once() {
 #[test]
 fn aborted_checkpoint_keeps_the_final_snapshot() {
     passes(253);
+}
+
+/// FNV-1a (64 bits) of a text.
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
+// Goal: the seeds above still mean the worlds they were found in. New swarm choices (such as the
+// worlds with watermarks made in the source, `W2-idle`) are drawn after every earlier draw, so a
+// seed they leave alone keeps its world, and these seeds take none of them. Method: each seed's
+// scenario as text (topology, workload, checkpoints, network, faults), against the FNV-1a hash of
+// its text when it was fixed, and its liveness bound.
+#[test]
+fn regression_seeds_keep_their_worlds() {
+    let worlds = [
+        (0, 0x47c0_9951_8219_bb10, 157_400),
+        (41, 0xadc4_7734_8e71_e570, 282_600),
+        (1_162, 0x4bbe_5a1c_9303_ea4d, 26_960),
+        (26, 0x2a33_1495_9cb4_cd2b, 78_440),
+        (1_983, 0x9261_3791_348a_d3ad, 20_800),
+        (253, 0xd9fc_2039_41a0_1ec9, 38_840),
+    ];
+    for (seed, hash, liveness_ms) in worlds {
+        let scenario = Scenario::from_seed(seed, SwarmLimits::default());
+        let text = scenario.to_string();
+        assert_eq!(fnv(&text), hash, "seed {seed} now draws another world:\n{text}");
+        assert_eq!(scenario.liveness_ms, liveness_ms, "seed {seed}");
+    }
 }

@@ -32,8 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::{
-    build_node, coordinate, CheckpointSettings, CheckpointStats, Command, CoordinatorTask, DriverConfig, DriverError,
-    Ended, NodeControl, NodeDriver, Progress, Report, StateKind, TransportKind,
+    build_node, coordinate, AlignmentBoard, CheckpointSettings, CheckpointStats, Command, CoordinatorTask,
+    DriverConfig, DriverError, Ended, NodeControl, NodeDriver, Progress, Report, StateKind, TransportKind,
 };
 use crate::clock::TokioClock;
 use crate::fs_storage::LocalFsStorage;
@@ -639,6 +639,7 @@ async fn run_assignment(
     // Each node runs on its own task, and reports its failure at once (the coordinator then stops
     // the attempt, and so the other nodes).
     let mut tasks = Vec::new();
+    let alignment = AlignmentBoard::for_plan(&plan);
     for ((node, commands), transport) in built.into_iter().zip(command_receivers).zip(endpoints) {
         let control = NodeControl {
             commands_own: command_senders[&node.index()].clone(),
@@ -647,11 +648,18 @@ async fn run_assignment(
             finished_reported: false,
             done_reported: false,
         };
-        let outbox = outbox.clone();
+        let (outbox, alignment) = (outbox.clone(), alignment.clone());
         tasks.push(tokio::spawn(async move {
             let progress = Progress::default();
-            let mut driver =
-                NodeDriver { node, transport, clock: TokioClock::new(), progress, commands, control: Some(control) };
+            let mut driver = NodeDriver {
+                node,
+                transport,
+                clock: TokioClock::new(),
+                progress,
+                commands,
+                control: Some(control),
+                alignment,
+            };
             let result = driver.run().await;
             drop(driver);
             if let Err(error) = &result {

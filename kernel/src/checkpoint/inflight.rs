@@ -106,7 +106,7 @@ mod tests {
     // Goal: recorded elements read back as written; damage is an error, never a panic.
     #[test]
     fn round_trip_and_damage() {
-        let batch = GeneratorSource::new("g", 10, 10, 0, 1).poll_batch(Instant(0)).unwrap().unwrap();
+        let batch = GeneratorSource::new("g", 10, 10, 0, 1).poll_batch(Instant(0), &[]).unwrap().into_batch().unwrap();
         let elements = vec![
             (1, Element::Batch(batch.clone())),
             (0, Element::Watermark(EventTime(-5))),

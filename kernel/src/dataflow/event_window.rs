@@ -807,8 +807,12 @@ mod tests {
         use crate::dataflow::graph::SourceSpec;
         use crate::dataflow::JobBuilder;
         let build = |kind: WindowKind, lateness: i64, late: LatePolicy| {
-            let source =
-                SourceSpec::Generator { record_count: 10, batch_size: 5, keys: crate::workload::Keys::Uniform };
+            let source = SourceSpec::Generator {
+                record_count: 10,
+                batch_size: 5,
+                keys: crate::workload::Keys::Uniform,
+                splits: Default::default(),
+            };
             JobBuilder::new("j")
                 .source("generator", source, 1)?
                 .assign_watermarks(10)?

@@ -10,13 +10,14 @@ use super::event_window::{EventTimeWindows, EventWindowSpec, LatePolicy, WindowK
 use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::map::{Filter, Predicate, Project};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
-use super::source::GeneratorSource;
+use super::source::{GeneratorSource, GeneratorSplits};
 use super::watermark::WatermarkAssigner;
 use super::window::{KeyType, TumblingWindowCountSum, WindowSpec};
 use super::{Operator, Source};
 use crate::env::ChannelId;
 use crate::key_group::{KeyGroupRange, MaxParallelism};
 use crate::state::StateBackend;
+use crate::time::watermarks::{Punctuation, SourceWatermarkSpec, WatermarkKind, WatermarkStrategy};
 
 /// The largest parallelism of one vertex.
 pub const PARALLELISM_MAX: u16 = 1024;
@@ -76,8 +77,9 @@ pub enum Partitioning {
 /// A source, with what it needs to create one instance per subtask.
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
-    /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches.
-    Generator { record_count: u64, batch_size: usize, keys: crate::workload::Keys },
+    /// The workload generator of WORKLOADS.md: records `0..record_count`, in batches; `splits`
+    /// may set how many splits it has and make them pause in processing time (the same records).
+    Generator { record_count: u64, batch_size: usize, keys: crate::workload::Keys, splits: GeneratorSplits },
 }
 
 impl SourceSpec {
@@ -101,13 +103,16 @@ impl SourceSpec {
                     reason: format!("batch size {batch_size} is outside 1..={}", GeneratorSource::BATCH_SIZE_MAX),
                 })
             }
+            SourceSpec::Generator { splits: GeneratorSplits { count: Some(0), .. }, .. } => {
+                Err(BuildError::Invalid { operator: name.to_string(), reason: "a generator of no splits".into() })
+            }
             SourceSpec::Generator { .. } => Ok(()),
         }
     }
 
     pub fn instantiate(&self, name: &str, subtask: SubtaskId, parallelism: u16) -> Box<dyn Source> {
         match self {
-            SourceSpec::Generator { record_count, batch_size, keys } => Box::new(
+            SourceSpec::Generator { record_count, batch_size, keys, splits } => Box::new(
                 GeneratorSource::new(
                     name,
                     *record_count,
@@ -115,7 +120,8 @@ impl SourceSpec {
                     u64::from(subtask.index),
                     u64::from(parallelism),
                 )
-                .with_keys(*keys),
+                .with_keys(*keys)
+                .with_splits(*splits, u64::from(subtask.index), u64::from(parallelism)),
             ),
         }
     }
@@ -209,6 +215,8 @@ pub struct Vertex {
     pub name: String,
     pub parallelism: u16,
     pub source: Option<SourceSpec>,
+    /// A source's watermarks, generated per split inside it (`JobBuilder::source_with_watermarks`).
+    pub watermarks: Option<SourceWatermarkSpec>,
     pub input: Option<(VertexId, Partitioning)>,
     pub chain: Vec<OperatorSpec>,
 }
@@ -248,6 +256,23 @@ impl JobBuilder {
         Ok(Stream { job: self, vertex: id, schema, event_time, has_watermarks: false, key: None })
     }
 
+    /// A source that generates watermarks itself, per split, as `strategy` says: each split
+    /// has its own generator, the source's watermark is the minimum over its active splits, idle
+    /// splits stop holding it back, and (with an alignment group) splits that run ahead pause.
+    pub fn source_with_watermarks(
+        self,
+        name: &str,
+        spec: SourceSpec,
+        parallelism: u16,
+        strategy: WatermarkStrategy,
+    ) -> Result<Stream, BuildError> {
+        let mut stream = self.source(name, spec, parallelism)?;
+        let watermarks = stream.watermark_spec(name, strategy)?;
+        stream.job.vertices[usize::from(stream.vertex.0)].watermarks = Some(watermarks);
+        stream.has_watermarks = true;
+        Ok(stream)
+    }
+
     fn push_vertex(
         &mut self,
         name: &str,
@@ -260,7 +285,8 @@ impl JobBuilder {
             return Err(BuildError::Parallelism { vertex: name.to_string(), parallelism, max });
         }
         let id = VertexId(self.vertices.len() as u16);
-        self.vertices.push(Vertex { id, name: name.to_string(), parallelism, source, input, chain: Vec::new() });
+        let chain = Vec::new();
+        self.vertices.push(Vertex { id, name: name.to_string(), parallelism, source, watermarks: None, input, chain });
         Ok(id)
     }
 }
@@ -307,9 +333,41 @@ impl Stream {
         Ok(index)
     }
 
+    /// Checks `strategy` against this (source's) stream.
+    fn watermark_spec(&self, operator: &str, strategy: WatermarkStrategy) -> Result<SourceWatermarkSpec, BuildError> {
+        let invalid = |reason: String| BuildError::Invalid { operator: operator.into(), reason };
+        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
+        let punctuation = match &strategy.kind {
+            WatermarkKind::BoundedOutOfOrderness { bound_ms } if *bound_ms < 0 => {
+                return Err(invalid(format!("out-of-orderness bound {bound_ms} ms < 0")));
+            }
+            WatermarkKind::BoundedOutOfOrderness { .. } | WatermarkKind::Monotonous => None,
+            WatermarkKind::Punctuated { column } => {
+                let index = self.column_of_type(operator, column, &[DataType::Boolean, DataType::Int64])?;
+                Some(match self.schema.field(index).data_type() {
+                    DataType::Boolean => Punctuation::Marker { index },
+                    _ => Punctuation::Value { index },
+                })
+            }
+        };
+        if strategy.idle_timeout_ms == Some(0) {
+            return Err(invalid("idle timeout 0 ms: a split would be idle whenever it has no record at hand".into()));
+        }
+        if strategy.alignment.as_ref().is_some_and(|group| group.name.is_empty()) {
+            return Err(invalid("an alignment group needs a name".into()));
+        }
+        Ok(SourceWatermarkSpec { strategy, event_time_index, punctuation })
+    }
+
     /// Generates watermarks from the event-time column, trailing the highest time seen by `bound_ms`.
     pub fn assign_watermarks(mut self, bound_ms: i64) -> Result<Stream, BuildError> {
         let operator = "watermarks";
+        if self.has_watermarks {
+            return Err(BuildError::Invalid {
+                operator: operator.into(),
+                reason: "the stream already has watermarks (from its source)".into(),
+            });
+        }
         let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
         if bound_ms < 0 {
             return Err(BuildError::Invalid { operator: operator.into(), reason: format!("bound {bound_ms} ms < 0") });
@@ -608,4 +666,47 @@ pub(crate) fn field(name: &str, data_type: DataType) -> Field {
 
 pub(crate) fn schema_of(fields: Vec<Field>) -> SchemaRef {
     Arc::new(Schema::new(fields))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::watermarks::WatermarkStrategy;
+
+    fn generator() -> SourceSpec {
+        SourceSpec::Generator { record_count: 10, batch_size: 5, keys: Default::default(), splits: Default::default() }
+    }
+
+    fn with(strategy: WatermarkStrategy) -> Result<Stream, BuildError> {
+        JobBuilder::new("j").source_with_watermarks("gen", generator(), 2, strategy)
+    }
+
+    // Goal: a watermark strategy is checked against the source's schema when the job is built:
+    // a punctuation column must exist and be Boolean or Int64, bounds and idle timeouts must make
+    // sense, and a stream with watermarks from its source takes no second generator.
+    // Method: build jobs with each mistake and with valid strategies; compare the errors.
+    #[test]
+    fn source_watermark_strategies_are_checked_when_built() {
+        let stream = with(WatermarkStrategy::punctuated("ts_ms").with_idleness(5).with_alignment("g", 100)).unwrap();
+        let spec = stream.job.vertices[0].watermarks.clone().unwrap();
+        assert_eq!(spec.punctuation, Some(Punctuation::Value { index: 2 }));
+        assert_eq!(spec.event_time_index, 2);
+        assert!(matches!(
+            with(WatermarkStrategy::punctuated("key")),
+            Err(BuildError::ColumnType { column, found, .. }) if column == "key" && found == "UInt64"
+        ));
+        assert!(matches!(with(WatermarkStrategy::punctuated("nope")), Err(BuildError::ColumnNotFound { .. })));
+        for strategy in [
+            WatermarkStrategy::bounded_out_of_orderness(-1),
+            WatermarkStrategy::monotonous().with_idleness(0),
+            WatermarkStrategy::monotonous().with_alignment("", 10),
+        ] {
+            assert!(matches!(with(strategy.clone()), Err(BuildError::Invalid { .. })), "{strategy:?}");
+        }
+        let error = with(WatermarkStrategy::monotonous()).unwrap().assign_watermarks(10).unwrap_err();
+        assert!(error.to_string().contains("already has watermarks"), "{error}");
+        let job = with(WatermarkStrategy::bounded_out_of_orderness(5)).unwrap();
+        let window = job.key_by("key", 2).unwrap().tumbling_window_count_sum(10, "value");
+        assert!(window.is_ok(), "windows take the source's watermarks");
+    }
 }

@@ -206,11 +206,56 @@ pub struct SplitPosition {
     pub position: u64,
 }
 
+/// Rows of a batch that came from one split: `rows` consecutive rows, in batch order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitRun {
+    pub split: u64,
+    pub rows: u32,
+}
+
+/// Where one split of a source stands now: what idleness detection reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitStatus {
+    pub split: u64,
+    /// It has records to read now (whether or not alignment lets the source read them).
+    pub available: bool,
+    /// It has no records left.
+    pub ended: bool,
+}
+
+/// What a source read.
+#[derive(Debug)]
+pub enum SourcePoll {
+    /// Records; `runs` say which split each run of rows came from, in order, covering the batch.
+    Batch { batch: RecordBatch, runs: smallvec::SmallVec<[SplitRun; 2]> },
+    /// Nothing now: every split with records left is paused or has none available yet. Ask
+    /// again at `Source::poll_timeout`, or when alignment resumes a split.
+    Pending,
+    /// The end of the input: every split ended.
+    End,
+}
+
+impl SourcePoll {
+    /// The records read, if any.
+    pub fn into_batch(self) -> Option<RecordBatch> {
+        match self {
+            SourcePoll::Batch { batch, .. } => Some(batch),
+            SourcePoll::Pending | SourcePoll::End => None,
+        }
+    }
+}
+
 /// A replayable source of batches for one subtask, reading one or more splits.
 pub trait Source: Send {
     fn name(&self) -> &str;
-    /// The next batch, or `None` at the end of the input.
-    fn poll_batch(&mut self, now: Instant) -> Result<Option<RecordBatch>, OperatorError>;
+    /// The next batch from splits that are not in `paused` (watermark alignment).
+    fn poll_batch(&mut self, now: Instant, paused: &[u64]) -> Result<SourcePoll, OperatorError>;
+    /// Pushes the status of each of its splits at `now`.
+    fn split_statuses(&self, now: Instant, out: &mut Vec<SplitStatus>);
+    /// When a split without available records may have some (the node asks again then).
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
     /// Where each of its splits stands: what a checkpoint records.
     fn positions(&self) -> Vec<SplitPosition>;
     /// Reads exactly `positions` from now on (splits recorded by any subtask of the source, at

@@ -197,6 +197,10 @@ pub struct ClusterStats {
     pub watermarks_checked: u64,
     pub commit_checks: u64,
     pub announcements_checked: u64,
+    /// Times a source subtask said `Idle`, and reads of sources with splits paused by
+    /// watermark alignment (summed over attempts).
+    pub source_idle_count: u64,
+    pub source_paused_count: u64,
 }
 
 /// A checkpoint-protocol event, abstracted to what the TLA+ trace validation checks
@@ -526,14 +530,19 @@ impl Harness<'_> {
             let result = self.tick(running);
             self.trace_disk_faults();
             match result {
-                Ok(true) => return Outcome::Finished,
+                Ok(true) => {
+                    self.retire(running);
+                    return Outcome::Finished;
+                }
                 Ok(false) => {}
                 Err(AttemptEnd::Violation(violation)) => return Outcome::Violation(violation),
                 Err(AttemptEnd::Failed(error)) => {
                     self.stats.task_failures += 1;
                     self.record(format_args!("attempt failed: {error}"));
                     self.protocol_event(ProtocolEvent::Crash { power: false });
-                    attempt = None;
+                    if let Some(failed) = attempt.take() {
+                        self.retire(&failed);
+                    }
                     if let Some(outcome) = self.failed_after_heal(&error) {
                         return outcome;
                     }
@@ -604,10 +613,20 @@ impl Harness<'_> {
             FaultEvent::NodeCrash { .. } => self.protocol_event(ProtocolEvent::Crash { power: false }),
             FaultEvent::DiskFull { .. } | FaultEvent::ClockJump { .. } => {}
         }
-        if matches!(event, FaultEvent::PowerLoss | FaultEvent::NodeCrash { .. }) && attempt.take().is_some() {
-            return true;
+        if matches!(event, FaultEvent::PowerLoss | FaultEvent::NodeCrash { .. }) {
+            if let Some(lost) = attempt.take() {
+                self.retire(&lost);
+                return true;
+            }
         }
         false
+    }
+
+    /// Counts what an attempt's nodes did before it ended.
+    fn retire(&mut self, attempt: &Attempt) {
+        let metrics: crate::node::NodeMetrics = attempt.nodes.iter().map(Node::metrics).sum();
+        self.stats.source_idle_count += metrics.source_idle_count;
+        self.stats.source_paused_count += metrics.source_paused_count;
     }
 
     /// Flips a bit of the newest durable checkpoint's manifest or of one of its own files.
@@ -725,6 +744,7 @@ impl Harness<'_> {
         self.deliver_acks(attempt)?;
         self.deliver_data(attempt)?;
         self.step_nodes(attempt)?;
+        self.carry_alignment(attempt);
         // Nodes that finished are not stepped, but what they still hold must go out.
         for index in 0..attempt.nodes.len() {
             self.transmit(attempt, index);
@@ -995,6 +1015,29 @@ impl Harness<'_> {
             self.drain_node(attempt, index)?;
         }
         Ok(())
+    }
+
+    /// Carries each watermark alignment group's minimum between nodes, as a driver does: every
+    /// node learns the minimum over the others' sources, once per iteration.
+    fn carry_alignment(&mut self, attempt: &mut Attempt) {
+        let reports: Vec<Vec<(String, Option<EventTime>)>> =
+            attempt.nodes.iter().map(Node::alignment_watermarks).collect();
+        if reports.iter().all(Vec::is_empty) {
+            return;
+        }
+        for (index, report) in reports.iter().enumerate() {
+            for (group, _) in report {
+                let elsewhere = reports
+                    .iter()
+                    .enumerate()
+                    .filter(|(other, _)| *other != index)
+                    .flat_map(|(_, report)| report.iter())
+                    .filter(|(other_group, _)| other_group == group)
+                    .filter_map(|(_, minimum)| *minimum)
+                    .min();
+                attempt.nodes[index].handle_alignment(group, elsewhere);
+            }
+        }
     }
 
     /// Takes a node's events and what it sends.

@@ -174,6 +174,10 @@ fn execute(arguments: &Arguments) -> Result<bool> {
                 result.seeds_per_minute_per_core(),
                 result.virtual_seconds_per_wall_second()
             );
+            println!(
+                "watermarks in sources: {} seeds, {} with a source gone idle, {} with splits paused by alignment",
+                result.split_watermark_seeds, result.seeds_with_idle_sources, result.seeds_with_paused_splits
+            );
             print!("{}", result.failure_table());
             Ok(result.failures.is_empty())
         }
