@@ -281,3 +281,38 @@ fn memory_is_per_key_group() {
     assert_eq!(fire_event(&mut timers, &mut state, 4_999).len(), 5_000);
     assert!(timers.queues[0].order.len() <= 8);
 }
+
+// Goal: the keys a poll reads ahead stay exactly the group's first timers while timers are
+// registered and deleted among them, before them and beyond them.
+// Method: one key group; 10 timers, one fired (reading 8 ahead, 0 to 14, leaves 2 to 14), then
+// changes at each place relative to them; the rest fire in time order, the deleted ones never.
+#[test]
+fn read_ahead_follows_registrations_and_deletions() {
+    let mut state = heap_state(1);
+    let mut timers = TimerService::declare(&mut state).unwrap();
+    state.set_current_key_u64(1);
+    for time in (0..20).step_by(2) {
+        timers.register_event_timer(&mut state, EventTime(time)).unwrap();
+    }
+    let mut fire = |timers: &mut TimerService, state: &mut KeyedState, watermark: i64| -> Vec<i64> {
+        let mut fired = Vec::new();
+        while let Some(timer) = timers.poll_event_timer(state, EventTime(watermark)).unwrap() {
+            let TimerTime::Event(time) = timer.time else { panic!("{timer:?} from the event-time timers") };
+            fired.push(time.0);
+        }
+        fired
+    };
+    assert_eq!(fire(&mut timers, &mut state, 0), vec![0]);
+    assert_eq!(timers.queues[0].ahead[0].len(), READ_AHEAD_MAX - 1);
+    // Before all, among them (new, and again), beyond them.
+    for time in [1, 5, 6, 16, 17] {
+        timers.register_event_timer(&mut state, EventTime(time)).unwrap();
+    }
+    assert_eq!(timers.queues[0].ahead[0].len(), READ_AHEAD_MAX, "the read-ahead keeps its bound");
+    // Deleted: among them, the first, beyond them, one that never was.
+    for time in [8, 1, 18, 9] {
+        timers.delete_event_timer(&mut state, EventTime(time)).unwrap();
+    }
+    assert_eq!(timers.next_event_time(&mut state).unwrap(), Some(EventTime(2)));
+    assert_eq!(fire(&mut timers, &mut state, 100), vec![2, 4, 5, 6, 10, 12, 14, 16, 17]);
+}
