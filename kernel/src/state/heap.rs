@@ -177,8 +177,10 @@ impl Group {
 ///
 /// Tables keep the per-record cost of `get`/`put`/`merge` to one probe; their order never reaches
 /// output, because `scan` and `snapshot` sort a group's entries by key before visiting them.
-/// The keys of states declared `ordered` (map state, state with TTL) are also kept in a sorted
-/// set per group, so that a range scan over one key's entries visits only those.
+/// The keys of states declared `ordered` (map state, state with incremental TTL cleanup,
+/// timers) are also kept in a sorted set per group, so that a range scan over one key's entries
+/// visits only those, and a scan of keys alone (`scan_range_keys`: the timer service's) reads
+/// no table.
 ///
 /// A checkpoint's capture is copy-on-write by key group: it moves every table into an `Arc` that
 /// the asynchronous writer shares, which costs one move per key group whatever the state's size.
@@ -581,7 +583,7 @@ mod tests {
         let seed = 7;
         println!("seed {seed}");
         let mut rng = Lcg::new(seed);
-        let mut random = |rng: &mut Lcg| -> Vec<u8> {
+        let random = |rng: &mut Lcg| -> Vec<u8> {
             let length = rng.below(26) as usize;
             (0..length).map(|i| if i < 12 { (rng.below(2) * 255) as u8 } else { rng.below(256) as u8 }).collect()
         };

@@ -22,13 +22,14 @@
 //! An operator handles a watermark `W` by firing every event-time timer due at `W`, then
 //! forwarding `W`:
 //! ```text
+//! state.set_event_time(watermark); // event-time TTL reads it, in the handlers too
 //! while let Some(timer) = timers.poll_event_timer(state, watermark)? {
 //!     on_timer(state, &timer)?; // may register timers, also for times <= watermark
 //! }
-//! state.set_event_time(watermark);
 //! emit(Watermark(watermark));
 //! ```
 //! When the loop ends no timer at or below `W` is left, so `W` passes none that has not fired.
+//! (A poll changes the current key and namespace: set them again before other state access.)
 //! An operator that holds its output watermark below its input's for any other reason bounds
 //! it with [`TimerService::watermark_bound`]. Drivers wake an operator for processing time at
 //! [`TimerService::next_processing_time`] (`poll_timeout`), and poll with the `now` they pass.
@@ -47,15 +48,18 @@
 //! check: a snapshot with timers does not restore into an operator that declares none.
 //!
 //! # Memory
-//! The service keeps in memory only, per key group and domain, the time of the group's earliest
-//! timer (`heads`, ordered as `(time, key group)` in `order`) and a key at or below the group's
+//! The service keeps in memory only, per key group and domain: the time of the group's earliest
+//! timer (`heads`, ordered as `(time, key group)` in `order`); a key at or below the group's
 //! smallest timer key (`floors`, where the next read starts: past the tombstones of the timers
-//! fired before, which RocksDB would otherwise step over again on every read). Its memory grows
-//! with the number of key groups, never with the number of timers; the timers themselves are
-//! where the backend keeps its state (RocksDB: on disk). The heads are read from the backend
-//! again (one read per key group and domain) whenever the `KeyedState`'s
-//! [`generation`](KeyedState::generation) changes: after a restore, or raw access to the
-//! backend.
+//! fired before, which RocksDB would otherwise step over again on every read); and up to
+//! eight (`READ_AHEAD_MAX`) of the group's first timer keys, read in one scan (`ahead`: a RocksDB
+//! iterator costs microseconds to create, so one serves several timers), which registrations
+//! and deletions keep exact. Its memory grows with the number of key groups, never with the
+//! number of timers; the timers themselves are where the backend keeps its state (RocksDB: on
+//! disk, 10,000,000 timers in about 250 MB of resident memory, see `benches/timers.rs`). All
+//! of it is read from the backend again (one scan per key group and domain) whenever the
+//! `KeyedState`'s [`generation`](KeyedState::generation) changes: after a restore, or raw
+//! access to the backend.
 
 use std::collections::{BTreeSet, VecDeque};
 

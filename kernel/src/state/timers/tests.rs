@@ -294,7 +294,7 @@ fn read_ahead_follows_registrations_and_deletions() {
     for time in (0..20).step_by(2) {
         timers.register_event_timer(&mut state, EventTime(time)).unwrap();
     }
-    let mut fire = |timers: &mut TimerService, state: &mut KeyedState, watermark: i64| -> Vec<i64> {
+    let fire = |timers: &mut TimerService, state: &mut KeyedState, watermark: i64| -> Vec<i64> {
         let mut fired = Vec::new();
         while let Some(timer) = timers.poll_event_timer(state, EventTime(watermark)).unwrap() {
             let TimerTime::Event(time) = timer.time else { panic!("{timer:?} from the event-time timers") };
