@@ -420,6 +420,10 @@ impl TimerService {
             return Ok(());
         }
         self.generation = None;
+        for queue in &self.queues {
+            let declared = state.descriptors().get(usize::from(queue.id.0)).map(|state| state.name.as_str());
+            assert_eq!(declared, Some(queue.state_name()), "a timer service used with another keyed state");
+        }
         for queue in &mut self.queues {
             queue.read_heads(state.backend_for_timers(), self.range)?;
         }

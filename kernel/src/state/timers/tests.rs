@@ -2,7 +2,7 @@ use super::*;
 use crate::element::CheckpointId;
 use crate::env::MemStorage;
 use crate::key_group::MaxParallelism;
-use crate::state::keyed::ValueState;
+use crate::state::keyed::{query_snapshot, Queried, QueryKey, TtlTimes, ValueState};
 use crate::state::{CaptureTarget, HeapBackend};
 
 fn heap_state(max: u16) -> KeyedState {
@@ -232,8 +232,15 @@ fn timers_take_part_in_descriptor_checks() {
     assert!(matches!(declared, Err(StateError::Declaration(_))), "{declared:?}");
     let twice = TimerService::declare(&mut state);
     assert!(matches!(twice, Err(StateError::Declaration(_))), "a second timer service");
-    let queried = state.query(EVENT_TIMERS_STATE, crate::state::keyed::QueryKey::U64(1), b"");
+    let queried = state.query(EVENT_TIMERS_STATE, QueryKey::U64(1), b"");
     assert!(matches!(queried, Err(StateError::Declaration(_))), "{queried:?}");
+    // Queries of a checkpoint with timers: of the other states as ever, of the timers refused.
+    let times = TtlTimes { processing_time: Instant(0), event_time: EventTime::MIN };
+    let max = state.max_parallelism();
+    let value = query_snapshot(&mut storage, &files, max, "value", QueryKey::U64(1), b"", times);
+    assert_eq!(value.unwrap(), Queried::Absent);
+    let timers = query_snapshot(&mut storage, &files, max, EVENT_TIMERS_STATE, QueryKey::U64(1), b"", times);
+    assert!(matches!(timers, Err(StateError::Declaration(_))), "{timers:?}");
 }
 
 // Goal: damaged timer keys read from a backend (restored from outside) are errors, not panics,
