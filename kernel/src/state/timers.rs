@@ -442,8 +442,22 @@ impl TimerService {
         (key_group, usize::from(key_group.0 - self.range.start()))
     }
 
+    /// After an error from the backend, what it holds is not known for sure: the next call
+    /// reads it again.
+    fn forget_on_error<T>(&mut self, result: Result<T, StateError>) -> Result<T, StateError> {
+        if result.is_err() {
+            self.generation = None;
+        }
+        result
+    }
+
     fn register(&mut self, state: &mut KeyedState, time: TimerTime) -> Result<(), StateError> {
         self.sync(state)?;
+        let result = self.register_synced(state, time);
+        self.forget_on_error(result)
+    }
+
+    fn register_synced(&mut self, state: &mut KeyedState, time: TimerTime) -> Result<(), StateError> {
         let (key_group, offset) = self.build_key(state, time);
         state.backend_for_timers().put(key_group, &self.key, &[])?;
         let queue = &mut self.queues[time.domain().index()];
@@ -460,6 +474,11 @@ impl TimerService {
 
     fn delete(&mut self, state: &mut KeyedState, time: TimerTime) -> Result<(), StateError> {
         self.sync(state)?;
+        let result = self.delete_synced(state, time);
+        self.forget_on_error(result)
+    }
+
+    fn delete_synced(&mut self, state: &mut KeyedState, time: TimerTime) -> Result<(), StateError> {
         let (key_group, offset) = self.build_key(state, time);
         let backend = state.backend_for_timers();
         backend.delete(key_group, &self.key)?;
@@ -481,6 +500,11 @@ impl TimerService {
     /// Removes and returns the first timer of `limit`'s domain, if it is due at `limit`.
     fn poll(&mut self, state: &mut KeyedState, limit: TimerTime) -> Result<Option<Timer>, StateError> {
         self.sync(state)?;
+        let result = self.poll_synced(state, limit);
+        self.forget_on_error(result)
+    }
+
+    fn poll_synced(&mut self, state: &mut KeyedState, limit: TimerTime) -> Result<Option<Timer>, StateError> {
         let domain = limit.domain();
         let queue = &mut self.queues[domain.index()];
         let Some(&(sort_key, group)) = queue.order.first() else {

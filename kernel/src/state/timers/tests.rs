@@ -3,7 +3,7 @@ use crate::element::CheckpointId;
 use crate::env::MemStorage;
 use crate::key_group::MaxParallelism;
 use crate::state::keyed::{query_snapshot, Queried, QueryKey, TtlTimes, ValueState};
-use crate::state::{CaptureTarget, HeapBackend};
+use crate::state::{CaptureTarget, HeapBackend, StateBackend};
 
 fn heap_state(max: u16) -> KeyedState {
     let max = MaxParallelism::new(max).expect("in range");
@@ -322,4 +322,80 @@ fn read_ahead_follows_registrations_and_deletions() {
     }
     assert_eq!(timers.next_event_time(&mut state).unwrap(), Some(EventTime(2)));
     assert_eq!(fire(&mut timers, &mut state, 100), vec![2, 4, 5, 6, 10, 12, 14, 16, 17]);
+}
+
+/// A heap backend whose deletes fail while `failing` is set.
+struct FailingDeletes {
+    inner: HeapBackend,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StateBackend for FailingDeletes {
+    fn key_groups(&self) -> KeyGroupRange {
+        self.inner.key_groups()
+    }
+    fn declare_state(&mut self, id: StateId, name: &str, ordered: bool) -> Result<(), StateError> {
+        self.inner.declare_state(id, name, ordered)
+    }
+    fn get(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
+        self.inner.get(key_group, key, value)
+    }
+    fn put(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        self.inner.put(key_group, key, value)
+    }
+    fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StateError::Backend("delete refused by the test".to_string()));
+        }
+        self.inner.delete(key_group, key)
+    }
+    fn scan(&mut self, key_group: KeyGroup, visit: &mut crate::state::Visit<'_>) -> Result<(), StateError> {
+        self.inner.scan(key_group, visit)
+    }
+    fn scan_range(
+        &mut self,
+        key_group: KeyGroup,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut crate::state::VisitWhile<'_>,
+    ) -> Result<(), StateError> {
+        self.inner.scan_range(key_group, prefix, from, visit)
+    }
+    fn snapshot(&mut self) -> Result<crate::state::KeyGroupsSnapshot, StateError> {
+        self.inner.snapshot()
+    }
+    fn restore(&mut self, snapshot: &crate::state::KeyGroupsSnapshot) -> Result<(), StateError> {
+        self.inner.restore(snapshot)
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+}
+
+// Goal: a backend's error while a timer fires or is deleted leaves the service consistent: the
+// timer stays (its delete failed) and fires at the next poll, in order; no assertion trips.
+// Method: a heap backend whose deletes fail on demand, around polls and a deletion.
+#[test]
+fn backend_errors_leave_timers_in_place() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let range = KeyGroupRange::new(0, 1);
+    let backend = FailingDeletes { inner: HeapBackend::new(range), failing: failing.clone() };
+    let mut state = KeyedState::new(Box::new(backend), MaxParallelism::new(1).unwrap());
+    let mut timers = TimerService::declare(&mut state).unwrap();
+    state.set_current_key_u64(3);
+    for time in [1, 2, 3] {
+        timers.register_event_timer(&mut state, EventTime(time)).unwrap();
+    }
+    failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused = timers.poll_event_timer(&mut state, EventTime(10));
+    assert!(matches!(refused, Err(StateError::Backend(_))), "{refused:?}");
+    state.set_current_key_u64(3);
+    let refused = timers.delete_event_timer(&mut state, EventTime(2));
+    assert!(matches!(refused, Err(StateError::Backend(_))), "{refused:?}");
+    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut fired = Vec::new();
+    while let Some(timer) = timers.poll_event_timer(&mut state, EventTime(10)).unwrap() {
+        fired.push(timer.time);
+    }
+    assert_eq!(fired, [1, 2, 3].map(|time| TimerTime::Event(EventTime(time))));
 }
