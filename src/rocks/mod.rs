@@ -642,51 +642,61 @@ fn as_change<'a>((key, cached): (&'a [u8], &'a Cached)) -> CachedChange<'a> {
     (&key[2..], cached.value.as_deref())
 }
 
-/// Two sorted lists of changes as one, `newer`'s winning where both hold a key.
-fn merge_newer<'a>(older: Vec<CachedChange<'a>>, newer: Vec<CachedChange<'a>>) -> Vec<CachedChange<'a>> {
-    if older.is_empty() {
-        return newer;
-    }
-    let mut merged = Vec::with_capacity(older.len() + newer.len());
-    let mut older = older.into_iter().peekable();
-    for change in newer {
-        while let Some(old) = older.next_if(|old| old.0 <= change.0) {
-            if old.0 < change.0 {
-                merged.push(old);
+/// The changes of one cache in a range, in key order.
+type Changes<'a> = std::iter::Peekable<Box<dyn Iterator<Item = CachedChange<'a>> + 'a>>;
+
+/// The changes of several caches in a range, merged in key order as they are read (a scan that
+/// stops early reads only what it visits): where caches share a key, the newest one's change.
+struct MergedChanges<'a> {
+    /// Oldest first; the live cache last.
+    sources: Vec<Changes<'a>>,
+}
+
+impl<'a> Iterator for MergedChanges<'a> {
+    type Item = CachedChange<'a>;
+
+    fn next(&mut self) -> Option<CachedChange<'a>> {
+        if let [only] = self.sources.as_mut_slice() {
+            return only.next();
+        }
+        let key: &'a [u8] = self.sources.iter_mut().filter_map(|source| source.peek().map(|change| change.0)).min()?;
+        let mut newest = None;
+        for source in &mut self.sources {
+            if let Some(change) = source.next_if(|change| change.0 == key) {
+                newest = Some(change);
             }
         }
-        merged.push(change);
+        newest
     }
-    merged.extend(older);
-    merged
 }
 
 impl RocksDbBackend {
     /// The dirty cached entries of `key_group` whose state keys are in `[from, to)` (`to`:
-    /// `None` is the end of the group), in key order; a frozen cache's entry only where no newer
-    /// cache holds the key.
-    fn cached_changes(&self, key_group: KeyGroup, from: &[u8], to: Option<&[u8]>) -> Vec<CachedChange<'_>> {
+    /// `None` is the end of the group), in key order, read as the caller goes; a frozen cache's
+    /// entry only where no newer cache holds the key.
+    fn cached_changes(&self, key_group: KeyGroup, from: &[u8], to: Option<&[u8]>) -> MergedChanges<'_> {
         let lower = [&prefix(key_group), from].concat();
         let upper = match to {
             Some(to) => [&prefix(key_group), to].concat(),
             None => group_bound(u32::from(key_group.0) + 1),
         };
         if lower >= upper {
-            return Vec::new();
-        }
-        let bounds = || (Bound::Included(lower.as_slice()), Bound::Excluded(upper.as_slice()));
-        if self.frozen.is_empty() {
-            let (from, to) = bounds();
-            return self.cache.dirty_in(from, to).map(as_change).collect();
+            return MergedChanges { sources: Vec::new() };
         }
         // A newer cache's entry of a key is dirty wherever an older one's is: it took that over.
-        let mut merged: Vec<CachedChange<'_>> = Vec::new();
-        for cache in self.frozen.iter().map(Arc::as_ref).chain(std::iter::once(&self.cache)) {
-            let (from, to) = bounds();
-            let newer: Vec<CachedChange<'_>> = cache.dirty_in(from, to).map(as_change).collect();
-            merged = merge_newer(merged, newer);
-        }
-        merged
+        let sources = self
+            .frozen
+            .iter()
+            .map(Arc::as_ref)
+            .chain(std::iter::once(&self.cache))
+            .map(|cache| {
+                let range = (Bound::Included(lower.as_slice()), Bound::Excluded(upper.as_slice()));
+                let changes: Box<dyn Iterator<Item = CachedChange<'_>> + '_> =
+                    Box::new(cache.dirty_in(range.0, range.1).map(as_change));
+                changes.peekable()
+            })
+            .collect();
+        MergedChanges { sources }
     }
 
     /// Visits the entries of `key_group` with state keys in `[from, to)` (`to`: `None` is the end
@@ -699,7 +709,7 @@ impl RocksDbBackend {
         to: Option<&[u8]>,
         visit: &mut VisitWhile<'_>,
     ) -> Result<(), StateError> {
-        let mut changes = self.cached_changes(key_group, from, to).into_iter().peekable();
+        let mut changes = self.cached_changes(key_group, from, to).peekable();
         let mut key = Vec::with_capacity(64);
         for (id, column) in self.columns_in_order() {
             let column_prefix: &[u8] = match &id {

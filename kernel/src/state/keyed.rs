@@ -35,6 +35,12 @@
 //! not grow without bound. [`TtlVisibility`] says whether an expired value that is still stored
 //! may be returned (once: reading it removes it).
 //!
+//! # Timers
+//! The timer service ([`super::timers`]) keeps its timers in two states of kind
+//! [`StateKind::Timers`] it declares here, under names starting with [`TIMER_STATE_PREFIX`]
+//! (reserved: no other state may take them). They are captured, restored and checked like
+//! every state, and are not queryable.
+//!
 //! # Snapshots
 //! A capture writes the backend's files and `<path>.descriptors`: every state's id, name, kind,
 //! types (with encoding versions) and TTL. A restore reads the descriptors first and refuses,

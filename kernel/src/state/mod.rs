@@ -112,6 +112,8 @@ pub const PORTABLE_EXTENSION: &str = ".state";
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StateError> + 'a;
 /// Visits one entry `(key, value)` of a range scan; `false` stops the scan.
 pub type VisitWhile<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StateError> + 'a;
+/// Visits one key of a range scan of keys; `false` stops the scan.
+pub type VisitKeysWhile<'a> = dyn FnMut(&[u8]) -> Result<bool, StateError> + 'a;
 
 /// The id of a declared state (column family) of a backend: the first two bytes (big-endian) of
 /// every key of that state ([`StateKey`]).
@@ -199,6 +201,18 @@ pub trait StateBackend: Send {
             }
             Ok(())
         })
+    }
+    /// As [`StateBackend::scan_range`], visiting only the keys: backends that keep the keys of
+    /// `ordered` states apart from their values (the heap's ordered index) read no value. The
+    /// default is a `scan_range`.
+    fn scan_range_keys(
+        &mut self,
+        key_group: KeyGroup,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut VisitKeysWhile<'_>,
+    ) -> Result<(), StateError> {
+        self.scan_range(key_group, prefix, from, &mut |key, _| visit(key))
     }
     /// Removes `key` and copies its value into `value` (cleared first); `false` if there was none.
     /// The default is a `get` and a `delete`.

@@ -2,8 +2,8 @@ use super::*;
 use crate::element::CheckpointId;
 use crate::env::MemStorage;
 use crate::key_group::MaxParallelism;
-use crate::state::keyed::ValueState;
-use crate::state::{CaptureTarget, HeapBackend};
+use crate::state::keyed::{query_snapshot, Queried, QueryKey, TtlTimes, ValueState};
+use crate::state::{CaptureTarget, HeapBackend, StateBackend};
 
 fn heap_state(max: u16) -> KeyedState {
     let max = MaxParallelism::new(max).expect("in range");
@@ -232,8 +232,15 @@ fn timers_take_part_in_descriptor_checks() {
     assert!(matches!(declared, Err(StateError::Declaration(_))), "{declared:?}");
     let twice = TimerService::declare(&mut state);
     assert!(matches!(twice, Err(StateError::Declaration(_))), "a second timer service");
-    let queried = state.query(EVENT_TIMERS_STATE, crate::state::keyed::QueryKey::U64(1), b"");
+    let queried = state.query(EVENT_TIMERS_STATE, QueryKey::U64(1), b"");
     assert!(matches!(queried, Err(StateError::Declaration(_))), "{queried:?}");
+    // Queries of a checkpoint with timers: of the other states as ever, of the timers refused.
+    let times = TtlTimes { processing_time: Instant(0), event_time: EventTime::MIN };
+    let max = state.max_parallelism();
+    let value = query_snapshot(&mut storage, &files, max, "value", QueryKey::U64(1), b"", times);
+    assert_eq!(value.unwrap(), Queried::Absent);
+    let timers = query_snapshot(&mut storage, &files, max, EVENT_TIMERS_STATE, QueryKey::U64(1), b"", times);
+    assert!(matches!(timers, Err(StateError::Declaration(_))), "{timers:?}");
 }
 
 // Goal: damaged timer keys read from a backend (restored from outside) are errors, not panics,
@@ -280,4 +287,115 @@ fn memory_is_per_key_group() {
     }
     assert_eq!(fire_event(&mut timers, &mut state, 4_999).len(), 5_000);
     assert!(timers.queues[0].order.len() <= 8);
+}
+
+// Goal: the keys a poll reads ahead stay exactly the group's first timers while timers are
+// registered and deleted among them, before them and beyond them.
+// Method: one key group; 10 timers, one fired (reading 8 ahead, 0 to 14, leaves 2 to 14), then
+// changes at each place relative to them; the rest fire in time order, the deleted ones never.
+#[test]
+fn read_ahead_follows_registrations_and_deletions() {
+    let mut state = heap_state(1);
+    let mut timers = TimerService::declare(&mut state).unwrap();
+    state.set_current_key_u64(1);
+    for time in (0..20).step_by(2) {
+        timers.register_event_timer(&mut state, EventTime(time)).unwrap();
+    }
+    let fire = |timers: &mut TimerService, state: &mut KeyedState, watermark: i64| -> Vec<i64> {
+        let mut fired = Vec::new();
+        while let Some(timer) = timers.poll_event_timer(state, EventTime(watermark)).unwrap() {
+            let TimerTime::Event(time) = timer.time else { panic!("{timer:?} from the event-time timers") };
+            fired.push(time.0);
+        }
+        fired
+    };
+    assert_eq!(fire(&mut timers, &mut state, 0), vec![0]);
+    assert_eq!(timers.queues[0].ahead[0].len(), READ_AHEAD_MAX - 1);
+    // Before all, among them (new, and again), beyond them.
+    for time in [1, 5, 6, 16, 17] {
+        timers.register_event_timer(&mut state, EventTime(time)).unwrap();
+    }
+    assert_eq!(timers.queues[0].ahead[0].len(), READ_AHEAD_MAX, "the read-ahead keeps its bound");
+    // Deleted: among them, the first, beyond them, one that never was.
+    for time in [8, 1, 18, 9] {
+        timers.delete_event_timer(&mut state, EventTime(time)).unwrap();
+    }
+    assert_eq!(timers.next_event_time(&mut state).unwrap(), Some(EventTime(2)));
+    assert_eq!(fire(&mut timers, &mut state, 100), vec![2, 4, 5, 6, 10, 12, 14, 16, 17]);
+}
+
+/// A heap backend whose deletes fail while `failing` is set.
+struct FailingDeletes {
+    inner: HeapBackend,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StateBackend for FailingDeletes {
+    fn key_groups(&self) -> KeyGroupRange {
+        self.inner.key_groups()
+    }
+    fn declare_state(&mut self, id: StateId, name: &str, ordered: bool) -> Result<(), StateError> {
+        self.inner.declare_state(id, name, ordered)
+    }
+    fn get(&mut self, key_group: KeyGroup, key: &[u8], value: &mut Vec<u8>) -> Result<bool, StateError> {
+        self.inner.get(key_group, key, value)
+    }
+    fn put(&mut self, key_group: KeyGroup, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        self.inner.put(key_group, key, value)
+    }
+    fn delete(&mut self, key_group: KeyGroup, key: &[u8]) -> Result<(), StateError> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StateError::Backend("delete refused by the test".to_string()));
+        }
+        self.inner.delete(key_group, key)
+    }
+    fn scan(&mut self, key_group: KeyGroup, visit: &mut crate::state::Visit<'_>) -> Result<(), StateError> {
+        self.inner.scan(key_group, visit)
+    }
+    fn scan_range(
+        &mut self,
+        key_group: KeyGroup,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut crate::state::VisitWhile<'_>,
+    ) -> Result<(), StateError> {
+        self.inner.scan_range(key_group, prefix, from, visit)
+    }
+    fn snapshot(&mut self) -> Result<crate::state::KeyGroupsSnapshot, StateError> {
+        self.inner.snapshot()
+    }
+    fn restore(&mut self, snapshot: &crate::state::KeyGroupsSnapshot) -> Result<(), StateError> {
+        self.inner.restore(snapshot)
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+}
+
+// Goal: a backend's error while a timer fires or is deleted leaves the service consistent: the
+// timer stays (its delete failed) and fires at the next poll, in order; no assertion trips.
+// Method: a heap backend whose deletes fail on demand, around polls and a deletion.
+#[test]
+fn backend_errors_leave_timers_in_place() {
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let range = KeyGroupRange::new(0, 1);
+    let backend = FailingDeletes { inner: HeapBackend::new(range), failing: failing.clone() };
+    let mut state = KeyedState::new(Box::new(backend), MaxParallelism::new(1).unwrap());
+    let mut timers = TimerService::declare(&mut state).unwrap();
+    state.set_current_key_u64(3);
+    for time in [1, 2, 3] {
+        timers.register_event_timer(&mut state, EventTime(time)).unwrap();
+    }
+    failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused = timers.poll_event_timer(&mut state, EventTime(10));
+    assert!(matches!(refused, Err(StateError::Backend(_))), "{refused:?}");
+    state.set_current_key_u64(3);
+    let refused = timers.delete_event_timer(&mut state, EventTime(2));
+    assert!(matches!(refused, Err(StateError::Backend(_))), "{refused:?}");
+    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut fired = Vec::new();
+    while let Some(timer) = timers.poll_event_timer(&mut state, EventTime(10)).unwrap() {
+        fired.push(timer.time);
+    }
+    assert_eq!(fired, [1, 2, 3].map(|time| TimerTime::Event(EventTime(time))));
 }
