@@ -283,7 +283,8 @@ fn draw_split_watermarks(rng: &mut Lcg, workload: Workload) -> Option<(Workload,
     if !timing_free && options.source_parallelism != 1 {
         return None;
     }
-    let stalls = GeneratorStalls { every_records: pick(rng, &[10, 50, 200]), stall_ms: pick(rng, &[2, 10, 40]) };
+    // Rare enough that a world lasts a few times longer than without stalls, not a hundred.
+    let stalls = GeneratorStalls { every_records: pick(rng, &[50, 200, 1_000]), stall_ms: pick(rng, &[3, 10, 30]) };
     let count = pick(rng, &[None, None, Some(1), Some(3), Some(5)]);
     let watermarks = SplitWatermarkOptions {
         splits: GeneratorSplits { count: count.filter(|_| timing_free), stalls: Some(stalls) },

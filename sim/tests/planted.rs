@@ -9,7 +9,7 @@ const SEEDS_MAX: u64 = 1_000;
 
 // Goal: each planted bug (sink commits early, barriers not aligned, recovery forgets the commit,
 // snapshots without fsync, source offset after the barrier, completion announced before it is
-// durable) makes some seed fail, well within SEEDS_MAX seeds, and the failure says which check
+// durable, an idle source forgetting its watermark) makes some seed fail, well within SEEDS_MAX seeds, and the failure says which check
 // caught it. Method: a sweep per bug that stops at its first failure; the seeds it took are
 // printed (`sabot-sim sweep --seeds 0..1000 --planted <bug> --stop-at-first-failure` replays it).
 #[test]

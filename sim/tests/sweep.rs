@@ -7,8 +7,9 @@ use sabot_sim::sweep::{sweep, SweepOptions};
 const CI_SEEDS: std::ops::Range<u64> = 0..240;
 
 // Goal: across a swarm of worlds (topologies, workloads, checkpoint settings, network
-// behaviour, crashes, power losses, disk faults, clock skew), every run is exactly once, or
-// refuses correctly after durable damage; none breaks an invariant, panics or hangs.
+// behaviour, crashes, power losses, disk faults, clock skew, sources whose splits stall, go idle
+// and are paused by alignment), every run is exactly once, or refuses correctly after durable
+// damage; none breaks an invariant, panics or hangs.
 // Method: the seeds of CI_SEEDS on two threads; each failure prints the command that replays it.
 #[test]
 fn ci_sweep_finds_no_failure() {
@@ -29,8 +30,14 @@ fn ci_sweep_finds_no_failure() {
         result.virtual_seconds_per_wall_second(),
         result.refused_correctly
     );
+    println!(
+        "watermarks in sources: {} seeds, {} with a source gone idle, {} with splits paused by alignment",
+        result.split_watermark_seeds, result.seeds_with_idle_sources, result.seeds_with_paused_splits
+    );
     assert_eq!(result.seeds_run, CI_SEEDS.end - CI_SEEDS.start);
     assert!(result.failures.is_empty(), "failing seeds:\n{}", result.failure_table());
+    // The worlds with watermarks made in sources really go idle and pause splits.
+    assert!(result.seeds_with_idle_sources > 10 && result.seeds_with_paused_splits > 5, "{result:?}");
 }
 
 // Goal: a seed is a complete description of a run: run twice, it gives the same trace hash

@@ -21,16 +21,20 @@ pub enum PlantedBug {
     SourceOffsetAfterBarrier,
     /// The coordinator announces a checkpoint complete before its manifest is durable.
     AnnounceBeforeDurable,
+    /// A source that goes idle forgets the watermark it emitted: back from idleness behind
+    /// the others, a split sends the source's watermark back.
+    IdleForgetsWatermark,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 6] = [
+    pub const ALL: [PlantedBug; 7] = [
         PlantedBug::SinkCommitsEarly,
         PlantedBug::BarrierNotAligned,
         PlantedBug::RecoveryForgetsCommit,
         PlantedBug::SnapshotWithoutFsync,
         PlantedBug::SourceOffsetAfterBarrier,
         PlantedBug::AnnounceBeforeDurable,
+        PlantedBug::IdleForgetsWatermark,
     ];
 
     /// The name on the command line (`--planted <name>`).
@@ -42,6 +46,7 @@ impl PlantedBug {
             PlantedBug::SnapshotWithoutFsync => "snapshot-without-fsync",
             PlantedBug::SourceOffsetAfterBarrier => "source-offset-after-barrier",
             PlantedBug::AnnounceBeforeDurable => "announce-before-durable",
+            PlantedBug::IdleForgetsWatermark => "idle-forgets-watermark",
         }
     }
 

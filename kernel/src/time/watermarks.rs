@@ -341,6 +341,9 @@ impl SourceWatermarks {
         let idle = open.peek().is_some() && open.all(|s| s.idle);
         if idle != self.idle_emitted && (idle || self.active_minimum().is_some()) {
             self.idle_emitted = idle;
+            if idle && planted!(IdleForgetsWatermark) {
+                self.watermark_emitted = EventTime::MIN;
+            }
             out.push(if idle { Element::Idle } else { Element::Active });
         }
     }
