@@ -564,7 +564,15 @@ impl Harness<'_> {
     fn trace_disk_faults(&mut self) {
         let faults: Vec<Fault> = self.storage.disk().take_new_faults().to_vec();
         for fault in faults {
-            if matches!(fault, Fault::Misdirected { .. }) {
+            // A misdirected write damages a file for good. A failed or corrupted read of a
+            // checkpoint's file looks the same to recovery, which passes over that checkpoint
+            // as it would over a damaged one (it cannot tell them apart).
+            let damages = match &fault {
+                Fault::Misdirected { .. } => true,
+                Fault::ReadError { path } | Fault::ReadCorrupt { path, .. } => path.starts_with("checkpoints/"),
+                _ => false,
+            };
+            if damages {
                 self.protocol_event(ProtocolEvent::Damage);
             }
             self.record(format_args!("disk fault {fault:?}"));
@@ -656,7 +664,10 @@ impl Harness<'_> {
         let plan = self.config.plan.clone();
         let job = plan.graph.name.clone();
         let mut storage = self.storage.clone();
-        let recovery = manifest::find_latest(&mut storage, &job).map_err(|e| e.to_string())?;
+        let recovery = manifest::find_latest(&mut storage, &job);
+        // Reads recovery made may have failed or come back corrupted: the trace says so first.
+        self.trace_disk_faults();
+        let recovery = recovery.map_err(|e| e.to_string())?;
         for (id, reason) in &recovery.skipped {
             self.record(format_args!("recovery skips checkpoint {} ({reason})", id.0));
         }
