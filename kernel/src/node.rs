@@ -427,37 +427,27 @@ impl Node {
     /// The minimum watermark of alignment group `group`: over the active splits of its sources
     /// here and what the driver said of the other nodes. `None`: no split of it is active.
     fn group_minimum(&self, group: usize) -> Option<EventTime> {
-        let here = self
-            .tasks
+        self.group_minimum_here(group).into_iter().chain(self.alignment_groups[group].elsewhere).min()
+    }
+
+    /// The minimum watermark of alignment group `group` over the active splits of its sources
+    /// on this node.
+    fn group_minimum_here(&self, group: usize) -> Option<EventTime> {
+        self.tasks
             .iter()
             .filter(|task| task.alignment.is_some_and(|(g, _)| g == group))
             .filter_map(|task| match &task.head {
                 Head::Source { watermarks: Some(watermarks), ended: false, .. } => watermarks.alignment_watermark(),
                 _ => None,
             })
-            .min();
-        here.into_iter().chain(self.alignment_groups[group].elsewhere).min()
+            .min()
     }
 
     /// Each alignment group of this node's sources with its minimum watermark here (over the
     /// active splits of its sources on this node): what a driver carries to the other nodes.
     pub fn alignment_watermarks(&self) -> Vec<(String, Option<EventTime>)> {
-        (0..self.alignment_groups.len())
-            .map(|group| {
-                let here = self
-                    .tasks
-                    .iter()
-                    .filter(|task| task.alignment.is_some_and(|(g, _)| g == group))
-                    .filter_map(|task| match &task.head {
-                        Head::Source { watermarks: Some(watermarks), ended: false, .. } => {
-                            watermarks.alignment_watermark()
-                        }
-                        _ => None,
-                    })
-                    .min();
-                (self.alignment_groups[group].name.clone(), here)
-            })
-            .collect()
+        let groups = self.alignment_groups.iter().enumerate();
+        groups.map(|(index, group)| (group.name.clone(), self.group_minimum_here(index))).collect()
     }
 
     /// Every split of this node's sources that generate watermarks, with its subtask: its
