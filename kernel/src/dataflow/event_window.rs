@@ -27,22 +27,22 @@
 
 use std::sync::Arc;
 
-use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, UInt64Array};
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, SchemaRef};
 
 use super::graph::{field, schema_of};
 use super::sink::FileSink;
 use super::watermark::event_times;
-use super::window::{key_column, CountSum, KeyColumn, KeyType};
+use super::window::{capture_target, int64_values, key_column, CountSum, KeyColumn, KeyType};
 use super::{read_u64_file, u64_file_bytes, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
-use crate::checkpoint::manifest::{checkpoint_dir, shared_dir, TaskSnapshot};
+use crate::checkpoint::manifest::TaskSnapshot;
 use crate::dataflow::graph::SubtaskId;
 use crate::element::{CheckpointId, Element};
 use crate::key_group::MaxParallelism;
 use crate::state::keyed::{AggregatingState, KeyedState, MapState};
 use crate::state::timers::TimerService;
 use crate::state::StateBackend;
-use crate::state::{order_preserving_i64, order_preserving_i64_inverse, read_u64_be, CaptureTarget, FileWrite};
+use crate::state::{order_preserving_i64, order_preserving_i64_inverse, read_u64_be, FileWrite};
 use crate::time::EventTime;
 
 /// How records are assigned to windows.
@@ -423,22 +423,16 @@ impl Operator for EventTimeWindows {
 
     fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
         let times = event_times(&batch, self.spec.event_time_index, "event-time windows")?;
-        let column = batch.column(self.spec.value_index);
-        let values = column.as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
-            OperatorError::Malformed(format!("event-time windows: value column is {}, not Int64", column.data_type()))
-        })?;
-        if values.null_count() > 0 {
-            return Err(OperatorError::Malformed(format!("event-time windows: {} null values", values.null_count())));
-        }
+        let values = int64_values(&batch, self.spec.value_index, "event-time windows")?;
         match key_column(&batch, self.spec.key_index, self.spec.key_type)? {
             KeyColumn::UInt64(keys) => {
                 for (row, &key) in keys.iter().enumerate() {
-                    self.add(key, times[row], values.value(row))?;
+                    self.add(key, times[row], values[row])?;
                 }
             }
             KeyColumn::Int64(keys) => {
                 for (row, &key) in keys.iter().enumerate() {
-                    self.add(key as u64, times[row], values.value(row))?;
+                    self.add(key as u64, times[row], values[row])?;
                 }
             }
         }
@@ -483,13 +477,7 @@ impl Operator for EventTimeWindows {
             // Every window fired and was cleared at the end of input.
             return Ok(snapshot);
         }
-        let subtask = context.subtask;
-        let name = format!("windows-{:05}-{:05}", subtask.vertex.0, subtask.index);
-        let target = CaptureTarget {
-            checkpoint,
-            path: format!("{}/{name}", checkpoint_dir(checkpoint)),
-            shared_dir: format!("{}/{name}", shared_dir()),
-        };
+        let target = capture_target(checkpoint, "windows", context.subtask);
         let capture = self.state.capture(&target)?;
         let watermark_path = format!("{}.watermark", target.path);
         snapshot.files.extend(capture.files);

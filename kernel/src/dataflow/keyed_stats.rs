@@ -3,7 +3,7 @@
 //!
 //! Per record `(key, value)`:
 //! - `count`, a value state (`u64`): one more;
-//! - `sum`, a reducing state (`i64`, checked addition): plus the value;
+//! - `sum`, a reducing state (`i64`, checked addition: an overflow is an error): plus the value;
 //! - `max`, an aggregating state: the largest value;
 //! - `buckets`, a map state (`u8` → `u64`): one more for bucket `value % 16`;
 //! - `multiples`, a list state (`i64`): the value, if it is a multiple of 8.
@@ -14,21 +14,22 @@
 //! rows do not depend on how inputs interleave: a run that lost or repeated a record (or any
 //! state update) differs from the reference in some row.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, UInt64Array};
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, Field, SchemaRef};
 
 use super::graph::{field, schema_of};
-use super::window::{key_column, KeyColumn, KeyType};
+use super::window::{capture_target, int64_values, key_column, KeyColumn, KeyType};
 use super::{Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
-use crate::checkpoint::manifest::{checkpoint_dir, shared_dir, TaskSnapshot};
+use crate::checkpoint::manifest::TaskSnapshot;
 use crate::element::CheckpointId;
 use crate::key_group::MaxParallelism;
 use crate::state::keyed::{
     AggregateFunction, AggregatingState, KeyedState, ListState, MapState, ReducingState, ValueState,
 };
-use crate::state::{order_preserving_i64_inverse, read_u64_be, CaptureTarget, StateBackend};
+use crate::state::{order_preserving_i64_inverse, read_u64_be, StateBackend};
 
 /// The largest value seen.
 #[derive(Debug, Default)]
@@ -56,12 +57,18 @@ impl AggregateFunction for Max {
     }
 }
 
-/// The sum's reduce function: saturating, with overflow reported by the operator's check.
-fn add_saturating(a: &i64, b: &i64) -> i64 {
-    a.saturating_add(*b)
-}
+/// The sum's reduce function: checked addition, an overflow raised in the flag it shares with
+/// the operator (the operator checks the flag after each add, without reading the sum back).
+type Reduce = Box<dyn Fn(&i64, &i64) -> i64 + Send>;
 
-type Reduce = fn(&i64, &i64) -> i64;
+fn checked_sum(overflow: Arc<AtomicBool>) -> Reduce {
+    Box::new(move |a: &i64, b: &i64| {
+        a.checked_add(*b).unwrap_or_else(|| {
+            overflow.store(true, Ordering::Relaxed);
+            *a
+        })
+    })
+}
 
 /// What the operator reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +83,8 @@ pub struct KeyedStats {
     state: KeyedState,
     count: ValueState<u64>,
     sum: ReducingState<i64, Reduce>,
+    /// Raised by the sum's reduce function when the sum overflows.
+    sum_overflow: Arc<AtomicBool>,
     max: AggregatingState<Max>,
     buckets: MapState<u8, u64>,
     multiples: ListState<i64>,
@@ -101,7 +110,8 @@ impl KeyedStats {
         let mut state = KeyedState::new(backend, max_parallelism);
         let declared = "the operator declares its states once, in a fresh backend";
         let count = state.value_state::<u64>("count", None).expect(declared);
-        let sum = state.reducing_state::<i64, Reduce>("sum", add_saturating, None).expect(declared);
+        let sum_overflow = Arc::new(AtomicBool::new(false));
+        let sum = state.reducing_state::<i64, Reduce>("sum", checked_sum(sum_overflow.clone()), None).expect(declared);
         let max = state.aggregating_state("max", Max, None).expect(declared);
         let buckets = state.map_state::<u8, u64>("buckets", None).expect(declared);
         let multiples = state.list_state::<i64>("multiples", None).expect(declared);
@@ -114,6 +124,7 @@ impl KeyedStats {
             state,
             count,
             sum,
+            sum_overflow,
             max,
             buckets,
             multiples,
@@ -135,7 +146,7 @@ impl KeyedStats {
         let count = self.count.get(state)?.unwrap_or(0);
         self.count.update(state, &(count + 1))?;
         self.sum.add(state, &value)?;
-        if self.sum.get(state)? == Some(i64::MAX) {
+        if self.sum_overflow.swap(false, Ordering::Relaxed) {
             return Err(OperatorError::Malformed(format!("keyed-stats: the sum of key {key_hash} overflows i64")));
         }
         self.max.add(state, &value)?;
@@ -190,22 +201,16 @@ impl Operator for KeyedStats {
     }
 
     fn on_batch(&mut self, _context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
-        let column = batch.column(self.spec.value_index);
-        let values = column.as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
-            OperatorError::Malformed(format!("keyed-stats: value column is {}, not Int64", column.data_type()))
-        })?;
-        if values.null_count() > 0 {
-            return Err(OperatorError::Malformed(format!("keyed-stats: {} null values", values.null_count())));
-        }
+        let values = int64_values(&batch, self.spec.value_index, "keyed-stats")?;
         match key_column(&batch, self.spec.key_index, self.spec.key_type)? {
             KeyColumn::UInt64(keys) => {
                 for (row, &key) in keys.iter().enumerate() {
-                    self.add(key, values.value(row))?;
+                    self.add(key, values[row])?;
                 }
             }
             KeyColumn::Int64(keys) => {
                 for (row, &key) in keys.iter().enumerate() {
-                    self.add(key as u64, values.value(row))?;
+                    self.add(key as u64, values[row])?;
                 }
             }
         }
@@ -248,13 +253,7 @@ impl Operator for KeyedStats {
             // Every row was emitted at the end of input: nothing is left to restore.
             return Ok(OperatorSnapshot::default());
         }
-        let subtask = context.subtask;
-        let name = format!("stats-{:05}-{:05}", subtask.vertex.0, subtask.index);
-        let target = CaptureTarget {
-            checkpoint,
-            path: format!("{}/{name}", checkpoint_dir(checkpoint)),
-            shared_dir: format!("{}/{name}", shared_dir()),
-        };
+        let target = capture_target(checkpoint, "stats", context.subtask);
         let capture = self.state.capture(&target)?;
         Ok(OperatorSnapshot { files: capture.files, pending_output: Vec::new(), writes: vec![capture.write] })
     }
@@ -373,6 +372,21 @@ mod tests {
         }
         rows.sort_unstable();
         rows
+    }
+
+    // Goal: a sum that overflows i64 is an error naming the key (bad input), and nothing is
+    // wrapped silently. Method: two records of i64::MAX for one key.
+    #[test]
+    fn overflowing_sum_is_an_error() {
+        let max = MaxParallelism::default();
+        let mut storage = MemStorage::new();
+        let mut out = Vec::new();
+        let subtask = SubtaskId { vertex: VertexId(1), index: 0 };
+        let mut op = KeyedStats::new(spec(), max, Box::new(HeapBackend::new(KeyGroupRange::all(max))));
+        let mut context = Context::new(Instant(0), &mut storage, subtask, &mut out);
+        op.on_batch(&mut context, batch(&[(3, i64::MAX)])).unwrap();
+        let error = op.on_batch(&mut context, batch(&[(3, 1)])).unwrap_err();
+        assert!(error.to_string().contains("key 3 overflows"), "{error}");
     }
 
     // Goal: each key's row is the statistics of its records, through a checkpoint restored at

@@ -59,6 +59,37 @@ pub(crate) fn key_column<'a>(
     })
 }
 
+/// The Int64 value column `index` of a batch, checked to have no nulls.
+pub(crate) fn int64_values<'a>(
+    batch: &'a RecordBatch,
+    index: usize,
+    operator: &str,
+) -> Result<&'a [i64], OperatorError> {
+    let column = batch.column(index);
+    if column.null_count() > 0 {
+        return Err(OperatorError::Malformed(format!("{operator}: {} null values", column.null_count())));
+    }
+    let array = column.as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
+        OperatorError::Malformed(format!("{operator}: value column is {}, not Int64", column.data_type()))
+    })?;
+    Ok(array.values())
+}
+
+/// Where an operator subtask's keyed state goes in checkpoint `checkpoint`: files named
+/// `<prefix>-<vertex>-<index>` in the checkpoint's directory, shared files beside it.
+pub(crate) fn capture_target(
+    checkpoint: CheckpointId,
+    prefix: &str,
+    subtask: crate::dataflow::SubtaskId,
+) -> CaptureTarget {
+    let name = format!("{prefix}-{:05}-{:05}", subtask.vertex.0, subtask.index);
+    CaptureTarget {
+        checkpoint,
+        path: format!("{}/{name}", checkpoint_dir(checkpoint)),
+        shared_dir: format!("{}/{name}", shared_dir()),
+    }
+}
+
 pub(crate) enum KeyColumn<'a> {
     UInt64(&'a [u64]),
     Int64(&'a [i64]),
@@ -277,17 +308,6 @@ impl TumblingWindowCountSum {
         ];
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
-
-    fn values<'a>(&self, batch: &'a RecordBatch) -> Result<&'a [i64], OperatorError> {
-        let column = batch.column(self.spec.value_index);
-        if column.null_count() > 0 {
-            return Err(OperatorError::Malformed(format!("tumbling-window: {} null values", column.null_count())));
-        }
-        let array = column.as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
-            OperatorError::Malformed(format!("tumbling-window: value column is {}, not Int64", column.data_type()))
-        })?;
-        Ok(array.values())
-    }
 }
 
 impl Operator for TumblingWindowCountSum {
@@ -297,7 +317,7 @@ impl Operator for TumblingWindowCountSum {
 
     fn on_batch(&mut self, _context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
         let times = event_times(&batch, self.spec.event_time_index, "tumbling-window")?;
-        let values = self.values(&batch)?;
+        let values = int64_values(&batch, self.spec.value_index, "tumbling-window")?;
         match key_column(&batch, self.spec.key_index, self.spec.key_type)? {
             KeyColumn::UInt64(keys) => {
                 for row in 0..keys.len() {
@@ -340,13 +360,7 @@ impl Operator for TumblingWindowCountSum {
             assert!(self.windows_open.is_empty(), "windows open after the end of input");
             return Ok(OperatorSnapshot::default());
         }
-        let subtask = context.subtask;
-        let name = format!("window-{:05}-{:05}", subtask.vertex.0, subtask.index);
-        let target = CaptureTarget {
-            checkpoint,
-            path: format!("{}/{name}", checkpoint_dir(checkpoint)),
-            shared_dir: format!("{}/{name}", shared_dir()),
-        };
+        let target = capture_target(checkpoint, "window", context.subtask);
         let watermark_path = format!("{}.watermark", target.path);
         // The synchronous part captures the state; writing it is left to the driver.
         let capture = self.state.capture(&target)?;
