@@ -665,6 +665,7 @@ impl Node {
         if self.poll_timeout().is_some_and(|at| now >= at) {
             self.handle_alignment_timeouts(now)?;
             self.handle_source_timeouts(now)?;
+            self.handle_operator_timeouts(now)?;
         }
         for _ in 0..STEP_ELEMENTS_MAX {
             if let Some((channel, element)) = self.inbox.pop_front() {
@@ -893,9 +894,51 @@ impl Node {
         Ok(())
     }
 
+    /// Lets each operator whose processing-time deadline passed fire what is due; what it emits
+    /// goes through the rest of its chain.
+    fn handle_operator_timeouts(&mut self, now: Instant) -> Result<(), NodeError> {
+        for task_index in 0..self.tasks.len() {
+            for position in 0..self.tasks[task_index].chain.len() {
+                let task = &mut self.tasks[task_index];
+                if task.finished || !task.chain[position].poll_timeout().is_some_and(|at| now >= at) {
+                    continue;
+                }
+                let mut out = Vec::new();
+                let operator = &mut task.chain[position];
+                let mut context =
+                    Context::new(now, self.storage.as_mut(), task.id, &mut out).with_checkpointing(self.checkpointing);
+                operator.on_processing_time(&mut context).map_err(|error| NodeError {
+                    subtask: task.id,
+                    operator: operator.name().to_string(),
+                    error,
+                })?;
+                assert!(
+                    out.iter().all(|element| matches!(element, Element::Batch(_))),
+                    "{}: an operator emitted other than records on processing time",
+                    task.id
+                );
+                if !out.is_empty() {
+                    self.run_chain_from(now, task_index, position + 1, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one element through a task's chain and routes what comes out.
     fn run_chain(&mut self, now: Instant, task_index: usize, element: Element) -> Result<(), NodeError> {
-        let mut current = vec![element];
+        self.run_chain_from(now, task_index, 0, vec![element])
+    }
+
+    /// Runs elements through a task's chain from operator `start` on, and routes what comes out.
+    /// Only the whole chain (`start` 0) takes barriers and the end of input.
+    fn run_chain_from(
+        &mut self,
+        now: Instant,
+        task_index: usize,
+        start: usize,
+        mut current: Vec<Element>,
+    ) -> Result<(), NodeError> {
         let mut next = std::mem::take(&mut self.scratch.1);
         let checkpointing = self.checkpointing;
         let task = &mut self.tasks[task_index];
@@ -905,8 +948,9 @@ impl Node {
             Element::Barrier(barrier) => Some((barrier.checkpoint, barrier.kind)),
             _ => None,
         };
+        assert!(start == 0 || (!ending && barrier.is_none()), "{}: a barrier or the end mid-chain", task.id);
         let mut written = OperatorSnapshot::default();
-        for operator in task.chain.iter_mut() {
+        for operator in task.chain.iter_mut().skip(start) {
             let mut context =
                 Context::new(now, self.storage.as_mut(), task.id, &mut next).with_checkpointing(checkpointing);
             for element in current.drain(..) {
@@ -1237,6 +1281,12 @@ impl Node {
                 }
                 Head::Source { ended: true, .. } => None,
             })
+            .chain(
+                self.tasks
+                    .iter()
+                    .filter(|task| !task.finished)
+                    .flat_map(|task| task.chain.iter().filter_map(|operator| operator.poll_timeout())),
+            )
             .min()
     }
 

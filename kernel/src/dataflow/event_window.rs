@@ -1,49 +1,55 @@
-//! Keyed event-time windows on timers: tumbling, sliding and session windows counting and
-//! summing a value, with allowed lateness and an explicit policy for late records.
+//! Keyed windows as a [`KeyedProcessFunction`]: tumbling, sliding and session windows on event
+//! time or processing time, with incremental aggregation (count and sum) or a full-window
+//! function, allowed lateness, and an explicit policy for late records.
 //!
 //! # Semantics (Flink's)
-//! - A record with event time `t` belongs to the windows its [`WindowKind`] assigns: one
-//!   tumbling window `[t - t mod size, … + size)`; every sliding window `[s, s + size)` with
-//!   `s` a multiple of `slide` and `s <= t < s + size`; a session window `[t, t + gap)`, merged
-//!   with every session of the same key it overlaps or touches (their accumulators merge).
-//! - A window fires when the watermark reaches its end (`end <= watermark`): it emits
-//!   `key, window_start, window_end, count, sum`.
-//! - Allowed lateness `L`: a window keeps its state until the watermark reaches `end + L`. A
-//!   record for a window that fired but is not yet cleaned updates it and fires it again at
-//!   once (the new row supersedes the old one; `records_late_updated` counts these records).
+//! - A record at time `t` (its event time, or processing time when it arrives) belongs to the
+//!   windows its [`WindowKind`] assigns: one tumbling window `[t - t mod size, … + size)`; every
+//!   sliding window `[s, s + size)` with `s` a multiple of `slide` and `s <= t < s + size`; a
+//!   session window `[t, t + gap)`, merged with every session of the same key it overlaps or
+//!   touches (their contents merge).
+//! - A window fires when the watermark (processing time) reaches its end (`end <= watermark`):
+//!   it emits `key, window_start, window_end, count, <result>`, where the result is the sum of
+//!   the values ([`WindowFunction::CountSum`], kept as one accumulator per window) or what a
+//!   full-window function computes from all the window's values
+//!   ([`WindowFunction::Full`], kept as a list per window).
+//! - Allowed lateness `L` (event time only): a window keeps its state until the watermark
+//!   reaches `end + L`. A record for a window that fired but is not yet cleaned updates it and
+//!   fires it again at once (the new row supersedes the old one; `records_late_updated` counts
+//!   these records).
 //! - A record none of whose windows can still change (for sessions: whose merged window ends
 //!   at or before `watermark - L`) is late: [`LatePolicy::Drop`] counts it in
 //!   `records_late_dropped`; [`LatePolicy::SideOutput`] writes it (`key, value, ts`) to a file
 //!   sink of its own, committed exactly once with the job's checkpoints
-//!   (`records_late_side_output`). Late data is never lost silently.
+//!   (`records_late_side_output`). Late data is never lost silently. On processing time no
+//!   record is late: it belongs to the windows of the time it arrives.
 //! - Window state is cleared when the watermark reaches `end + L`.
 //!
 //! # State
-//! An aggregating state `count-sum` per key with the window `(start, end)` as namespace (16
-//! bytes, order-preserving), a map state `sessions` (start → end, void namespace) of each key's
-//! open session windows, and the [`TimerService`]: a timer at `end` fires a window, one at
-//! `end + L` clears it (the same timer when `L = 0`). Timers fire in the order (time, key group,
-//! key, namespace), so the output's order is a function of the input's.
+//! Per key, with the window `(start, end)` as namespace (16 bytes, order-preserving): an
+//! aggregating state `count-sum`, or a list state `values` for a full-window function; a map
+//! state `sessions` (start → end, void namespace) of each key's open session windows; and the
+//! timers: one at `end` fires a window, one at `end + L` clears it (the same timer when
+//! `L = 0`). Timers fire in the order (time, key group, key, namespace), so on event time the
+//! output's order is a function of the input's.
 
+use std::fmt;
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Int64Array, RecordBatch, UInt64Array};
-use arrow_schema::{DataType, SchemaRef};
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, UInt64Array};
+use arrow_buffer::ScalarBuffer;
+use arrow_schema::{ArrowError, DataType, SchemaRef};
 
 use super::graph::{field, schema_of};
-use super::sink::FileSink;
-use super::watermark::event_times;
-use super::window::{capture_target, int64_values, key_column, CountSum, KeyColumn, KeyType};
-use super::{read_u64_file, u64_file_bytes, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
-use crate::checkpoint::manifest::TaskSnapshot;
+use super::process::{key_array, key_field, KeyedProcessFunction, KeyedProcessOperator, ProcessContext, ProcessSpec};
+use super::window::{CountSum, KeyType};
+use super::OperatorError;
 use crate::dataflow::graph::SubtaskId;
-use crate::element::{CheckpointId, Element};
 use crate::key_group::MaxParallelism;
-use crate::state::keyed::{AggregatingState, KeyedState, MapState};
-use crate::state::timers::TimerService;
-use crate::state::StateBackend;
-use crate::state::{order_preserving_i64, order_preserving_i64_inverse, read_u64_be, FileWrite};
-use crate::time::EventTime;
+use crate::state::keyed::{AggregatingState, KeyedState, ListState, MapState};
+use crate::state::timers::{Timer, TimerTime};
+use crate::state::{order_preserving_i64, order_preserving_i64_inverse, read_u64_be, StateBackend, StateError};
+use crate::time::{EventTime, Instant};
 
 /// How records are assigned to windows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +97,17 @@ impl WindowKind {
     }
 }
 
+/// Which clock assigns records to windows and fires them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowTime {
+    /// The records' event time (the column at `event_time_index`); windows fire on watermarks.
+    Event { event_time_index: usize },
+    /// Processing time when a record arrives; windows fire when processing time reaches their
+    /// end. Results depend on when records arrive: a replay after a failure may window them
+    /// differently, but counts each exactly once.
+    Processing,
+}
+
 /// What happens to a record too late for any window.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LatePolicy {
@@ -99,17 +116,153 @@ pub enum LatePolicy {
     SideOutput(String),
 }
 
+/// A function of all of a window's values (in no particular order), computed when it fires.
+/// It may reorder the slice. It must be deterministic: a replay computes it again.
+#[derive(Clone)]
+pub struct FullWindowFunction {
+    name: String,
+    apply: Arc<dyn Fn(&mut [i64]) -> i64 + Send + Sync>,
+}
+
+impl FullWindowFunction {
+    /// A function named `name` (the output column's name: a file-name-safe word).
+    pub fn new(name: &str, apply: impl Fn(&mut [i64]) -> i64 + Send + Sync + 'static) -> FullWindowFunction {
+        FullWindowFunction { name: name.to_string(), apply: Arc::new(apply) }
+    }
+
+    /// The lower median: the value at index `(n - 1) / 2` of the sorted values.
+    pub fn median() -> FullWindowFunction {
+        FullWindowFunction::new("median", |values| {
+            let middle = (values.len() - 1) / 2;
+            *values.select_nth_unstable(middle).1
+        })
+    }
+
+    /// The number of distinct values.
+    pub fn distinct() -> FullWindowFunction {
+        FullWindowFunction::new("distinct", |values| {
+            values.sort_unstable();
+            let mut count = 1;
+            for pair in values.windows(2) {
+                count += i64::from(pair[0] != pair[1]);
+            }
+            count
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Debug for FullWindowFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FullWindowFunction({})", self.name)
+    }
+}
+
+impl PartialEq for FullWindowFunction {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.apply, &other.apply)
+    }
+}
+
+impl Eq for FullWindowFunction {}
+
+/// How a window's values become its result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WindowFunction {
+    /// Incremental: one `(count, sum)` accumulator per window; the result is the sum.
+    CountSum,
+    /// A full-window function over every value, kept until the window is cleaned.
+    Full(FullWindowFunction),
+}
+
+impl WindowFunction {
+    /// The name of the result column.
+    pub fn result_name(&self) -> &str {
+        match self {
+            WindowFunction::CountSum => "sum",
+            WindowFunction::Full(function) => function.name(),
+        }
+    }
+}
+
 /// What the windows read and do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventWindowSpec {
     pub key_index: usize,
     pub key_type: KeyType,
-    pub event_time_index: usize,
     pub value_index: usize,
     pub kind: WindowKind,
+    pub time: WindowTime,
+    pub function: WindowFunction,
+    /// Event time only: zero on processing time.
     pub allowed_lateness_ms: i64,
     pub late: LatePolicy,
 }
+
+impl EventWindowSpec {
+    /// The output's schema: `key, window_start, window_end, count, <result>`.
+    pub fn schema(&self) -> SchemaRef {
+        schema_of(vec![
+            key_field(self.key_type),
+            field("window_start", DataType::Int64),
+            field("window_end", DataType::Int64),
+            field("count", DataType::UInt64),
+            field(self.function.result_name(), DataType::Int64),
+        ])
+    }
+
+    /// The rows of the late-record side output.
+    pub fn late_schema(&self) -> SchemaRef {
+        schema_of(vec![key_field(self.key_type), field("value", DataType::Int64), field("ts_ms", DataType::Int64)])
+    }
+
+    /// The name of the late records' side output, if they have one.
+    pub fn side_output(&self) -> Option<&str> {
+        match &self.late {
+            LatePolicy::Drop => None,
+            LatePolicy::SideOutput(name) => Some(name),
+        }
+    }
+
+    /// Checks what the job builder cannot check by types.
+    pub fn validate(&self) -> Result<(), String> {
+        self.kind.validate()?;
+        if self.allowed_lateness_ms < 0 {
+            return Err(format!("allowed lateness {} ms < 0", self.allowed_lateness_ms));
+        }
+        if self.time == WindowTime::Processing && (self.allowed_lateness_ms != 0 || self.late != LatePolicy::Drop) {
+            return Err("processing-time windows have no late records: no allowed lateness, no side output".into());
+        }
+        Ok(())
+    }
+
+    /// The operator of these windows for `subtask`, in a fresh `backend`.
+    pub fn instantiate(
+        &self,
+        max_parallelism: MaxParallelism,
+        backend: Box<dyn StateBackend>,
+        subtask: SubtaskId,
+    ) -> Result<WindowOperator, StateError> {
+        self.validate().expect("window specs are validated when the job is built");
+        let spec = ProcessSpec {
+            name: "windows".into(),
+            key_index: self.key_index,
+            key_type: self.key_type,
+            event_time_index: match self.time {
+                WindowTime::Event { event_time_index } => Some(event_time_index),
+                WindowTime::Processing => None,
+            },
+            side_output: self.side_output().map(str::to_string),
+        };
+        KeyedProcessOperator::new(spec, max_parallelism, backend, subtask, |state| Windows::open(self.clone(), state))
+    }
+}
+
+/// The windows' operator.
+pub type WindowOperator = KeyedProcessOperator<Windows>;
 
 fn window_namespace(start: i64, end: i64) -> [u8; 16] {
     let mut bytes = [0_u8; 16];
@@ -124,402 +277,315 @@ fn window_of_namespace(bytes: &[u8]) -> Option<(i64, i64)> {
     Some((start, end))
 }
 
-pub struct EventTimeWindows {
-    spec: EventWindowSpec,
-    state: KeyedState,
-    aggregate: AggregatingState<CountSum>,
-    sessions: MapState<i64, i64>,
-    timers: TimerService,
-    late_sink: Option<FileSink>,
-    /// The input watermark; windows ending at or before it have fired.
-    watermark: EventTime,
-    /// The watermark restored from a checkpoint: watermarks up to it repeat what is known.
-    watermark_restored: EventTime,
-    schema: SchemaRef,
-    late_schema: SchemaRef,
-    /// Reused: a record's windows.
-    windows: Vec<(i64, i64)>,
-    /// Rows `(key, start, end, count, sum)` to emit, and late records `(key, value, ts)`.
-    rows: Vec<(u64, i64, i64, u64, i64)>,
-    late_rows: Vec<(u64, i64, i64)>,
-    metrics: OperatorMetrics,
+/// A window's contents in state: an accumulator, or every value.
+enum Contents {
+    Aggregate(AggregatingState<CountSum>),
+    Values(ListState<i64>, FullWindowFunction),
 }
 
-impl EventTimeWindows {
-    pub fn schema(key_type: KeyType) -> SchemaRef {
-        schema_of(vec![
-            key_field(key_type),
-            field("window_start", DataType::Int64),
-            field("window_end", DataType::Int64),
-            field("count", DataType::UInt64),
-            field("sum", DataType::Int64),
-        ])
-    }
+/// A row of the output: key, window start, window end, count, result.
+pub type WindowRow = (u64, i64, i64, u64, i64);
+/// A late record: key, value, time.
+pub type LateRow = (u64, i64, i64);
 
-    /// The rows of the late-record side output.
-    pub fn late_schema(key_type: KeyType) -> SchemaRef {
-        schema_of(vec![key_field(key_type), field("value", DataType::Int64), field("ts_ms", DataType::Int64)])
-    }
+/// The windows' process function.
+pub struct Windows {
+    spec: EventWindowSpec,
+    contents: Contents,
+    sessions: MapState<i64, i64>,
+    /// The value column of the batch being processed.
+    values: ScalarBuffer<i64>,
+    /// Reused: a record's windows.
+    windows: Vec<(i64, i64)>,
+}
 
-    pub fn new(
-        spec: EventWindowSpec,
-        max_parallelism: MaxParallelism,
-        backend: Box<dyn StateBackend>,
-        subtask: SubtaskId,
-    ) -> EventTimeWindows {
-        spec.kind.validate().expect("window sizes are validated when the job is built");
-        assert!(spec.allowed_lateness_ms >= 0, "allowed lateness {} ms", spec.allowed_lateness_ms);
-        let mut state = KeyedState::new(backend, max_parallelism);
-        let declared = "the windows declare their states once, in a fresh backend";
-        let aggregate = state.aggregating_state("count-sum", CountSum::default(), None).expect(declared);
-        let sessions = state.map_state::<i64, i64>("sessions", None).expect(declared);
-        let timers = TimerService::declare(&mut state).expect(declared);
-        let late_sink = match &spec.late {
-            LatePolicy::Drop => None,
-            LatePolicy::SideOutput(name) => Some(FileSink::new_files(name, subtask)),
+type Ctx<'a, 'b> = ProcessContext<'a, WindowRow, LateRow>;
+
+impl Windows {
+    /// Declares the windows' states in `state`.
+    pub fn open(spec: EventWindowSpec, state: &mut KeyedState) -> Result<Windows, StateError> {
+        let contents = match &spec.function {
+            WindowFunction::CountSum => {
+                Contents::Aggregate(state.aggregating_state("count-sum", CountSum::default(), None)?)
+            }
+            WindowFunction::Full(function) => {
+                Contents::Values(state.list_state::<i64>("values", None)?, function.clone())
+            }
         };
-        EventTimeWindows {
-            schema: Self::schema(spec.key_type),
-            late_schema: Self::late_schema(spec.key_type),
-            spec,
-            state,
-            aggregate,
-            sessions,
-            timers,
-            late_sink,
-            watermark: EventTime::MIN,
-            watermark_restored: EventTime::MIN,
-            windows: Vec::new(),
-            rows: Vec::new(),
-            late_rows: Vec::new(),
-            metrics: OperatorMetrics::default(),
+        let sessions = state.map_state::<i64, i64>("sessions", None)?;
+        Ok(Windows { spec, contents, sessions, values: ScalarBuffer::from(Vec::new()), windows: Vec::new() })
+    }
+
+    /// Where the clock the windows fire on stands: the watermark, or (on processing time, where
+    /// nothing is late) the earliest time.
+    fn fired_through(&self, context: &Ctx<'_, '_>) -> i64 {
+        match self.spec.time {
+            WindowTime::Event { .. } => context.watermark().0,
+            WindowTime::Processing => i64::MIN,
         }
     }
 
-    fn set_key(&mut self, key_hash: u64) {
-        match self.spec.key_type {
-            KeyType::UInt64 => self.state.set_current_key_u64(key_hash),
-            KeyType::Int64 => self.state.set_current_key_i64(key_hash as i64),
+    /// Whether window `end` can no longer change.
+    fn is_cleaned(&self, context: &Ctx<'_, '_>, end: i64) -> bool {
+        end.saturating_add(self.spec.allowed_lateness_ms) <= self.fired_through(context)
+    }
+
+    fn register_timer(&self, context: &mut Ctx<'_, '_>, time: i64) -> Result<(), StateError> {
+        match self.spec.time {
+            WindowTime::Event { .. } => context.register_event_timer(EventTime(time)),
+            WindowTime::Processing => context.register_processing_timer(Instant(time as u64)),
         }
     }
 
-    /// Whether window `end` can no longer change at the current watermark.
-    fn is_cleaned(&self, end: i64) -> bool {
-        end.saturating_add(self.spec.allowed_lateness_ms) <= self.watermark.0
+    fn delete_timer(&self, context: &mut Ctx<'_, '_>, time: i64) -> Result<(), StateError> {
+        match self.spec.time {
+            WindowTime::Event { .. } => context.delete_event_timer(EventTime(time)),
+            WindowTime::Processing => context.delete_processing_timer(Instant(time as u64)),
+        }
     }
 
-    /// Registers the timers of window `(start, end)` of the current key (namespace set): the
-    /// firing at `end` unless the watermark passed it already (the window then fires at once,
-    /// as a late firing), and the cleanup at `end + allowed lateness`.
-    fn register_timers(&mut self, end: i64) -> Result<(), OperatorError> {
-        if end > self.watermark.0 {
-            self.timers.register_event_timer(&mut self.state, EventTime(end))?;
+    /// Registers the timers of window `end` of the current key (namespace set): the firing at
+    /// `end` unless the watermark passed it already (the window then fires at once, as a late
+    /// firing), and the cleanup at `end + allowed lateness`.
+    fn register_timers(&self, context: &mut Ctx<'_, '_>, end: i64) -> Result<(), StateError> {
+        let fired_through = self.fired_through(context);
+        if end > fired_through {
+            self.register_timer(context, end)?;
         }
         let cleanup = end.saturating_add(self.spec.allowed_lateness_ms);
-        if cleanup != end || end <= self.watermark.0 {
-            self.timers.register_event_timer(&mut self.state, EventTime(cleanup))?;
+        if cleanup != end || end <= fired_through {
+            self.register_timer(context, cleanup)?;
         }
         Ok(())
     }
 
-    fn delete_timers(&mut self, end: i64) -> Result<(), OperatorError> {
-        self.timers.delete_event_timer(&mut self.state, EventTime(end))?;
+    fn delete_timers(&self, context: &mut Ctx<'_, '_>, end: i64) -> Result<(), StateError> {
+        self.delete_timer(context, end)?;
         let cleanup = end.saturating_add(self.spec.allowed_lateness_ms);
         if cleanup != end {
-            self.timers.delete_event_timer(&mut self.state, EventTime(cleanup))?;
+            self.delete_timer(context, cleanup)?;
         }
         Ok(())
+    }
+
+    /// The current window's count and result, if it has values.
+    fn result(&self, state: &mut KeyedState) -> Result<Option<(u64, i64)>, StateError> {
+        match &self.contents {
+            Contents::Aggregate(aggregate) => aggregate.get(state),
+            Contents::Values(values, function) => Ok(values.get(state)?.map(|mut values| {
+                let result = (function.apply)(&mut values);
+                (values.len() as u64, result)
+            })),
+        }
+    }
+
+    fn clear(&self, state: &mut KeyedState) -> Result<(), StateError> {
+        match &self.contents {
+            Contents::Aggregate(aggregate) => aggregate.clear(state),
+            Contents::Values(values, _) => values.clear(state),
+        }
     }
 
     /// Adds `value` to window `(start, end)` of the current key; fires it again at once if it
     /// already fired (a late update within the allowed lateness).
-    fn add_to_window(&mut self, key_hash: u64, start: i64, end: i64, value: i64) -> Result<(), OperatorError> {
-        self.state.set_namespace(&window_namespace(start, end))?;
-        self.aggregate.add(&mut self.state, &value)?;
-        let function = self.aggregate.function();
-        let created = function.created.take();
-        if function.overflow.take() {
-            return Err(OperatorError::Malformed(format!(
-                "event-time windows: sum overflows i64 for key {key_hash} in window [{start}, {end})"
-            )));
-        }
+    fn add_to_window(&self, context: &mut Ctx<'_, '_>, start: i64, end: i64, value: i64) -> Result<(), OperatorError> {
+        context.state.set_namespace(&window_namespace(start, end))?;
+        let created = match &self.contents {
+            Contents::Aggregate(aggregate) => {
+                aggregate.add(context.state, &value)?;
+                let function = aggregate.function();
+                if function.overflow.take() {
+                    return Err(OperatorError::Malformed(format!(
+                        "windows: sum overflows i64 for key {} in window [{start}, {end})",
+                        context.key()
+                    )));
+                }
+                function.created.take()
+            }
+            // Appending does not read the list: register the timers again (one timer per
+            // key, namespace and time).
+            Contents::Values(values, _) => {
+                values.add(context.state, &value)?;
+                true
+            }
+        };
         if created {
-            self.register_timers(end)?;
+            self.register_timers(context, end)?;
         }
-        if end <= self.watermark.0 {
-            let (count, sum) = self.aggregate.get(&mut self.state)?.expect("just added");
-            self.rows.push((key_hash, start, end, count, sum));
+        if end <= self.fired_through(context) {
+            let (count, result) = self.result(context.state)?.expect("just added");
+            context.emit((context.key(), start, end, count, result));
         }
         Ok(())
     }
 
-    fn add(&mut self, key_hash: u64, ts: i64, value: i64) -> Result<(), OperatorError> {
-        let mut windows = std::mem::take(&mut self.windows);
-        let overflow = || OperatorError::Malformed(format!("event-time windows: event time {ts} has no window end"));
-        self.spec.kind.assign(ts, &mut windows).ok_or_else(overflow)?;
-        self.set_key(key_hash);
-        let result = match self.spec.kind {
-            WindowKind::Session { .. } => self.add_to_session(key_hash, windows[0], value),
-            _ => {
-                let mut any = false;
-                let mut late_update = false;
-                for &(start, end) in &windows {
-                    if self.is_cleaned(end) {
-                        continue;
-                    }
-                    any = true;
-                    late_update |= end <= self.watermark.0;
-                    self.add_to_window(key_hash, start, end, value)?;
-                }
-                self.metrics.records_late_updated += u64::from(any && late_update);
-                Ok(any)
+    /// Adds `value` to each of `windows` (of the current key) that can still change; `false`
+    /// if none can (the record is late).
+    fn add_to_windows(
+        &self,
+        context: &mut Ctx<'_, '_>,
+        windows: &[(i64, i64)],
+        value: i64,
+    ) -> Result<bool, OperatorError> {
+        let mut any = false;
+        let mut late_update = false;
+        for &(start, end) in windows {
+            if self.is_cleaned(context, end) {
+                continue;
             }
-        };
-        self.windows = windows;
-        if !result? {
-            self.late(key_hash, value, ts);
+            any = true;
+            late_update |= end <= self.fired_through(context);
+            self.add_to_window(context, start, end, value)?;
         }
-        Ok(())
+        context.metrics().records_late_updated += u64::from(any && late_update);
+        Ok(any)
     }
 
     /// Merges the session `[start, end)` of a record into the key's sessions; `false` if the
     /// merged session is already cleaned (the record is late).
-    fn add_to_session(&mut self, key_hash: u64, window: (i64, i64), value: i64) -> Result<bool, OperatorError> {
-        self.state.set_namespace(&[])?;
+    fn add_to_session(&self, context: &mut Ctx<'_, '_>, window: (i64, i64), value: i64) -> Result<bool, OperatorError> {
+        context.state.set_namespace(&[])?;
         let mut merged = window;
         let mut overlapping = Vec::new();
-        self.sessions.for_each(&mut self.state, |start, end| {
+        self.sessions.for_each(context.state, |start, end| {
             if start <= window.1 && window.0 <= end {
                 overlapping.push((start, end));
                 merged = (merged.0.min(start), merged.1.max(end));
             }
             Ok(start <= window.1)
         })?;
-        if self.is_cleaned(merged.1) {
+        if self.is_cleaned(context, merged.1) {
             return Ok(false);
         }
-        let late_update = merged.1 <= self.watermark.0;
-        self.metrics.records_late_updated += u64::from(late_update);
+        let late_update = merged.1 <= self.fired_through(context);
+        context.metrics().records_late_updated += u64::from(late_update);
         if overlapping.as_slice() != [merged] {
-            // The merged session takes the accumulators and replaces the sessions it covers.
+            // The merged session takes the contents and replaces the sessions it covers.
             for &(start, end) in &overlapping {
-                self.sessions.remove(&mut self.state, &start)?;
-                self.state.set_namespace(&window_namespace(start, end))?;
-                self.delete_timers(end)?;
-                self.state.set_namespace(&[])?;
+                self.sessions.remove(context.state, &start)?;
+                context.state.set_namespace(&window_namespace(start, end))?;
+                self.delete_timers(context, end)?;
+                context.state.set_namespace(&[])?;
             }
-            self.sessions.put(&mut self.state, &merged.0, &merged.1)?;
+            self.sessions.put(context.state, &merged.0, &merged.1)?;
             let target = window_namespace(merged.0, merged.1);
             let sources: Vec<[u8; 16]> = overlapping.iter().map(|&(start, end)| window_namespace(start, end)).collect();
             let sources: Vec<&[u8]> = sources.iter().map(|source| source.as_slice()).collect();
-            self.aggregate.merge_namespaces(&mut self.state, &target, &sources)?;
-            if self.aggregate.function().overflow.take() {
-                return Err(OperatorError::Malformed(format!(
-                    "event-time windows: sum overflows i64 for key {key_hash} merging sessions"
-                )));
+            match &self.contents {
+                Contents::Aggregate(aggregate) => {
+                    aggregate.merge_namespaces(context.state, &target, &sources)?;
+                    if aggregate.function().overflow.take() {
+                        return Err(OperatorError::Malformed(format!(
+                            "windows: sum overflows i64 for key {} merging sessions",
+                            context.key()
+                        )));
+                    }
+                    aggregate.function().created.take();
+                }
+                Contents::Values(values, _) => values.merge_namespaces(context.state, &target, &sources)?,
             }
-            self.aggregate.function().created.take();
-            self.state.set_namespace(&target)?;
-            // An accumulator merged in has timers no longer: the merged window gets its own.
+            context.state.set_namespace(&target)?;
+            // The contents merged in have timers no longer: the merged window gets its own.
             if !overlapping.is_empty() {
-                self.register_timers(merged.1)?;
+                self.register_timers(context, merged.1)?;
             }
         }
-        self.add_to_window(key_hash, merged.0, merged.1, value)?;
+        self.add_to_window(context, merged.0, merged.1, value)?;
         Ok(true)
     }
-
-    fn late(&mut self, key_hash: u64, value: i64, ts: i64) {
-        match self.spec.late {
-            LatePolicy::Drop => self.metrics.records_late_dropped += 1,
-            LatePolicy::SideOutput(_) => {
-                self.metrics.records_late_side_output += 1;
-                self.late_rows.push((key_hash, value, ts));
-            }
-        }
-    }
-
-    /// Fires and clears what the watermark reached, in timer order.
-    fn on_timers(&mut self, watermark: EventTime) -> Result<(), OperatorError> {
-        while let Some(timer) = self.timers.poll_event_timer(&mut self.state, watermark)? {
-            let (start, end) = window_of_namespace(timer.namespace()).expect("timers are set on window namespaces");
-            let key_hash = match self.spec.key_type {
-                KeyType::UInt64 => timer.key_u64(),
-                KeyType::Int64 => timer.key_i64().map(|key| key as u64),
-            }
-            .expect("timers are set on integer keys");
-            let time = match timer.time {
-                crate::state::timers::TimerTime::Event(time) => time.0,
-                crate::state::timers::TimerTime::Processing(_) => unreachable!("only event-time timers"),
-            };
-            if time == end {
-                if let Some((count, sum)) = self.aggregate.get(&mut self.state)? {
-                    self.rows.push((key_hash, start, end, count, sum));
-                    self.metrics.windows_fired += 1;
-                }
-            }
-            if time == end.saturating_add(self.spec.allowed_lateness_ms) {
-                self.aggregate.clear(&mut self.state)?;
-                if matches!(self.spec.kind, WindowKind::Session { .. }) {
-                    self.state.set_namespace(&[])?;
-                    self.sessions.remove(&mut self.state, &start)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn emit(&mut self, context: &mut Context<'_>) -> Result<(), OperatorError> {
-        if !self.rows.is_empty() {
-            let rows = std::mem::take(&mut self.rows);
-            let key: ArrayRef = match self.spec.key_type {
-                KeyType::UInt64 => Arc::new(rows.iter().map(|row| row.0).collect::<UInt64Array>()),
-                KeyType::Int64 => Arc::new(rows.iter().map(|row| row.0 as i64).collect::<Int64Array>()),
-            };
-            let columns: Vec<ArrayRef> = vec![
-                key,
-                Arc::new(rows.iter().map(|row| row.1).collect::<Int64Array>()),
-                Arc::new(rows.iter().map(|row| row.2).collect::<Int64Array>()),
-                Arc::new(rows.iter().map(|row| row.3).collect::<UInt64Array>()),
-                Arc::new(rows.iter().map(|row| row.4).collect::<Int64Array>()),
-            ];
-            context.emit(Element::Batch(RecordBatch::try_new(self.schema.clone(), columns)?));
-            self.metrics.records_out += rows.len() as u64;
-            self.rows = rows;
-            self.rows.clear();
-        }
-        if !self.late_rows.is_empty() {
-            let rows = std::mem::take(&mut self.late_rows);
-            let key: ArrayRef = match self.spec.key_type {
-                KeyType::UInt64 => Arc::new(rows.iter().map(|row| row.0).collect::<UInt64Array>()),
-                KeyType::Int64 => Arc::new(rows.iter().map(|row| row.0 as i64).collect::<Int64Array>()),
-            };
-            let columns: Vec<ArrayRef> = vec![
-                key,
-                Arc::new(rows.iter().map(|row| row.1).collect::<Int64Array>()),
-                Arc::new(rows.iter().map(|row| row.2).collect::<Int64Array>()),
-            ];
-            let batch = RecordBatch::try_new(self.late_schema.clone(), columns)?;
-            self.late_sink.as_mut().expect("late rows only with a side output").on_batch(context, batch)?;
-            self.late_rows = rows;
-            self.late_rows.clear();
-        }
-        Ok(())
-    }
 }
 
-fn key_field(key_type: KeyType) -> arrow_schema::Field {
-    match key_type {
-        KeyType::UInt64 => field("key", DataType::UInt64),
-        KeyType::Int64 => field("key", DataType::Int64),
-    }
-    .with_nullable(false)
-}
+impl KeyedProcessFunction for Windows {
+    type Out = WindowRow;
+    type Side = LateRow;
 
-impl Operator for EventTimeWindows {
-    fn name(&self) -> &str {
-        "event-time-windows"
+    fn output_schema(&self) -> SchemaRef {
+        self.spec.schema()
     }
 
-    fn on_batch(&mut self, context: &mut Context<'_>, batch: RecordBatch) -> Result<(), OperatorError> {
-        let times = event_times(&batch, self.spec.event_time_index, "event-time windows")?;
-        let values = int64_values(&batch, self.spec.value_index, "event-time windows")?;
-        match key_column(&batch, self.spec.key_index, self.spec.key_type)? {
-            KeyColumn::UInt64(keys) => {
-                for (row, &key) in keys.iter().enumerate() {
-                    self.add(key, times[row], values[row])?;
-                }
-            }
-            KeyColumn::Int64(keys) => {
-                for (row, &key) in keys.iter().enumerate() {
-                    self.add(key as u64, times[row], values[row])?;
-                }
-            }
+    fn side_output_schema(&self) -> Option<SchemaRef> {
+        self.spec.side_output().map(|_| self.spec.late_schema())
+    }
+
+    fn bind(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
+        let column = batch.column(self.spec.value_index);
+        if column.null_count() > 0 {
+            return Err(OperatorError::Malformed(format!("windows: {} null values", column.null_count())));
         }
-        self.metrics.records_in += batch.num_rows() as u64;
-        self.emit(context)
-    }
-
-    /// Fires every window the watermark reached (all its timers), then forwards it.
-    fn on_watermark(&mut self, context: &mut Context<'_>, watermark: EventTime) -> Result<(), OperatorError> {
-        if watermark <= self.watermark_restored {
-            return Ok(());
-        }
-        assert!(watermark > self.watermark, "watermark {watermark:?} after {:?}", self.watermark);
-        self.watermark = watermark;
-        self.state.set_event_time(watermark);
-        self.on_timers(watermark)?;
-        self.emit(context)?;
-        context.emit(Element::Watermark(watermark));
+        let array = column.as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
+            OperatorError::Malformed(format!("windows: value column is {}, not Int64", column.data_type()))
+        })?;
+        self.values = array.values().clone();
         Ok(())
     }
 
-    fn on_end(&mut self, context: &mut Context<'_>) -> Result<(), OperatorError> {
-        self.watermark = EventTime::MAX;
-        self.on_timers(EventTime::MAX)?;
-        self.emit(context)?;
-        if let Some(sink) = self.late_sink.as_mut() {
-            sink.on_end(context)?;
-        }
-        Ok(())
-    }
-
-    fn on_barrier(
-        &mut self,
-        context: &mut Context<'_>,
-        checkpoint: CheckpointId,
-    ) -> Result<OperatorSnapshot, OperatorError> {
-        let mut snapshot = match self.late_sink.as_mut() {
-            Some(sink) => sink.on_barrier(context, checkpoint)?,
-            None => OperatorSnapshot::default(),
+    fn process_element(&mut self, context: &mut Ctx<'_, '_>, row: usize) -> Result<(), OperatorError> {
+        let value = self.values[row];
+        let ts = match context.timestamp() {
+            Some(time) => time.0,
+            None => i64::try_from(context.now().0).unwrap_or(i64::MAX),
         };
-        if checkpoint == CheckpointId::END_OF_INPUT {
-            // Every window fired and was cleared at the end of input.
-            return Ok(snapshot);
-        }
-        let target = capture_target(checkpoint, "windows", context.subtask);
-        let capture = self.state.capture(&target)?;
-        let watermark_path = format!("{}.watermark", target.path);
-        snapshot.files.extend(capture.files);
-        snapshot.files.push(watermark_path.clone());
-        snapshot.writes.push(capture.write);
-        snapshot.writes.push(FileWrite::boxed(watermark_path, u64_file_bytes(self.watermark.0 as u64)));
-        Ok(snapshot)
-    }
-
-    fn on_checkpoint_complete(
-        &mut self,
-        context: &mut Context<'_>,
-        checkpoint: CheckpointId,
-    ) -> Result<(), OperatorError> {
-        self.state.checkpoint_complete(checkpoint);
-        match self.late_sink.as_mut() {
-            Some(sink) => sink.on_checkpoint_complete(context, checkpoint),
-            None => Ok(()),
-        }
-    }
-
-    /// Restores the state of this subtask's key groups, the lowest restored watermark, and the
-    /// late-record sink.
-    fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
-        let files: Vec<String> = snapshots.iter().flat_map(|s| s.files.iter().cloned()).collect();
-        let mut watermark: Option<i64> = None;
-        for file in files.iter().filter(|file| file.ends_with(".watermark") && file.contains("/windows-")) {
-            let restored = read_u64_file(context.storage, file)? as i64;
-            watermark = Some(watermark.map_or(restored, |w| w.min(restored)));
-        }
-        self.state.restore_files(context.storage, &files)?;
-        self.watermark = EventTime(watermark.unwrap_or(i64::MIN));
-        self.watermark_restored = self.watermark;
-        self.state.set_event_time(self.watermark);
-        if let Some(sink) = self.late_sink.as_mut() {
-            sink.restore(context, snapshots)?;
+        let mut windows = std::mem::take(&mut self.windows);
+        let overflow = || OperatorError::Malformed(format!("windows: time {ts} has no window end"));
+        self.spec.kind.assign(ts, &mut windows).ok_or_else(overflow)?;
+        let result = match self.spec.kind {
+            WindowKind::Session { .. } => self.add_to_session(context, windows[0], value),
+            _ => self.add_to_windows(context, &windows, value),
+        };
+        self.windows = windows;
+        if !result? {
+            match self.spec.late {
+                LatePolicy::Drop => context.metrics().records_late_dropped += 1,
+                LatePolicy::SideOutput(_) => {
+                    context.metrics().records_late_side_output += 1;
+                    context.side_output((context.key(), value, ts));
+                }
+            }
         }
         Ok(())
     }
 
-    fn metrics(&self) -> OperatorMetrics {
-        OperatorMetrics { state_size_bytes: self.state.size_bytes(), ..self.metrics }
+    /// Fires the window at its end, clears it at its end plus the allowed lateness.
+    fn on_timer(&mut self, context: &mut Ctx<'_, '_>, timer: &Timer) -> Result<(), OperatorError> {
+        let (start, end) = window_of_namespace(timer.namespace()).expect("timers are set on window namespaces");
+        let time = match timer.time {
+            TimerTime::Event(time) => time.0,
+            TimerTime::Processing(instant) => instant.0 as i64,
+        };
+        if time == end {
+            if let Some((count, result)) = self.result(context.state)? {
+                context.emit((context.key(), start, end, count, result));
+                context.metrics().windows_fired += 1;
+            }
+        }
+        if time == end.saturating_add(self.spec.allowed_lateness_ms) {
+            self.clear(context.state)?;
+            if matches!(self.spec.kind, WindowKind::Session { .. }) {
+                context.state.set_namespace(&[])?;
+                self.sessions.remove(context.state, &start)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn output_batch(&self, schema: &SchemaRef, rows: &[WindowRow]) -> Result<RecordBatch, ArrowError> {
+        let columns: Vec<ArrayRef> = vec![
+            key_array(self.spec.key_type, rows.iter().map(|row| row.0)),
+            Arc::new(rows.iter().map(|row| row.1).collect::<Int64Array>()),
+            Arc::new(rows.iter().map(|row| row.2).collect::<Int64Array>()),
+            Arc::new(rows.iter().map(|row| row.3).collect::<UInt64Array>()),
+            Arc::new(rows.iter().map(|row| row.4).collect::<Int64Array>()),
+        ];
+        RecordBatch::try_new(schema.clone(), columns)
+    }
+
+    fn side_output_batch(&self, schema: &SchemaRef, rows: &[LateRow]) -> Result<RecordBatch, ArrowError> {
+        let columns: Vec<ArrayRef> = vec![
+            key_array(self.spec.key_type, rows.iter().map(|row| row.0)),
+            Arc::new(rows.iter().map(|row| row.1).collect::<Int64Array>()),
+            Arc::new(rows.iter().map(|row| row.2).collect::<Int64Array>()),
+        ];
+        RecordBatch::try_new(schema.clone(), columns)
     }
 }
 
@@ -528,13 +594,15 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::checkpoint::manifest::TaskSnapshot;
     use crate::dataflow::graph::VertexId;
     use crate::dataflow::sink::read_committed;
+    use crate::dataflow::{Context, Operator};
+    use crate::element::{CheckpointId, Element};
     use crate::env::MemStorage;
     use crate::key_group::KeyGroupRange;
     use crate::state::testing::Lcg;
     use crate::state::HeapBackend;
-    use crate::time::Instant;
 
     type Row = (u64, i64, i64, u64, i64);
 
@@ -547,11 +615,24 @@ mod tests {
     /// The windows' semantics written directly: per key, the open windows and their aggregates.
     struct Model {
         kind: WindowKind,
+        median: bool,
         lateness: i64,
         watermark: i64,
-        windows: BTreeMap<(u64, i64, i64), (u64, i64)>,
+        windows: BTreeMap<(u64, i64, i64), Vec<i64>>,
         rows: Vec<Row>,
         late: Vec<(u64, i64, i64)>,
+    }
+
+    /// A window's row computed from its values: the count and the sum, or the lower median.
+    fn reference_row(key: u64, start: i64, end: i64, values: &[i64], median: bool) -> Row {
+        let result = if median {
+            let mut sorted = values.to_vec();
+            sorted.sort();
+            sorted[(sorted.len() - 1) / 2]
+        } else {
+            values.iter().sum()
+        };
+        (key, start, end, values.len() as u64, result)
     }
 
     impl Model {
@@ -569,10 +650,9 @@ mod tests {
                         .collect();
                     let merged = overlapping.iter().fold(new, |m, &(s, e)| (m.0.min(s), m.1.max(e)));
                     if !cleaned(merged.1, self.watermark) {
-                        let mut total = (0, 0);
+                        let mut total = Vec::new();
                         for (s, e) in overlapping {
-                            let (count, sum) = self.windows.remove(&(key, s, e)).unwrap();
-                            total = (total.0 + count, total.1 + sum);
+                            total.extend(self.windows.remove(&(key, s, e)).unwrap());
                         }
                         self.windows.insert((key, merged.0, merged.1), total);
                         targets.push(merged);
@@ -588,18 +668,18 @@ mod tests {
                 self.late.push((key, value, ts));
             }
             for (start, end) in targets {
-                let entry = self.windows.entry((key, start, end)).or_insert((0, 0));
-                *entry = (entry.0 + 1, entry.1 + value);
+                let values = self.windows.entry((key, start, end)).or_default();
+                values.push(value);
                 if end <= self.watermark {
-                    self.rows.push((key, start, end, entry.0, entry.1));
+                    self.rows.push(reference_row(key, start, end, values, self.median));
                 }
             }
         }
 
         fn advance(&mut self, watermark: i64) {
-            for (&(key, start, end), &(count, sum)) in &self.windows {
+            for (&(key, start, end), values) in &self.windows {
                 if self.watermark < end && end <= watermark {
-                    self.rows.push((key, start, end, count, sum));
+                    self.rows.push(reference_row(key, start, end, values, self.median));
                 }
             }
             self.watermark = watermark;
@@ -634,16 +714,26 @@ mod tests {
         rows
     }
 
-    fn spec(kind: WindowKind, lateness: i64) -> EventWindowSpec {
+    fn spec(kind: WindowKind, lateness: i64, median: bool) -> EventWindowSpec {
         EventWindowSpec {
             key_index: 0,
             key_type: KeyType::UInt64,
-            event_time_index: 2,
             value_index: 1,
             kind,
+            time: WindowTime::Event { event_time_index: 2 },
+            function: if median {
+                WindowFunction::Full(FullWindowFunction::median())
+            } else {
+                WindowFunction::CountSum
+            },
             allowed_lateness_ms: lateness,
             late: LatePolicy::SideOutput("late".into()),
         }
+    }
+
+    fn operator(spec: &EventWindowSpec, max: MaxParallelism, range: KeyGroupRange, index: u16) -> WindowOperator {
+        let subtask = SubtaskId { vertex: VertexId(1), index };
+        spec.instantiate(max, Box::new(HeapBackend::new(range)), subtask).unwrap()
     }
 
     /// Random out-of-order records (disorder up to 300 ms), watermarks trailing the highest
@@ -670,7 +760,7 @@ mod tests {
         Context::new(Instant(0), storage, SubtaskId { vertex: VertexId(1), index }, out)
     }
 
-    fn feed(op: &mut EventTimeWindows, context: &mut Context<'_>, input: Input) {
+    fn feed(op: &mut WindowOperator, context: &mut Context<'_>, input: Input) {
         match input {
             Input::Record { key, ts, value } => op.on_batch(context, batch(&[(key, value, ts)])).unwrap(),
             Input::Watermark(w) => op.on_watermark(context, EventTime(w)).unwrap(),
@@ -691,14 +781,23 @@ mod tests {
             WindowKind::Sliding { size_ms: 120, slide_ms: 40 },
             WindowKind::Session { gap_ms: 25 },
         ];
-        for seed in 0..12_u64 {
+        for seed in 0..24_u64 {
             let kind = kinds[seed as usize % 3];
             let lateness = [0, 90][(seed / 3) as usize % 2];
-            println!("seed {seed}: {kind:?}, allowed lateness {lateness} ms");
+            let median = seed >= 12;
+            let spec = spec(kind, lateness, median);
+            println!("seed {seed}: {kind:?}, allowed lateness {lateness} ms, {:?}", spec.function);
             let mut rng = Lcg::new(seed);
             let inputs = inputs(&mut rng);
-            let mut model =
-                Model { kind, lateness, watermark: i64::MIN, windows: BTreeMap::new(), rows: vec![], late: vec![] };
+            let mut model = Model {
+                kind,
+                median,
+                lateness,
+                watermark: i64::MIN,
+                windows: BTreeMap::new(),
+                rows: vec![],
+                late: vec![],
+            };
             for input in &inputs {
                 match *input {
                     Input::Record { key, ts, value } => model.record(key, ts, value),
@@ -712,12 +811,7 @@ mod tests {
             let (before, after) = inputs.split_at(inputs.len() / 2);
             let mut out = Vec::new();
             let subtask = SubtaskId { vertex: VertexId(1), index: 0 };
-            let mut op = EventTimeWindows::new(
-                spec(kind, lateness),
-                max,
-                Box::new(HeapBackend::new(KeyGroupRange::all(max))),
-                subtask,
-            );
+            let mut op = operator(&spec, max, KeyGroupRange::all(max), 0);
             let mut files;
             let mut pending;
             {
@@ -741,9 +835,7 @@ mod tests {
             }];
             for index in 0..3 {
                 let range = max.range_of(index, 3);
-                let subtask = SubtaskId { vertex: VertexId(1), index };
-                let mut restored =
-                    EventTimeWindows::new(spec(kind, lateness), max, Box::new(HeapBackend::new(range)), subtask);
+                let mut restored = operator(&spec, max, range, index);
                 let mut out = Vec::new();
                 let mut context = context(&mut storage, &mut out, index);
                 restored.restore(&mut context, &snapshots).unwrap();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
-use super::event_window::{EventTimeWindows, EventWindowSpec, LatePolicy, WindowKind};
+use super::event_window::{EventWindowSpec, LatePolicy, WindowFunction, WindowKind, WindowTime};
 use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::map::{Filter, Predicate, Project};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
@@ -174,6 +174,14 @@ impl OperatorSpec {
         }
     }
 
+    /// The file sink of the operator's side output, if it has one.
+    pub fn side_output(&self) -> Option<&str> {
+        match self {
+            OperatorSpec::EventWindows(spec) => spec.side_output(),
+            _ => None,
+        }
+    }
+
     /// Whether instances keep keyed state (and so need a [`StateBackend`]).
     pub fn is_stateful(&self) -> bool {
         matches!(self, OperatorSpec::TumblingWindow(_) | OperatorSpec::KeyedStats(_) | OperatorSpec::EventWindows(_))
@@ -196,9 +204,10 @@ impl OperatorSpec {
             &OperatorSpec::TumblingWindow(spec) => {
                 Box::new(TumblingWindowCountSum::new(spec, max_parallelism, state.expect("checked above")))
             }
-            OperatorSpec::EventWindows(spec) => {
-                Box::new(EventTimeWindows::new(spec.clone(), max_parallelism, state.expect("checked above"), subtask))
-            }
+            OperatorSpec::EventWindows(spec) => Box::new(
+                spec.instantiate(max_parallelism, state.expect("checked above"), subtask)
+                    .expect("the windows declare their states once, in a fresh backend"),
+            ),
             &OperatorSpec::KeyedStats(spec) => {
                 Box::new(KeyedStats::new(spec, max_parallelism, state.expect("checked above")))
             }
@@ -227,6 +236,32 @@ pub struct JobGraph {
     pub name: String,
     pub max_parallelism: MaxParallelism,
     pub vertices: Vec<Vertex>,
+}
+
+/// Windows to compute, for [`Stream::windows_with`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Windows {
+    pub kind: WindowKind,
+    /// On processing time (no watermarks needed; no lateness, no late records), or on the
+    /// stream's event time.
+    pub processing_time: bool,
+    pub function: WindowFunction,
+    pub allowed_lateness_ms: i64,
+    pub late: LatePolicy,
+}
+
+impl Windows {
+    /// Event-time windows of `kind`, counting and summing, without lateness, dropping late
+    /// records (counted).
+    pub fn new(kind: WindowKind) -> Windows {
+        Windows {
+            kind,
+            processing_time: false,
+            function: WindowFunction::CountSum,
+            allowed_lateness_ms: 0,
+            late: LatePolicy::Drop,
+        }
+    }
 }
 
 /// Starts a job.
@@ -434,39 +469,55 @@ impl Stream {
 
     /// Per key and event-time window (tumbling, sliding or session): the count of records and
     /// the sum of `value`, with `allowed_lateness_ms` and a policy for records later than that
-    /// (see [`EventTimeWindows`]). Output columns: key, window_start, window_end, count, sum.
+    /// (see [`super::event_window`]). Output columns: key, window_start, window_end, count, sum.
     pub fn windows(
-        mut self,
+        self,
         kind: WindowKind,
         value: &str,
         allowed_lateness_ms: i64,
         late: LatePolicy,
     ) -> Result<Stream, BuildError> {
-        let operator = "event-time-windows";
+        let windows =
+            Windows { kind, processing_time: false, function: WindowFunction::CountSum, allowed_lateness_ms, late };
+        self.windows_with(value, windows)
+    }
+
+    /// Per key and window, on event time or processing time, with incremental aggregation or a
+    /// full-window function (see [`super::event_window`]). Output columns: key, window_start,
+    /// window_end, count, and the result (`sum`, or the full-window function's name).
+    pub fn windows_with(mut self, value: &str, windows: Windows) -> Result<Stream, BuildError> {
+        let operator = "windows";
         let (key_index, key_type) = self.key.ok_or(BuildError::NotKeyed { operator: operator.into() })?;
-        let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
-        if !self.has_watermarks {
-            return Err(BuildError::NoWatermarks { operator: operator.into() });
-        }
+        let time = if windows.processing_time {
+            WindowTime::Processing
+        } else {
+            let event_time_index = self.event_time.ok_or(BuildError::NoEventTime { operator: operator.into() })?;
+            if !self.has_watermarks {
+                return Err(BuildError::NoWatermarks { operator: operator.into() });
+            }
+            WindowTime::Event { event_time_index }
+        };
         let invalid = |reason: String| BuildError::Invalid { operator: operator.into(), reason };
-        kind.validate().map_err(invalid)?;
-        if allowed_lateness_ms < 0 {
-            return Err(invalid(format!("allowed lateness {allowed_lateness_ms} ms < 0")));
-        }
-        if let LatePolicy::SideOutput(name) = &late {
+        if let LatePolicy::SideOutput(name) = &windows.late {
             FileTransactions::validate_name(name).map_err(invalid)?;
         }
+        if let WindowFunction::Full(function) = &windows.function {
+            FileTransactions::validate_name(function.name()).map_err(invalid)?;
+        }
         let value_index = self.column_of_type(operator, value, &[DataType::Int64])?;
-        self.push(OperatorSpec::EventWindows(EventWindowSpec {
+        let spec = EventWindowSpec {
             key_index,
             key_type,
-            event_time_index,
             value_index,
-            kind,
-            allowed_lateness_ms,
-            late,
-        }));
-        self.schema = EventTimeWindows::schema(key_type);
+            kind: windows.kind,
+            time,
+            function: windows.function,
+            allowed_lateness_ms: windows.allowed_lateness_ms,
+            late: windows.late,
+        };
+        spec.validate().map_err(invalid)?;
+        self.schema = spec.schema();
+        self.push(OperatorSpec::EventWindows(spec));
         self.event_time = None;
         self.key = Some((0, key_type));
         Ok(self)
@@ -503,7 +554,7 @@ impl Stream {
         // A side output writes beside the job's sink, in the same subtasks: its name must differ.
         let side_outputs = self.job.vertices.iter().flat_map(|vertex| vertex.chain.iter());
         for spec in side_outputs {
-            if let OperatorSpec::EventWindows(EventWindowSpec { late: LatePolicy::SideOutput(side), .. }) = spec {
+            if let Some(side) = spec.side_output() {
                 if side == name {
                     let reason = format!("the late records' side output and the job's sink are both named {name:?}");
                     return Err(BuildError::Invalid { operator: name.into(), reason });
@@ -525,10 +576,7 @@ impl JobGraph {
         for spec in self.vertices.iter().flat_map(|vertex| vertex.chain.iter()) {
             match spec {
                 OperatorSpec::Sink { name } => names.push(name.clone()),
-                OperatorSpec::EventWindows(EventWindowSpec { late: LatePolicy::SideOutput(name), .. }) => {
-                    names.push(name.clone())
-                }
-                _ => {}
+                spec => names.extend(spec.side_output().map(str::to_string)),
             }
         }
         names

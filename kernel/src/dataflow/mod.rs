@@ -9,6 +9,7 @@ pub mod exchange;
 pub mod graph;
 pub mod keyed_stats;
 pub mod map;
+pub mod process;
 pub mod sink;
 pub mod source;
 pub mod watermark;
@@ -107,6 +108,18 @@ pub trait Operator: Send {
     /// The merged input watermark advanced. The default forwards it.
     fn on_watermark(&mut self, context: &mut Context<'_>, watermark: EventTime) -> Result<(), OperatorError> {
         context.emit(Element::Watermark(watermark));
+        Ok(())
+    }
+
+    /// When the operator next needs [`Operator::on_processing_time`]: its earliest
+    /// processing-time timer. The default needs none.
+    fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Processing time reached `context.now`, at or after [`Operator::poll_timeout`]: fire what
+    /// is due. Called by the node between elements, never during one.
+    fn on_processing_time(&mut self, _context: &mut Context<'_>) -> Result<(), OperatorError> {
         Ok(())
     }
 

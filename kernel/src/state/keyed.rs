@@ -1446,6 +1446,22 @@ impl<T: StateCodec> ListState<T> {
         Ok((!values.is_empty()).then_some(values))
     }
 
+    /// Appends the elements of `sources` (namespaces of the current key, in the order given) to
+    /// `target`'s, and clears the sources (merging windows). With TTL, the moved elements count
+    /// as written now.
+    pub fn merge_namespaces(&self, state: &mut KeyedState, target: &[u8], sources: &[&[u8]]) -> Result<(), StateError> {
+        let mut merged = Vec::new();
+        for source in sources.iter().filter(|source| **source != target) {
+            state.set_namespace(source)?;
+            if let Some(values) = self.get(state)? {
+                merged.extend(values);
+                self.clear(state)?;
+            }
+        }
+        state.set_namespace(target)?;
+        self.add_all(state, &merged)
+    }
+
     /// Replaces the elements (an empty slice clears the list).
     pub fn update(&self, state: &mut KeyedState, values: &[T]) -> Result<(), StateError> {
         self.clear(state)?;
