@@ -900,7 +900,7 @@ impl Node {
         for task_index in 0..self.tasks.len() {
             for position in 0..self.tasks[task_index].chain.len() {
                 let task = &mut self.tasks[task_index];
-                if task.finished || !task.chain[position].poll_timeout().is_some_and(|at| now >= at) {
+                if task.finished || task.chain[position].poll_timeout().is_none_or(|at| now < at) {
                     continue;
                 }
                 let mut out = Vec::new();

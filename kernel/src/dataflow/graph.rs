@@ -9,6 +9,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use super::event_window::{EventWindowSpec, LatePolicy, WindowFunction, WindowKind, WindowTime};
 use super::keyed_stats::{KeyedStats, KeyedStatsSpec};
 use super::map::{Filter, Predicate, Project};
+use super::process::{KeyedProcessFunction, KeyedProcessOperator, ProcessSpec};
 use super::sink::{FileSink, FileTransactions, SinkFactory, TwoPhaseCommitSink};
 use super::source::{GeneratorSource, GeneratorSplits};
 use super::watermark::WatermarkAssigner;
@@ -16,7 +17,8 @@ use super::window::{KeyType, TumblingWindowCountSum, WindowSpec};
 use super::{Operator, Source};
 use crate::env::ChannelId;
 use crate::key_group::{KeyGroupRange, MaxParallelism};
-use crate::state::StateBackend;
+use crate::state::keyed::KeyedState;
+use crate::state::{HeapBackend, StateBackend, StateError};
 use crate::time::watermarks::{Punctuation, SourceWatermarkSpec, WatermarkKind, WatermarkStrategy};
 
 /// The largest parallelism of one vertex.
@@ -145,6 +147,11 @@ pub enum OperatorSpec {
     TumblingWindow(WindowSpec),
     KeyedStats(KeyedStatsSpec),
     EventWindows(EventWindowSpec),
+    /// A user's keyed process function (`Stream::process`).
+    Process {
+        spec: ProcessSpec,
+        factory: ProcessFactory,
+    },
     Sink {
         name: String,
     },
@@ -170,7 +177,20 @@ impl OperatorSpec {
             OperatorSpec::TumblingWindow(_) => "tumbling-window",
             OperatorSpec::KeyedStats(_) => "keyed-stats",
             OperatorSpec::EventWindows(_) => "event-time-windows",
+            OperatorSpec::Process { spec, .. } => &spec.name,
             OperatorSpec::Sink { name } | OperatorSpec::TransactionalSink { name, .. } => name,
+        }
+    }
+
+    /// What names the operator's checkpoint files (`<prefix>-VVVVV-IIIII`), if it keeps state:
+    /// unique within a vertex's chain.
+    pub fn capture_prefix(&self) -> Option<&str> {
+        match self {
+            OperatorSpec::TumblingWindow(_) => Some("window"),
+            OperatorSpec::KeyedStats(_) => Some("stats"),
+            OperatorSpec::EventWindows(_) => Some("windows"),
+            OperatorSpec::Process { spec, .. } => Some(&spec.name),
+            _ => None,
         }
     }
 
@@ -178,13 +198,20 @@ impl OperatorSpec {
     pub fn side_output(&self) -> Option<&str> {
         match self {
             OperatorSpec::EventWindows(spec) => spec.side_output(),
+            OperatorSpec::Process { spec, .. } => spec.side_output.as_deref(),
             _ => None,
         }
     }
 
     /// Whether instances keep keyed state (and so need a [`StateBackend`]).
     pub fn is_stateful(&self) -> bool {
-        matches!(self, OperatorSpec::TumblingWindow(_) | OperatorSpec::KeyedStats(_) | OperatorSpec::EventWindows(_))
+        matches!(
+            self,
+            OperatorSpec::TumblingWindow(_)
+                | OperatorSpec::KeyedStats(_)
+                | OperatorSpec::EventWindows(_)
+                | OperatorSpec::Process { .. }
+        )
     }
 
     /// Creates the instance for `subtask`; `state` is given exactly to stateful operators.
@@ -208,6 +235,10 @@ impl OperatorSpec {
                 spec.instantiate(max_parallelism, state.expect("checked above"), subtask)
                     .expect("the windows declare their states once, in a fresh backend"),
             ),
+            OperatorSpec::Process { factory, .. } => {
+                (factory.0)(subtask, max_parallelism, state.expect("checked above"))
+                    .expect("a process function declares its states once, in a fresh backend")
+            }
             &OperatorSpec::KeyedStats(spec) => {
                 Box::new(KeyedStats::new(spec, max_parallelism, state.expect("checked above")))
             }
@@ -237,6 +268,15 @@ pub struct JobGraph {
     pub max_parallelism: MaxParallelism,
     pub vertices: Vec<Vertex>,
 }
+
+/// Makes the keyed process operator of one subtask, in its state backend.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct ProcessFactory(
+    Arc<
+        dyn Fn(SubtaskId, MaxParallelism, Box<dyn StateBackend>) -> Result<Box<dyn Operator>, StateError> + Send + Sync,
+    >,
+);
 
 /// Windows to compute, for [`Stream::windows_with`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -520,6 +560,56 @@ impl Stream {
         self.push(OperatorSpec::EventWindows(spec));
         self.event_time = None;
         self.key = Some((0, key_type));
+        Ok(self)
+    }
+
+    /// Runs a keyed process function on the keyed stream (see [`super::process`]): each subtask
+    /// makes its instance with `open`, which declares the function's states in a fresh
+    /// [`KeyedState`] and returns the function. `name` names the operator and its checkpoint
+    /// files; `side_output` is the file sink of the function's side output, if it has one. The
+    /// output has the function's schema and is not keyed.
+    pub fn process<F: KeyedProcessFunction>(
+        mut self,
+        name: &str,
+        side_output: Option<&str>,
+        open: impl Fn(&mut KeyedState) -> Result<F, StateError> + Send + Sync + 'static,
+    ) -> Result<Stream, BuildError> {
+        let invalid = |reason: String| BuildError::Invalid { operator: name.into(), reason };
+        FileTransactions::validate_name(name).map_err(invalid)?;
+        if let Some(side) = side_output {
+            FileTransactions::validate_name(side).map_err(invalid)?;
+        }
+        let (key_index, key_type) = self.key.ok_or(BuildError::NotKeyed { operator: name.into() })?;
+        let chain = &self.job.vertices[usize::from(self.vertex.0)].chain;
+        if chain.iter().any(|spec| spec.capture_prefix() == Some(name)) {
+            return Err(invalid(format!("another keyed operator of this vertex names its checkpoint files {name:?}")));
+        }
+        let max = self.job.max_parallelism;
+        // The output's schema, from an instance over an empty backend.
+        let mut probe_state = KeyedState::new(Box::new(HeapBackend::new(KeyGroupRange::all(max))), max);
+        let probe = open(&mut probe_state).map_err(|error| invalid(format!("declaring its states: {error}")))?;
+        if probe.side_output_schema().is_some() != side_output.is_some() {
+            return Err(invalid("the function's side output and the job's side output sink must both be given".into()));
+        }
+        let spec = ProcessSpec {
+            name: name.to_string(),
+            key_index,
+            key_type,
+            event_time_index: self.event_time,
+            side_output: side_output.map(str::to_string),
+        };
+        let open = Arc::new(open);
+        let instance_spec = spec.clone();
+        let factory = ProcessFactory(Arc::new(move |subtask, max, backend| {
+            let open = open.clone();
+            let operator =
+                KeyedProcessOperator::new(instance_spec.clone(), max, backend, subtask, |state| open(state))?;
+            Ok(Box::new(operator) as Box<dyn Operator>)
+        }));
+        self.push(OperatorSpec::Process { spec, factory });
+        self.schema = probe.output_schema();
+        self.event_time = None;
+        self.key = None;
         Ok(self)
     }
 

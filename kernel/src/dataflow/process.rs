@@ -435,10 +435,15 @@ impl<F: KeyedProcessFunction> Operator for KeyedProcessOperator<F> {
     /// Restores this subtask's key groups (state and timers), the lowest restored watermark,
     /// and the side output's sink.
     fn restore(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
-        let files: Vec<String> = snapshots.iter().flat_map(|s| s.files.iter().cloned()).collect();
-        let mine = format!("/{}-", self.spec.name);
+        // Its own files: another keyed operator of the chain snapshots beside it.
+        let files: Vec<String> = snapshots
+            .iter()
+            .flat_map(|s| s.files.iter())
+            .filter(|file| is_capture_of(file, &self.spec.name))
+            .cloned()
+            .collect();
         let mut watermark: Option<i64> = None;
-        for file in files.iter().filter(|file| file.ends_with(".watermark") && file.contains(&mine)) {
+        for file in files.iter().filter(|file| file.ends_with(".watermark")) {
             let restored = read_u64_file(context.storage, file)? as i64;
             watermark = Some(watermark.map_or(restored, |w| w.min(restored)));
         }
@@ -458,6 +463,21 @@ impl<F: KeyedProcessFunction> Operator for KeyedProcessOperator<F> {
     }
 }
 
+/// Whether `file` belongs to a capture of the operator named `name` (`capture_target`'s paths:
+/// a path component `<name>-VVVVV-IIIII`).
+fn is_capture_of(file: &str, name: &str) -> bool {
+    file.split('/').any(|component| {
+        let Some(rest) = component.strip_prefix(name).and_then(|rest| rest.strip_prefix('-')) else {
+            return false;
+        };
+        let bytes = rest.as_bytes();
+        bytes.len() >= 11
+            && bytes[..5].iter().all(u8::is_ascii_digit)
+            && bytes[5] == b'-'
+            && bytes[6..11].iter().all(u8::is_ascii_digit)
+    })
+}
+
 /// A non-null key field of `key_type`, named `key`: the first column of keyed outputs.
 pub fn key_field(key_type: KeyType) -> Field {
     match key_type {
@@ -471,5 +491,413 @@ pub fn key_array(key_type: KeyType, keys: impl Iterator<Item = u64>) -> ArrayRef
     match key_type {
         KeyType::UInt64 => Arc::new(keys.collect::<UInt64Array>()),
         KeyType::Int64 => Arc::new(keys.map(|key| key as i64).collect::<Int64Array>()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use arrow_schema::Schema;
+
+    use super::*;
+    use crate::dataflow::graph::VertexId;
+    use crate::dataflow::sink::read_committed;
+    use crate::env::MemStorage;
+    use crate::key_group::KeyGroupRange;
+    use crate::state::keyed::ValueState;
+    use crate::state::testing::Lcg;
+    use crate::state::HeapBackend;
+
+    /// A row: key, count of the key's records so far, the timer's time, and which timer
+    /// (0: the key's inactivity timeout on event time, 1: its report on processing time).
+    type Row = (u64, u64, i64, u8);
+
+    /// A user's function: per key, counts records; a record with a negative value goes to the
+    /// side output instead. Each counted record moves the key's event-time timeout to its
+    /// event time + `TIMEOUT` (deleting the previous timer); the timeout emits the count. The
+    /// key's first record also sets a processing-time report `REPORT` ms later, which emits the
+    /// count then and sets the next report only if the key is still active (has a timeout).
+    struct Timeouts {
+        count: ValueState<u64>,
+        deadline: ValueState<i64>,
+        values: ScalarBuffer<i64>,
+    }
+
+    const TIMEOUT: i64 = 100;
+    const REPORT: u64 = 30;
+
+    use arrow_buffer::ScalarBuffer;
+
+    impl Timeouts {
+        fn open(state: &mut KeyedState) -> Result<Timeouts, StateError> {
+            Ok(Timeouts {
+                count: state.value_state("count", None)?,
+                deadline: state.value_state("deadline", None)?,
+                values: ScalarBuffer::from(Vec::new()),
+            })
+        }
+    }
+
+    impl KeyedProcessFunction for Timeouts {
+        type Out = Row;
+        type Side = (u64, i64);
+
+        fn output_schema(&self) -> SchemaRef {
+            Arc::new(Schema::new(vec![
+                Field::new("key", DataType::UInt64, false),
+                Field::new("count", DataType::UInt64, false),
+                Field::new("time", DataType::Int64, false),
+                Field::new("timer", DataType::UInt64, false),
+            ]))
+        }
+
+        fn side_output_schema(&self) -> Option<SchemaRef> {
+            Some(Arc::new(Schema::new(vec![
+                Field::new("key", DataType::UInt64, false),
+                Field::new("value", DataType::Int64, false),
+            ])))
+        }
+
+        fn bind(&mut self, batch: &RecordBatch) -> Result<(), OperatorError> {
+            let values = batch.column(1).as_any().downcast_ref::<Int64Array>();
+            self.values = values.ok_or_else(|| OperatorError::Malformed("value".into()))?.values().clone();
+            Ok(())
+        }
+
+        fn process_element(
+            &mut self,
+            context: &mut ProcessContext<'_, Row, (u64, i64)>,
+            row: usize,
+        ) -> Result<(), OperatorError> {
+            let value = self.values[row];
+            if value < 0 {
+                context.side_output((context.key(), value));
+                return Ok(());
+            }
+            let count = self.count.get(context.state)?.unwrap_or(0) + 1;
+            self.count.update(context.state, &count)?;
+            if let Some(old) = self.deadline.get(context.state)? {
+                context.delete_event_timer(EventTime(old))?;
+            }
+            let deadline = context.timestamp().expect("an event-time column").0 + TIMEOUT;
+            self.deadline.update(context.state, &deadline)?;
+            context.register_event_timer(EventTime(deadline))?;
+            if count == 1 {
+                context.register_processing_timer(Instant(context.now().0 + REPORT))?;
+            }
+            Ok(())
+        }
+
+        fn on_timer(
+            &mut self,
+            context: &mut ProcessContext<'_, Row, (u64, i64)>,
+            timer: &Timer,
+        ) -> Result<(), OperatorError> {
+            let count = self.count.get(context.state)?.expect("a timer after a record");
+            match timer.time {
+                TimerTime::Event(time) => {
+                    assert_eq!(context.timestamp(), Some(time));
+                    assert!(time <= context.watermark(), "{time:?} fired above the watermark");
+                    self.deadline.clear(context.state)?;
+                    context.emit((context.key(), count, time.0, 0));
+                }
+                TimerTime::Processing(time) => {
+                    context.emit((context.key(), count, time.0 as i64, 1));
+                    if self.deadline.get(context.state)?.is_some() {
+                        context.register_processing_timer(Instant(time.0 + REPORT))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        fn output_batch(&self, schema: &SchemaRef, rows: &[Row]) -> Result<RecordBatch, ArrowError> {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(rows.iter().map(|r| r.0).collect::<UInt64Array>()),
+                Arc::new(rows.iter().map(|r| r.1).collect::<UInt64Array>()),
+                Arc::new(rows.iter().map(|r| r.2).collect::<Int64Array>()),
+                Arc::new(rows.iter().map(|r| u64::from(r.3)).collect::<UInt64Array>()),
+            ];
+            RecordBatch::try_new(schema.clone(), columns)
+        }
+
+        fn side_output_batch(&self, schema: &SchemaRef, rows: &[(u64, i64)]) -> Result<RecordBatch, ArrowError> {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(rows.iter().map(|r| r.0).collect::<UInt64Array>()),
+                Arc::new(rows.iter().map(|r| r.1).collect::<Int64Array>()),
+            ];
+            RecordBatch::try_new(schema.clone(), columns)
+        }
+    }
+
+    /// The function's semantics written directly: per key its count, timeout and next report;
+    /// timers fire in the order (time, key group, key).
+    #[derive(Default)]
+    struct Model {
+        count: BTreeMap<u64, u64>,
+        timeout: BTreeMap<u64, i64>,
+        report: BTreeMap<u64, u64>,
+        side: Vec<(u64, i64)>,
+        /// Processing time, and the timers fired so far.
+        now: u64,
+        fired: usize,
+    }
+
+    impl Model {
+        fn record(&mut self, key: u64, ts: i64, value: i64, now: u64) {
+            if value < 0 {
+                self.side.push((key, value));
+                return;
+            }
+            let count = self.count.entry(key).or_insert(0);
+            *count += 1;
+            self.timeout.insert(key, ts + TIMEOUT);
+            if *count == 1 {
+                self.report.insert(key, now + REPORT);
+            }
+        }
+
+        /// Every timeout at or below `watermark`, in firing order.
+        fn watermark(&mut self, watermark: i64, max: MaxParallelism) -> Vec<Row> {
+            let mut due: Vec<(i64, u16, u64)> = self
+                .timeout
+                .iter()
+                .filter(|(_, &time)| time <= watermark)
+                .map(|(&key, &time)| (time, max.key_group_of_u64(key).0, key))
+                .collect();
+            due.sort_unstable();
+            due.iter()
+                .map(|&(time, _, key)| {
+                    self.timeout.remove(&key);
+                    (key, self.count[&key], time, 0)
+                })
+                .collect()
+        }
+
+        /// Every report due at `now`, in firing order (reports set while firing fire later).
+        fn clock(&mut self, now: u64, max: MaxParallelism) -> Vec<Row> {
+            let mut rows = Vec::new();
+            loop {
+                let next = self
+                    .report
+                    .iter()
+                    .filter(|(_, &time)| time <= now)
+                    .map(|(&key, &time)| (time, max.key_group_of_u64(key).0, key))
+                    .min();
+                let Some((time, _, key)) = next else { return rows };
+                rows.push((key, self.count[&key], time as i64, 1));
+                if self.timeout.contains_key(&key) {
+                    self.report.insert(key, time + REPORT);
+                } else {
+                    self.report.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn spec() -> ProcessSpec {
+        ProcessSpec {
+            name: "timeouts".into(),
+            key_index: 0,
+            key_type: KeyType::UInt64,
+            event_time_index: Some(2),
+            side_output: Some("timeouts-side".into()),
+        }
+    }
+
+    fn operator(max: MaxParallelism, range: KeyGroupRange, index: u16) -> KeyedProcessOperator<Timeouts> {
+        let subtask = SubtaskId { vertex: VertexId(1), index };
+        KeyedProcessOperator::new(spec(), max, Box::new(HeapBackend::new(range)), subtask, Timeouts::open).unwrap()
+    }
+
+    fn batch(key: u64, value: i64, ts: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("key", DataType::UInt64, false),
+            Field::new("value", DataType::Int64, false),
+            Field::new("ts_ms", DataType::Int64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(UInt64Array::from(vec![key])),
+            Arc::new(Int64Array::from(vec![value])),
+            Arc::new(Int64Array::from(vec![ts])),
+        ];
+        RecordBatch::try_new(schema, columns).unwrap()
+    }
+
+    /// The rows of a run's output, and where its watermarks fell among them.
+    fn rows_of(out: &[Element]) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for element in out {
+            let Element::Batch(batch) = element else { continue };
+            let u64s = |i: usize| batch.column(i).as_any().downcast_ref::<UInt64Array>().unwrap().clone();
+            let times = batch.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
+            let (keys, counts, timers) = (u64s(0), u64s(1), u64s(3));
+            for row in 0..batch.num_rows() {
+                rows.push((keys.value(row), counts.value(row), times.value(row), timers.value(row) as u8));
+            }
+        }
+        rows
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Input {
+        Record {
+            key: u64,
+            ts: i64,
+            value: i64,
+        },
+        Watermark(i64),
+        /// Processing time moves on by this much.
+        Clock(u64),
+    }
+
+    fn inputs(rng: &mut Lcg) -> Vec<Input> {
+        let mut inputs = Vec::new();
+        let (mut high, mut watermark) = (0_i64, 0_i64);
+        for i in 0..500_i64 {
+            let ts = i * 2 - rng.below(40) as i64;
+            high = high.max(ts);
+            let value = rng.below(100) as i64 - 10;
+            // Keys come and go: each of 12 keys is active for a stretch of the input.
+            inputs.push(Input::Record {
+                key: (i / 40 + rng.below(4) as i64) as u64 % 12,
+                ts: ts.max(watermark + 1),
+                value,
+            });
+            match rng.below(10) {
+                0..=1 if high - 40 > watermark => {
+                    watermark = high - 40;
+                    inputs.push(Input::Watermark(watermark));
+                }
+                2..=3 => inputs.push(Input::Clock(rng.below(25))),
+                _ => {}
+            }
+        }
+        inputs
+    }
+
+    // Goal: a keyed process function gets each record with its key current, its keyed state,
+    // the record's event time, the watermark and processing time; its event-time timers fire
+    // when the watermark reaches them and processing-time timers when the clock does, exactly
+    // once each, in the order (time, key group, key), before the watermark is forwarded (the
+    // output watermark never passes an unfired timer); a deleted timer never fires; timers set
+    // while firing fire in their turn; side-output rows are committed to their own sink; and all
+    // of it survives a checkpoint restored at parallelism 3.
+    // Method: seeded inputs (seed printed) against a model of the function; before the
+    // checkpoint, each firing's rows must equal the model's in order; after it, three operators
+    // restored from the snapshot take the keys of their key groups, and the rows of each firing
+    // must equal the model's rows of those keys, in order.
+    #[test]
+    fn process_function_timers_state_and_side_output_match_a_model() {
+        for seed in 0..10_u64 {
+            println!("seed {seed}");
+            let mut rng = Lcg::new(seed);
+            let inputs = inputs(&mut rng);
+            let max = MaxParallelism::default();
+            let mut storage = MemStorage::new();
+            let mut model = Model::default();
+            let (before, after) = inputs.split_at(inputs.len() / 2);
+            let mut ops = vec![operator(max, KeyGroupRange::all(max), 0)];
+            let run = |ops: &mut Vec<KeyedProcessOperator<Timeouts>>,
+                       storage: &mut MemStorage,
+                       model: &mut Model,
+                       input: Input| {
+                let parallelism = ops.len() as u16;
+                let mine = |index: usize, key: u64| {
+                    max.range_of(index as u16, parallelism).contains(max.key_group_of_u64(key))
+                };
+                let expected = match input {
+                    Input::Record { key, ts, value } => {
+                        model.record(key, ts, value, model.now);
+                        Vec::new()
+                    }
+                    Input::Watermark(w) => model.watermark(w, max),
+                    Input::Clock(ms) => {
+                        model.now += ms;
+                        model.clock(model.now, max)
+                    }
+                };
+                model.fired += expected.len();
+                let now = model.now;
+                for (index, op) in ops.iter_mut().enumerate() {
+                    let mut out = Vec::new();
+                    let subtask = SubtaskId { vertex: VertexId(1), index: index as u16 };
+                    let mut context = Context::new(Instant(now), storage, subtask, &mut out);
+                    match input {
+                        Input::Record { key, ts, value } if mine(index, key) => {
+                            op.on_batch(&mut context, batch(key, value, ts)).unwrap()
+                        }
+                        Input::Record { .. } => {}
+                        Input::Watermark(w) => {
+                            op.on_watermark(&mut context, EventTime(w)).unwrap();
+                            assert!(matches!(out.last(), Some(Element::Watermark(EventTime(x))) if *x == w));
+                        }
+                        Input::Clock(_) => {
+                            if op.poll_timeout().is_some_and(|at| at <= Instant(now)) {
+                                op.on_processing_time(&mut context).unwrap();
+                            }
+                        }
+                    }
+                    let mine_expected: Vec<Row> = expected.iter().filter(|row| mine(index, row.0)).copied().collect();
+                    assert_eq!(rows_of(&out), mine_expected, "seed {seed}: subtask {index} after {input:?}");
+                }
+            };
+            for &input in before {
+                run(&mut ops, &mut storage, &mut model, input);
+            }
+            let now = model.now;
+            let mut out = Vec::new();
+            let subtask = SubtaskId { vertex: VertexId(1), index: 0 };
+            let mut context = Context::new(Instant(now), &mut storage, subtask, &mut out).with_checkpointing(true);
+            let written = ops[0].on_barrier(&mut context, CheckpointId(1)).unwrap();
+            let mut files = written.files;
+            for write in written.writes {
+                files.extend(write.write(&mut storage).unwrap());
+            }
+            ops[0]
+                .on_checkpoint_complete(
+                    &mut Context::new(Instant(now), &mut storage, subtask, &mut out).with_checkpointing(true),
+                    CheckpointId(1),
+                )
+                .unwrap();
+            let snapshots =
+                [TaskSnapshot { subtask, source_positions: vec![], files, pending_output: written.pending_output }];
+            let mut ops: Vec<_> = (0..3).map(|index| operator(max, max.range_of(index, 3), index)).collect();
+            for (index, op) in ops.iter_mut().enumerate() {
+                let subtask = SubtaskId { vertex: VertexId(1), index: index as u16 };
+                op.restore(&mut Context::new(Instant(now), &mut storage, subtask, &mut out), &snapshots).unwrap();
+            }
+            for &input in after {
+                run(&mut ops, &mut storage, &mut model, input);
+            }
+            let now = model.now;
+            // The end: every timeout fires, then the reports (each once: the timeouts are gone).
+            let mut expected = model.watermark(i64::MAX, max);
+            expected.extend(model.clock(u64::MAX - REPORT, max));
+            let mut rows = Vec::new();
+            for (index, op) in ops.iter_mut().enumerate() {
+                let subtask = SubtaskId { vertex: VertexId(1), index: index as u16 };
+                let mut out = Vec::new();
+                op.on_end(&mut Context::new(Instant(now), &mut storage, subtask, &mut out)).unwrap();
+                rows.extend(rows_of(&out));
+            }
+            rows.sort_unstable();
+            expected.sort_unstable();
+            assert_eq!(rows, expected, "seed {seed}: the end");
+            assert!(model.fired > 50, "seed {seed}: {} timers fired before the end", model.fired);
+            // The side output: every negative record, exactly once (before the checkpoint it was
+            // committed by it; after, at the end).
+            let mut side: Vec<(u64, i64)> = Vec::new();
+            for batch in read_committed(&mut storage, "timeouts-side").unwrap() {
+                let keys = batch.column(0).as_any().downcast_ref::<UInt64Array>().unwrap();
+                let values = batch.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+                side.extend((0..batch.num_rows()).map(|i| (keys.value(i), values.value(i))));
+            }
+            side.sort_unstable();
+            model.side.sort_unstable();
+            assert_eq!(side, model.side, "seed {seed}: side output");
+            println!("seed {seed}: {} timers fired before the end, {} side-output rows", model.fired, side.len());
+        }
     }
 }
