@@ -215,6 +215,54 @@ pub fn w4_job_with(
         .sink_files("w4")
 }
 
+/// W5, windows on processing time: generator → key by `key` → tumbling, sliding or session
+/// windows of `kind` on processing time, counting and summing `value` → file sink `w5`. Which
+/// window a record lands in depends on when it arrives, so runs differ; what every run must
+/// keep is each record counted exactly once per window it belongs to: per key, the counts and
+/// sums of the rows total what the key's records give (times the windows per record for
+/// sliding windows). Of [`W2Options`] it uses the counts, parallelisms, batch size and keys.
+pub fn w5_job_with(
+    options: W2Options,
+    kind: crate::dataflow::event_window::WindowKind,
+) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    use crate::dataflow::graph::{SourceSpec, Windows};
+    let W2Options { record_count, source_parallelism, parallelism, batch_size, keys, .. } = options;
+    crate::dataflow::JobBuilder::new("w5")
+        .source(
+            "generator",
+            SourceSpec::Generator { record_count, batch_size, keys, splits: Default::default() },
+            source_parallelism,
+        )?
+        .key_by("key", parallelism)?
+        .windows_with("value", Windows { processing_time: true, ..Windows::new(kind) })?
+        .sink_files("w5")
+}
+
+/// What W5 must total per key whatever the timing: `(count, sum)` of the key's records, each
+/// counted once per window it belongs to (`size / slide` windows for sliding windows).
+pub fn w5_totals(
+    record_count: u64,
+    keys: Keys,
+    kind: crate::dataflow::event_window::WindowKind,
+) -> std::collections::BTreeMap<u64, (u64, i64)> {
+    use crate::dataflow::event_window::WindowKind;
+    let per_record = match kind {
+        WindowKind::Sliding { size_ms, slide_ms } => {
+            assert_eq!(size_ms % slide_ms, 0, "a slide that divides the size: a record is in size / slide windows");
+            (size_ms / slide_ms) as u64
+        }
+        WindowKind::Tumbling { .. } | WindowKind::Session { .. } => 1,
+    };
+    let mut totals = std::collections::BTreeMap::<u64, (u64, i64)>::new();
+    for i in 0..record_count {
+        let record = record_with(i, keys);
+        let total = totals.entry(record.key).or_insert((0, 0));
+        total.0 += per_record;
+        total.1 += record.value * per_record as i64;
+    }
+    totals
+}
+
 /// The hot keys of [`w3_job`]: three records in four go to one of them.
 pub const W3_HOT_KEYS: u64 = 64;
 
