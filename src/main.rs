@@ -11,7 +11,7 @@ use sabot::driver::{
 };
 use sabot::fs_storage::LocalFsStorage;
 use sabot_kernel::checkpoint::manifest::{find_latest, load, sweep_before, Manifest};
-use sabot_kernel::dataflow::event_window::{LatePolicy, WindowKind};
+use sabot_kernel::dataflow::event_window::{FullWindowFunction, LatePolicy, WindowFunction, WindowKind};
 use sabot_kernel::dataflow::sink::read_committed;
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::element::CheckpointId;
@@ -95,8 +95,15 @@ flags of `sabot run`:
   --unaligned           periodic checkpoints use unaligned barriers (savepoints stay aligned)
   --alignment-timeout-ms N
                         aligned barriers that wait longer than N ms switch to unaligned
-  --window KIND         instead of W2's window operator: tumbling, sliding or session event-time
-                        windows on timers (job and output `windows`), counting and summing values
+  --window KIND         instead of W2's window operator: tumbling, sliding or session windows
+                        on timers (job and output `windows`), counting and summing values
+  --window-time event|processing
+                        the windows' clock: the records' event time and watermarks (default), or
+                        processing time when records arrive (no lateness, nothing late)
+  --window-function sum|median|distinct
+                        each window's result beside its count: the sum, kept incrementally
+                        (default), or the lower median or number of distinct values, computed
+                        by a full-window function over every value the window kept
   --window-size-ms N    tumbling and sliding windows' size (default 10000)
   --slide-ms N          sliding windows' slide (default half the size)
   --gap-ms N            session windows' gap (default 1000)
@@ -127,6 +134,8 @@ struct RunArgs {
     transport: TransportKind,
     /// `None`: W2 itself (the tumbling window operator of WORKLOADS.md).
     windows: Option<WindowKind>,
+    processing_time: bool,
+    window_function: WindowFunction,
     allowed_lateness_ms: i64,
     late_side_output: bool,
     out_of_orderness_ms: i64,
@@ -155,6 +164,8 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
         alignment_timeout_ms: None,
         transport: TransportKind::InProcess,
         windows: None,
+        processing_time: false,
+        window_function: WindowFunction::CountSum,
         allowed_lateness_ms: 0,
         late_side_output: false,
         out_of_orderness_ms: workload::W2_OUT_OF_ORDERNESS_MS,
@@ -183,6 +194,23 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
             "--window-size-ms" => size_ms = Some(parse_number(flag, &value()?)?),
             "--slide-ms" => slide_ms = Some(parse_number(flag, &value()?)?),
             "--gap-ms" => gap_ms = Some(parse_number(flag, &value()?)?),
+            "--window-time" => {
+                run.processing_time = match value()?.as_str() {
+                    "event" => false,
+                    "processing" => true,
+                    other => return Err(UsageError(format!("--window-time is event or processing, not {other:?}"))),
+                }
+            }
+            "--window-function" => {
+                run.window_function = match value()?.as_str() {
+                    "sum" => WindowFunction::CountSum,
+                    "median" => WindowFunction::Full(FullWindowFunction::median()),
+                    "distinct" => WindowFunction::Full(FullWindowFunction::distinct()),
+                    other => {
+                        return Err(UsageError(format!("--window-function is sum, median or distinct, not {other:?}")))
+                    }
+                }
+            }
             "--allowed-lateness-ms" => run.allowed_lateness_ms = parse_number(flag, &value()?)?,
             "--out-of-orderness-ms" => run.out_of_orderness_ms = parse_number(flag, &value()?)?,
             "--late" => {
@@ -223,12 +251,21 @@ fn parse_run(args: &[String]) -> Result<RunArgs, UsageError> {
     if let Some(kind) = run.windows {
         kind.validate().map_err(UsageError)?;
     }
+    if run.processing_time && (run.allowed_lateness_ms != 0 || run.late_side_output) {
+        return Err(UsageError(
+            "processing-time windows have no late records: --allowed-lateness-ms and --late go with event time".into(),
+        ));
+    }
     let customized = run.allowed_lateness_ms != 0
         || run.late_side_output
+        || run.processing_time
+        || run.window_function != WindowFunction::CountSum
         || run.out_of_orderness_ms != workload::W2_OUT_OF_ORDERNESS_MS;
     if customized && run.windows.is_none() {
         return Err(UsageError(
-            "--allowed-lateness-ms, --late and --out-of-orderness-ms go with --window (W2 itself is fixed)".into(),
+            "--window-time, --window-function, --allowed-lateness-ms, --late and --out-of-orderness-ms go with \
+             --window (W2 itself is fixed)"
+                .into(),
         ));
     }
     if run.allowed_lateness_ms < 0 || run.out_of_orderness_ms < 0 {
@@ -618,8 +655,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let graph = match args.windows {
         None => workload::w2_job(args.records, args.parallelism, args.batch_size).context("building the W2 job")?,
         Some(kind) => {
-            use sabot_kernel::dataflow::graph::SourceSpec;
+            use sabot_kernel::dataflow::graph::{SourceSpec, Windows};
             let late = if args.late_side_output { LatePolicy::SideOutput(LATE_SINK.into()) } else { LatePolicy::Drop };
+            let windows = Windows {
+                kind,
+                processing_time: args.processing_time,
+                function: args.window_function.clone(),
+                allowed_lateness_ms: args.allowed_lateness_ms,
+                late,
+            };
             let source = SourceSpec::Generator {
                 record_count: args.records,
                 batch_size: args.batch_size,
@@ -630,7 +674,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 .source("generator", source, args.parallelism)
                 .and_then(|stream| stream.assign_watermarks(args.out_of_orderness_ms))
                 .and_then(|stream| stream.key_by("key", args.parallelism))
-                .and_then(|stream| stream.windows(kind, "value", args.allowed_lateness_ms, late))
+                .and_then(|stream| stream.windows_with("value", windows))
                 .and_then(|stream| stream.sink_files(WINDOWS_JOB))
                 .context("building the windows job")?
         }
@@ -652,8 +696,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let job = match args.windows {
         None => "W2 keyed tumbling window (10 s windows, 5 s out-of-orderness)".to_string(),
+        Some(kind) if args.processing_time => {
+            format!("keyed {kind:?} windows on processing time, result {}", args.window_function.result_name())
+        }
         Some(kind) => format!(
-            "keyed {kind:?} windows, {} ms out-of-orderness, {} ms allowed lateness, late records {}",
+            "keyed {kind:?} windows, result {}, {} ms out-of-orderness, {} ms allowed lateness, late records {}",
+            args.window_function.result_name(),
             args.out_of_orderness_ms,
             args.allowed_lateness_ms,
             if args.late_side_output { "to output/windows-late" } else { "dropped (counted)" }

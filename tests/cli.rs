@@ -17,6 +17,16 @@ fn bad_flags_are_named() {
         (vec!["run", "--state", "redis"], "--state is rocksdb or heap"),
         (vec!["run", "--parallelism", "0"], "--parallelism must be at least 1"),
         (vec!["run", "--data-dir"], "--data-dir needs a value"),
+        (vec!["run", "--window", "tumbling", "--window-time", "wall"], "--window-time is event or processing"),
+        (
+            vec!["run", "--window", "tumbling", "--window-function", "mean"],
+            "--window-function is sum, median or distinct",
+        ),
+        (
+            vec!["run", "--window", "session", "--window-time", "processing", "--late", "side-output"],
+            "processing-time windows have no late records",
+        ),
+        (vec!["run", "--window-function", "median"], "go with --window"),
         (vec!["frobnicate"], "unknown command \"frobnicate\""),
     ] {
         let (code, _, stderr) = sabot(&args);
@@ -42,5 +52,31 @@ fn run_prints_summary_and_replaces_previous_output() {
         assert!(stdout.contains("records in      20,000"), "{stdout}");
         assert!(stdout.contains("count sum 20,000,"), "every record counted once: {stdout}");
         assert!(stdout.contains("throughput"), "{stdout}");
+    }
+}
+
+// Goal: `sabot run` runs windows with a full-window function and windows on processing time,
+// counting every record once per window it belongs to.
+// Method: 20,000 records on the heap: sliding windows of 2 s every 1 s (each record in two
+// windows; the 5 s watermark bound exceeds the generator's disorder, so none is late) with the
+// median, and tumbling windows of 50 ms on processing time; the summary's count checksum.
+#[test]
+fn run_full_window_functions_and_processing_time_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    let common = ["run", "--records", "20_000", "--parallelism", "2", "--state", "heap", "--data-dir", data_dir];
+    for (extra, count_sum) in [
+        (
+            &["--window", "sliding", "--window-size-ms", "2000", "--slide-ms", "1000", "--window-function", "median"][..],
+            "count sum 40,000,",
+        ),
+        (&["--window", "tumbling", "--window-size-ms", "50", "--window-time", "processing"][..], "count sum 20,000,"),
+    ] {
+        let args: Vec<&str> = common.iter().chain(extra).copied().collect();
+        let (code, stdout, stderr) = sabot(&args);
+        assert_eq!(code, 0, "{args:?}\nstdout: {stdout}\nstderr: {stderr}");
+        assert!(stdout.contains(count_sum), "{args:?}: every record counted once per window: {stdout}");
+        assert!(stdout.contains("0 dropped"), "{args:?}: nothing late: {stdout}");
     }
 }
