@@ -241,7 +241,8 @@ pub fn job_graph(spec: &sabot_kernel::wire::JobSpec) -> Result<sabot_kernel::dat
         "w1" => sabot_kernel::workload::w1_job(spec.records, spec.parallelism, batch_size),
         "w2" => sabot_kernel::workload::w2_job(spec.records, spec.parallelism, batch_size),
         "w3" => sabot_kernel::workload::w3_job(spec.records, spec.parallelism, batch_size),
-        other => return Err(DriverError::Coordinator(format!("unknown job {other:?} (w1, w2 or w3)"))),
+        "w2-aligned" => sabot_kernel::workload::w2_aligned_job(spec.records, spec.parallelism, batch_size),
+        other => return Err(DriverError::Coordinator(format!("unknown job {other:?} (w1, w2, w2-aligned or w3)"))),
     };
     graph.map_err(|error| DriverError::Coordinator(format!("building job {}: {error}", spec.name)))
 }
@@ -652,15 +653,25 @@ impl Transport for InProcTransport {
     }
 }
 
-/// Watermark alignment between the nodes of one process: each node publishes the minimum
-/// watermark of each of its alignment groups here and takes the minimum over the other nodes
-/// (`Node::alignment_watermarks`, `Node::handle_alignment`), before every step and before it
-/// waits; a change wakes the nodes that wait. Nothing carries these minima between processes
-/// yet: in a cluster, sources align with the nodes of their own worker process only.
+/// Watermark alignment between the nodes of one process, and through the coordinator between
+/// processes: each node publishes the minimum watermark of each of its alignment groups here and
+/// takes the minimum over the other nodes (`Node::alignment_watermarks`, `Node::handle_alignment`),
+/// before every step and before it waits; a change wakes the nodes that wait. In a cluster, the
+/// worker sends this process's minima to the coordinator whenever they change
+/// ([`AlignmentBoard::process_minima`]), and the coordinator sends back, per group, the minimum
+/// over the other workers ([`AlignmentBoard::set_remote`]), which counts as one more node.
 #[derive(Debug, Default)]
 pub struct AlignmentBoard {
-    minima: Mutex<BTreeMap<(String, u16), Option<EventTime>>>,
+    minima: Mutex<BoardMinima>,
     changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct BoardMinima {
+    /// Per group and node of this process.
+    nodes: BTreeMap<(String, u16), Option<EventTime>>,
+    /// Per group, the minimum over the other processes (`None`: none holds the group back).
+    remote: BTreeMap<String, Option<EventTime>>,
 }
 
 impl AlignmentBoard {
@@ -673,7 +684,8 @@ impl AlignmentBoard {
         aligned.then(Arc::default)
     }
 
-    /// Publishes `node`'s minima and tells it the other nodes'. Whether what it knew changed.
+    /// Publishes `node`'s minima and tells it the other nodes' (and processes'). Whether what it
+    /// knew changed.
     fn exchange(&self, node: &mut Node) -> bool {
         let index = node.index();
         let mine = node.alignment_watermarks();
@@ -681,10 +693,12 @@ impl AlignmentBoard {
         let elsewhere: Vec<(String, Option<EventTime>)> = {
             let mut minima = self.minima.lock().expect("alignment lock");
             for (group, minimum) in &mine {
-                published |= minima.insert((group.clone(), index), *minimum) != Some(*minimum);
+                published |= minima.nodes.insert((group.clone(), index), *minimum) != Some(*minimum);
             }
             let other = |group: &String| {
-                minima.iter().filter(|((g, n), _)| g == group && *n != index).filter_map(|(_, minimum)| *minimum).min()
+                let nodes = minima.nodes.iter().filter(|((g, n), _)| g == group && *n != index);
+                let remote = minima.remote.get(group).copied().flatten();
+                nodes.filter_map(|(_, minimum)| *minimum).chain(remote).min()
             };
             mine.iter().map(|(group, _)| (group.clone(), other(group))).collect()
         };
@@ -696,6 +710,35 @@ impl AlignmentBoard {
             learned |= node.handle_alignment(&group, minimum);
         }
         learned
+    }
+
+    /// Per group, the minimum over this process's nodes (`None`: none of them holds the group
+    /// back), in group order: what the worker tells the coordinator.
+    pub fn process_minima(&self) -> Vec<(String, Option<EventTime>)> {
+        let minima = self.minima.lock().expect("alignment lock");
+        let mut out: Vec<(String, Option<EventTime>)> = Vec::new();
+        for ((group, _), minimum) in &minima.nodes {
+            match out.last_mut() {
+                Some((last, so_far)) if last == group => *so_far = (*so_far).into_iter().chain(*minimum).min(),
+                _ => out.push((group.clone(), *minimum)),
+            }
+        }
+        out
+    }
+
+    /// Takes the other processes' minima from the coordinator, and wakes the nodes if they
+    /// changed.
+    pub fn set_remote(&self, remote: Vec<(String, Option<EventTime>)>) {
+        let changed = {
+            let mut minima = self.minima.lock().expect("alignment lock");
+            let remote: BTreeMap<String, Option<EventTime>> = remote.into_iter().collect();
+            let changed = minima.remote != remote;
+            minima.remote = remote;
+            changed
+        };
+        if changed {
+            self.changed.notify_waiters();
+        }
     }
 }
 

@@ -39,9 +39,11 @@ flags of `sabot coordinator`:
   --workers N           workers each attempt waits for (default 1)
   --min-workers M       after a failure, go on with M or more workers if no replacement registered
                         within 2 s (default: N, always wait for replacements)
-  --job NAME            w2 (default: the keyed tumbling window), w1 (filter and projection) or w3
+  --job NAME            w2 (default: the keyed tumbling window), w1 (filter and projection), w3
                         (per-key statistics in value, list, map, reducing and aggregating state;
-                        one row per key at the end)
+                        one row per key at the end) or w2-aligned (W2 whose source splits read
+                        at different speeds, aligned in one group with a 200 ms drift across
+                        every worker process; its output is W2's, under output/w2-aligned)
   --records, --parallelism, --batch-size, --data-dir, --unaligned, --alignment-timeout-ms
                         as for `sabot run`
   --checkpoint-interval-ms N
@@ -378,8 +380,8 @@ fn cluster(command: &str, args: &[String]) -> Result<anyhow::Result<()>, UsageEr
             ("coordinator", "--records") => job.records = parse_number(flag, &value()?)?,
             ("coordinator", "--job") => {
                 job.name = match value()?.as_str() {
-                    name @ ("w1" | "w2" | "w3") => name.to_string(),
-                    other => return Err(UsageError(format!("--job is w1, w2 or w3, not {other:?}"))),
+                    name @ ("w1" | "w2" | "w2-aligned" | "w3") => name.to_string(),
+                    other => return Err(UsageError(format!("--job is w1, w2, w2-aligned or w3, not {other:?}"))),
                 }
             }
             ("coordinator", "--parallelism") => job.parallelism = parse_number(flag, &value()?)?,

@@ -69,15 +69,23 @@ impl Cluster {
     }
 
     fn worker_with_nodes(&self, nodes: u16) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_sabot"))
+        self.worker_command(nodes).stderr(Stdio::null()).spawn().expect("starting a worker")
+    }
+
+    /// A worker running one node whose log the test reads.
+    fn worker_logged(&self) -> Child {
+        self.worker_command(1).stderr(Stdio::piped()).spawn().expect("starting a worker")
+    }
+
+    fn worker_command(&self, nodes: u16) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sabot"));
+        command
             .args(["worker", "--coordinator", &format!("127.0.0.1:{}", self.port), "--nodes", &nodes.to_string()])
             .args(["--data-dir", self.data_dir().to_str().unwrap()])
             .arg("--secret-file")
             .arg(self.secret())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting a worker")
+            .stdout(Stdio::null());
+        command
     }
 
     /// The id the latest-checkpoint pointer names, 0 before the first.
@@ -146,6 +154,38 @@ fn three_workers_commit_the_reference() {
     assert!(ok, "the coordinator failed: {log}");
     reap(workers);
     cluster.check_output();
+}
+
+// Goal: watermark alignment spans worker processes: a source whose split runs ahead pauses for
+// a split read in another process (the coordinator relays each process's group minima), and
+// the output is still W2's. Without the relay, each process would see only its own split, the
+// minimum of its group, and never pause. Method: `--job w2-aligned` (two source subtasks whose
+// splits pause every 200 and 400 records, so one reads twice as fast; drift 200 ms) on two
+// worker processes of one node each; the workers' logs say how often their sources paused.
+#[test]
+fn alignment_spans_worker_processes() {
+    let mut cluster = Cluster::new(20_000);
+    cluster.job = "w2-aligned";
+    let coordinator = cluster.coordinator_with(2, &["--parallelism", "2"]);
+    let workers: Vec<Child> = (0..2).map(|_| cluster.worker_logged()).collect();
+    let (ok, log) = finish(coordinator);
+    assert!(ok, "the coordinator failed: {log}");
+    let mut paused = Vec::new();
+    for worker in workers {
+        let output = worker.wait_with_output().expect("waiting for a worker");
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        let line = log.lines().find(|line| line.contains("sources paused for watermark alignment"));
+        let count: u64 = line
+            .and_then(|line| line.split_whitespace().rev().nth(1))
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| panic!("no pause count in the worker's log: {log}"));
+        paused.push(count);
+    }
+    println!("sources paused for alignment, per worker: {paused:?}");
+    assert!(paused.iter().any(|&count| count > 0), "a source paused for a split in another process: {paused:?}");
+    let mut storage = LocalFsStorage::open(cluster.data_dir()).unwrap();
+    let rows = window_rows(&read_committed(&mut storage, "w2-aligned").unwrap());
+    assert!(rows == w2_reference(cluster.records, W2_WINDOW_SIZE_MS), "the output is W2's");
 }
 
 // Goal: a worker killed with SIGKILL at random points (10 times, seeded, the seed printed) and

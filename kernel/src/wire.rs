@@ -410,7 +410,17 @@ pub enum Control {
         id: u64,
         rows: Result<Vec<u8>, String>,
     },
+    /// Watermark alignment between processes, per alignment group (at most
+    /// [`ALIGNMENT_GROUPS_MAX`], each named once): from a worker, the minimum watermark of the
+    /// group's splits on its nodes; from the coordinator, the minimum over the other workers.
+    /// `None`: no split of the group holds the others back there (none started, or all ended).
+    Alignment {
+        minima: Vec<(String, Option<i64>)>,
+    },
 }
+
+/// The most alignment groups one [`Control::Alignment`] carries.
+pub const ALIGNMENT_GROUPS_MAX: usize = 1024;
 
 fn put_string(out: &mut Vec<u8>, s: &str) -> Result<(), WireError> {
     let length = u32::try_from(s.len()).map_err(|_| malformed("string over 4 GiB"))?;
@@ -587,6 +597,24 @@ impl Control {
                 put_string(out, operator)?;
                 out.extend_from_slice(&key.to_le_bytes());
             }
+            Control::Alignment { minima } => {
+                if minima.len() > ALIGNMENT_GROUPS_MAX {
+                    return Err(malformed(format!("{} alignment groups", minima.len())));
+                }
+                if let Some((group, _)) = minima
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, (g, _))| minima[..i].iter().any(|(seen, _)| seen == g).then_some((g, ())))
+                {
+                    return Err(malformed(format!("alignment group {group:?} twice")));
+                }
+                out.push(30);
+                out.extend_from_slice(&(minima.len() as u32).to_le_bytes());
+                for (group, minimum) in minima {
+                    put_string(out, group)?;
+                    put_option_u64(out, minimum.map(|minimum| minimum as u64));
+                }
+            }
             Control::Answer { id, rows } => {
                 out.push(29);
                 out.extend_from_slice(&id.to_le_bytes());
@@ -712,6 +740,22 @@ impl Control {
                     kind => return Err(malformed(format!("answer kind {kind}"))),
                 };
                 Control::Answer { id, rows }
+            }
+            30 => {
+                let count = reader.u32("alignment group count")? as usize;
+                if count > ALIGNMENT_GROUPS_MAX {
+                    return Err(malformed(format!("{count} alignment groups")));
+                }
+                let mut minima: Vec<(String, Option<i64>)> = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let group = reader.string("alignment group")?;
+                    if minima.iter().any(|(seen, _)| *seen == group) {
+                        return Err(malformed(format!("alignment group {group:?} twice")));
+                    }
+                    let minimum = reader.option_u64("alignment minimum")?.map(|bits| bits as i64);
+                    minima.push((group, minimum));
+                }
+                Control::Alignment { minima }
             }
             kind => return Err(malformed(format!("control kind {kind}"))),
         };
@@ -859,6 +903,8 @@ mod tests {
             Control::QueryNode { id: 7, node: 2, operator: "window".into(), key: 42 },
             Control::Answer { id: 7, rows: Ok(vec![1, 2, 3]) },
             Control::Answer { id: 0, rows: Err("the job is restarting".into()) },
+            Control::Alignment { minima: vec![("w2".into(), Some(-5)), ("other".into(), None)] },
+            Control::Alignment { minima: vec![] },
         ];
         let mut bytes = Vec::new();
         for message in &messages {

@@ -141,6 +141,42 @@ pub fn w2_job_split_watermarks(
         .sink_files("w2")
 }
 
+/// The drift of [`w2_aligned_job`]'s alignment group.
+pub const W2_ALIGNED_DRIFT_MS: u64 = 200;
+
+/// W2 with aligned sources, as `sabot coordinator --job w2-aligned` runs it: job and file sink
+/// `w2-aligned`, one split per source subtask (one source subtask per keyed subtask), each
+/// pausing 20 ms after every `200 << (split mod 3)` records (so splits read at different
+/// speeds), watermarks made per split, all in one alignment group `w2-aligned` with a drift of
+/// [`W2_ALIGNED_DRIFT_MS`]. Its output equals W2's (no record can be late: the bound exceeds the
+/// generator's disorder), whatever the pauses.
+pub fn w2_aligned_job(
+    record_count: u64,
+    parallelism: u16,
+    batch_size: usize,
+) -> Result<crate::dataflow::JobGraph, crate::dataflow::graph::BuildError> {
+    use crate::dataflow::source::{GeneratorSplits, GeneratorStalls};
+    let options = W2Options {
+        record_count,
+        source_parallelism: parallelism,
+        parallelism,
+        batch_size,
+        out_of_orderness_ms: W2_OUT_OF_ORDERNESS_MS,
+        window_size_ms: W2_WINDOW_SIZE_MS,
+        keys: Keys::Uniform,
+    };
+    let watermarks = SplitWatermarkOptions {
+        splits: GeneratorSplits { count: None, stalls: Some(GeneratorStalls { every_records: 200, stall_ms: 20 }) },
+        idle_timeout_ms: None,
+        emit_interval_ms: 0,
+        max_drift_ms: Some(W2_ALIGNED_DRIFT_MS),
+    };
+    source_with_split_watermarks("w2-aligned", options, watermarks)?
+        .key_by("key", parallelism)?
+        .tumbling_window_count_sum(options.window_size_ms, "value")?
+        .sink_files("w2-aligned")
+}
+
 /// W3 ([`w3_job_with`]) with its watermarks made per split inside the source, as
 /// [`w2_job_split_watermarks`] makes W2's.
 pub fn w3_job_split_watermarks(

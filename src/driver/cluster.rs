@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use sabot_kernel::checkpoint::manifest::{find_latest, load, sweep_before, Manifest, TaskSnapshot};
 use sabot_kernel::dataflow::PhysicalPlan;
+use sabot_kernel::time::EventTime;
 use sabot_kernel::wire::{Assignment, Control, FrameDecoder, JobSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -335,6 +336,7 @@ fn io(error: std::io::Error) -> DriverError {
 enum FromWorker {
     Failed { worker: usize, reason: String },
     Answer { id: u64, rows: Result<Vec<u8>, String> },
+    Alignment { worker: usize, minima: Vec<(String, Option<i64>)> },
 }
 
 /// One attempt: `true` when the job completed, `false` when a failure ended it.
@@ -414,6 +416,10 @@ async fn run_attempt(
                         let _ = from_workers.send(FromWorker::Answer { id, rows });
                         continue;
                     }
+                    Ok(Control::Alignment { minima }) => {
+                        let _ = from_workers.send(FromWorker::Alignment { worker, minima });
+                        continue;
+                    }
                     Ok(Control::Failed { reason }) => return drop(from_workers.send(failed(reason))),
                     Ok(other) => {
                         let reason = format!("sent {other:?}, which workers do not send");
@@ -446,6 +452,7 @@ async fn run_attempt(
     tokio::pin!(task);
     // Queries on their way to a node, by id.
     let mut queries: BTreeMap<u64, OwnedWriteHalf> = BTreeMap::new();
+    let mut alignment = AlignmentRelay::new(outboxes.len());
     let mut query_next = 1_u64;
     let completed = loop {
         tokio::select! {
@@ -466,6 +473,11 @@ async fn run_attempt(
                 FromWorker::Answer { id, rows } => {
                     if let Some(writer) = queries.remove(&id) {
                         answer(writer, rows);
+                    }
+                }
+                FromWorker::Alignment { worker, minima } => {
+                    for (to, view) in alignment.publish(worker, minima_of_wire(minima)) {
+                        let _ = outboxes[to].send(Control::Alignment { minima: minima_to_wire(&view) });
                     }
                 }
             },
@@ -618,7 +630,11 @@ async fn run_assignment(
     }
     let (job_done_sender, mut job_done) = tokio::sync::oneshot::channel::<bool>();
     let (stopped_sender, mut stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(dispatch(reader, command_senders.clone(), stopped_sender, job_done_sender));
+    let alignment = AlignmentBoard::for_plan(&plan);
+    if let Some(board) = &alignment {
+        tokio::spawn(publish_alignment(board.clone(), outbox.clone(), stopped.clone()));
+    }
+    tokio::spawn(dispatch(reader, command_senders.clone(), alignment.clone(), stopped_sender, job_done_sender));
     // One connection per peer worker, shared by this worker's nodes. The attempt may end while
     // peers connect (another worker failed): stop waiting then. Commands wait in their queues.
     let tcp = ProcessConfig {
@@ -639,7 +655,6 @@ async fn run_assignment(
     // Each node runs on its own task, and reports its failure at once (the coordinator then stops
     // the attempt, and so the other nodes).
     let mut tasks = Vec::new();
-    let alignment = AlignmentBoard::for_plan(&plan);
     for ((node, commands), transport) in built.into_iter().zip(command_receivers).zip(endpoints) {
         let control = NodeControl {
             commands_own: command_senders[&node.index()].clone(),
@@ -661,6 +676,14 @@ async fn run_assignment(
                 alignment,
             };
             let result = driver.run().await;
+            if driver.alignment.is_some() {
+                let metrics = driver.node.metrics();
+                eprintln!(
+                    "worker: node {}: sources paused for watermark alignment {} times",
+                    driver.node.index(),
+                    metrics.source_paused_count
+                );
+            }
             drop(driver);
             if let Err(error) = &result {
                 let _ = outbox.send(Control::Failed { reason: error.to_string() });
@@ -735,11 +758,91 @@ async fn forward_reports(mut reports: mpsc::UnboundedReceiver<Report>, outbox: m
     }
 }
 
+/// How often a worker looks whether its process's alignment minima changed (and then sends
+/// them to the coordinator): the lag, beside a round trip, with which sources in other
+/// processes learn of them.
+const ALIGNMENT_PUBLISH_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Sends this process's alignment minima to the coordinator whenever they change, until the
+/// attempt stops.
+async fn publish_alignment(
+    board: Arc<AlignmentBoard>,
+    outbox: mpsc::UnboundedSender<Control>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut sent = None;
+    let mut ticker = tokio::time::interval(ALIGNMENT_PUBLISH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+        }
+        let minima = board.process_minima();
+        if sent.as_ref() == Some(&minima) {
+            continue;
+        }
+        let message = Control::Alignment { minima: minima_to_wire(&minima) };
+        if outbox.send(message).is_err() {
+            return;
+        }
+        sent = Some(minima);
+    }
+}
+
+/// Per alignment group, in group order, a minimum watermark (`None`: nothing holds it back).
+type GroupMinima = Vec<(String, Option<EventTime>)>;
+
+fn minima_to_wire(minima: &[(String, Option<EventTime>)]) -> Vec<(String, Option<i64>)> {
+    minima.iter().map(|(group, minimum)| (group.clone(), minimum.map(|w| w.0))).collect()
+}
+
+fn minima_of_wire(minima: Vec<(String, Option<i64>)>) -> Vec<(String, Option<EventTime>)> {
+    minima.into_iter().map(|(group, minimum)| (group, minimum.map(EventTime))).collect()
+}
+
+/// Watermark alignment across workers, kept by the coordinator: each worker's minima per group,
+/// and what each worker was last told (per group, the minimum over the other workers).
+#[derive(Debug)]
+struct AlignmentRelay {
+    published: Vec<BTreeMap<String, Option<EventTime>>>,
+    told: Vec<Option<GroupMinima>>,
+}
+
+impl AlignmentRelay {
+    fn new(workers: usize) -> AlignmentRelay {
+        AlignmentRelay { published: vec![BTreeMap::new(); workers], told: vec![None; workers] }
+    }
+
+    /// Takes worker `from`'s minima; returns, for each worker whose view changed, what to tell it.
+    fn publish(&mut self, from: usize, minima: Vec<(String, Option<EventTime>)>) -> Vec<(usize, GroupMinima)> {
+        self.published[from] = minima.into_iter().collect();
+        let groups: std::collections::BTreeSet<&String> = self.published.iter().flat_map(|p| p.keys()).collect();
+        let mut messages = Vec::new();
+        for worker in 0..self.published.len() {
+            let view: Vec<(String, Option<EventTime>)> = groups
+                .iter()
+                .map(|&group| {
+                    let others = self.published.iter().enumerate().filter(|(w, _)| *w != worker);
+                    let minimum = others.filter_map(|(_, minima)| minima.get(group).copied().flatten()).min();
+                    (group.clone(), minimum)
+                })
+                .collect();
+            if self.told[worker].as_ref() != Some(&view) {
+                self.told[worker] = Some(view.clone());
+                messages.push((worker, view));
+            }
+        }
+        messages
+    }
+}
+
 /// Turns control messages into commands, for every node (a query for its node only); the end of
 /// the attempt (or of the coordinator) is Stop, then `stopped`, then whether the job is done.
 async fn dispatch(
     mut reader: ControlReader,
     dispatch: BTreeMap<u16, mpsc::UnboundedSender<Command>>,
+    alignment: Option<Arc<AlignmentBoard>>,
     stopped: tokio::sync::watch::Sender<bool>,
     job_done: tokio::sync::oneshot::Sender<bool>,
 ) {
@@ -755,6 +858,13 @@ async fn dispatch(
                     true
                 }
             },
+            Ok(Control::Alignment { minima }) => {
+                match &alignment {
+                    Some(board) => board.set_remote(minima_of_wire(minima)),
+                    None => eprintln!("worker: alignment minima for a job without alignment groups"),
+                }
+                true
+            }
             Ok(Control::Stop) => break false,
             Ok(Control::JobDone) => break true,
             Ok(other) => {
@@ -773,4 +883,45 @@ async fn dispatch(
     broadcast(Command::Stop);
     let _ = stopped.send(true);
     let _ = job_done.send(done);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minima(entries: &[(&str, Option<i64>)]) -> Vec<(String, Option<EventTime>)> {
+        entries.iter().map(|&(group, minimum)| (group.to_string(), minimum.map(EventTime))).collect()
+    }
+
+    // Goal: the coordinator tells each worker, per group, the minimum over the other workers
+    // (never its own minimum back; a worker without a minimum for a group holds nothing back),
+    // and only when what that worker would be told changed.
+    #[test]
+    fn alignment_relay_tells_each_worker_the_others_minimum() {
+        let mut relay = AlignmentRelay::new(3);
+        let told = relay.publish(0, minima(&[("a", Some(100))]));
+        // Workers 1 and 2 learn worker 0's 100; worker 0 hears of nobody else.
+        assert_eq!(
+            told,
+            vec![(0, minima(&[("a", None)])), (1, minima(&[("a", Some(100))])), (2, minima(&[("a", Some(100))]))]
+        );
+        let told = relay.publish(1, minima(&[("a", Some(40)), ("b", None)]));
+        assert_eq!(
+            told,
+            vec![
+                (0, minima(&[("a", Some(40)), ("b", None)])),
+                (1, minima(&[("a", Some(100)), ("b", None)])),
+                (2, minima(&[("a", Some(40)), ("b", None)])),
+            ]
+        );
+        // Worker 2's first minimum is above the others': no worker's view changes, nothing is sent.
+        let told = relay.publish(2, minima(&[("a", Some(500))]));
+        assert_eq!(told, vec![]);
+        // Worker 1 moves past the others: worker 0 now waits for worker 2, worker 2 for worker 0.
+        let told = relay.publish(1, minima(&[("a", Some(700)), ("b", None)]));
+        assert_eq!(
+            told,
+            vec![(0, minima(&[("a", Some(500)), ("b", None)])), (2, minima(&[("a", Some(100)), ("b", None)]))]
+        );
+    }
 }
