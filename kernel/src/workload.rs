@@ -228,7 +228,7 @@ pub fn w3_job_with(options: W2Options) -> Result<crate::dataflow::JobGraph, crat
 }
 
 /// W4, the simulator's event-time windows on timers: generator → watermarks → key by `key` →
-/// [`crate::dataflow::event_window::EventTimeWindows`] of `kind` with `allowed_lateness_ms`,
+/// the windows of [`crate::dataflow::event_window`] of `kind` with `allowed_lateness_ms`,
 /// late records to the side output `w4-late` → file sink `w4`. Of [`W2Options`] it uses the
 /// counts, parallelisms, batch size, keys and out-of-orderness bound.
 pub fn w4_job_with(

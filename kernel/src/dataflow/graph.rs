@@ -176,7 +176,7 @@ impl OperatorSpec {
             OperatorSpec::Project { .. } => "project",
             OperatorSpec::TumblingWindow(_) => "tumbling-window",
             OperatorSpec::KeyedStats(_) => "keyed-stats",
-            OperatorSpec::EventWindows(_) => "event-time-windows",
+            OperatorSpec::EventWindows(_) => "windows",
             OperatorSpec::Process { spec, .. } => &spec.name,
             OperatorSpec::Sink { name } | OperatorSpec::TransactionalSink { name, .. } => name,
         }
