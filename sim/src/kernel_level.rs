@@ -6,6 +6,10 @@
 //! compares. Each run also keeps one checkpoint's durable state as a power loss right after it
 //! completed would have left it, and restarts from it without faults: that restart must commit
 //! exactly the reference too (every completed checkpoint is a consistent cut).
+//!
+//! W5 (windows on processing time) commits rows that depend on timing: its runs, the reference
+//! and the restarts from a cut included, are held to the per-key totals of its input instead
+//! ([`oracle::Expected::Totals`]).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -17,7 +21,7 @@ use sabot_kernel::testing::cluster::{self, ClusterStats, FaultEvent, ProtocolEve
 use sabot_kernel::testing::planted::{Planted, PlantedBug};
 use sabot_kernel::testing::run_in_memory;
 
-use crate::oracle::{self, Failure, Row, Verdict};
+use crate::oracle::{self, Expected, Failure, Row, Verdict};
 use crate::swarm::{Scenario, SwarmLimits};
 
 /// What to run for each seed.
@@ -105,6 +109,20 @@ fn failure(check: &str, detail: String) -> Verdict {
     Verdict::Failed(Failure { check: check.to_string(), detail })
 }
 
+/// What the scenario's committed output must be, and how many rows the reference committed: the
+/// reference's rows, or for W5 the totals of its input (which the reference must meet too).
+fn expected(scenario: &Scenario) -> Result<(Expected, usize), String> {
+    let rows = reference(scenario)?;
+    let count = rows.len();
+    let Some(totals) = scenario.workload.totals() else { return Ok((Expected::Rows(rows), count)) };
+    let expected = Expected::Totals(totals);
+    let mismatch = oracle::compare(&expected, &rows)?;
+    if mismatch != oracle::Mismatch::default() {
+        return Err(format!("the fault-free run missed its per-key totals: {mismatch:?}"));
+    }
+    Ok((expected, count))
+}
+
 /// The reference output of the scenario's job: a fault-free run without checkpoints.
 fn reference(scenario: &Scenario) -> Result<Vec<Row>, String> {
     let plan = scenario.workload.plan(scenario.node_count);
@@ -139,15 +157,15 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
         wall: Duration::ZERO,
     };
     // The reference runs without planted bugs: it is the kernel as written, without checkpoints.
-    let reference = match reference(&scenario) {
-        Ok(rows) => rows,
+    let (expected, reference_rows) = match expected(&scenario) {
+        Ok(expected) => expected,
         Err(error) => {
             report.verdict = failure("reference run", error);
             report.wall = started.elapsed();
             return report;
         }
     };
-    report.reference_rows = reference.len();
+    report.reference_rows = reference_rows;
     let _planted = Planted::new(&options.planted);
     let config = scenario.cluster_config(options.trace);
     let run = match catch(|| cluster::run(&config, FaultStorage::new(FaultDisk::new(seed)))) {
@@ -164,7 +182,7 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
         *report.disk_faults.entry(fault.kind()).or_default() += 1;
     }
     report.plan_faults = run.plan_faults.clone();
-    report.verdict = oracle::judge(&run, &reference);
+    report.verdict = oracle::judge(&run, &expected);
     report.trace = run.trace;
     report.protocol = run.protocol;
     report.task_count = config.plan.graph.subtasks().count();
@@ -173,7 +191,7 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
             &scenario,
             run.cut_samples,
             run.durable_damage,
-            &reference,
+            &expected,
             &mut report.cuts_checked,
             &mut report.trace,
             options.trace,
@@ -187,12 +205,12 @@ pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
 }
 
 /// Restarts from each sampled checkpoint's durable state without faults: the output must be
-/// exactly the reference (or, after durable damage, a correct refusal).
+/// exactly what is expected (or, after durable damage, a correct refusal).
 fn check_cuts(
     scenario: &Scenario,
     samples: Vec<(sabot_kernel::element::CheckpointId, FaultDisk)>,
     durable_damage: bool,
-    reference: &[Row],
+    expected: &Expected,
     checked: &mut Vec<u64>,
     trace: &mut Vec<String>,
     keep_trace: bool,
@@ -207,7 +225,7 @@ fn check_cuts(
             }
         };
         trace.extend(run.trace.iter().map(|line| format!("cut {}: {line}", checkpoint.0)));
-        match oracle::judge(&run, reference) {
+        match oracle::judge(&run, expected) {
             Verdict::ExactlyOnce => {}
             Verdict::RefusedCorrectly { .. } => {}
             Verdict::Failed(Failure { check, detail }) if check == "refuses only after durable damage" && durable_damage => {

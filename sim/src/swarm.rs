@@ -40,6 +40,21 @@ pub enum Workload {
         kind: WindowKind,
         allowed_lateness_ms: i64,
     },
+    /// W5: tumbling, sliding or session windows on processing time (`workload::w5_job_with`),
+    /// counting and summing values per key. A record's window is the time on the clock of the
+    /// node that runs its key's window subtask when the record arrives there, so the rows depend
+    /// on timing and the oracle checks what cannot: per key, the totals of count and sum over the
+    /// committed rows (`workload::w5_totals`), each record counted once per window it belongs to.
+    /// The nodes' clock skew shifts each node's window boundaries against the others'; a clock
+    /// jump forward fires at once every open window whose end it passes (cutting it short), and
+    /// the records after it open later windows. A restart restores open windows with their
+    /// timers, which fire at the next step if their end passed while the job was down; a restart
+    /// from a kept checkpoint (the consistent-cut check) starts the clock again from zero, behind
+    /// the restored timers, which then fire when the clock reaches them or at the end of input.
+    W5 {
+        options: W2Options,
+        kind: WindowKind,
+    },
 }
 
 impl Workload {
@@ -56,6 +71,9 @@ impl Workload {
             Workload::W4 { kind: WindowKind::Session { .. }, .. } => "W4-session-windows",
             Workload::W4 { kind: WindowKind::Sliding { .. }, .. } => "W4-sliding-windows",
             Workload::W4 { .. } => "W4-tumbling-windows",
+            Workload::W5 { kind: WindowKind::Session { .. }, .. } => "W5-session-windows",
+            Workload::W5 { kind: WindowKind::Sliding { .. }, .. } => "W5-sliding-windows",
+            Workload::W5 { .. } => "W5-tumbling-windows",
         }
     }
 
@@ -65,7 +83,21 @@ impl Workload {
             Workload::W1 { .. } => None,
             Workload::W2(options) | Workload::W3(options) => Some(options),
             Workload::W2Idle(options, _) | Workload::W3Idle(options, _) => Some(options),
-            Workload::W4 { options, .. } => Some(options),
+            Workload::W4 { options, .. } | Workload::W5 { options, .. } => Some(options),
+        }
+    }
+
+    /// What W5's committed rows must total per key, whatever the timing; `None` for the
+    /// workloads whose rows the oracle compares with a failure-free run's.
+    pub fn totals(&self) -> Option<std::collections::BTreeMap<u64, (u64, i64)>> {
+        match *self {
+            Workload::W5 { options, kind } => Some(workload::w5_totals(options.record_count, options.keys, kind)),
+            Workload::W1 { .. }
+            | Workload::W2(_)
+            | Workload::W3(_)
+            | Workload::W2Idle(..)
+            | Workload::W3Idle(..)
+            | Workload::W4 { .. } => None,
         }
     }
 
@@ -88,6 +120,7 @@ impl Workload {
             Workload::W4 { options, kind, allowed_lateness_ms } => {
                 workload::w4_job_with(options, kind, allowed_lateness_ms)
             }
+            Workload::W5 { options, kind } => workload::w5_job_with(options, kind),
         };
         PhysicalPlan::new(graph.expect("swarm workloads are valid jobs"), node_count)
     }
@@ -257,6 +290,20 @@ fn draw_workload(rng: &mut Lcg, limits: SwarmLimits) -> Workload {
         _ if record_count % 3 == 1 => {
             Workload::W3(W2Options { keys: workload::Keys::Skewed { hot: 4 + record_count % 29 }, ..base })
         }
+        // Windows on processing time, replacing half of the plain W2 draws (neither takes a draw,
+        // so every other seed's world stays as it was; the regression seeds' plain W2 worlds have
+        // record counts 2 mod 3): the kind of window from the record count, sizes small beside a
+        // run's tens to thousands of virtual milliseconds so that windows fire while the input
+        // flows, and hot keys so that windows gather records.
+        _ if record_count % 3 == 0 => {
+            let options = W2Options { keys: workload::Keys::Skewed { hot: 2 + record_count % 7 }, ..base };
+            let kind = match record_count / 3 % 3 {
+                0 => WindowKind::Tumbling { size_ms: 20 },
+                1 => WindowKind::Sliding { size_ms: 30, slide_ms: 10 },
+                _ => WindowKind::Session { gap_ms: 3 },
+            };
+            Workload::W5 { options, kind }
+        }
         _ => Workload::W2(base),
     }
 }
@@ -277,7 +324,11 @@ fn draw_split_watermarks(rng: &mut Lcg, workload: Workload) -> Option<(Workload,
     let (options, w3) = match workload {
         Workload::W2(options) => (options, false),
         Workload::W3(options) => (options, true),
-        Workload::W1 { .. } | Workload::W2Idle(..) | Workload::W3Idle(..) | Workload::W4 { .. } => return None,
+        Workload::W1 { .. }
+        | Workload::W2Idle(..)
+        | Workload::W3Idle(..)
+        | Workload::W4 { .. }
+        | Workload::W5 { .. } => return None,
     };
     let timing_free = w3 || options.out_of_orderness_ms >= options.record_count as i64 + 2_000;
     if !timing_free && options.source_parallelism != 1 {

@@ -45,6 +45,8 @@ pub struct SweepResult {
     pub split_watermark_seeds: u64,
     pub seeds_with_idle_sources: u64,
     pub seeds_with_paused_splits: u64,
+    /// Seeds of W5 (windows on processing time, judged by per-key totals).
+    pub processing_time_window_seeds: u64,
 }
 
 impl SweepResult {
@@ -110,6 +112,7 @@ pub fn sweep(options: &SweepOptions) -> SweepResult {
             result.seeds_with_idle_sources += u64::from(report.stats.source_idle_count > 0);
             result.seeds_with_paused_splits += u64::from(report.stats.source_paused_count > 0);
         }
+        result.processing_time_window_seeds += u64::from(report.scenario.workload.totals().is_some());
         match &report.verdict {
             Verdict::ExactlyOnce => {}
             Verdict::RefusedCorrectly { .. } => result.refused_correctly += 1,

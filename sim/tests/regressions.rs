@@ -62,6 +62,16 @@ fn aborted_checkpoint_keeps_the_final_snapshot() {
     passes(253);
 }
 
+// Goal: a recovery passed over the newest checkpoint (a read of one of its files failed) and
+// restored an older one, whose sinks dropped the newer one's pending output; that attempt failed
+// too, the next recovery read the newer checkpoint and restored it, and every restart failed on
+// its missing output ('storage path … not found'). Lower level: manifest.rs
+// `recovery_never_returns_to_a_passed_over_checkpoint`.
+#[test]
+fn recovery_never_returns_to_a_passed_over_checkpoint() {
+    passes(9_242);
+}
+
 /// FNV-1a (64 bits) of a text.
 fn fnv(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
@@ -81,6 +91,7 @@ fn regression_seeds_keep_their_worlds() {
         (26, 0x2a33_1495_9cb4_cd2b, 78_440),
         (1_983, 0x9261_3791_348a_d3ad, 20_800),
         (253, 0xd9fc_2039_41a0_1ec9, 38_840),
+        (9_242, 0x7af9_eea7_42d6_cdbe, 60_080),
     ];
     for (seed, hash, liveness_ms) in worlds {
         let scenario = Scenario::from_seed(seed, SwarmLimits::default());

@@ -6,9 +6,16 @@
 //! checkpoints/_manifest-<id, 20 digits>   the manifest of checkpoint <id>
 //! checkpoints/chk-<id, 20 digits>/…       files the checkpoint owns (state, in-flight elements)
 //! checkpoints/_latest                     pointer: the id of the latest completed checkpoint
+//! checkpoints/_passed-over-<id, 20 digits> checkpoint <id> was passed over by a recovery that
+//!                                         restored an older one: never a candidate again
 //! ```
 //! A checkpoint is complete exactly when `_latest` names it: [`persist`] writes and syncs the
 //! manifest first, then replaces the pointer atomically and syncs its directory.
+//!
+//! Recovery never returns to a checkpoint it passed over: restoring an older checkpoint drops
+//! the newer one's sink epochs (their pending files are deleted, and their names written again),
+//! so [`sweep_before`] marks every newer checkpoint passed over, durably, before any task runs,
+//! and [`find_latest`] passes over marked ones (a read that failed once may succeed later).
 //!
 //! # Manifest format, version 1 (integers little-endian)
 //! ```text
@@ -33,6 +40,7 @@ pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// The latest-checkpoint pointer.
 pub const POINTER_PATH: &str = "checkpoints/_latest";
 const MANIFEST_PREFIX: &str = "_manifest-";
+const PASSED_OVER_PREFIX: &str = "_passed-over-";
 
 /// Bounds on what a manifest may hold, checked when decoding bytes from outside.
 const TASK_COUNT_MAX: u32 = 1 << 16;
@@ -89,6 +97,16 @@ pub fn end_of_input_dir() -> String {
 
 pub fn manifest_path(id: CheckpointId) -> String {
     format!("{CHECKPOINTS_DIR}/{MANIFEST_PREFIX}{:020}", id.0)
+}
+
+/// The mark of a checkpoint a recovery passed over for an older one (see the module doc).
+pub fn passed_over_path(id: CheckpointId) -> String {
+    format!("{CHECKPOINTS_DIR}/{PASSED_OVER_PREFIX}{:020}", id.0)
+}
+
+/// The checkpoint ids of the names in the checkpoints directory that start with `prefix`.
+fn ids_named(names: &[String], prefix: &str) -> Vec<CheckpointId> {
+    names.iter().filter_map(|name| name.strip_prefix(prefix)?.parse().ok().map(CheckpointId)).collect()
 }
 
 struct Writer(Vec<u8>);
@@ -380,19 +398,25 @@ fn check_candidate(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Re
     Ok(manifest)
 }
 
-/// Deletes what retention would have deleted had the previous process lived on: the periodic
-/// checkpoints of `job` older than `restored` (their manifests and the files no other remaining
-/// checkpoint names), and the files in the shared directories of the remaining checkpoints that
-/// none of them names (uploads of checkpoints that never completed). Savepoints, newer
-/// checkpoints (kept for inspection when the newest could not be used), other jobs' checkpoints
-/// and unreadable manifests are left alone. Call it before any task runs. Returns what it deleted.
+/// Prepares storage for a restore from `restored`. First it marks every checkpoint of `job`
+/// newer than `restored` passed over, durably: the restore drops their sink epochs, so no later
+/// recovery may return to them (they stay on disk for inspection, and a savepoint among them can
+/// still be loaded by id). Left unmarked are newer checkpoints whose manifest does not read (a
+/// failed read may succeed later) and those with committed output that `restored` does not name:
+/// the sinks refuse that restore (it would repeat the output), and only the newer checkpoint can
+/// go on, when a later recovery reads it. Then it deletes what retention would have
+/// deleted had the previous process lived on: the periodic checkpoints of `job` older than
+/// `restored` (their manifests, marks and the files no other remaining checkpoint names), and
+/// the files in the shared directories of the remaining checkpoints that none of them names
+/// (uploads of checkpoints that never completed). Savepoints, other jobs' checkpoints and
+/// unreadable manifests are left alone. Call it before any task runs. Returns what it deleted.
 pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -> Result<Vec<String>, StorageError> {
+    let names = storage.list(CHECKPOINTS_DIR)?;
+    let marked = ids_named(&names, PASSED_OVER_PREFIX);
     let mut remaining = vec![restored.clone()];
     let mut discarded = Vec::new();
-    for name in storage.list(CHECKPOINTS_DIR)? {
-        let Some(id) = name.strip_prefix(MANIFEST_PREFIX).and_then(|id| id.parse().ok()).map(CheckpointId) else {
-            continue;
-        };
+    let mut newer_marked = false;
+    for id in ids_named(&names, MANIFEST_PREFIX) {
         if id == restored.checkpoint {
             continue;
         }
@@ -401,11 +425,23 @@ pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -
         else {
             continue;
         };
+        if id > restored.checkpoint && manifest.job == job && !marked.contains(&id) {
+            if output_committed_beyond(storage, &manifest, restored)? {
+                continue;
+            }
+            let path = passed_over_path(id);
+            storage.write(&path, format!("passed over for checkpoint {}\n", restored.checkpoint.0).as_bytes())?;
+            storage.sync_file(&path)?;
+            newer_marked = true;
+        }
         if manifest.job == job && !manifest.savepoint && id < restored.checkpoint {
             discarded.push(manifest);
         } else {
             remaining.push(manifest);
         }
+    }
+    if newer_marked {
+        storage.sync_dir(CHECKPOINTS_DIR)?;
     }
     let named: std::collections::BTreeSet<&String> =
         remaining.iter().flat_map(|m| m.tasks.iter()).flat_map(|t| t.files.iter()).collect();
@@ -419,6 +455,11 @@ pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -
         let path = manifest_path(manifest.checkpoint);
         storage.delete(&path)?;
         deleted.push(path);
+        if marked.contains(&manifest.checkpoint) {
+            let mark = passed_over_path(manifest.checkpoint);
+            storage.delete(&mark)?;
+            deleted.push(mark);
+        }
     }
     let shared = format!("{}/", shared_dir());
     let dirs: std::collections::BTreeSet<&str> =
@@ -433,6 +474,29 @@ pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -
         }
     }
     Ok(deleted)
+}
+
+/// Whether output that `newer` names for commit and `restored` does not is committed already:
+/// file sink handles `<dir>/.pending/<file>` whose `<dir>/<file>` exists (other sinks' handles
+/// are not files, and count as not committed).
+fn output_committed_beyond(
+    storage: &mut dyn Storage,
+    newer: &Manifest,
+    restored: &Manifest,
+) -> Result<bool, StorageError> {
+    let named: std::collections::BTreeSet<&String> = restored.tasks.iter().flat_map(|t| &t.pending_output).collect();
+    let mut listed: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for handle in newer.tasks.iter().flat_map(|t| &t.pending_output).filter(|h| !named.contains(h)) {
+        let Some((pending, file)) = handle.rsplit_once('/') else { continue };
+        let Some(dir) = pending.strip_suffix("/.pending") else { continue };
+        if !listed.contains_key(dir) {
+            listed.insert(dir.to_string(), storage.list(dir)?);
+        }
+        if listed[dir].iter().any(|name| name == file) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The highest checkpoint id storage holds a manifest of, or that the pointer names (whether
@@ -456,16 +520,15 @@ pub fn newest_checkpoint_id(storage: &mut dyn Storage) -> Result<Option<Checkpoi
 }
 
 /// Finds the latest completed checkpoint of `job` that is intact, passing over corrupt or partial
-/// ones. Checkpoints newer than the pointer never completed and are passed over; if the pointer
+/// ones, and ones an earlier recovery passed over ([`sweep_before`] marked them). Checkpoints
+/// newer than the pointer never completed and are passed over; if the pointer
 /// itself is unreadable, every checkpoint with a valid manifest is a candidate. With no
 /// checkpoint at all the job starts fresh; with checkpoints but none usable it must not start.
 pub fn find_latest(storage: &mut dyn Storage, job: &str) -> Result<Recovery, RecoveryError> {
-    let mut ids: Vec<CheckpointId> = storage
-        .list(CHECKPOINTS_DIR)?
-        .iter()
-        .filter_map(|name| name.strip_prefix(MANIFEST_PREFIX)?.parse().ok().map(CheckpointId))
-        .collect();
+    let names = storage.list(CHECKPOINTS_DIR)?;
+    let mut ids = ids_named(&names, MANIFEST_PREFIX);
     ids.sort_unstable_by(|a, b| b.cmp(a));
+    let marked = ids_named(&names, PASSED_OVER_PREFIX);
     let (latest, pointer_problem) = match storage.read(POINTER_PATH) {
         Ok(bytes) => match decode_pointer(&bytes) {
             Ok(id) => (Some(id), None),
@@ -481,6 +544,10 @@ pub fn find_latest(storage: &mut dyn Storage, job: &str) -> Result<Recovery, Rec
     for id in ids {
         if latest.is_some_and(|latest| id > latest) {
             skipped.push((id, "is newer than the latest-checkpoint pointer: it never completed".into()));
+            continue;
+        }
+        if marked.contains(&id) {
+            skipped.push((id, "was passed over by an earlier recovery, which restored an older checkpoint".into()));
             continue;
         }
         match check_candidate(storage, job, id) {
@@ -696,5 +763,62 @@ mod tests {
         for kept in [shared("a"), shared("b"), shared("c"), shared("d"), manifest_path(CheckpointId(4))] {
             assert!(storage.read(&kept).is_ok(), "{kept} stays");
         }
+        assert!(storage.read(&passed_over_path(CheckpointId(4))).is_ok(), "the newer checkpoint is passed over");
+    }
+
+    // Goal (regression, found by the simulator: `sim/tests/regressions.rs`,
+    // `recovery_never_returns_to_a_passed_over_checkpoint`): a recovery passed over the newest
+    // checkpoint (a read of one of its files failed) and restored an older one, whose sinks
+    // dropped the newer one's epochs (pending files deleted); that attempt failed too, and the
+    // next recovery read the newer checkpoint without error and restored it: its output was gone,
+    // and every restart failed on the missing file (had the older attempt run on, it would have
+    // written new output under the same names: wrong rows committed). Method: checkpoint 3's
+    // file damaged, recovery restores 2 and sweeps; the file readable again, recovery still
+    // restores 2 and says why it passes over 3, which stays loadable by id; a checkpoint whose
+    // output is committed is not passed over for good; a sweep from a later checkpoint deletes 3
+    // with its mark.
+    #[test]
+    fn recovery_never_returns_to_a_passed_over_checkpoint() {
+        let mut storage = MemStorage::new();
+        let restored = complete(&mut storage, 2);
+        complete(&mut storage, 3);
+        let file = format!("{}/state-1-0", checkpoint_dir(CheckpointId(3)));
+        let intact = storage.read(&file).unwrap();
+        storage.write(&file, b"damaged").unwrap();
+        let recovery = find_latest(&mut storage, "w2").unwrap();
+        assert_eq!(recovery.manifest, Some(restored.clone()));
+        sweep_before(&mut storage, "w2", &restored).unwrap();
+        storage.crash();
+        assert!(storage.read(&passed_over_path(CheckpointId(3))).is_ok(), "the mark is durable");
+        // The read that failed succeeds now: recovery still does not return to checkpoint 3.
+        storage.write(&file, &intact).unwrap();
+        let recovery = find_latest(&mut storage, "w2").unwrap();
+        assert_eq!(recovery.manifest, Some(restored.clone()));
+        assert!(
+            recovery.skipped.iter().any(|(id, why)| id.0 == 3 && why.contains("passed over by an earlier recovery")),
+            "{:?}",
+            recovery.skipped
+        );
+        assert_eq!(recovery.checkpoint_id_max(), Some(CheckpointId(3)));
+        assert_eq!(load(&mut storage, "w2", CheckpointId(3)).map(|m| m.checkpoint), Ok(CheckpointId(3)));
+        // Checkpoint 4 committed output that 2 does not name, and a read of its file fails: the
+        // sinks refuse a restore from 2, so 4 stays a candidate for the next recovery.
+        let mut fourth = manifest(4, &[&file]);
+        fourth.tasks[1].pending_output = vec!["output/w2/.pending/part-4".into()];
+        persist(&mut storage, &fourth).unwrap();
+        storage.write("output/w2/part-4", b"rows").unwrap();
+        storage.write(&file, b"damaged").unwrap();
+        assert_eq!(find_latest(&mut storage, "w2").unwrap().manifest, Some(restored.clone()));
+        sweep_before(&mut storage, "w2", &restored).unwrap();
+        assert!(storage.read(&passed_over_path(CheckpointId(4))).is_err(), "4 is not passed over for good");
+        storage.write(&file, &intact).unwrap();
+        assert_eq!(find_latest(&mut storage, "w2").unwrap().manifest, Some(fourth));
+        // A sweep from a later checkpoint (2 is a savepoint, and stays) deletes 3 with its mark.
+        let later = complete(&mut storage, 5);
+        assert_eq!(find_latest(&mut storage, "w2").unwrap().manifest, Some(later.clone()));
+        let deleted = sweep_before(&mut storage, "w2", &later).unwrap();
+        assert!(deleted.contains(&passed_over_path(CheckpointId(3))), "{deleted:?}");
+        assert!(deleted.contains(&manifest_path(CheckpointId(3))), "{deleted:?}");
+        assert!(storage.read(&manifest_path(CheckpointId(2))).is_ok(), "the savepoint stays");
     }
 }

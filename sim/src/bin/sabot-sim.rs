@@ -178,6 +178,10 @@ fn execute(arguments: &Arguments) -> Result<bool> {
                 "watermarks in sources: {} seeds, {} with a source gone idle, {} with splits paused by alignment",
                 result.split_watermark_seeds, result.seeds_with_idle_sources, result.seeds_with_paused_splits
             );
+            println!(
+                "windows on processing time (W5, judged by per-key totals): {} seeds",
+                result.processing_time_window_seeds
+            );
             print!("{}", result.failure_table());
             Ok(result.failures.is_empty())
         }
