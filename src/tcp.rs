@@ -54,6 +54,7 @@ use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::element::Element;
 use sabot_kernel::env::{ChannelId, SendRefused, Transport, TransportError};
 use sabot_kernel::wire::{Frame, FrameDecoder};
+use sabot_sync::channel as queue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -154,10 +155,10 @@ pub struct TcpTransport {
     routes: Arc<Routes>,
     node: u16,
     incoming: mpsc::UnboundedReceiver<Incoming>,
-    local: mpsc::Receiver<Envelope>,
+    local: queue::Receiver<Envelope>,
     /// The in-process queue into each node of this process, this node's own included (`None`
-    /// for the nodes of other processes).
-    local_senders: Vec<Option<mpsc::Sender<Envelope>>>,
+    /// for the nodes of other processes): `sabot_sync::channel`, which the loom models check.
+    local_senders: Vec<Option<queue::Sender<Envelope>>>,
     /// Frames to each peer process's writer (`None` for this process).
     writers: Vec<Option<mpsc::UnboundedSender<Frame>>>,
     credits: Arc<Credits>,
@@ -290,11 +291,11 @@ impl TcpTransport {
             }
         }
         let mut incoming_senders: Vec<Option<mpsc::UnboundedSender<Incoming>>> = vec![None; node_count];
-        let mut local_senders: Vec<Option<mpsc::Sender<Envelope>>> = vec![None; node_count];
+        let mut local_senders: Vec<Option<queue::Sender<Envelope>>> = vec![None; node_count];
         let mut receivers = Vec::new();
         for &node in &nodes {
             let (incoming_sender, incoming) = mpsc::unbounded_channel();
-            let (local_sender, local) = mpsc::channel(LOCAL_CAPACITY);
+            let (local_sender, local) = queue::bounded(LOCAL_CAPACITY);
             incoming_senders[usize::from(node)] = Some(incoming_sender);
             local_senders[usize::from(node)] = Some(local_sender);
             receivers.push((node, incoming, local));
@@ -417,13 +418,13 @@ impl TcpTransport {
         channel: ChannelId,
     ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send + 'static {
         let to = self.node_to(channel);
-        let local = to.as_ref().ok().and_then(|&to| self.local_senders[usize::from(to)].clone());
+        let local = to.as_ref().ok().and_then(|&to| self.local_senders[usize::from(to)].as_ref().map(|s| s.writable()));
         let peer = to.as_ref().ok().map(|&to| self.routes.process_of(to));
         let credits = self.credits.clone();
         async move {
             to?;
-            if let Some(sender) = local {
-                return sender.reserve().await.map(drop).map_err(|_| TransportError::Broken(channel));
+            if let Some(writable) = local {
+                return writable.await.map_err(|queue::Closed| TransportError::Broken(channel));
             }
             let peer = peer.expect("the channel is known");
             loop {
@@ -449,8 +450,8 @@ impl Transport for TcpTransport {
         if let Some(sender) = &self.local_senders[usize::from(to)] {
             return match sender.try_send((channel, element)) {
                 Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(SendRefused::Failed(TransportError::Broken(channel))),
+                Err(queue::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
+                Err(queue::TrySendError::Closed(_)) => Err(SendRefused::Failed(TransportError::Broken(channel))),
             };
         }
         {
