@@ -1,7 +1,8 @@
 //! The memory the driver's threads share, as small primitives: the bounded channel between
-//! nodes (`channel`), the handoff of snapshot writes to writer threads (`handoff`), the
-//! notification of completed checkpoints (`completed`), the alignment board (`board`), and the
-//! wake-up they all use (`signal`).
+//! nodes (`channel`), the handoff of snapshot writes to writer threads (`handoff`), the RocksDB
+//! checkpoint that the task and a writer may both need first (`settle`), the notification of
+//! completed checkpoints (`completed`), the alignment board (`board`), and the wake-up they use
+//! (`signal`).
 //!
 //! They are written against `shim`, which names `std::sync` in a normal build and `loom::sync`
 //! under `--cfg loom`: the loom models (`tests/loom.rs`, run by `scripts/loom.sh`) check the same
@@ -13,5 +14,6 @@ pub mod board;
 pub mod channel;
 pub mod completed;
 pub mod handoff;
+pub mod settle;
 pub mod shim;
 pub mod signal;

@@ -25,6 +25,7 @@ use sabot_sync::board::MinimumBoard;
 use sabot_sync::channel::{self, TryRecvError};
 use sabot_sync::completed::Completed;
 use sabot_sync::handoff::{Handoff, Outcome};
+use sabot_sync::settle::Settle;
 use sabot_sync::signal::Signal;
 
 /// The bound of the models with three threads that each take and release many locks.
@@ -192,6 +193,38 @@ fn handoff_takes_every_lane_once_whoever_finishes_first() {
         for writer in writers {
             writer.join().unwrap();
         }
+    });
+}
+
+// The RocksDB checkpoint of a capture, which the writer thread and the task may both need first.
+// The database holds the barrier's state (1); the task settles, then writes the next epoch's
+// state (2). The checkpoint runs exactly once, whoever runs it, both sides get its result, and it
+// never sees the write from after the barrier.
+#[test]
+fn settle_runs_once_before_the_task_writes_again() {
+    check("settle_runs_once_before_the_task_writes_again", None, || {
+        let database = Arc::new(AtomicU64::new(1));
+        let runs = Arc::new(AtomicU64::new(0));
+        let pending = Arc::new(Settle::new(database.clone()));
+        let run = {
+            let runs = runs.clone();
+            move |database: Arc<AtomicU64>| {
+                runs.fetch_add(1, Ordering::Relaxed);
+                // Relaxed on purpose: only the settle orders it against the task's write.
+                database.load(Ordering::Relaxed)
+            }
+        };
+        let writer = {
+            let (pending, run) = (pending.clone(), run.clone());
+            thread::spawn(move || pending.settle(run))
+        };
+        let seen_by_task = pending.settle(run);
+        database.store(2, Ordering::Relaxed);
+        let seen_by_writer = writer.join().unwrap();
+        assert_eq!(seen_by_task, 1, "the checkpoint saw a write from after the barrier");
+        assert_eq!(seen_by_writer, seen_by_task, "both sides get the one checkpoint");
+        assert_eq!(runs.load(Ordering::Relaxed), 1, "the checkpoint ran once");
+        assert!(pending.is_settled());
     });
 }
 

@@ -11,6 +11,7 @@ use sabot_sync::board::MinimumBoard;
 use sabot_sync::channel::{self, Closed, TryRecvError, TrySendError};
 use sabot_sync::completed::Completed;
 use sabot_sync::handoff::{Handoff, Outcome};
+use sabot_sync::settle::Settle;
 use sabot_sync::signal::Signal;
 
 /// Wakes a parked thread.
@@ -171,4 +172,27 @@ fn board_minimum_over_other_nodes() {
     drop(board.exchange(2, &[("g", None)]));
     assert_eq!(board.exchange(1, &[("g", Some(7))]).elsewhere, [("g", Some(5))]);
     assert_eq!(board.exchange(0, &[("g", Some(9)), ("h", Some(1))]).elsewhere, [("g", Some(7)), ("h", None)]);
+}
+
+// Goal: settled work runs once and every caller gets its result. Method: eight threads settle.
+#[test]
+fn settle_runs_once_for_many_callers() {
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let settle = Arc::new(Settle::new(7_u32));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let (settle, runs) = (settle.clone(), runs.clone());
+            thread::spawn(move || {
+                settle.settle(|work| {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    work * 2
+                })
+            })
+        })
+        .collect();
+    for caller in callers {
+        assert_eq!(caller.join().unwrap(), 14);
+    }
+    assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(settle.is_settled());
 }
