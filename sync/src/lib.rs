@@ -1,5 +1,6 @@
 //! The memory the driver's threads share, as small primitives: the bounded channel between
-//! nodes (`channel`), the handoff of snapshot writes to writer threads (`handoff`), the RocksDB
+//! nodes (`channel`), the flow-control credits of channels between processes (`credits`), the
+//! handoff of snapshot writes to writer threads (`handoff`), the RocksDB
 //! checkpoint that the task and a writer may both need first (`settle`), the notification of
 //! completed checkpoints (`completed`), the alignment board (`board`), and the wake-up they use
 //! (`signal`).
@@ -13,6 +14,7 @@
 pub mod board;
 pub mod channel;
 pub mod completed;
+pub mod credits;
 pub mod handoff;
 pub mod settle;
 pub mod shim;

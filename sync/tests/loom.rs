@@ -7,10 +7,10 @@
 //! Run by `scripts/loom.sh` (`RUSTFLAGS="--cfg loom" cargo test --release -p sabot-sync --test
 //! loom`). Each model names its preemption bound (`None`: every interleaving), which
 //! `LOOM_MAX_PREEMPTIONS` overrides for all, and prints how many interleavings it explored and
-//! how long it took. The bounds keep the whole run near a minute on two cores: the two-thread
-//! models are exhaustive; the handoff's (three threads, few locks) are bounded at four
-//! preemptions (exhaustive runs take over a minute each); the channel, completion and board models
-//! (three threads, many locks) at two (at three they take two to six minutes each). Two
+//! how long it took. The bounds keep the whole run near half a minute on two cores: the models
+//! with few locks per thread are exhaustive; the handoff's and the credit loop's are bounded at
+//! four preemptions (exhaustive runs take over a minute each); the channel, completion and board
+//! models (three threads, many locks) at two (at three they take two to six minutes each). Two
 //! preemptions already cover a look and a wait split by another thread's change, which is how
 //! these primitives would lose a wake-up or read a stale value.
 #![cfg(loom)]
@@ -24,14 +24,15 @@ use loom::thread;
 use sabot_sync::board::MinimumBoard;
 use sabot_sync::channel::{self, TryRecvError};
 use sabot_sync::completed::Completed;
+use sabot_sync::credits::{ReceiveCredits, SendCredits};
 use sabot_sync::handoff::{Handoff, Outcome};
 use sabot_sync::settle::Settle;
 use sabot_sync::signal::Signal;
 
 /// The bound of the models with three threads that each take and release many locks.
-const PREEMPTIONS_THREE_THREADS: Option<usize> = Some(2);
-/// The bound of the handoff's models (three threads, fewer locks).
-const PREEMPTIONS_HANDOFF: Option<usize> = Some(4);
+const PREEMPTIONS_LARGE: Option<usize> = Some(2);
+/// The bound of the models whose threads take fewer locks.
+const PREEMPTIONS_SMALL: Option<usize> = Some(4);
 
 /// Explores `model` with at most `preemptions` preemptions per interleaving (unless
 /// `LOOM_MAX_PREEMPTIONS` is set), printing its name, the interleavings explored and the time.
@@ -57,7 +58,7 @@ fn check(name: &str, preemptions: Option<usize>, model: impl Fn() + Sync + Send 
 // element, then sees the channel end once both senders are gone.
 #[test]
 fn channel_delivers_each_element_once_in_sender_order_within_capacity() {
-    check("channel_delivers_each_element_once_in_sender_order_within_capacity", PREEMPTIONS_THREE_THREADS, || {
+    check("channel_delivers_each_element_once_in_sender_order_within_capacity", PREEMPTIONS_LARGE, || {
         let (sender_a, mut receiver) = channel::bounded::<(char, u32)>(1);
         let sender_b = sender_a.clone();
         let a = thread::spawn(move || {
@@ -79,6 +80,62 @@ fn channel_delivers_each_element_once_in_sender_order_within_capacity() {
         b.join().unwrap();
         assert_eq!(block_on(receiver.recv()), None, "nothing after the last element");
         assert_eq!(receiver.try_recv(), Err(TryRecvError::Disconnected));
+    });
+}
+
+// Credit-based flow control between processes, with a window of two: a sending endpoint takes a
+// credit per element and waits for credits when it has none; the receiving side counts what
+// arrives (refusing anything beyond the window) and, once its node took two elements, grants
+// them back (the credit frame, which the sender's reader hands to its credits). Every element
+// arrives once, in order, the window is never exceeded, and the sender's waits always end.
+#[test]
+fn credits_never_exceed_the_window_and_grants_wake_the_sender() {
+    check("credits_never_exceed_the_window_and_grants_wake_the_sender", PREEMPTIONS_SMALL, || {
+        let send: Arc<SendCredits<u8, u16>> = Arc::new(SendCredits::new(2, [0]));
+        let receive: Arc<ReceiveCredits<u8>> = Arc::new(ReceiveCredits::new(2, [0]));
+        // The connection: elements in flight, in order.
+        let (wire, mut arriving) = channel::bounded::<u32>(8);
+        let sender = {
+            let send = send.clone();
+            thread::spawn(move || {
+                for index in 0..4 {
+                    while !send.try_take(&0) {
+                        block_on(send.writable(&0, &1)).expect("the peer is not lost");
+                    }
+                    wire.try_send(index).expect("the wire holds more than the window");
+                }
+            })
+        };
+        let mut taken_since_grant = 0;
+        for expected in 0..4 {
+            let index = block_on(arriving.recv()).expect("the sender sends four");
+            receive.receive(&0).expect("an element beyond the window");
+            assert_eq!(index, expected, "out of order");
+            taken_since_grant += 1;
+            if taken_since_grant == 2 {
+                receive.grant(&0, taken_since_grant);
+                send.grant(&0, taken_since_grant).expect("a grant beyond the window");
+                taken_since_grant = 0;
+            }
+        }
+        sender.join().unwrap();
+        assert_eq!(send.available(&0), 2, "every credit back");
+    });
+}
+
+// A sending endpoint waits for credits from a peer process that is lost instead: its wait ends
+// with the reason, never hangs.
+#[test]
+fn credits_wait_ends_when_the_peer_is_lost() {
+    check("credits_wait_ends_when_the_peer_is_lost", None, || {
+        let send: Arc<SendCredits<u8, u16>> = Arc::new(SendCredits::new(1, [0]));
+        assert!(send.try_take(&0));
+        let lost = {
+            let send = send.clone();
+            thread::spawn(move || send.lose(1, "connection reset".into()))
+        };
+        assert_eq!(block_on(send.writable(&0, &1)), Err("connection reset".to_string()));
+        lost.join().unwrap();
     });
 }
 
@@ -130,7 +187,7 @@ fn signal_wakes_a_waiter_registered_before_it_looked() {
 // once, 1 only with its file durable, 2 as abandoned (never lost), and never waits forever.
 #[test]
 fn handoff_acknowledges_after_the_write_in_submission_order() {
-    check("handoff_acknowledges_after_the_write_in_submission_order", PREEMPTIONS_HANDOFF, || {
+    check("handoff_acknowledges_after_the_write_in_submission_order", PREEMPTIONS_SMALL, || {
         let handoff: Arc<Handoff<u16, u64, &'static str>> = Arc::new(Handoff::new(4));
         let durable = Arc::new(AtomicBool::new(false));
         let first = Handoff::submit(&handoff, 0, 1);
@@ -168,7 +225,7 @@ fn handoff_acknowledges_after_the_write_in_submission_order() {
 // before the task first looks: each write is taken once, after its writer completed it.
 #[test]
 fn handoff_takes_every_lane_once_whoever_finishes_first() {
-    check("handoff_takes_every_lane_once_whoever_finishes_first", PREEMPTIONS_HANDOFF, || {
+    check("handoff_takes_every_lane_once_whoever_finishes_first", PREEMPTIONS_SMALL, || {
         let handoff: Arc<Handoff<u16, u64, u16>> = Arc::new(Handoff::new(4));
         let early = Handoff::submit(&handoff, 2, 7);
         early.complete(2);
@@ -235,7 +292,7 @@ fn settle_runs_once_before_the_task_writes_again() {
 // (nothing twice), only durable checkpoints, and has taken 2 when it stops or finishes.
 #[test]
 fn completed_reaches_every_node_once_and_only_after_it_is_durable() {
-    check("completed_reaches_every_node_once_and_only_after_it_is_durable", PREEMPTIONS_THREE_THREADS, || {
+    check("completed_reaches_every_node_once_and_only_after_it_is_durable", PREEMPTIONS_LARGE, || {
         let completed = Arc::new(Completed::new());
         let durable: Arc<[AtomicBool; 3]> = Arc::new(std::array::from_fn(|_| AtomicBool::new(false)));
         let stop = Arc::new(AtomicBool::new(false));
@@ -285,7 +342,7 @@ fn completed_reaches_every_node_once_and_only_after_it_is_durable() {
 // rise), is always a value some node published, and its waits always end.
 #[test]
 fn board_minimum_is_never_above_what_was_published() {
-    check("board_minimum_is_never_above_what_was_published", PREEMPTIONS_THREE_THREADS, || {
+    check("board_minimum_is_never_above_what_was_published", PREEMPTIONS_LARGE, || {
         let board: Arc<MinimumBoard<u8, u64>> = Arc::new(MinimumBoard::new());
         // Per node: `truth` is set before it publishes, `published` after.
         let truth: Arc<[AtomicU64; 3]> = Arc::new(std::array::from_fn(|_| AtomicU64::new(0)));

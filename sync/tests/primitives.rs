@@ -10,6 +10,7 @@ use std::thread;
 use sabot_sync::board::MinimumBoard;
 use sabot_sync::channel::{self, Closed, TryRecvError, TrySendError};
 use sabot_sync::completed::Completed;
+use sabot_sync::credits::{BeyondWindow, ReceiveCredits, SendCredits};
 use sabot_sync::handoff::{Handoff, Outcome};
 use sabot_sync::settle::Settle;
 use sabot_sync::signal::Signal;
@@ -195,4 +196,28 @@ fn settle_runs_once_for_many_callers() {
     }
     assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert!(settle.is_settled());
+}
+
+// Goal: credits stop a sender at the window, a grant or a loss ends its wait, and a peer that
+// sends or grants beyond the window is refused. Method: steps.
+#[test]
+fn credits_bound_the_window() {
+    let send: SendCredits<u8, u16> = SendCredits::new(2, [0]);
+    assert!(send.try_take(&0) && send.try_take(&0));
+    assert!(!send.try_take(&0), "a third credit of a window of two");
+    let mut writable = Box::pin(send.writable(&0, &1));
+    assert!(poll_once(&mut writable).is_pending());
+    send.grant(&0, 1).unwrap();
+    assert_eq!(poll_once(&mut writable), Poll::Ready(Ok(())));
+    drop(writable);
+    assert_eq!(send.grant(&0, 2), Err(BeyondWindow { window: 2 }));
+    let mut writable = Box::pin(send.writable(&0, &1));
+    assert!(send.try_take(&0));
+    send.lose(1, "gone".into());
+    assert_eq!(poll_once(&mut writable), Poll::Ready(Err("gone".to_string())));
+    let receive: ReceiveCredits<u8> = ReceiveCredits::new(2, [0]);
+    assert!(receive.receive(&0).is_ok() && receive.receive(&0).is_ok());
+    assert_eq!(receive.receive(&0), Err(BeyondWindow { window: 2 }));
+    receive.grant(&0, 2);
+    assert!(receive.receive(&0).is_ok());
 }
