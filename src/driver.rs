@@ -6,7 +6,6 @@
 //! to the receiving node. A full channel stops that node's sends, which stops its sources
 //! (the kernel pauses sources while its outbox is full): backpressure without unbounded buffers.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +21,11 @@ use sabot_kernel::key_group::KeyGroupRange;
 use sabot_kernel::node::{Event, Node, NodeError, NodeMetrics, NodeOptions, Step};
 use sabot_kernel::state::{HeapBackend, SnapshotWrite, StateBackend, StateError};
 use sabot_kernel::time::{EventTime, Instant};
+use sabot_sync::board::MinimumBoard;
+use sabot_sync::channel as queue;
+use sabot_sync::completed::{Completed, CompletedCursor};
+use sabot_sync::handoff::{Handoff, Outcome};
+use sabot_sync::signal::Notified;
 use tokio::sync::mpsc;
 
 use crate::clock::TokioClock;
@@ -324,14 +328,12 @@ async fn run_nodes<T: AsyncTransport>(
     let mut handles = Vec::new();
     let failures: Arc<Mutex<Vec<DriverError>>> = Arc::default();
     let alignment = AlignmentBoard::for_plan(&plan);
-    for ((node, transport), (sender, commands)) in nodes.into_iter().zip(transports).zip(channels) {
-        let control = config.checkpoints.as_ref().map(|_| NodeControl {
-            commands_own: sender,
-            reports: report_sender.clone(),
-            data_dir: config.data_dir.clone(),
-            finished_reported: false,
-            done_reported: false,
-        });
+    let completed = Arc::new(Completed::new());
+    for ((node, transport), (_, commands)) in nodes.into_iter().zip(transports).zip(channels) {
+        let control = config
+            .checkpoints
+            .as_ref()
+            .map(|_| NodeControl::new(report_sender.clone(), config.data_dir.clone(), completed.clone()));
         let mut driver = NodeDriver {
             node,
             transport,
@@ -366,6 +368,7 @@ async fn run_nodes<T: AsyncTransport>(
                 coordinator,
                 reports,
                 commands: command_senders.clone(),
+                announce: Announce::Local(completed),
                 storage,
                 clock,
                 node_count: plan.node_count,
@@ -416,13 +419,13 @@ fn write_durably(data_dir: &std::path::Path, writes: Vec<Box<dyn SnapshotWrite>>
 /// A checkpoint not complete this long after its trigger is aborted.
 const CHECKPOINT_TIMEOUT_MS: u64 = 60_000;
 
-/// What the coordinator (or a snapshot writer) tells a node.
+/// What the coordinator tells a node.
 #[derive(Clone, Debug)]
 enum Command {
     Trigger(CheckpointId, BarrierKind),
+    /// A completed checkpoint, for a worker's connection to the coordinator: nodes learn of
+    /// completions through `Completed`, never through their commands.
     Complete(CheckpointId),
-    /// The asynchronous part of a snapshot was written (or failed, with the reason).
-    Written(CheckpointId, SubtaskId, Result<Vec<String>, String>),
     /// Every node is done (or one failed): stop.
     Stop,
     /// Queryable state: answer with `Report::Answer` (the cluster's workers only).
@@ -451,6 +454,7 @@ struct CoordinatorTask {
     coordinator: Coordinator,
     reports: mpsc::UnboundedReceiver<Report>,
     commands: Vec<mpsc::UnboundedSender<Command>>,
+    announce: Announce,
     storage: LocalFsStorage,
     clock: TokioClock,
     node_count: u16,
@@ -459,6 +463,14 @@ struct CoordinatorTask {
     savepoint_at: Option<Instant>,
     /// Periodic checkpoints use unaligned barriers.
     unaligned: bool,
+}
+
+/// How the coordinator announces a completed checkpoint.
+enum Announce {
+    /// To the nodes of this process, which read it from `Completed`.
+    Local(Arc<Completed>),
+    /// As `Command::Complete`, which the workers' connections carry to their processes.
+    Commands,
 }
 
 /// The barriers of a checkpoint: savepoints are always aligned (in-flight data would tie them to
@@ -487,6 +499,7 @@ async fn coordinate(task: CoordinatorTask) -> Result<Ended, DriverError> {
         mut coordinator,
         mut reports,
         commands,
+        announce,
         mut storage,
         clock,
         node_count,
@@ -526,7 +539,11 @@ async fn coordinate(task: CoordinatorTask) -> Result<Ended, DriverError> {
                 .map_err(|e| DriverError::Coordinator(e.to_string()))?,
                 Action::NotifyComplete { checkpoint } => {
                     stats.inner.lock().expect("stats lock").0 += 1;
-                    broadcast(Command::Complete(checkpoint));
+                    // Only now, after `persist` made it durable.
+                    match &announce {
+                        Announce::Local(completed) => completed.publish(checkpoint.0),
+                        Announce::Commands => broadcast(Command::Complete(checkpoint)),
+                    }
                     if savepoint == Some(checkpoint) && done.len() < usize::from(node_count) {
                         broadcast(Command::Stop);
                         return Ok(Ended::Savepoint(checkpoint));
@@ -576,22 +593,22 @@ async fn coordinate(task: CoordinatorTask) -> Result<Ended, DriverError> {
 /// carries the elements of every logical channel that ends there (FIFO per sender, so per channel).
 pub struct InProcTransport {
     plan: Arc<PhysicalPlan>,
-    receiver: mpsc::Receiver<Envelope>,
-    senders: Vec<mpsc::Sender<Envelope>>,
+    receiver: queue::Receiver<Envelope>,
+    senders: Vec<queue::Sender<Envelope>>,
 }
 
 impl InProcTransport {
     /// One transport per node of `plan`, connected to each other.
     pub fn connect(plan: &Arc<PhysicalPlan>) -> Vec<InProcTransport> {
         let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..plan.node_count).map(|_| mpsc::channel::<Envelope>(NODE_CHANNEL_CAPACITY)).unzip();
+            (0..plan.node_count).map(|_| queue::bounded::<Envelope>(NODE_CHANNEL_CAPACITY)).unzip();
         receivers
             .into_iter()
             .map(|receiver| InProcTransport { plan: plan.clone(), receiver, senders: senders.clone() })
             .collect()
     }
 
-    fn sender(&self, channel: ChannelId) -> &mpsc::Sender<Envelope> {
+    fn sender(&self, channel: ChannelId) -> &queue::Sender<Envelope> {
         &self.senders[usize::from(self.plan.node_of(self.plan.channel(channel).to))]
     }
 }
@@ -618,8 +635,8 @@ impl AsyncTransport for InProcTransport {
         &self,
         channel: ChannelId,
     ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send + 'static {
-        let sender = self.sender(channel).clone();
-        async move { sender.reserve().await.map(drop).map_err(|_| TransportError::Broken(channel)) }
+        let writable = self.sender(channel).writable();
+        async move { writable.await.map_err(|queue::Closed| TransportError::Broken(channel)) }
     }
 }
 
@@ -640,15 +657,15 @@ impl Transport for InProcTransport {
     fn try_send(&mut self, channel: ChannelId, element: Element) -> Result<(), SendRefused> {
         match self.sender(channel).try_send((channel, element)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendRefused::Failed(TransportError::Broken(channel))),
+            Err(queue::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
+            Err(queue::TrySendError::Closed(_)) => Err(SendRefused::Failed(TransportError::Broken(channel))),
         }
     }
 
     fn try_recv(&mut self) -> Result<Option<Envelope>, TransportError> {
         match self.receiver.try_recv() {
             Ok(envelope) => Ok(Some(envelope)),
-            Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => Ok(None),
+            Err(queue::TryRecvError::Empty | queue::TryRecvError::Disconnected) => Ok(None),
         }
     }
 }
@@ -659,19 +676,22 @@ impl Transport for InProcTransport {
 /// before every step and before it waits; a change wakes the nodes that wait. In a cluster, the
 /// worker sends this process's minima to the coordinator whenever they change
 /// ([`AlignmentBoard::process_minima`]), and the coordinator sends back, per group, the minimum
-/// over the other workers ([`AlignmentBoard::set_remote`]), which counts as one more node.
-#[derive(Debug, Default)]
+/// over the other workers ([`AlignmentBoard::set_remote`]), published as one more node
+/// ([`REMOTE_NODE`]). (The board itself, and the wake-up, are `sabot_sync::board::MinimumBoard`,
+/// which the loom models check.)
+#[derive(Default)]
 pub struct AlignmentBoard {
-    minima: Mutex<BoardMinima>,
-    changed: tokio::sync::Notify,
+    minima: MinimumBoard<String, EventTime>,
 }
 
-#[derive(Debug, Default)]
-struct BoardMinima {
-    /// Per group and node of this process.
-    nodes: BTreeMap<(String, u16), Option<EventTime>>,
-    /// Per group, the minimum over the other processes (`None`: none holds the group back).
-    remote: BTreeMap<String, Option<EventTime>>,
+/// The board's node for the other processes' minima: no node of a plan has this index (a plan
+/// has at most 65,535 nodes, numbered from 0).
+pub const REMOTE_NODE: u16 = u16::MAX;
+
+impl std::fmt::Debug for AlignmentBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignmentBoard").finish_non_exhaustive()
+    }
 }
 
 impl AlignmentBoard {
@@ -685,60 +705,26 @@ impl AlignmentBoard {
     }
 
     /// Publishes `node`'s minima and tells it the other nodes' (and processes'). Whether what it
-    /// knew changed.
-    fn exchange(&self, node: &mut Node) -> bool {
-        let index = node.index();
-        let mine = node.alignment_watermarks();
-        let mut published = false;
-        let elsewhere: Vec<(String, Option<EventTime>)> = {
-            let mut minima = self.minima.lock().expect("alignment lock");
-            for (group, minimum) in &mine {
-                published |= minima.nodes.insert((group.clone(), index), *minimum) != Some(*minimum);
-            }
-            let other = |group: &String| {
-                let nodes = minima.nodes.iter().filter(|((g, n), _)| g == group && *n != index);
-                let remote = minima.remote.get(group).copied().flatten();
-                nodes.filter_map(|(_, minimum)| *minimum).chain(remote).min()
-            };
-            mine.iter().map(|(group, _)| (group.clone(), other(group))).collect()
-        };
-        if published {
-            self.changed.notify_waiters();
-        }
+    /// knew changed, and a wake-up for any change after the exchange looked.
+    fn exchange(&self, node: &mut Node) -> (bool, Notified<'_>) {
+        assert_ne!(node.index(), REMOTE_NODE, "node index {REMOTE_NODE} is the other processes'");
+        let exchanged = self.minima.exchange(node.index(), &node.alignment_watermarks());
         let mut learned = false;
-        for (group, minimum) in elsewhere {
+        for (group, minimum) in exchanged.elsewhere {
             learned |= node.handle_alignment(&group, minimum);
         }
-        learned
+        (learned, exchanged.changed)
     }
 
     /// Per group, the minimum over this process's nodes (`None`: none of them holds the group
     /// back), in group order: what the worker tells the coordinator.
     pub fn process_minima(&self) -> Vec<(String, Option<EventTime>)> {
-        let minima = self.minima.lock().expect("alignment lock");
-        let mut out: Vec<(String, Option<EventTime>)> = Vec::new();
-        for ((group, _), minimum) in &minima.nodes {
-            match out.last_mut() {
-                Some((last, so_far)) if last == group => *so_far = (*so_far).into_iter().chain(*minimum).min(),
-                _ => out.push((group.clone(), *minimum)),
-            }
-        }
-        out
+        self.minima.minima_except(REMOTE_NODE)
     }
 
-    /// Takes the other processes' minima from the coordinator, and wakes the nodes if they
-    /// changed.
+    /// Takes the other processes' minima from the coordinator; a change wakes the nodes.
     pub fn set_remote(&self, remote: Vec<(String, Option<EventTime>)>) {
-        let changed = {
-            let mut minima = self.minima.lock().expect("alignment lock");
-            let remote: BTreeMap<String, Option<EventTime>> = remote.into_iter().collect();
-            let changed = minima.remote != remote;
-            minima.remote = remote;
-            changed
-        };
-        if changed {
-            self.changed.notify_waiters();
-        }
+        drop(self.minima.exchange(REMOTE_NODE, &remote));
     }
 }
 
@@ -748,21 +734,57 @@ struct NodeDriver<T> {
     transport: T,
     clock: TokioClock,
     progress: Progress,
-    /// With checkpoints: commands from the coordinator and reports to it.
-    /// Stop (always), and with checkpoints the coordinator's and snapshot writers' commands.
+    /// Stop (always), and with checkpoints the coordinator's commands.
     commands: mpsc::UnboundedReceiver<Command>,
+    /// With checkpoints: snapshot writes, completed checkpoints, and reports to the coordinator.
     control: Option<NodeControl>,
     /// With sources in alignment groups: the minima the nodes of this process share.
     alignment: Option<Arc<AlignmentBoard>>,
 }
 
 struct NodeControl {
-    /// For snapshot writers to say they are done.
-    commands_own: mpsc::UnboundedSender<Command>,
+    /// The snapshot writes handed to writer threads, by subtask, until the node takes them back
+    /// (in order per subtask) and acknowledges.
+    writes: Arc<Handoff<SubtaskId, CheckpointId, Result<Vec<String>, String>>>,
+    /// The newest completed checkpoint of this process's job, and what this node took of it.
+    completed: Arc<Completed>,
+    completed_cursor: CompletedCursor,
     reports: mpsc::UnboundedSender<Report>,
     data_dir: PathBuf,
     finished_reported: bool,
     done_reported: bool,
+}
+
+impl NodeControl {
+    fn new(reports: mpsc::UnboundedSender<Report>, data_dir: PathBuf, completed: Arc<Completed>) -> NodeControl {
+        NodeControl {
+            // The kernel's own bound on acknowledgements waiting for their writes.
+            writes: Arc::new(Handoff::new(sabot_kernel::node::ACKS_WAITING_MAX)),
+            completed_cursor: completed.cursor(),
+            completed,
+            reports,
+            data_dir,
+            finished_reported: false,
+            done_reported: false,
+        }
+    }
+
+    /// Completes once a snapshot write finished or a newer checkpoint completed. Cancel-safe.
+    async fn ready(&self) {
+        tokio::select! {
+            biased;
+            _ = self.writes.ready() => {}
+            _ = self.completed_cursor.wait(&self.completed) => {}
+        }
+    }
+}
+
+/// Completes once the node has control input to take; never without checkpoints.
+async fn control_ready(control: Option<&NodeControl>) {
+    match control {
+        Some(control) => control.ready().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How often a node reports its counters, in milliseconds.
@@ -780,9 +802,10 @@ impl<T: AsyncTransport> NodeDriver<T> {
                     return Ok(());
                 }
             }
+            self.take_control()?;
             self.take_input()?;
             if let Some(board) = &self.alignment {
-                board.exchange(&mut self.node);
+                let _ = board.exchange(&mut self.node);
             }
             let step = self.node.handle_step(self.clock.now())?;
             self.forward_events();
@@ -797,8 +820,7 @@ impl<T: AsyncTransport> NodeDriver<T> {
                 (Step::Finished, false) => {
                     // Finished: wait for the checkpoint that commits the final output, then for Stop.
                     self.report_done_once();
-                    let Some(command) = self.next_command().await else { return Ok(()) };
-                    if !self.obey(command)? {
+                    if !self.wait_for_command().await? {
                         return Ok(());
                     }
                 }
@@ -828,15 +850,15 @@ impl<T: AsyncTransport> NodeDriver<T> {
         let now = self.clock.now();
         match command {
             Command::Trigger(checkpoint, kind) => self.node.handle_checkpoint_trigger(now, checkpoint, kind)?,
-            Command::Complete(checkpoint) => self.node.handle_checkpoint_complete(now, checkpoint)?,
-            Command::Written(checkpoint, subtask, Ok(files)) => {
-                self.node.handle_snapshot_written(checkpoint, subtask, files)
+            Command::Complete(checkpoint) => {
+                unreachable!("node {}: completion of {checkpoint:?} as a command", self.node.index())
             }
-            Command::Written(checkpoint, subtask, Err(reason)) => {
-                let reason = format!("writing the snapshot of {subtask} for checkpoint {}: {reason}", checkpoint.0);
-                return Err(DriverError::NodeLost { node: self.node.index(), reason });
+            // What completed before the stop was sent commits first (a savepoint that stops the
+            // job is complete when Stop comes).
+            Command::Stop => {
+                self.take_control()?;
+                return Ok(false);
             }
-            Command::Stop => return Ok(false),
             Command::Query { id, operator, key } => {
                 let rows = self.node.query(&operator, key).and_then(|rows| {
                     sabot_kernel::dataflow::sink::encode_ipc_file(&rows.schema(), &[rows])
@@ -862,20 +884,19 @@ impl<T: AsyncTransport> NodeDriver<T> {
                     let _ = control.reports.send(Report::Ack(checkpoint, snapshot));
                 }
                 Event::SnapshotWrites { checkpoint, subtask, writes } => {
-                    let (done, data_dir) = (control.commands_own.clone(), control.data_dir.clone());
+                    // Submitted before the writer starts: the node takes it back in order.
+                    let ticket = Handoff::submit(&control.writes, subtask, checkpoint);
+                    let data_dir = control.data_dir.clone();
                     // In a `--cfg madsim` build this runs as a simulated task (madsim has no
                     // threads), after a BUGGIFY point: a slow snapshot write.
                     #[cfg(madsim)]
                     tokio::spawn(async move {
                         crate::buggify::delay(Duration::from_millis(500)).await;
-                        let result = write_durably(&data_dir, writes);
-                        let _ = done.send(Command::Written(checkpoint, subtask, result));
+                        ticket.complete(write_durably(&data_dir, writes));
                     });
+                    // A writer that panics drops its ticket: the node takes it as abandoned.
                     #[cfg(not(madsim))]
-                    tokio::task::spawn_blocking(move || {
-                        let result = write_durably(&data_dir, writes);
-                        let _ = done.send(Command::Written(checkpoint, subtask, result));
-                    });
+                    tokio::task::spawn_blocking(move || ticket.complete(write_durably(&data_dir, writes)));
                 }
                 Event::TaskFinished { .. } => {}
             }
@@ -897,11 +918,43 @@ impl<T: AsyncTransport> NodeDriver<T> {
         }
     }
 
-    /// The next coordinator command; never, without checkpoints.
-    async fn next_command(&mut self) -> Option<Command> {
-        match &mut self.control {
-            Some(_) => self.commands.recv().await,
-            None => std::future::pending().await,
+    /// Acknowledges the snapshots whose writes finished (in order per subtask), then lets the
+    /// node commit the newest completed checkpoint, if it did not yet.
+    fn take_control(&mut self) -> Result<(), DriverError> {
+        let index = self.node.index();
+        let Some(control) = &mut self.control else { return Ok(()) };
+        while let Some(handed) = control.writes.take() {
+            let (checkpoint, subtask) = (handed.id, handed.lane);
+            let reason = match handed.outcome {
+                Outcome::Done(Ok(files)) => {
+                    self.node.handle_snapshot_written(checkpoint, subtask, files);
+                    continue;
+                }
+                Outcome::Done(Err(reason)) => reason,
+                Outcome::Abandoned => "its writer stopped without finishing (it panicked)".to_string(),
+            };
+            let reason = format!("writing the snapshot of {subtask} for checkpoint {}: {reason}", checkpoint.0);
+            return Err(DriverError::NodeLost { node: index, reason });
+        }
+        if let Some(checkpoint) = control.completed_cursor.take(&control.completed) {
+            self.node.handle_checkpoint_complete(self.clock.now(), CheckpointId(checkpoint))?;
+        }
+        self.forward_events();
+        Ok(())
+    }
+
+    /// Finished: waits for a coordinator command (carried out) or control input (taken at the
+    /// top of the loop). `false` for Stop, and when the commands ended.
+    async fn wait_for_command(&mut self) -> Result<bool, DriverError> {
+        let command = tokio::select! {
+            biased;
+            command = self.commands.recv() => Some(command),
+            _ = control_ready(self.control.as_ref()) => None,
+        };
+        match command {
+            Some(Some(command)) => self.obey(command),
+            Some(None) => Ok(false),
+            None => Ok(true),
         }
     }
 
@@ -949,6 +1002,7 @@ impl<T: AsyncTransport> NodeDriver<T> {
         let (writable, received, command) = tokio::select! {
             biased;
             command = next(commands) => (None, None, command),
+            _ = control_ready(self.control.as_ref()) => (None, None, None),
             received = self.transport.recv(), if can_take_input => (None, Some(received), None),
             writable = writable => (Some(writable), None, None),
         };
@@ -981,13 +1035,16 @@ impl<T: AsyncTransport> NodeDriver<T> {
     /// Waits for input, a coordinator command, or the node's next timeout.
     /// `false` when the coordinator said stop.
     async fn wait_for_input(&mut self) -> Result<bool, DriverError> {
-        // Registered before the exchange, so that no change another node publishes after it
-        // is missed.
+        // The exchange's wake-up was registered before it looked, so that no change another node
+        // publishes after it is missed.
         let board = self.alignment.clone();
-        let aligned = board.as_ref().map(|board| board.changed.notified());
-        if board.as_ref().is_some_and(|board| board.exchange(&mut self.node)) {
-            return Ok(true);
-        }
+        let aligned = match &board {
+            Some(board) => match board.exchange(&mut self.node) {
+                (true, _) => return Ok(true),
+                (false, changed) => Some(changed),
+            },
+            None => None,
+        };
         let timeout = self.node.poll_timeout().map(|at| at.saturating_sub(self.clock.now()));
         let sleep = tokio::time::sleep(Duration::from_millis(timeout.unwrap_or(u64::MAX / 4)));
         let commands = Some(&mut self.commands);
@@ -1001,6 +1058,7 @@ impl<T: AsyncTransport> NodeDriver<T> {
         let (received, command) = tokio::select! {
             biased;
             command = next(commands) => (None, command),
+            _ = control_ready(self.control.as_ref()) => (None, None),
             received = self.transport.recv() => (Some(received), None),
             _ = sleep, if timeout.is_some() => (None, None),
             _ = changed, if is_aligned => (None, None),

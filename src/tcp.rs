@@ -47,13 +47,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sabot_kernel::dataflow::PhysicalPlan;
 use sabot_kernel::element::Element;
 use sabot_kernel::env::{ChannelId, SendRefused, Transport, TransportError};
 use sabot_kernel::wire::{Frame, FrameDecoder};
+use sabot_sync::channel as queue;
+use sabot_sync::credits::{ReceiveCredits, SendCredits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -81,18 +83,15 @@ enum Incoming {
     Lost { peer: u16, reason: String },
 }
 
-/// The flow control of one process, shared by its endpoints and its connections' readers.
-#[derive(Default)]
+/// The flow control of one process, shared by its endpoints and its connections' readers
+/// (`sabot_sync::credits`, which the loom models check).
 struct Credits {
-    /// Send credits per channel from a local node to another process.
-    available: Mutex<BTreeMap<ChannelId, u32>>,
+    /// Send credits per channel from a local node to another process, and the peer processes
+    /// lost (waiting for their credits is over).
+    send: SendCredits<ChannelId, u16>,
     /// Per channel from another process into a local node: elements received and not granted
     /// back yet (at most `CHANNEL_CREDITS`, or the sender broke the protocol).
-    outstanding: Mutex<BTreeMap<ChannelId, u32>>,
-    /// Woken when credits arrive or a peer is lost.
-    granted: Notify,
-    /// Peer processes lost, with the reason: waiting for their credits is over.
-    lost: Mutex<BTreeMap<u16, String>>,
+    receive: ReceiveCredits<ChannelId>,
 }
 
 /// How a process reaches the others: its index, the job attempt, every process's address, the
@@ -154,10 +153,10 @@ pub struct TcpTransport {
     routes: Arc<Routes>,
     node: u16,
     incoming: mpsc::UnboundedReceiver<Incoming>,
-    local: mpsc::Receiver<Envelope>,
+    local: queue::Receiver<Envelope>,
     /// The in-process queue into each node of this process, this node's own included (`None`
-    /// for the nodes of other processes).
-    local_senders: Vec<Option<mpsc::Sender<Envelope>>>,
+    /// for the nodes of other processes): `sabot_sync::channel`, which the loom models check.
+    local_senders: Vec<Option<queue::Sender<Envelope>>>,
     /// Frames to each peer process's writer (`None` for this process).
     writers: Vec<Option<mpsc::UnboundedSender<Frame>>>,
     credits: Arc<Credits>,
@@ -271,30 +270,30 @@ impl TcpTransport {
             attempt: config.attempt,
             node_processes: config.node_processes,
         });
-        let credits = Arc::new(Credits::default());
         let mut open_inputs: BTreeMap<u16, BTreeMap<u16, BTreeSet<ChannelId>>> = BTreeMap::new();
-        {
-            let mut available = credits.available.lock().expect("credits lock");
-            let mut outstanding = credits.outstanding.lock().expect("credits lock");
-            for index in 0..routes.plan.channels.len() {
-                let channel = ChannelId(index as u32);
-                let (from, to) = routes.ends(channel).expect("a channel of the plan");
-                let (from_process, to_process) = (routes.process_of(from), routes.process_of(to));
-                if from_process == routes.process && to_process != routes.process {
-                    available.insert(channel, CHANNEL_CREDITS);
-                }
-                if to_process == routes.process && from_process != routes.process {
-                    outstanding.insert(channel, 0);
-                    open_inputs.entry(to).or_default().entry(from_process).or_default().insert(channel);
-                }
+        let (mut outputs, mut inputs) = (Vec::new(), Vec::new());
+        for index in 0..routes.plan.channels.len() {
+            let channel = ChannelId(index as u32);
+            let (from, to) = routes.ends(channel).expect("a channel of the plan");
+            let (from_process, to_process) = (routes.process_of(from), routes.process_of(to));
+            if from_process == routes.process && to_process != routes.process {
+                outputs.push(channel);
+            }
+            if to_process == routes.process && from_process != routes.process {
+                inputs.push(channel);
+                open_inputs.entry(to).or_default().entry(from_process).or_default().insert(channel);
             }
         }
+        let credits = Arc::new(Credits {
+            send: SendCredits::new(CHANNEL_CREDITS, outputs),
+            receive: ReceiveCredits::new(CHANNEL_CREDITS, inputs),
+        });
         let mut incoming_senders: Vec<Option<mpsc::UnboundedSender<Incoming>>> = vec![None; node_count];
-        let mut local_senders: Vec<Option<mpsc::Sender<Envelope>>> = vec![None; node_count];
+        let mut local_senders: Vec<Option<queue::Sender<Envelope>>> = vec![None; node_count];
         let mut receivers = Vec::new();
         for &node in &nodes {
             let (incoming_sender, incoming) = mpsc::unbounded_channel();
-            let (local_sender, local) = mpsc::channel(LOCAL_CAPACITY);
+            let (local_sender, local) = queue::bounded(LOCAL_CAPACITY);
             incoming_senders[usize::from(node)] = Some(incoming_sender);
             local_senders[usize::from(node)] = Some(local_sender);
             receivers.push((node, incoming, local));
@@ -349,12 +348,7 @@ impl TcpTransport {
         assert!(*taken <= CHANNEL_CREDITS, "{} elements of channel {} taken without a grant", *taken, channel.0);
         if *taken >= CHANNEL_CREDITS / 2 {
             let credits = std::mem::take(taken);
-            {
-                let mut outstanding = self.credits.outstanding.lock().expect("credits lock");
-                let entry = outstanding.get_mut(&channel).expect("a remote input channel of this process");
-                assert!(*entry >= credits, "channel {}: granting {credits} of {} received", channel.0, *entry);
-                *entry -= credits;
-            }
+            self.credits.receive.grant(&channel, credits);
             if let Some(writer) = &self.writers[usize::from(sender)] {
                 // A writer that is gone reports the loss through the readers.
                 let _ = writer.send(Frame::Credit { attempt: self.routes.attempt, channel, credits });
@@ -417,25 +411,16 @@ impl TcpTransport {
         channel: ChannelId,
     ) -> impl std::future::Future<Output = Result<(), TransportError>> + Send + 'static {
         let to = self.node_to(channel);
-        let local = to.as_ref().ok().and_then(|&to| self.local_senders[usize::from(to)].clone());
+        let local = to.as_ref().ok().and_then(|&to| self.local_senders[usize::from(to)].as_ref().map(|s| s.writable()));
         let peer = to.as_ref().ok().map(|&to| self.routes.process_of(to));
         let credits = self.credits.clone();
         async move {
             to?;
-            if let Some(sender) = local {
-                return sender.reserve().await.map(drop).map_err(|_| TransportError::Broken(channel));
+            if let Some(writable) = local {
+                return writable.await.map_err(|queue::Closed| TransportError::Broken(channel));
             }
             let peer = peer.expect("the channel is known");
-            loop {
-                let granted = credits.granted.notified();
-                if let Some(reason) = credits.lost.lock().expect("lost lock").get(&peer).cloned() {
-                    return Err(TransportError::PeerLost { peer, reason });
-                }
-                if credits.available.lock().expect("credits lock").get(&channel).copied().unwrap_or(0) > 0 {
-                    return Ok(());
-                }
-                granted.await;
-            }
+            credits.send.writable(&channel, &peer).await.map_err(|reason| TransportError::PeerLost { peer, reason })
         }
     }
 }
@@ -449,17 +434,12 @@ impl Transport for TcpTransport {
         if let Some(sender) = &self.local_senders[usize::from(to)] {
             return match sender.try_send((channel, element)) {
                 Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(SendRefused::Failed(TransportError::Broken(channel))),
+                Err(queue::TrySendError::Full((_, element))) => Err(SendRefused::Full(element)),
+                Err(queue::TrySendError::Closed(_)) => Err(SendRefused::Failed(TransportError::Broken(channel))),
             };
         }
-        {
-            let mut available = self.credits.available.lock().expect("credits lock");
-            let credits = available.get_mut(&channel).expect("a channel from this process to another");
-            if *credits == 0 {
-                return Err(SendRefused::Full(element));
-            }
-            *credits -= 1;
+        if !self.credits.send.try_take(&channel) {
+            return Err(SendRefused::Full(element));
         }
         let peer = self.routes.process_of(to);
         let frame = Frame::Element { attempt: self.routes.attempt, channel, element };
@@ -577,8 +557,7 @@ impl Endpoints {
     /// decides whether the peer finished or failed; an endpoint already dropped hears nothing).
     fn report_lost(&self, reason: String) {
         let peer = self.peer;
-        self.credits.lost.lock().expect("lost lock").entry(peer).or_insert_with(|| reason.clone());
-        self.credits.granted.notify_waiters();
+        self.credits.send.lose(peer, reason.clone());
         for sender in self.incoming.iter().flatten() {
             let _ = sender.send(Incoming::Lost { peer, reason: reason.clone() });
         }
@@ -674,16 +653,8 @@ impl ReadContext {
                         channel.0
                     ));
                 }
-                {
-                    let mut outstanding = self.endpoints.credits.outstanding.lock().expect("credits lock");
-                    let entry = outstanding.get_mut(&channel).expect("every remote input channel is counted");
-                    if *entry >= CHANNEL_CREDITS {
-                        return Err(format!(
-                            "channel {}: an element beyond its window of {CHANNEL_CREDITS}",
-                            channel.0
-                        ));
-                    }
-                    *entry += 1;
+                if self.endpoints.credits.receive.receive(&channel).is_err() {
+                    return Err(format!("channel {}: an element beyond its window of {CHANNEL_CREDITS}", channel.0));
                 }
                 let endpoint = self.endpoints.incoming[usize::from(to)].as_ref().expect("a local node's endpoint");
                 endpoint.send(Incoming::Element(channel, element)).map_err(|_| format!("node {to} is gone"))
@@ -697,15 +668,8 @@ impl ReadContext {
                         channel.0
                     ));
                 }
-                let mut available = self.endpoints.credits.available.lock().expect("credits lock");
-                let entry = available.get_mut(&channel).expect("credits of every remote output channel");
-                *entry = entry
-                    .checked_add(credits)
-                    .filter(|c| *c <= CHANNEL_CREDITS)
-                    .ok_or(format!("credits for channel {} beyond its window of {CHANNEL_CREDITS}", channel.0))?;
-                drop(available);
-                self.endpoints.credits.granted.notify_waiters();
-                Ok(())
+                let granted = self.endpoints.credits.send.grant(&channel, credits);
+                granted.map_err(|_| format!("credits for channel {} beyond its window of {CHANNEL_CREDITS}", channel.0))
             }
             Frame::Heartbeat { .. } => Ok(()),
             Frame::Hello { .. } => Err("a second hello".into()),

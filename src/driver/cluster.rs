@@ -32,8 +32,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use sabot_sync::completed::Completed;
+
 use super::{
-    build_node, coordinate, AlignmentBoard, CheckpointSettings, CheckpointStats, Command, CoordinatorTask,
+    build_node, coordinate, AlignmentBoard, Announce, CheckpointSettings, CheckpointStats, Command, CoordinatorTask,
     DriverConfig, DriverError, Ended, NodeControl, NodeDriver, Progress, Report, StateKind, TransportKind,
 };
 use crate::clock::TokioClock;
@@ -392,7 +394,7 @@ async fn run_attempt(
                     Command::Trigger(checkpoint, kind) => Control::Trigger { checkpoint, kind },
                     Command::Complete(checkpoint) => Control::Complete { checkpoint },
                     // The attempt's end (Stop or JobDone) is sent below, once; queries go apart.
-                    Command::Stop | Command::Written(..) | Command::Query { .. } => continue,
+                    Command::Stop | Command::Query { .. } => continue,
                 };
                 if forward.send(message).is_err() {
                     return;
@@ -442,6 +444,7 @@ async fn run_attempt(
         coordinator,
         reports,
         commands: command_senders.clone(),
+        announce: Announce::Commands,
         storage,
         clock,
         node_count: plan.node_count,
@@ -634,7 +637,11 @@ async fn run_assignment(
     if let Some(board) = &alignment {
         tokio::spawn(publish_alignment(board.clone(), outbox.clone(), stopped.clone()));
     }
-    tokio::spawn(dispatch(reader, command_senders.clone(), alignment.clone(), stopped_sender, job_done_sender));
+    // Completed checkpoints, for every node of this worker.
+    let completed = Arc::new(Completed::new());
+    let dispatching =
+        Dispatch { commands: command_senders.clone(), completed: completed.clone(), alignment: alignment.clone() };
+    tokio::spawn(dispatch(reader, dispatching, stopped_sender, job_done_sender));
     // One connection per peer worker, shared by this worker's nodes. The attempt may end while
     // peers connect (another worker failed): stop waiting then. Commands wait in their queues.
     let tcp = ProcessConfig {
@@ -656,13 +663,7 @@ async fn run_assignment(
     // the attempt, and so the other nodes).
     let mut tasks = Vec::new();
     for ((node, commands), transport) in built.into_iter().zip(command_receivers).zip(endpoints) {
-        let control = NodeControl {
-            commands_own: command_senders[&node.index()].clone(),
-            reports: report_sender.clone(),
-            data_dir: settings.data_dir.clone(),
-            finished_reported: false,
-            done_reported: false,
-        };
+        let control = NodeControl::new(report_sender.clone(), settings.data_dir.clone(), completed.clone());
         let (outbox, alignment) = (outbox.clone(), alignment.clone());
         tasks.push(tokio::spawn(async move {
             let progress = Progress::default();
@@ -837,20 +838,34 @@ impl AlignmentRelay {
     }
 }
 
-/// Turns control messages into commands, for every node (a query for its node only); the end of
-/// the attempt (or of the coordinator) is Stop, then `stopped`, then whether the job is done.
+/// Where a worker's control messages go: each node's commands, and the completed checkpoints
+/// every node reads.
+struct Dispatch {
+    commands: BTreeMap<u16, mpsc::UnboundedSender<Command>>,
+    completed: Arc<Completed>,
+    /// With sources in alignment groups: where the other processes' minima go.
+    alignment: Option<Arc<AlignmentBoard>>,
+}
+
+/// Turns control messages into commands, for every node (a query for its node only), and
+/// completions into `Completed`; the end of the attempt (or of the coordinator) is Stop, then
+/// `stopped`, then whether the job is done.
 async fn dispatch(
     mut reader: ControlReader,
-    dispatch: BTreeMap<u16, mpsc::UnboundedSender<Command>>,
-    alignment: Option<Arc<AlignmentBoard>>,
+    dispatch: Dispatch,
     stopped: tokio::sync::watch::Sender<bool>,
     job_done: tokio::sync::oneshot::Sender<bool>,
 ) {
+    let Dispatch { commands: dispatch, completed, alignment } = dispatch;
     let broadcast = |command: Command| dispatch.values().all(|sender| sender.send(command.clone()).is_ok());
     let done = loop {
         let delivered = match reader.next(HEARTBEAT_TIMEOUT).await {
             Ok(Control::Trigger { checkpoint, kind }) => broadcast(Command::Trigger(checkpoint, kind)),
-            Ok(Control::Complete { checkpoint }) => broadcast(Command::Complete(checkpoint)),
+            // Published before any later Stop is sent: a node takes it before it stops.
+            Ok(Control::Complete { checkpoint }) => {
+                completed.publish(checkpoint.0);
+                true
+            }
             Ok(Control::QueryNode { id, node, operator, key }) => match dispatch.get(&node) {
                 Some(sender) => sender.send(Command::Query { id, operator, key }).is_ok(),
                 None => {

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::DB;
+use sabot_sync::settle::Settle;
 
 use sabot_kernel::env::Storage;
 use sabot_kernel::key_group::KeyGroupRange;
@@ -280,29 +281,21 @@ pub type KnownSsts = Arc<Mutex<BTreeMap<String, SharedSst>>>;
 /// done the backend must not write to RocksDB: the checkpoint would see writes from after its
 /// barrier. Whoever needs it first does it — the asynchronous writer, or the backend itself when
 /// it must write (a full cache, a scan, the next capture) before the writer ran — and the other
-/// waits for it or finds it done, so neither can wait for the other forever.
+/// waits for it or finds it done, so neither can wait for the other forever
+/// (`sabot_sync::settle::Settle`, which the loom models check).
 pub struct Pending {
-    state: Mutex<PendingState>,
-}
-
-struct PendingState {
-    /// The work, until someone takes it: the database and where its checkpoint goes.
-    work: Option<(Arc<DB>, PathBuf)>,
-    result: Option<Result<(), String>>,
+    /// The database and where its checkpoint goes, until someone took the checkpoint.
+    work: Settle<(Arc<DB>, PathBuf), Result<(), String>>,
 }
 
 impl Pending {
     pub fn new(db: Arc<DB>, local: PathBuf) -> Pending {
-        Pending { state: Mutex::new(PendingState { work: Some((db, local)), result: None }) }
+        Pending { work: Settle::new((db, local)) }
     }
 
     /// Does the RocksDB part unless it is done; its result either way.
     pub fn settle(&self) -> Result<(), String> {
-        let mut state = self.state.lock().expect("pending lock");
-        if let Some((db, local)) = state.work.take() {
-            state.result = Some(checkpoint(&db, &local));
-        }
-        state.result.clone().expect("settled above")
+        self.work.settle(|(db, local)| checkpoint(&db, &local))
     }
 }
 
