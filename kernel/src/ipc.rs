@@ -53,7 +53,7 @@ pub fn check_file(bytes: &[u8]) -> Result<(), ArrowError> {
         return Err(invalid("dictionary batches (dictionary columns are refused)".into()));
     }
     for (index, block) in footer.recordBatches().into_iter().flatten().enumerate() {
-        check_block(bytes, &block, schema.fields()).map_err(|what| invalid(format!("batch {index}: {what}")))?;
+        check_block(bytes, block, schema.fields()).map_err(|what| invalid(format!("batch {index}: {what}")))?;
     }
     Ok(())
 }
