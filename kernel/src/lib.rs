@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod dataflow;
 pub mod element;
 pub mod env;
+pub mod ipc;
 pub mod key_group;
 pub mod node;
 pub mod state;

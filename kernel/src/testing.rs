@@ -20,6 +20,8 @@ use crate::time::Instant;
 use crate::workload;
 
 pub mod cluster;
+#[cfg(test)]
+mod fuzz_seeds;
 pub mod planted;
 
 /// One [`MemStorage`] shared by all nodes of an in-memory run.

@@ -124,11 +124,14 @@ impl Aligner {
             Some(current) if current.checkpoint > checkpoint => return Ok(actions),
             Some(current) => {
                 actions.push(AlignAction::Abort { checkpoint: current.checkpoint });
+                self.finish(current.checkpoint);
+                self.start(now, barrier, &mut actions);
+                // What was held came before the newer barrier on its input: released after the
+                // newer checkpoint's snapshot (if unaligned, it is taken now), so that it is that
+                // snapshot's in-flight data and not also in its state.
                 if !current.snapshot_taken {
                     actions.push(AlignAction::Release);
                 }
-                self.finish(current.checkpoint);
-                self.start(now, barrier, &mut actions);
             }
             None => self.start(now, barrier, &mut actions),
         }
@@ -257,6 +260,28 @@ mod tests {
             a.on_barrier(Instant(120), 1, barrier(1)),
             Ok(vec![AlignAction::InFlightComplete { checkpoint: CheckpointId(1) }])
         );
+    }
+
+    // Goal (regression, found by the `aligner` fuzz target): when an unaligned barrier of a newer
+    // checkpoint overtakes an aligned one that holds inputs (a savepoint's aligned barriers among
+    // unaligned checkpoints), the held elements are released after the newer snapshot, as its
+    // in-flight data. They were released before it: processed into the state the snapshot then
+    // took, while the aligner already called them in flight (a node found no unaligned snapshot
+    // to record them in, and panicked).
+    #[test]
+    fn newer_unaligned_barrier_releases_held_elements_after_its_snapshot() {
+        let mut a = Aligner::new(None, 2);
+        assert_eq!(a.on_barrier(Instant(0), 0, barrier(1)), Ok(vec![]));
+        assert!(a.is_held(0), "input 0 holds its elements after barrier 1");
+        assert_eq!(
+            a.on_barrier(Instant(1), 1, unaligned(2)),
+            Ok(vec![
+                AlignAction::Abort { checkpoint: CheckpointId(1) },
+                AlignAction::Snapshot { checkpoint: CheckpointId(2), unaligned: true },
+                AlignAction::Release,
+            ])
+        );
+        assert!(!a.is_held(0) && a.is_in_flight(0), "what input 0 held is in flight for checkpoint 2");
     }
 
     #[derive(Clone, Copy, Debug)]

@@ -385,6 +385,8 @@ pub fn encode_ipc_file(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Ve
 
 /// Decodes an Arrow IPC file (bytes from outside: errors, never panics).
 pub fn decode_ipc_file(bytes: Vec<u8>) -> Result<Vec<RecordBatch>, ArrowError> {
+    // What Arrow's reader takes on trust (it would panic on it) is checked first.
+    crate::ipc::check_file(&bytes)?;
     let reader = arrow_ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None)?;
     reader.collect()
 }
