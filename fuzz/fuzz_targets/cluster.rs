@@ -133,7 +133,7 @@ impl<'a> Arbitrary<'a> for Input {
             Workload::W2(o) | Workload::W3(o) | Workload::W4 { options: o, .. } => {
                 o.parallelism.max(o.source_parallelism)
             }
-            Workload::W2Idle(..) | Workload::W3Idle(..) => unreachable!("not drawn"),
+            Workload::W2Idle(..) | Workload::W3Idle(..) | Workload::W5 { .. } => unreachable!("not drawn"),
         };
         let node_count = u.int_in_range(1..=parallelism)?;
         let checkpoints = CheckpointSettings {
@@ -156,7 +156,7 @@ impl<'a> Arbitrary<'a> for Input {
         let batch_size = match workload {
             Workload::W1 { batch_size, .. } => batch_size,
             Workload::W2(o) | Workload::W3(o) | Workload::W4 { options: o, .. } => o.batch_size,
-            Workload::W2Idle(..) | Workload::W3Idle(..) => unreachable!("not drawn"),
+            Workload::W2Idle(..) | Workload::W3Idle(..) | Workload::W5 { .. } => unreachable!("not drawn"),
         } as u64;
         let batches = workload.record_count().div_ceil(batch_size);
         let steps = batches.div_ceil(u64::from(node_count)) * 1_000_000 / u64::from(network.step_ppm);
@@ -183,7 +183,7 @@ fn reference(scenario: &Scenario) -> Vec<Row> {
 
 fuzz_target!(|input: Input| {
     let scenario = input.0;
-    let reference = reference(&scenario);
+    let reference = oracle::Expected::Rows(reference(&scenario));
     let run = cluster::run(&scenario.cluster_config(false), FaultStorage::new(FaultDisk::new(scenario.seed)));
     let verdict = oracle::judge(&run, &reference);
     assert!(!verdict.is_failure(), "{verdict:?}\nstats {:?}\n{scenario}", run.stats);
