@@ -61,6 +61,10 @@ pub fn check_file(bytes: &[u8]) -> Result<(), ArrowError> {
 /// Refuses the column types whose buffer layout [`check_nodes`] does not know.
 fn check_type(field: &Field) -> Result<(), String> {
     match field.data_type() {
+        // Arrow's layouts take a fixed size for a size: a negative one panics them.
+        DataType::FixedSizeList(_, size) | DataType::FixedSizeBinary(size) if *size < 0 => {
+            Err(format!("a fixed size of {size}"))
+        }
         DataType::List(child) | DataType::LargeList(child) | DataType::FixedSizeList(child, _) => check_type(child),
         DataType::Map(child, _) => check_type(child),
         DataType::Struct(children) => children.iter().try_for_each(|child| check_type(child)),
@@ -242,15 +246,17 @@ mod tests {
     // offsets Arrow's reader took on trust are errors, not panics. Method: the fuzzer's
     // minimized inputs, one per panic: a buffer beyond its message's body (`slice_with_length`),
     // a footer block with a negative length (an `unwrap` in `read_block`), a message shorter
-    // than its prefix (`parse_message`), and an offsets buffer whose size is not a whole number of
-    // offsets (`Buffer::typed_data` in Arrow's validation).
+    // than its prefix (`parse_message`), an offsets buffer whose size is not a whole number of
+    // offsets (`Buffer::typed_data` in Arrow's validation), and a column of a negative fixed size
+    // (an `unwrap` in Arrow's layout of the type).
     #[test]
     fn malformed_files_are_errors() {
-        let files: [(&str, &[u8]); 4] = [
+        let files: [(&str, &[u8]); 5] = [
             ("buffer beyond the body", include_bytes!("testdata/ipc-buffer-beyond-body.arrow")),
             ("negative block length", include_bytes!("testdata/ipc-negative-block-length.arrow")),
             ("message shorter than its prefix", include_bytes!("testdata/ipc-short-message.arrow")),
             ("offsets of partial elements", include_bytes!("testdata/ipc-offsets-of-partial-elements.arrow")),
+            ("a negative fixed size", include_bytes!("testdata/ipc-negative-fixed-size.arrow")),
         ];
         for (what, file) in files {
             let error = check_file(file).expect_err(what);
