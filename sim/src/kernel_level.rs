@@ -138,9 +138,15 @@ fn reference(scenario: &Scenario) -> Result<Vec<Row>, String> {
 
 /// Runs one seed and judges it.
 pub fn run_seed(seed: u64, options: &RunOptions) -> Report {
-    let started = Instant::now();
     let limits = SwarmLimits { record_count: options.record_count, ..options.limits };
-    let scenario = Scenario::from_seed(seed, limits);
+    run_scenario(Scenario::from_seed(seed, limits), options)
+}
+
+/// Runs one scenario (drawn from a seed, or built by hand or by the `cluster` fuzz target) and
+/// judges it, with its restarts from sampled checkpoints.
+pub fn run_scenario(scenario: Scenario, options: &RunOptions) -> Report {
+    let started = Instant::now();
+    let seed = scenario.seed;
     let mut report = Report {
         seed,
         scenario: scenario.clone(),

@@ -2,7 +2,7 @@
 //! the fix and sweeping: the seed below is the first that failed). Each bug also has a test at the
 //! lowest level that shows it, named in its comment.
 
-use sabot_sim::kernel_level::{run_seed, RunOptions};
+use sabot_sim::kernel_level::{run_scenario, run_seed, RunOptions};
 use sabot_sim::oracle::Verdict;
 use sabot_sim::swarm::{Scenario, SwarmLimits};
 
@@ -70,6 +70,135 @@ fn aborted_checkpoint_keeps_the_final_snapshot() {
 #[test]
 fn recovery_never_returns_to_a_passed_over_checkpoint() {
     passes(9_242);
+}
+
+// Goal: a task restored from its final snapshot ran to its end again and wrote the same
+// final-snapshot file after its next checkpoint had completed without it; retention then discarded
+// the restored checkpoint together with that file, and every later checkpoint completed naming a
+// file that was gone: a restart from the last of them (as a power loss right after it would leave
+// the disk) could use none of them. Found by the `cluster` fuzz target; the scenario is the one
+// its input drew (a power loss at 26 ms restores checkpoint 4, in which subtask 0.0 had finished).
+// Lower level: coordinator.rs `retention_keeps_the_final_snapshot`.
+#[test]
+fn retention_keeps_the_final_snapshot_a_restored_task_writes_again() {
+    use sabot_kernel::env::fault_storage::FaultConfig;
+    use sabot_kernel::testing::cluster::{CheckpointSettings, FaultEvent, FaultPlan, NetworkSettings};
+    use sabot_sim::swarm::Workload;
+    let scenario = Scenario {
+        seed: 0,
+        workload: Workload::W1 { record_count: 102, parallelism: 2, batch_size: 1 },
+        node_count: 2,
+        checkpoints: CheckpointSettings {
+            interval_ms: 2,
+            unaligned: true,
+            alignment_timeout_ms: None,
+            timeout_ms: 200,
+            concurrent_max: 1,
+            retained_count: 1,
+        },
+        network: NetworkSettings {
+            tick_ms: 3,
+            delay_ms_max: 0,
+            channel_capacity: 2,
+            step_ppm: 400_000,
+            write_delay_ms_max: 0,
+            persist_delay_ms_max: 0,
+        },
+        faults: FaultPlan {
+            heal_at_ms: 163,
+            events: vec![
+                (26, FaultEvent::PowerLoss),
+                (26, FaultEvent::ClockJump { node: 2, ms: 100 }),
+                (93, FaultEvent::NodeCrash { node: 1 }),
+            ],
+            storage: FaultConfig { misdirect_ppm: 100, ..FaultConfig::default() },
+            clock_skew_ms: vec![0, 0, 0],
+            restart_delay_ms_max: 0,
+        },
+        liveness_ms: 35_240,
+    };
+    let options = RunOptions { trace: true, ..RunOptions::default() };
+    let report = run_scenario(scenario, &options);
+    assert_eq!(report.verdict, Verdict::ExactlyOnce, "{}", report.summary(&options));
+    assert!(!report.cuts_checked.is_empty(), "a restart from a sampled checkpoint ran");
+    assert!(
+        report.trace.iter().any(|line| line.contains("start attempt 2 from Some(4)")),
+        "the world is still the one the bug was found in: {:?}",
+        report.trace
+    );
+}
+
+// Goal: the first checkpoint's manifest was durable but writing the pointer failed; the aborted
+// checkpoint's files were deleted, and every restart refused to start ('misses its file'),
+// though no checkpoint had completed and nothing was damaged. Found by the `cluster` fuzz target;
+// the scenario is the one its input drew. Lower level: manifest.rs
+// `without_a_pointer_no_checkpoint_completed`.
+#[test]
+fn a_first_checkpoint_that_never_completed_is_passed_over() {
+    use sabot_kernel::dataflow::event_window::WindowKind;
+    use sabot_kernel::env::fault_storage::FaultConfig;
+    use sabot_kernel::testing::cluster::{CheckpointSettings, FaultEvent, FaultPlan, NetworkSettings};
+    use sabot_kernel::workload::{Keys, W2Options};
+    use sabot_sim::swarm::Workload;
+    let options = W2Options {
+        record_count: 146,
+        source_parallelism: 1,
+        parallelism: 3,
+        batch_size: 3,
+        out_of_orderness_ms: 0,
+        window_size_ms: 10_000,
+        keys: Keys::Skewed { hot: 1 },
+    };
+    let scenario = Scenario {
+        seed: 18_446_409_615_207_825_407,
+        workload: Workload::W4 { options, kind: WindowKind::Tumbling { size_ms: 50 }, allowed_lateness_ms: 25 },
+        node_count: 1,
+        checkpoints: CheckpointSettings {
+            interval_ms: 20,
+            unaligned: true,
+            alignment_timeout_ms: None,
+            timeout_ms: 60,
+            concurrent_max: 1,
+            retained_count: 1,
+        },
+        network: NetworkSettings {
+            tick_ms: 1,
+            delay_ms_max: 15,
+            channel_capacity: 1,
+            step_ppm: 400_000,
+            write_delay_ms_max: 0,
+            persist_delay_ms_max: 0,
+        },
+        faults: FaultPlan {
+            heal_at_ms: 52,
+            events: vec![
+                (48, FaultEvent::NodeCrash { node: 0 }),
+                (48, FaultEvent::DiskFull { full: true }),
+                (48, FaultEvent::DiskFull { full: true }),
+                (64, FaultEvent::DiskFull { full: false }),
+                (64, FaultEvent::DiskFull { full: false }),
+            ],
+            storage: FaultConfig {
+                read_error_ppm: 522,
+                read_corrupt_ppm: 2_514,
+                write_error_ppm: 2_514,
+                misdirect_ppm: 0,
+                sync_error_ppm: 2_514,
+                torn_ppm: 777_199,
+            },
+            clock_skew_ms: vec![0, 0],
+            restart_delay_ms_max: 0,
+        },
+        liveness_ms: 24_880,
+    };
+    let options = RunOptions { trace: true, ..RunOptions::default() };
+    let report = run_scenario(scenario, &options);
+    assert_eq!(report.verdict, Verdict::ExactlyOnce, "{}", report.summary(&options));
+    assert!(
+        report.trace.iter().any(|line| line.contains("persist of checkpoint 1 failed")),
+        "the world is still the one the bug was found in: {:?}",
+        report.trace
+    );
 }
 
 /// FNV-1a (64 bits) of a text.

@@ -297,8 +297,8 @@ impl Coordinator {
         // What the aborted checkpoint wrote goes, except files a retained checkpoint shares, and
         // shared and end-of-input files: a later checkpoint, still in flight or not triggered
         // yet, may refer to them without having acknowledged yet (a finished task acknowledges
-        // every later checkpoint with its final snapshot). (Periodic discarding deletes them: a
-        // file no retained checkpoint refers to is out of the state for good, so no later
+        // every later checkpoint with its final snapshot). (Periodic discarding deletes shared
+        // files: one no retained checkpoint refers to is out of the state for good, so no later
         // checkpoint refers to it either.)
         let kept = [format!("{}/", shared_dir()), format!("{}/", end_of_input_dir())];
         let files = files.into_iter().filter(|file| !kept.iter().any(|dir| file.starts_with(dir))).collect();
@@ -306,13 +306,19 @@ impl Coordinator {
         self.push(Action::Discard { checkpoint, files });
     }
 
-    /// Keeps the newest `retained_count` periodic checkpoints (savepoints stay) and discards the rest.
+    /// Keeps the newest `retained_count` periodic checkpoints (savepoints stay) and discards the
+    /// rest, except their end-of-input files: a task restored from its final snapshot runs to its
+    /// end again and writes the same final snapshot under the same names, which every later
+    /// checkpoint then carries, also after a discard of the restored checkpoint was decided
+    /// (there is one such file per sink subtask; a restart's `manifest::sweep_before` deletes
+    /// those no remaining checkpoint names).
     fn discard_beyond_retention(&mut self) {
+        let end_of_input = format!("{}/", end_of_input_dir());
         while self.retained.iter().filter(|m| !m.savepoint).count() > self.config.retained_count {
             let position = self.retained.iter().position(|m| !m.savepoint).expect("counted above");
             let oldest = self.retained.remove(position).expect("position is in range");
-            let files = oldest.tasks.iter().flat_map(|s| s.files.iter().cloned()).collect();
-            let files = self.unreferenced(files);
+            let files = oldest.tasks.iter().flat_map(|s| s.files.iter().cloned());
+            let files = self.unreferenced(files.filter(|file| !file.starts_with(&end_of_input)).collect());
             self.push(Action::Discard { checkpoint: oldest.checkpoint, files });
         }
     }
@@ -495,6 +501,33 @@ mod tests {
             })
             .collect();
         assert!(!deleted.contains(&last), "{deleted:?}");
+    }
+
+    // Goal (regression, found by the `cluster` fuzz target: `sim/tests/regressions.rs`,
+    // `retention_keeps_the_final_snapshot_a_restored_task_writes_again`): a task restored from
+    // its final snapshot ran to its end again and wrote the same final-snapshot file, after its
+    // next checkpoint (taken before it finished) completed; retention then discarded the
+    // restored checkpoint with that file, and every later checkpoint completed naming a file
+    // that was gone, so no recovery could use them. Method: checkpoint 1 names the final
+    // snapshot; checkpoint 2 does not (the restored task had not finished yet); retention
+    // discards 1 but not the final snapshot, which checkpoint 3 names again.
+    #[test]
+    fn retention_keeps_the_final_snapshot() {
+        let config = CoordinatorConfig { retained_count: 1, ..config() };
+        let mut c = Coordinator::new(config, "job", 128, [task(0), task(1)], None);
+        let last = format!("{}/sink-00001-00000.sequence", end_of_input_dir());
+        let mut deleted = Vec::new();
+        for (id, files) in [(1, vec![last.as_str(), "only-1"]), (2, vec!["only-2"]), (3, vec![last.as_str()])] {
+            c.handle_timeout(Instant(id * 1_000));
+            drain(&mut c);
+            ack_all(&mut c, id, &files);
+            c.handle_persisted(CheckpointId(id)).unwrap();
+            deleted.extend(drain(&mut c).into_iter().flat_map(|a| match a {
+                Action::Discard { files, .. } => files,
+                _ => vec![],
+            }));
+        }
+        assert_eq!(deleted, vec!["only-1".to_string(), "only-2".to_string()]);
     }
 
     // Goal: savepoints are taken on request and outlive retention; a restored coordinator goes on

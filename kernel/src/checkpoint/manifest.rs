@@ -335,6 +335,13 @@ pub enum RecoveryError {
     Storage(#[from] StorageError),
     #[error("no usable checkpoint of job {job:?}: {}; refusing to start rather than lose or repeat output", describe(.skipped, .pointer_problem))]
     NoUsableCheckpoint { job: String, skipped: Vec<(CheckpointId, String)>, pointer_problem: Option<String> },
+    #[error(
+        "job {job:?} cannot restore checkpoint {}: newer checkpoint {} committed output it does not name ({file}), \
+         so restoring it would repeat that output; the newer checkpoint could not be read (see the checkpoints \
+         recovery passed over) and is the only one that can go on: nothing was changed, retry once it reads again",
+        .restored.0, .newer.0
+    )]
+    NewerOutputCommitted { job: String, restored: CheckpointId, newer: CheckpointId, file: String },
 }
 
 fn describe(skipped: &[(CheckpointId, String)], pointer_problem: &Option<String>) -> String {
@@ -402,20 +409,22 @@ fn check_candidate(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Re
 /// newer than `restored` passed over, durably: the restore drops their sink epochs, so no later
 /// recovery may return to them (they stay on disk for inspection, and a savepoint among them can
 /// still be loaded by id). Left unmarked are newer checkpoints whose manifest does not read (a
-/// failed read may succeed later) and those with committed output that `restored` does not name:
-/// the sinks refuse that restore (it would repeat the output), and only the newer checkpoint can
-/// go on, when a later recovery reads it. Then it deletes what retention would have
+/// failed read may succeed later). A newer checkpoint that committed output `restored` does not
+/// name refuses the restore ([`RecoveryError::NewerOutputCommitted`]) before anything is written
+/// or deleted: restoring would repeat that output, and the restore's sinks would drop the newer
+/// checkpoint's still-pending files, which only it can commit when a later recovery reads it.
+/// Then it deletes what retention would have
 /// deleted had the previous process lived on: the periodic checkpoints of `job` older than
 /// `restored` (their manifests, marks and the files no other remaining checkpoint names), and
 /// the files in the shared directories of the remaining checkpoints that none of them names
 /// (uploads of checkpoints that never completed). Savepoints, other jobs' checkpoints and
 /// unreadable manifests are left alone. Call it before any task runs. Returns what it deleted.
-pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -> Result<Vec<String>, StorageError> {
+pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -> Result<Vec<String>, RecoveryError> {
     let names = storage.list(CHECKPOINTS_DIR)?;
     let marked = ids_named(&names, PASSED_OVER_PREFIX);
     let mut remaining = vec![restored.clone()];
     let mut discarded = Vec::new();
-    let mut newer_marked = false;
+    let mut to_mark = Vec::new();
     for id in ids_named(&names, MANIFEST_PREFIX) {
         if id == restored.checkpoint {
             continue;
@@ -426,13 +435,15 @@ pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -
             continue;
         };
         if id > restored.checkpoint && manifest.job == job && !marked.contains(&id) {
-            if output_committed_beyond(storage, &manifest, restored)? {
-                continue;
+            if let Some(file) = output_committed_beyond(storage, &manifest, restored)? {
+                return Err(RecoveryError::NewerOutputCommitted {
+                    job: job.to_string(),
+                    restored: restored.checkpoint,
+                    newer: id,
+                    file,
+                });
             }
-            let path = passed_over_path(id);
-            storage.write(&path, format!("passed over for checkpoint {}\n", restored.checkpoint.0).as_bytes())?;
-            storage.sync_file(&path)?;
-            newer_marked = true;
+            to_mark.push(id);
         }
         if manifest.job == job && !manifest.savepoint && id < restored.checkpoint {
             discarded.push(manifest);
@@ -440,7 +451,12 @@ pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -
             remaining.push(manifest);
         }
     }
-    if newer_marked {
+    for id in &to_mark {
+        let path = passed_over_path(*id);
+        storage.write(&path, format!("passed over for checkpoint {}\n", restored.checkpoint.0).as_bytes())?;
+        storage.sync_file(&path)?;
+    }
+    if !to_mark.is_empty() {
         storage.sync_dir(CHECKPOINTS_DIR)?;
     }
     let named: std::collections::BTreeSet<&String> =
@@ -476,14 +492,14 @@ pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -
     Ok(deleted)
 }
 
-/// Whether output that `newer` names for commit and `restored` does not is committed already:
-/// file sink handles `<dir>/.pending/<file>` whose `<dir>/<file>` exists (other sinks' handles
-/// are not files, and count as not committed).
+/// A committed file of output that `newer` names for commit and `restored` does not: file sink
+/// handles `<dir>/.pending/<file>` whose `<dir>/<file>` exists (other sinks' handles are not
+/// files, and count as not committed).
 fn output_committed_beyond(
     storage: &mut dyn Storage,
     newer: &Manifest,
     restored: &Manifest,
-) -> Result<bool, StorageError> {
+) -> Result<Option<String>, StorageError> {
     let named: std::collections::BTreeSet<&String> = restored.tasks.iter().flat_map(|t| &t.pending_output).collect();
     let mut listed: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
     for handle in newer.tasks.iter().flat_map(|t| &t.pending_output).filter(|h| !named.contains(h)) {
@@ -493,10 +509,10 @@ fn output_committed_beyond(
             listed.insert(dir.to_string(), storage.list(dir)?);
         }
         if listed[dir].iter().any(|name| name == file) {
-            return Ok(true);
+            return Ok(Some(format!("{dir}/{file}")));
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// The highest checkpoint id storage holds a manifest of, or that the pointer names (whether
@@ -521,9 +537,11 @@ pub fn newest_checkpoint_id(storage: &mut dyn Storage) -> Result<Option<Checkpoi
 
 /// Finds the latest completed checkpoint of `job` that is intact, passing over corrupt or partial
 /// ones, and ones an earlier recovery passed over ([`sweep_before`] marked them). Checkpoints
-/// newer than the pointer never completed and are passed over; if the pointer
-/// itself is unreadable, every checkpoint with a valid manifest is a candidate. With no
-/// checkpoint at all the job starts fresh; with checkpoints but none usable it must not start.
+/// newer than the pointer never completed and are passed over, and so are all of them when there
+/// is no pointer: [`persist`] writes it atomically and nothing deletes it, so without it no
+/// checkpoint ever completed (the manifest of the first was durable, its pointer was not), and
+/// the job starts fresh. If the pointer itself is unreadable, every checkpoint with a valid
+/// manifest is a candidate. With checkpoints but none usable the job must not start.
 pub fn find_latest(storage: &mut dyn Storage, job: &str) -> Result<Recovery, RecoveryError> {
     let names = storage.list(CHECKPOINTS_DIR)?;
     let mut ids = ids_named(&names, MANIFEST_PREFIX);
@@ -541,9 +559,14 @@ pub fn find_latest(storage: &mut dyn Storage, job: &str) -> Result<Recovery, Rec
     if let Some(latest) = latest.filter(|latest| !ids.contains(latest)) {
         skipped.push((latest, "is named by the latest-checkpoint pointer but has no manifest".into()));
     }
+    let no_pointer = latest.is_none() && pointer_problem.is_none();
     for id in ids {
         if latest.is_some_and(|latest| id > latest) {
             skipped.push((id, "is newer than the latest-checkpoint pointer: it never completed".into()));
+            continue;
+        }
+        if no_pointer {
+            skipped.push((id, "never completed: no latest-checkpoint pointer was ever written".into()));
             continue;
         }
         if marked.contains(&id) {
@@ -555,8 +578,7 @@ pub fn find_latest(storage: &mut dyn Storage, job: &str) -> Result<Recovery, Rec
             Err(reason) => skipped.push((id, reason)),
         }
     }
-    let never_checkpointed = latest.is_none() && pointer_problem.is_none() && skipped.is_empty();
-    if never_checkpointed {
+    if no_pointer {
         return Ok(Recovery { manifest: None, skipped, pointer_problem });
     }
     Err(RecoveryError::NoUsableCheckpoint { job: job.to_string(), skipped, pointer_problem })
@@ -766,6 +788,40 @@ mod tests {
         assert!(storage.read(&passed_over_path(CheckpointId(4))).is_ok(), "the newer checkpoint is passed over");
     }
 
+    // Goal (regression, found by the `cluster` fuzz target: `sim/tests/regressions.rs`,
+    // `a_first_checkpoint_that_never_completed_is_passed_over`): the first checkpoint's manifest
+    // was durable but writing the pointer failed; the checkpoint was aborted and its files
+    // deleted, and every restart refused to start ('misses its file') though no checkpoint had
+    // ever completed and nothing was damaged. Method: a manifest without a pointer, its file
+    // gone or intact: the job starts fresh either way, saying why it passes over the checkpoint,
+    // and numbers its checkpoints after it; a pointer that does not read still makes every
+    // manifest a candidate.
+    #[test]
+    fn without_a_pointer_no_checkpoint_completed() {
+        let mut storage = MemStorage::new();
+        let file = format!("{}/state-1-0", checkpoint_dir(CheckpointId(1)));
+        let first = manifest(1, &[&file]);
+        let mut state = b"state".to_vec();
+        state.extend_from_slice(&crc32fast::hash(b"state").to_le_bytes());
+        storage.write(&file, &state).unwrap();
+        storage.write(&manifest_path(CheckpointId(1)), &first.encode()).unwrap();
+        for file_present in [true, false] {
+            if !file_present {
+                storage.delete(&file).unwrap();
+            }
+            let recovery = find_latest(&mut storage, "w2").unwrap();
+            assert_eq!(recovery.manifest, None, "file present: {file_present}");
+            assert_eq!(recovery.skipped.len(), 1);
+            assert!(recovery.skipped[0].1.contains("no latest-checkpoint pointer"), "{:?}", recovery.skipped);
+            assert_eq!(recovery.checkpoint_id_max(), Some(CheckpointId(1)));
+        }
+        storage.write(&file, &state).unwrap();
+        storage.write(POINTER_PATH, b"garbage").unwrap();
+        let recovery = find_latest(&mut storage, "w2").unwrap();
+        assert_eq!(recovery.manifest, Some(first));
+        assert!(recovery.pointer_problem.is_some());
+    }
+
     // Goal (regression, found by the simulator: `sim/tests/regressions.rs`,
     // `recovery_never_returns_to_a_passed_over_checkpoint`): a recovery passed over the newest
     // checkpoint (a read of one of its files failed) and restored an older one, whose sinks
@@ -801,16 +857,33 @@ mod tests {
         );
         assert_eq!(recovery.checkpoint_id_max(), Some(CheckpointId(3)));
         assert_eq!(load(&mut storage, "w2", CheckpointId(3)).map(|m| m.checkpoint), Ok(CheckpointId(3)));
-        // Checkpoint 4 committed output that 2 does not name, and a read of its file fails: the
-        // sinks refuse a restore from 2, so 4 stays a candidate for the next recovery.
+        // Checkpoint 4's output is partly committed (the process died while committing it), and a
+        // read of its file fails: the restore from 2 is refused before anything changes (the
+        // restore's sinks would drop 4's pending file), so 4 stays a candidate for the next
+        // recovery, which commits the rest of its output.
         let mut fourth = manifest(4, &[&file]);
-        fourth.tasks[1].pending_output = vec!["output/w2/.pending/part-4".into()];
+        fourth.tasks[1].pending_output = vec!["output/w2/.pending/part-4".into(), "output/w2/.pending/part-5".into()];
         persist(&mut storage, &fourth).unwrap();
         storage.write("output/w2/part-4", b"rows").unwrap();
+        storage.write("output/w2/.pending/part-5", b"rows").unwrap();
         storage.write(&file, b"damaged").unwrap();
         assert_eq!(find_latest(&mut storage, "w2").unwrap().manifest, Some(restored.clone()));
-        sweep_before(&mut storage, "w2", &restored).unwrap();
-        assert!(storage.read(&passed_over_path(CheckpointId(4))).is_err(), "4 is not passed over for good");
+        let listed = |storage: &mut MemStorage| {
+            [CHECKPOINTS_DIR, "output/w2", "output/w2/.pending"].map(|dir| storage.list(dir).unwrap())
+        };
+        let before = listed(&mut storage);
+        let error = sweep_before(&mut storage, "w2", &restored).unwrap_err();
+        assert_eq!(
+            error,
+            RecoveryError::NewerOutputCommitted {
+                job: "w2".into(),
+                restored: CheckpointId(2),
+                newer: CheckpointId(4),
+                file: "output/w2/part-4".into(),
+            }
+        );
+        assert!(error.to_string().contains("retry once it reads again"), "{error}");
+        assert_eq!(listed(&mut storage), before, "a refused sweep marks and deletes nothing");
         storage.write(&file, &intact).unwrap();
         assert_eq!(find_latest(&mut storage, "w2").unwrap().manifest, Some(fourth));
         // A sweep from a later checkpoint (2 is a savepoint, and stays) deletes 3 with its mark.

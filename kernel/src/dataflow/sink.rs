@@ -22,10 +22,12 @@ use arrow_array::RecordBatch;
 use arrow_schema::{ArrowError, SchemaRef};
 
 use super::graph::SubtaskId;
-use super::{read_u64_file, write_u64_file, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot};
+use super::{
+    read_u64_file, u64_file_bytes, write_u64_file, Context, Operator, OperatorError, OperatorMetrics, OperatorSnapshot,
+};
 use crate::checkpoint::manifest::{checkpoint_dir, TaskSnapshot};
 use crate::element::CheckpointId;
-use crate::env::{parent_dir, Storage, StorageError};
+use crate::env::{parent_dir, write_atomic, Storage, StorageError};
 
 /// Rows per pending file: bounds the memory a sink holds before it writes.
 pub const SINK_CHUNK_ROWS_MAX: usize = 64 * 1024;
@@ -295,12 +297,15 @@ impl TransactionalSink for FileTransactions {
         }
         let pending_output = files.iter().map(|file| format!("{pending_dir}/{file}")).collect();
         // The final snapshot is carried by every later checkpoint: its file is shared by them, in
-        // a directory of its own (retention deletes it with the last checkpoint that refers to it).
-        let dir = if checkpoint == CheckpointId::END_OF_INPUT {
-            crate::checkpoint::manifest::end_of_input_dir()
-        } else {
-            checkpoint_dir(checkpoint)
-        };
+        // a directory of its own that retention leaves alone. A sink restored from its final
+        // snapshot writes the same file again when it ends, while the restored checkpoint names
+        // it: replaced atomically, a power loss leaves it whole (with the same contents).
+        if checkpoint == CheckpointId::END_OF_INPUT {
+            let path = format!("{}/{}", crate::checkpoint::manifest::end_of_input_dir(), self.sequence_file_name());
+            write_atomic(context.storage, &path, &u64_file_bytes(self.file_sequence))?;
+            return Ok(OperatorSnapshot { files: vec![path], pending_output, writes: Vec::new() });
+        }
+        let dir = checkpoint_dir(checkpoint);
         let path = format!("{dir}/{}", self.sequence_file_name());
         write_u64_file(context.storage, &path, self.file_sequence)?;
         context.storage.sync_dir(&dir)?;
@@ -315,8 +320,9 @@ impl TransactionalSink for FileTransactions {
         Ok(commit_files(context.storage, &Self::committed_dir(&self.name), &handles)?)
     }
 
-    /// Restores the file sequence, drops this subtask's later pending files, and checks that
-    /// nothing of its own beyond the checkpoint was committed.
+    /// Restores the file sequence, checks that nothing of its own beyond the checkpoint was
+    /// committed, and only then drops this subtask's later pending files (a refused restore
+    /// leaves them to the newer checkpoint that can commit them).
     fn recover(&mut self, context: &mut Context<'_>, snapshots: &[TaskSnapshot]) -> Result<(), OperatorError> {
         let own = snapshots.iter().find(|s| s.subtask == self.subtask);
         let suffix = format!("/{}", self.sequence_file_name());
@@ -325,11 +331,6 @@ impl TransactionalSink for FileTransactions {
             Some(path) => read_u64_file(context.storage, path)?,
             None => 0,
         };
-        for file in context.storage.list(&self.pending_dir())? {
-            if self.file_sequence_of(&file).is_some() {
-                context.storage.delete(&format!("{}/{file}", self.pending_dir()))?;
-            }
-        }
         let committed_dir = Self::committed_dir(&self.name);
         let beyond: Vec<String> = context
             .storage
@@ -343,6 +344,11 @@ impl TransactionalSink for FileTransactions {
                  committed them and is lost); restoring would repeat their rows, so the job stops",
                 self.name
             )));
+        }
+        for file in context.storage.list(&self.pending_dir())? {
+            if self.file_sequence_of(&file).is_some() {
+                context.storage.delete(&format!("{}/{file}", self.pending_dir()))?;
+            }
         }
         Ok(())
     }
@@ -431,7 +437,8 @@ mod tests {
 
     // Goal: two-phase commit: a barrier pre-commits its epoch (synced, invisible), completion of
     // a checkpoint commits every epoch up to it, and after a crash the restore commits the restored
-    // checkpoint's output once, drops later epochs, and refuses to repeat output committed beyond it.
+    // checkpoint's output once, drops later epochs, and refuses to repeat output committed beyond
+    // it, deleting nothing when it refuses.
     #[test]
     fn two_phase_commit_and_recovery() {
         let subtask = SubtaskId { vertex: VertexId(2), index: 0 };
@@ -474,9 +481,15 @@ mod tests {
         sink.on_batch(&mut context, rows_batch(&[(3, 3)])).unwrap();
         sink.on_barrier(&mut context, CheckpointId(2)).unwrap();
         sink.on_checkpoint_complete(&mut context, CheckpointId(2)).unwrap();
+        // Checkpoint 3's epoch is pre-committed, and only checkpoint 3 can commit it: the refused
+        // restore leaves its pending file alone.
+        sink.on_batch(&mut context, rows_batch(&[(4, 4)])).unwrap();
+        let third = sink.on_barrier(&mut context, CheckpointId(3)).unwrap();
         let mut again = FileSink::new_files("s", subtask);
         let error = again.restore(&mut context, &[snapshot]).unwrap_err().to_string();
         assert!(error.contains("come after the checkpoint being restored"), "{error}");
+        assert_eq!(third.pending_output.len(), 1);
+        assert!(context.storage.read(&third.pending_output[0]).is_ok(), "a refused restore deletes nothing");
         assert!(second.files[0].ends_with(".sequence"));
 
         // A sink restored from its final snapshot (taken at the end of input) commits that last
