@@ -2,9 +2,13 @@
 //! the fix and sweeping: the seed below is the first that failed). Each bug also has a test at the
 //! lowest level that shows it, named in its comment.
 
+use sabot_kernel::dataflow::event_window::WindowKind;
+use sabot_kernel::env::fault_storage::FaultConfig;
+use sabot_kernel::testing::cluster::{CheckpointSettings, FaultEvent, FaultPlan, NetworkSettings};
+use sabot_kernel::workload::{Keys, W2Options};
 use sabot_sim::kernel_level::{run_scenario, run_seed, RunOptions};
 use sabot_sim::oracle::Verdict;
-use sabot_sim::swarm::{Scenario, SwarmLimits};
+use sabot_sim::swarm::{Scenario, SwarmLimits, Workload};
 
 fn passes(seed: u64) {
     let options = RunOptions::default();
@@ -13,6 +17,40 @@ fn passes(seed: u64) {
     assert!(!report.verdict.is_failure(), "{}", report.summary(&options));
     assert!(matches!(report.verdict, Verdict::ExactlyOnce | Verdict::RefusedCorrectly { .. }));
 }
+
+/// A world the `cluster` fuzz target drew (its debug form, as the fuzz target's trace prints it),
+/// which must pass, still being the world the bug was found in (`found` is in its trace).
+fn passes_world(scenario: Scenario, found: &str) {
+    let options = RunOptions { trace: true, ..RunOptions::default() };
+    println!("{scenario:?}");
+    let report = run_scenario(scenario, &options);
+    assert_eq!(report.verdict, Verdict::ExactlyOnce, "{}", report.summary(&options));
+    assert!(
+        report.trace.iter().any(|line| line.contains(found)),
+        "the world is no longer the one the bug was found in ({found:?} not in the trace): {:?}",
+        report.trace
+    );
+}
+
+fn checkpoints(interval_ms: u64, timeout_ms: u64, concurrent_max: usize) -> CheckpointSettings {
+    let (unaligned, alignment_timeout_ms, retained_count) = (true, None, 1);
+    CheckpointSettings { interval_ms, unaligned, alignment_timeout_ms, timeout_ms, concurrent_max, retained_count }
+}
+
+fn network(tick_ms: u64, delay_ms_max: u64, channel_capacity: usize) -> NetworkSettings {
+    let (step_ppm, write_delay_ms_max, persist_delay_ms_max) = (400_000, 0, 0);
+    NetworkSettings { tick_ms, delay_ms_max, channel_capacity, step_ppm, write_delay_ms_max, persist_delay_ms_max }
+}
+
+/// The disk faults of the fuzz target's worlds with disk trouble.
+const FAULTY_DISK: FaultConfig = FaultConfig {
+    read_error_ppm: 522,
+    read_corrupt_ppm: 2_514,
+    write_error_ppm: 2_514,
+    misdirect_ppm: 0,
+    sync_error_ppm: 2_514,
+    torn_ppm: 777_199,
+};
 
 // Goal: after a restore the input watermark climbs again from below the window's restored one;
 // the window panicked ('watermark … after …'). Lower level: window.rs
@@ -81,29 +119,12 @@ fn recovery_never_returns_to_a_passed_over_checkpoint() {
 // Lower level: coordinator.rs `retention_keeps_the_final_snapshot`.
 #[test]
 fn retention_keeps_the_final_snapshot_a_restored_task_writes_again() {
-    use sabot_kernel::env::fault_storage::FaultConfig;
-    use sabot_kernel::testing::cluster::{CheckpointSettings, FaultEvent, FaultPlan, NetworkSettings};
-    use sabot_sim::swarm::Workload;
     let scenario = Scenario {
         seed: 0,
         workload: Workload::W1 { record_count: 102, parallelism: 2, batch_size: 1 },
         node_count: 2,
-        checkpoints: CheckpointSettings {
-            interval_ms: 2,
-            unaligned: true,
-            alignment_timeout_ms: None,
-            timeout_ms: 200,
-            concurrent_max: 1,
-            retained_count: 1,
-        },
-        network: NetworkSettings {
-            tick_ms: 3,
-            delay_ms_max: 0,
-            channel_capacity: 2,
-            step_ppm: 400_000,
-            write_delay_ms_max: 0,
-            persist_delay_ms_max: 0,
-        },
+        checkpoints: checkpoints(2, 200, 1),
+        network: network(3, 0, 2),
         faults: FaultPlan {
             heal_at_ms: 163,
             events: vec![
@@ -117,15 +138,7 @@ fn retention_keeps_the_final_snapshot_a_restored_task_writes_again() {
         },
         liveness_ms: 35_240,
     };
-    let options = RunOptions { trace: true, ..RunOptions::default() };
-    let report = run_scenario(scenario, &options);
-    assert_eq!(report.verdict, Verdict::ExactlyOnce, "{}", report.summary(&options));
-    assert!(!report.cuts_checked.is_empty(), "a restart from a sampled checkpoint ran");
-    assert!(
-        report.trace.iter().any(|line| line.contains("start attempt 2 from Some(4)")),
-        "the world is still the one the bug was found in: {:?}",
-        report.trace
-    );
+    passes_world(scenario, "start attempt 2 from Some(4)");
 }
 
 // Goal: the first checkpoint's manifest was durable but writing the pointer failed; the aborted
@@ -135,11 +148,6 @@ fn retention_keeps_the_final_snapshot_a_restored_task_writes_again() {
 // `without_a_pointer_no_checkpoint_completed`.
 #[test]
 fn a_first_checkpoint_that_never_completed_is_passed_over() {
-    use sabot_kernel::dataflow::event_window::WindowKind;
-    use sabot_kernel::env::fault_storage::FaultConfig;
-    use sabot_kernel::testing::cluster::{CheckpointSettings, FaultEvent, FaultPlan, NetworkSettings};
-    use sabot_kernel::workload::{Keys, W2Options};
-    use sabot_sim::swarm::Workload;
     let options = W2Options {
         record_count: 146,
         source_parallelism: 1,
@@ -149,56 +157,71 @@ fn a_first_checkpoint_that_never_completed_is_passed_over() {
         window_size_ms: 10_000,
         keys: Keys::Skewed { hot: 1 },
     };
+    let full = |at, full| (at, FaultEvent::DiskFull { full });
     let scenario = Scenario {
         seed: 18_446_409_615_207_825_407,
         workload: Workload::W4 { options, kind: WindowKind::Tumbling { size_ms: 50 }, allowed_lateness_ms: 25 },
         node_count: 1,
-        checkpoints: CheckpointSettings {
-            interval_ms: 20,
-            unaligned: true,
-            alignment_timeout_ms: None,
-            timeout_ms: 60,
-            concurrent_max: 1,
-            retained_count: 1,
-        },
-        network: NetworkSettings {
-            tick_ms: 1,
-            delay_ms_max: 15,
-            channel_capacity: 1,
-            step_ppm: 400_000,
-            write_delay_ms_max: 0,
-            persist_delay_ms_max: 0,
-        },
+        checkpoints: checkpoints(20, 60, 1),
+        network: network(1, 15, 1),
         faults: FaultPlan {
             heal_at_ms: 52,
             events: vec![
                 (48, FaultEvent::NodeCrash { node: 0 }),
-                (48, FaultEvent::DiskFull { full: true }),
-                (48, FaultEvent::DiskFull { full: true }),
-                (64, FaultEvent::DiskFull { full: false }),
-                (64, FaultEvent::DiskFull { full: false }),
+                full(48, true),
+                full(48, true),
+                full(64, false),
+                full(64, false),
             ],
-            storage: FaultConfig {
-                read_error_ppm: 522,
-                read_corrupt_ppm: 2_514,
-                write_error_ppm: 2_514,
-                misdirect_ppm: 0,
-                sync_error_ppm: 2_514,
-                torn_ppm: 777_199,
-            },
+            storage: FAULTY_DISK,
             clock_skew_ms: vec![0, 0],
             restart_delay_ms_max: 0,
         },
         liveness_ms: 24_880,
     };
-    let options = RunOptions { trace: true, ..RunOptions::default() };
-    let report = run_scenario(scenario, &options);
-    assert_eq!(report.verdict, Verdict::ExactlyOnce, "{}", report.summary(&options));
-    assert!(
-        report.trace.iter().any(|line| line.contains("persist of checkpoint 1 failed")),
-        "the world is still the one the bug was found in: {:?}",
-        report.trace
-    );
+    passes_world(scenario, "persist of checkpoint 1 failed");
+}
+
+// Goal: persisting the first checkpoint failed when syncing the directory after the pointer's
+// rename, so the pointer named it; the abort deleted its files, and every restart refused to
+// start ('misses its file'), though nothing was damaged. Found by the `cluster` fuzz target.
+// Lower level: coordinator.rs
+// `a_failed_persist_keeps_the_files_until_a_newer_checkpoint_is_durable`.
+#[test]
+fn a_checkpoint_whose_persist_failed_keeps_its_files() {
+    let options = W2Options {
+        record_count: 168,
+        source_parallelism: 3,
+        parallelism: 3,
+        batch_size: 1,
+        out_of_orderness_ms: 5_000,
+        window_size_ms: 10_000,
+        keys: Keys::Skewed { hot: 16 },
+    };
+    let full = |at, full| (at, FaultEvent::DiskFull { full });
+    let scenario = Scenario {
+        seed: 12_876_550_765_182_713_855,
+        workload: Workload::W3(options),
+        node_count: 1,
+        checkpoints: checkpoints(20, 60, 2),
+        network: network(1, 15, 1),
+        faults: FaultPlan {
+            heal_at_ms: 180,
+            events: vec![
+                full(76, true),
+                full(76, true),
+                full(76, true),
+                full(92, false),
+                full(92, false),
+                full(92, false),
+            ],
+            storage: FAULTY_DISK,
+            clock_skew_ms: vec![0, 0],
+            restart_delay_ms_max: 0,
+        },
+        liveness_ms: 36_800,
+    };
+    passes_world(scenario, "persist of checkpoint 1 failed: storage i/o error on \"checkpoints\"");
 }
 
 /// FNV-1a (64 bits) of a text.

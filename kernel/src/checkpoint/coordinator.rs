@@ -102,6 +102,10 @@ pub struct Coordinator {
     pending: BTreeMap<CheckpointId, Pending>,
     /// Completed checkpoints that are kept, oldest first.
     retained: VecDeque<Manifest>,
+    /// Checkpoints whose persist failed, with their files. It may have failed after the pointer
+    /// named the checkpoint (a failed sync of its directory after the rename), so a restart may
+    /// restore it: its files stay until a newer checkpoint is durable.
+    unsettled: Vec<(CheckpointId, Vec<String>)>,
     actions: VecDeque<Action>,
 }
 
@@ -132,6 +136,7 @@ impl Coordinator {
             checkpoint_requested: false,
             pending: BTreeMap::new(),
             retained: restored.into_iter().collect(),
+            unsettled: Vec::new(),
             actions: VecDeque::new(),
         }
     }
@@ -268,11 +273,20 @@ impl Coordinator {
             self.abort(id, AbortReason::Subsumed(checkpoint));
         }
         self.push(Action::NotifyComplete { checkpoint });
+        // The pointer names this checkpoint now, durably: older unsettled ones are out of the state.
+        let (settled, unsettled) =
+            std::mem::take(&mut self.unsettled).into_iter().partition(|(id, _)| *id < checkpoint);
+        self.unsettled = unsettled;
         self.discard_beyond_retention();
+        for (id, files) in settled {
+            let files = self.unreferenced(files);
+            self.push(Action::Discard { checkpoint: id, files });
+        }
         Ok(())
     }
 
-    /// Making the manifest of `checkpoint` durable failed: the checkpoint is aborted.
+    /// Making the manifest of `checkpoint` durable failed: the checkpoint is aborted, and its
+    /// files are kept until a newer checkpoint is durable (the pointer may name it).
     pub fn handle_persist_failed(&mut self, checkpoint: CheckpointId, message: &str) -> Result<(), CoordinatorError> {
         if !self.pending.get(&checkpoint).is_some_and(|p| p.persisting) {
             return Err(CoordinatorError::NotPersisting { checkpoint });
@@ -293,6 +307,7 @@ impl Coordinator {
     fn abort(&mut self, checkpoint: CheckpointId, reason: AbortReason) {
         let pending = self.pending.remove(&checkpoint).expect("aborting a pending checkpoint");
         let files: Vec<String> = pending.acks.values().flat_map(|s| s.files.iter().cloned()).collect();
+        let persist_failed = matches!(reason, AbortReason::PersistFailed(_));
         self.push(Action::Abort { checkpoint, reason });
         // What the aborted checkpoint wrote goes, except files a retained checkpoint shares, and
         // shared and end-of-input files: a later checkpoint, still in flight or not triggered
@@ -301,7 +316,12 @@ impl Coordinator {
         // files: one no retained checkpoint refers to is out of the state for good, so no later
         // checkpoint refers to it either.)
         let kept = [format!("{}/", shared_dir()), format!("{}/", end_of_input_dir())];
-        let files = files.into_iter().filter(|file| !kept.iter().any(|dir| file.starts_with(dir))).collect();
+        let files: Vec<String> =
+            files.into_iter().filter(|file| !kept.iter().any(|dir| file.starts_with(dir))).collect();
+        if persist_failed {
+            self.unsettled.push((checkpoint, files));
+            return;
+        }
         let files = self.unreferenced(files);
         self.push(Action::Discard { checkpoint, files });
     }
@@ -323,7 +343,8 @@ impl Coordinator {
         }
     }
 
-    /// The files of `files` that no retained checkpoint and no pending acknowledgement refers to.
+    /// The files of `files` that no retained or unsettled checkpoint and no pending
+    /// acknowledgement refers to.
     fn unreferenced(&self, files: Vec<String>) -> Vec<String> {
         let used: BTreeSet<&String> = self
             .retained
@@ -331,6 +352,7 @@ impl Coordinator {
             .flat_map(|m| m.tasks.iter())
             .chain(self.pending.values().flat_map(|p| p.acks.values()))
             .flat_map(|s| s.files.iter())
+            .chain(self.unsettled.iter().flat_map(|(_, files)| files.iter()))
             .collect();
         let mut files: Vec<String> = files.into_iter().filter(|f| !used.contains(f)).collect();
         files.sort();
@@ -528,6 +550,39 @@ mod tests {
             }));
         }
         assert_eq!(deleted, vec!["only-1".to_string(), "only-2".to_string()]);
+    }
+
+    // Goal (regression, found by the `cluster` fuzz target: `sim/tests/regressions.rs`,
+    // `a_checkpoint_whose_persist_failed_keeps_its_files`): persisting checkpoint 1 failed when
+    // syncing the directory after the pointer's rename, so the pointer named 1; the abort deleted
+    // its files, and every restart refused to start ('misses its file'). Method: after a failed
+    // persist nothing of the checkpoint is discarded; once checkpoint 2 is durable, checkpoint
+    // 1's files are, except those a retained checkpoint shares.
+    #[test]
+    fn a_failed_persist_keeps_the_files_until_a_newer_checkpoint_is_durable() {
+        let config = CoordinatorConfig { concurrent_max: 1, retained_count: 1, ..config() };
+        let mut c = Coordinator::new(config, "job", 128, [task(0), task(1)], None);
+        let discards = |c: &mut Coordinator| -> Vec<(u64, Vec<String>)> {
+            drain(c)
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Discard { checkpoint, files } => Some((checkpoint.0, files)),
+                    _ => None,
+                })
+                .collect()
+        };
+        c.handle_timeout(Instant(0));
+        drain(&mut c);
+        ack_all(&mut c, 1, &["only-1", "shared-1-2"]);
+        drain(&mut c);
+        c.handle_persist_failed(CheckpointId(1), "directory sync failed").unwrap();
+        assert_eq!(discards(&mut c), vec![], "the pointer may name checkpoint 1");
+        c.handle_timeout(Instant(100));
+        drain(&mut c);
+        ack_all(&mut c, 2, &["only-2", "shared-1-2"]);
+        drain(&mut c);
+        c.handle_persisted(CheckpointId(2)).unwrap();
+        assert_eq!(discards(&mut c), vec![(1, vec!["only-1".to_string()])]);
     }
 
     // Goal: savepoints are taken on request and outlive retention; a restored coordinator goes on
