@@ -1,6 +1,7 @@
 //! One fixed seed per bug the simulator found, each failing before its fix (checked by reverting
-//! the fix and sweeping: the seed below is the first that failed). Each bug also has a test at the
-//! lowest level that shows it, named in its comment.
+//! the fix and sweeping: the seed below is the first that failed), and one fixed world per bug the
+//! `cluster` fuzz target found (the scenario its input drew, failing before the fix). Each bug also
+//! has a test at the lowest level that shows it, named in its comment.
 
 use sabot_kernel::dataflow::event_window::WindowKind;
 use sabot_kernel::env::fault_storage::FaultConfig;

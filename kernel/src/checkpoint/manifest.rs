@@ -413,12 +413,12 @@ fn check_candidate(storage: &mut dyn Storage, job: &str, id: CheckpointId) -> Re
 /// name refuses the restore ([`RecoveryError::NewerOutputCommitted`]) before anything is written
 /// or deleted: restoring would repeat that output, and the restore's sinks would drop the newer
 /// checkpoint's still-pending files, which only it can commit when a later recovery reads it.
-/// Then it deletes what retention would have
-/// deleted had the previous process lived on: the periodic checkpoints of `job` older than
-/// `restored` (their manifests, marks and the files no other remaining checkpoint names), and
-/// the files in the shared directories of the remaining checkpoints that none of them names
-/// (uploads of checkpoints that never completed). Savepoints, other jobs' checkpoints and
-/// unreadable manifests are left alone. Call it before any task runs. Returns what it deleted.
+/// Then it deletes what retention would have deleted had the previous process lived on: the
+/// periodic checkpoints of `job` older than `restored` (their manifests, marks and the files no
+/// other remaining checkpoint names), and the files in the shared directories of the remaining
+/// checkpoints that none of them names (uploads of checkpoints that never completed). Savepoints,
+/// other jobs' checkpoints and unreadable manifests are left alone. Call it before any task runs.
+/// Returns what it deleted.
 pub fn sweep_before(storage: &mut dyn Storage, job: &str, restored: &Manifest) -> Result<Vec<String>, RecoveryError> {
     let names = storage.list(CHECKPOINTS_DIR)?;
     let marked = ids_named(&names, PASSED_OVER_PREFIX);
