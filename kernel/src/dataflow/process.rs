@@ -264,18 +264,7 @@ impl<F: KeyedProcessFunction> KeyedProcessOperator<F> {
             KeyType::UInt64 => self.state.set_current_key_u64(key),
             KeyType::Int64 => self.state.set_current_key_i64(key as i64),
         }
-        let mut context = ProcessContext {
-            state: &mut self.state,
-            timers: &mut self.timers,
-            key,
-            timestamp,
-            watermark: self.watermark,
-            now,
-            out: &mut self.out,
-            side: self.side_sink.is_some().then_some(&mut self.side),
-            metrics: &mut self.metrics,
-        };
-        self.function.process_element(&mut context, row)
+        self.call(key, timestamp, now, |function, context| function.process_element(context, row))
     }
 
     /// Fires the event-time timers due at `watermark`, in order.
@@ -297,6 +286,17 @@ impl<F: KeyedProcessFunction> KeyedProcessOperator<F> {
 
     fn fire(&mut self, timer: &Timer, timestamp: Option<EventTime>, now: Instant) -> Result<(), OperatorError> {
         let key = self.key_of(timer);
+        self.call(key, timestamp, now, |function, context| function.on_timer(context, timer))
+    }
+
+    /// Calls the function with a context for `key` (whose state is current) at `timestamp`.
+    fn call<R>(
+        &mut self,
+        key: u64,
+        timestamp: Option<EventTime>,
+        now: Instant,
+        call: impl FnOnce(&mut F, &mut ProcessContext<'_, F::Out, F::Side>) -> R,
+    ) -> R {
         let mut context = ProcessContext {
             state: &mut self.state,
             timers: &mut self.timers,
@@ -308,7 +308,7 @@ impl<F: KeyedProcessFunction> KeyedProcessOperator<F> {
             side: self.side_sink.is_some().then_some(&mut self.side),
             metrics: &mut self.metrics,
         };
-        self.function.on_timer(&mut context, timer)
+        call(&mut self.function, &mut context)
     }
 
     /// Sends what the function emitted, and reads the next processing-time deadline.
